@@ -1,0 +1,60 @@
+"""`simagent` command line: one sub-command per field-technician task (SPEC §8).
+
+Each sub-command lives in the module that owns its subject; that module exposes
+``add_parser(subparsers)`` which registers the sub-command(s) with
+``set_defaults(func=...)``. ``func(args) -> int`` returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from agent import __version__, exitcodes
+
+# Modules that register sub-commands, in the order `--help` lists them.
+COMMAND_MODULES = (
+    "agent.daemon",  # run
+    "agent.fieldcli",  # status, at
+    "agent.diag",  # diag
+    "agent.bind_cli",  # bind show|accept|reset
+    "agent.evidence_cli",  # evidence export|verify
+    "agent.config",  # check-config
+    "agent.demo",  # demo
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors exit 2 with one line
+        self.print_usage(sys.stderr)
+        self.exit(exitcodes.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="simagent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"simagent {__version__}")
+    parser.add_argument("--config", help="configuration file (default: $SIMAGENT_CONFIG or /etc/simagent/agent.toml)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # sub-command not built yet
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return exitcodes.USAGE
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Process exit codes shared by the daemon and the CLI (SPEC §8)."""
+
+OK = 0
+CHECK_FAILED = 1  # a check failed or a binding violation was found
+USAGE = 2
+UNAVAILABLE = 69  # EX_UNAVAILABLE: modem not found or busy
+CONFIG = 78  # EX_CONFIG: configuration error

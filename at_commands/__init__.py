@@ -1,0 +1,2 @@
+"""AT command layer: sans-IO protocol core, serial client, parsers, vendor profiles,
+and the fake modem used by tests."""

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Set-up and entry point for developers and CI on a Debian/Ubuntu machine.
+#   ./dev.sh demo     install what is missing, then run the demo (the main job)
+#   ./dev.sh test     install what is missing, then run the test suite
+#   ./dev.sh bench    install what is missing, then run the benchmarks (JSON)
+#   ./dev.sh setup    only install
+# Debian packages are installed with apt-get when missing (as root, or through sudo).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DEB_PACKAGES=(mosquitto umockdev gir1.2-umockdev-1.0 systemd openssl)
+DEB_COMMANDS=(mosquitto umockdev-run umockdev-run systemd-analyze openssl)
+
+need_python() {
+    if ! command -v python3 >/dev/null 2>&1; then
+        DEB_MISSING+=(python3 python3-venv)
+    elif ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        echo "simagent needs Python >= 3.11 (found $(python3 -V))" >&2
+        exit 1
+    elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        DEB_MISSING+=(python3-venv)
+    fi
+}
+
+install_debian_packages() {
+    DEB_MISSING=()
+    need_python
+    for i in "${!DEB_PACKAGES[@]}"; do
+        command -v "${DEB_COMMANDS[$i]}" >/dev/null 2>&1 || DEB_MISSING+=("${DEB_PACKAGES[$i]}")
+    done
+    [ ${#DEB_MISSING[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "Installing Debian packages: ${DEB_MISSING[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${DEB_MISSING[@]}" >/dev/null
+}
+
+install_venv() {
+    if [ ! -x .venv/bin/python ]; then
+        python3 -m venv .venv
+    fi
+    # Reinstall only when the declared dependencies changed.
+    local stamp=.venv/.simagent-installed
+    if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        .venv/bin/python -m pip install -q --upgrade pip
+        .venv/bin/python -m pip install -q -e '.[test]'
+        touch "$stamp"
+    fi
+}
+
+setup() {
+    install_debian_packages
+    install_venv
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+    setup) setup ;;
+    demo) setup; exec .venv/bin/simagent demo "$@" ;;
+    test) setup; exec .venv/bin/python -m pytest "$@" ;;
+    bench) setup; exec .venv/bin/python -m benchmarks --json "$@" ;;
+    *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
