@@ -1,0 +1,361 @@
+"""The state store: one SQLite file (WAL) in `state_dir` holding bindings, the evidence
+chain, the MQTT outbox, used token ids and small facts (last IMEI, time floor, ...).
+
+Everything that must survive `kill -9` or a power cut goes through `Store.transaction()`:
+a state change, the evidence entry that records it and the event that reports it are
+committed together or not at all (SPEC §7.1). `synchronous=FULL` makes a commit durable
+before it returns.
+
+A store that cannot be opened or fails its integrity check is moved aside (kept for
+forensics) and a fresh one is created; the first entry of the fresh store is
+`state_reset`, so lost state is never silently taken for a first start (SPEC §4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.clock import Clock, Stamp
+
+DB_NAME = "state.db"
+# Written next to the database when it is first created: a missing database beside it
+# means state was lost, not that this is a first start.
+INITIALISED_MARKER = ".initialised"
+GENESIS_HASH = "0" * 64
+EVENT_SCHEMA = "simagent/event/1"
+TELEMETRY_SCHEMA = "simagent/telemetry/1"
+
+# Each entry migrates the schema from version i to i + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE bindings (
+        iccid TEXT PRIMARY KEY,
+        imei TEXT NOT NULL,
+        since TEXT NOT NULL,
+        source TEXT NOT NULL
+    );
+    CREATE TABLE used_tokens (jti TEXT PRIMARY KEY, used_at TEXT NOT NULL, expires REAL);
+    CREATE TABLE evidence (
+        seq INTEGER PRIMARY KEY,
+        entry TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE TABLE outbox (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL CHECK (kind IN ('event', 'telemetry')),
+        id TEXT NOT NULL UNIQUE,
+        payload TEXT NOT NULL
+    );
+    CREATE INDEX outbox_kind ON outbox (kind, position);
+    """,
+)
+
+
+def canonical_json(value: Any) -> bytes:
+    """The byte form that evidence hashes and signatures cover."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def entry_hash(entry: dict) -> str:
+    return hashlib.sha256(canonical_json(entry)).hexdigest()
+
+
+class StoreError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Binding:
+    iccid: str
+    imei: str
+    since: str
+    source: str  # "first-use", "token", "provision-file", "observe"
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    position: int
+    kind: str
+    id: str
+    payload: str  # the JSON message, exactly as it is published
+
+
+@dataclass(frozen=True)
+class Caps:
+    max_events: int = 100_000
+    max_telemetry: int = 10_000
+
+
+class Transaction:
+    """What may be done inside one atomic, durable change of state."""
+
+    def __init__(self, conn: sqlite3.Connection, store: "Store") -> None:
+        self._conn = conn
+        self._store = store
+
+    # -- facts -------------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )
+
+    # -- bindings ----------------------------------------------------------------
+    def bindings(self) -> list[Binding]:
+        return [Binding(*row) for row in self._conn.execute("SELECT iccid, imei, since, source FROM bindings ORDER BY since")]
+
+    def put_binding(self, binding: Binding) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO bindings (iccid, imei, since, source) VALUES (?, ?, ?, ?)",
+            (binding.iccid, binding.imei, binding.since, binding.source),
+        )
+
+    def delete_binding(self, iccid: str) -> bool:
+        return self._conn.execute("DELETE FROM bindings WHERE iccid = ?", (iccid,)).rowcount > 0
+
+    def delete_all_bindings(self) -> int:
+        return self._conn.execute("DELETE FROM bindings").rowcount
+
+    # -- tokens ------------------------------------------------------------------
+    def use_token_id(self, jti: str, expires: float | None, stamp: Stamp) -> bool:
+        """Marks a token id as used; False when it was used before (a replay)."""
+        cursor = self._conn.execute(
+            "INSERT OR IGNORE INTO used_tokens (jti, used_at, expires) VALUES (?, ?, ?)",
+            (jti, stamp.iso(), expires),
+        )
+        return cursor.rowcount == 1
+
+    # -- evidence and events -----------------------------------------------------
+    def record(self, type_: str, data: dict, *, event: bool = True, evidence: bool = True) -> Stamp:
+        """Appends an evidence entry and/or queues an event, stamped now."""
+        stamp = self._store.clock.now()
+        if evidence:
+            self.append_evidence(type_, data, stamp)
+        if event:
+            self.enqueue_event(type_, data, stamp)
+        return stamp
+
+    def append_evidence(self, type_: str, data: dict, stamp: Stamp) -> dict:
+        last = self._conn.execute("SELECT seq, hash FROM evidence ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
+        entry = {
+            "seq": seq,
+            "prev": prev,
+            "type": type_,
+            "data": data,
+            "wall": stamp.iso(),
+            "wall_trusted": stamp.trusted,
+            "mono": round(stamp.mono, 6),
+            "boot_id": stamp.boot_id,
+        }
+        self._conn.execute(
+            "INSERT INTO evidence (seq, entry, hash) VALUES (?, ?, ?)",
+            (seq, canonical_json(entry).decode(), entry_hash(entry)),
+        )
+        return entry
+
+    def enqueue_event(self, type_: str, data: dict, stamp: Stamp) -> dict:
+        caps = self._store.caps
+        queued = self._count("event")
+        if queued >= caps.max_events:
+            # Make room for the new event and for the event that reports the drop.
+            removed = self._drop_oldest("event", queued - caps.max_events + 2)
+            # A dropped drop notice carries its count into the new one, so the counts
+            # plus the events still queued always add up to every event ever queued.
+            lost = sum(
+                message["data"]["count"] if message["type"] == "events_dropped" else 1
+                for message in map(json.loads, removed)
+            )
+            self._insert_event("events_dropped", {"count": lost, "reason": "outbox full"}, stamp)
+        return self._insert_event(type_, data, stamp)
+
+    def enqueue_telemetry(self, sample: dict, stamp: Stamp) -> dict:
+        message = {"schema": TELEMETRY_SCHEMA, "id": str(uuid.uuid4()), "ts": stamp.iso(), "time_trusted": stamp.trusted, **sample}
+        self._conn.execute(
+            "INSERT INTO outbox (kind, id, payload) VALUES ('telemetry', ?, ?)",
+            (message["id"], json.dumps(message, separators=(",", ":"))),
+        )
+        excess = self._count("telemetry") - self._store.caps.max_telemetry
+        if excess > 0:
+            self._drop_oldest("telemetry", excess)
+        return message
+
+    def _insert_event(self, type_: str, data: dict, stamp: Stamp) -> dict:
+        seq = self.get_meta("event_seq", 0) + 1
+        self.set_meta("event_seq", seq)
+        message = {
+            "schema": EVENT_SCHEMA,
+            "id": str(uuid.uuid4()),
+            "seq": seq,
+            "type": type_,
+            "ts": stamp.iso(),
+            "time_trusted": stamp.trusted,
+            "uptime_s": round(stamp.mono, 3),
+            "data": data,
+        }
+        self._conn.execute(
+            "INSERT INTO outbox (kind, id, payload) VALUES ('event', ?, ?)",
+            (message["id"], json.dumps(message, separators=(",", ":"))),
+        )
+        return message
+
+    def _count(self, kind: str) -> int:
+        return self._conn.execute("SELECT count(*) FROM outbox WHERE kind = ?", (kind,)).fetchone()[0]
+
+    def _drop_oldest(self, kind: str, count: int) -> list[str]:
+        """Deletes the oldest `count` rows of a kind and returns their payloads."""
+        rows = self._conn.execute(
+            "DELETE FROM outbox WHERE position IN (SELECT position FROM outbox WHERE kind = ? ORDER BY position LIMIT ?)"
+            " RETURNING payload",
+            (kind, count),
+        ).fetchall()
+        return [payload for (payload,) in rows]
+
+
+class Store:
+    """Thread-safe: the daemon's loop and the MQTT thread may both use it. Calls are
+    short; nothing holds the lock across network I/O."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Clock, caps: Caps) -> None:
+        self._conn = conn
+        self._lock = threading.RLock()
+        self.path = path
+        self.clock = clock
+        self.caps = caps
+        # Why the previous state could not be used, when it could not (else None).
+        self.reset_reason: str | None = None
+
+    @classmethod
+    def open(cls, state_dir: str | os.PathLike, *, clock: Clock | None = None, caps: Caps = Caps()) -> "Store":
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = state_dir / DB_NAME
+        marker = state_dir / INITIALISED_MARKER
+        clock = clock or Clock()
+        reset_reason = None
+        if path.exists():
+            try:
+                conn = _connect(path)
+            except (sqlite3.DatabaseError, StoreError) as exc:
+                aside = _move_aside(path)
+                reset_reason = f"state database unreadable ({exc}); moved to {aside.name}"
+                conn = _connect(path)
+        else:
+            if marker.exists():
+                reset_reason = "state database missing"
+            conn = _connect(path)
+        marker.touch(exist_ok=True)
+        store = cls(conn, path, clock, caps)
+        if reset_reason:
+            store.reset_reason = reset_reason
+            with store.transaction() as tx:
+                tx.record("state_reset", {"reason": reset_reason})
+        return store
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Transaction(self._conn, self)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def record(self, type_: str, data: dict, **kwargs) -> Stamp:
+        with self.transaction() as tx:
+            return tx.record(type_, data, **kwargs)
+
+    def read(self) -> Transaction:
+        """For reads outside a transaction (each statement sees committed state)."""
+        return Transaction(self._conn, self)
+
+    # -- outbox, for the reporter ------------------------------------------------
+    def outbox_pending(self, limit: int, after_position: int = 0) -> list[OutboxRow]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT position, kind, id, payload FROM outbox WHERE position > ? ORDER BY position LIMIT ?",
+                (after_position, limit),
+            ).fetchall()
+        return [OutboxRow(*row) for row in rows]
+
+    def outbox_ack(self, position: int) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM outbox WHERE position = ?", (position,))
+
+    def outbox_depth(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT kind, count(*) FROM outbox GROUP BY kind").fetchall()
+        depth = {"event": 0, "telemetry": 0}
+        depth.update(dict(rows))
+        return depth
+
+    # -- evidence, for export -----------------------------------------------------
+    def evidence_entries(self, since_seq: int = 0) -> list[tuple[dict, str]]:
+        with self._lock:
+            rows = self._conn.execute("SELECT entry, hash FROM evidence WHERE seq > ? ORDER BY seq", (since_seq,)).fetchall()
+        return [(json.loads(entry), digest) for entry, digest in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise StoreError(f"integrity check: {check}")
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    os.chmod(path, 0o600)
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise StoreError(f"schema version {version} is newer than this agent knows ({len(MIGRATIONS)})")
+    for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def _move_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    path.rename(aside)
+    for suffix in ("-wal", "-shm"):
+        sidecar = path.with_name(path.name + suffix)
+        if sidecar.exists():
+            sidecar.rename(aside.with_name(aside.name + suffix))
+    return aside
