@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DEB_PACKAGES=(mosquitto umockdev gir1.2-umockdev-1.0 systemd openssl)
-DEB_COMMANDS=(mosquitto umockdev-run umockdev-run systemd-analyze openssl)
+DEB_PACKAGES=(mosquitto umockdev gir1.2-umockdev-1.0 systemd openssl fakeroot)
+DEB_COMMANDS=(mosquitto umockdev-run umockdev-run systemd-analyze openssl fakeroot)
 
 need_python() {
     if ! command -v python3 >/dev/null 2>&1; then

@@ -1,0 +1,490 @@
+"""Configuration (SPEC §2): one declarative schema drives loading, validation, defaults,
+redaction and the documentation test of ``config/agent.toml``.
+
+The file is TOML. Its path is ``--config PATH``, else ``$SIMAGENT_CONFIG``, else
+``/etc/simagent/agent.toml``; a missing default file means "all defaults", a missing
+file that was asked for explicitly is an error. Every error names the file and the key::
+
+    /etc/simagent/agent.toml: [binding] on_violation: expected one of radio-off, detach, report, got "radiooff"
+
+The result is a tree of frozen dataclasses, one per section: ``cfg.binding.mode``,
+``cfg.mqtt.tls.ca_file``. Keys flagged secret hold the *path* of a file with the secret;
+the secret itself is read only by :meth:`Config.read_secret` and never logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import dataclasses
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agent import exitcodes
+
+DEFAULT_PATH = "/etc/simagent/agent.toml"
+ENV_VAR = "SIMAGENT_CONFIG"
+REDACTED = "<redacted>"
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is the one line shown to the user."""
+
+    def __init__(self, file: str, key: str | None, message: str) -> None:
+        self.file = file
+        self.key = key  # "[section] key", "[section]" or None (whole file)
+        self.message = message
+        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+
+
+# ---------------------------------------------------------------------------
+# Value checks. Each takes the (already type-checked) value and returns an error
+# message or None; they are pure so the schema table stays declarative.
+
+_Check = Callable[[Any], "str | None"]
+
+
+def _pattern(regex: str, what: str) -> _Check:
+    compiled = re.compile(regex)
+    return lambda v: None if compiled.fullmatch(v) else f"expected {what}, got {_show(v)}"
+
+
+def _each(check: _Check) -> _Check:
+    def run(values: list) -> str | None:
+        for i, v in enumerate(values):
+            problem = check(v)
+            if problem:
+                return f"item {i + 1}: {problem}"
+        return None
+
+    return run
+
+
+_ABSOLUTE_PATH = _pattern(r"/[^\x00]*", "an absolute path")
+_OPTIONAL_PATH = _pattern(r"(/[^\x00]*)?", 'an absolute path or "" (none)')
+# pyserial URL handlers that make sense for an AT port (serial.serial_for_url).
+_SERIAL_URL_SCHEMES = ("socket", "rfc2217", "loop", "spy", "alt", "hwgrep")
+
+
+def _check_port(value: str) -> str | None:
+    if value == "auto" or value.startswith("/"):
+        return None
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme in _SERIAL_URL_SCHEMES and rest:
+        return None
+    return f'expected "auto", a device path or a pyserial URL ({", ".join(s + "://" for s in _SERIAL_URL_SCHEMES)}), got {_show(value)}'
+
+
+def _check_profile(value: str) -> str | None:
+    from at_commands.profiles import PROFILES  # late: profiles may grow at run time in tests
+
+    names = ["auto", *sorted(PROFILES)]
+    return None if value in names else f"expected one of {', '.join(names)}, got {_show(value)}"
+
+
+def _check_device_id(value: str) -> str | None:
+    if value == "imei" or re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        return None
+    return f'expected "imei" or 1-64 characters of A-Z a-z 0-9 . _ - (used in MQTT topics), got {_show(value)}'
+
+
+def _check_template(value: str) -> str | None:
+    """topic_prefix / client_id: text with at most the ``{device_id}`` placeholder."""
+    try:
+        expanded = value.format(device_id="x")
+    except (KeyError, IndexError, ValueError):
+        return f"only the placeholder {{device_id}} is allowed, got {_show(value)}"
+    if not expanded:
+        return "must not be empty"
+    return None
+
+
+def _check_topic_prefix(value: str) -> str | None:
+    problem = _check_template(value)
+    if problem:
+        return problem
+    if any(c in value for c in "+#\x00") or value.startswith("/") or value.endswith("/"):
+        return f"must not contain + # or a leading/trailing /, got {_show(value)}"
+    return None
+
+
+def parse_ed25519_public_key(text: str):
+    """An Ed25519 public key from PEM, or base64 of the raw 32 bytes or of DER SPKI.
+
+    Returns ``cryptography``'s ``Ed25519PublicKey``; raises ValueError with a short reason.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    text = text.strip()
+    if text.startswith("-----BEGIN"):
+        key = serialization.load_pem_public_key(text.encode())
+    else:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("neither PEM nor base64") from None
+        key = Ed25519PublicKey.from_public_bytes(raw) if len(raw) == 32 else serialization.load_der_public_key(raw)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 key")
+    return key
+
+
+def _check_public_key(value: str) -> str | None:
+    try:
+        parse_ed25519_public_key(value)
+    except ValueError as exc:
+        return f"not a usable Ed25519 public key: {exc}"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# The schema: one row per key.
+
+
+@dataclass(frozen=True)
+class Key:
+    section: str  # "mqtt.tls" for the nested table
+    name: str
+    type: type  # str, int, float, bool or list (of str)
+    default: Any
+    choices: tuple[str, ...] = ()
+    range: tuple[float, float] | None = None  # inclusive
+    check: _Check | None = None
+    secret: bool = False  # value is the path of a file holding a secret
+    normalise: Callable[[Any], Any] | None = None  # applied after validation
+
+    @property
+    def label(self) -> str:
+        return f"[{self.section}] {self.name}"
+
+
+SCHEMA: tuple[Key, ...] = (
+    Key("device", "id", str, "imei", check=_check_device_id),
+    Key("device", "state_dir", str, "/var/lib/simagent", check=_ABSOLUTE_PATH),
+    Key("modem", "port", str, "auto", check=_check_port),
+    Key("modem", "port_role", str, "secondary", choices=("primary", "secondary")),
+    Key("modem", "baudrate", int, 115200, range=(300, 4_000_000)),
+    Key("modem", "profile", str, "auto", check=_check_profile),
+    Key("modem", "command_timeout", float, 5.0, range=(0.1, 300)),
+    Key("modem", "sim_poll_interval", float, 5.0, range=(0.5, 3600)),
+    Key("binding", "mode", str, "first-use", choices=("first-use", "provisioned", "observe")),
+    Key("binding", "imei_allowlist", list, [], check=_each(_pattern(r"[0-9]{15}", "a 15-digit IMEI string"))),
+    Key(
+        "binding", "iccid_prefixes", list, [],
+        check=_each(_pattern(r"89[0-9A-Fa-f]{0,18}", 'an ICCID prefix starting with "89"')),
+        normalise=lambda prefixes: [p.upper() for p in prefixes],  # ICCIDs are normalised upper-case
+    ),
+    Key("binding", "on_violation", str, "radio-off", choices=("radio-off", "detach", "report")),
+    Key("binding", "radio_gate", bool, True),
+    Key("binding", "trusted_keys", list, [], check=_each(_check_public_key)),
+    Key("binding", "provision_file", str, "", check=_OPTIONAL_PATH),
+    Key("mqtt", "host", str, "localhost", check=_pattern(r"[A-Za-z0-9.:_-]+", "a host name or address")),
+    Key("mqtt", "port", int, 8883, range=(1, 65535)),
+    Key("mqtt", "client_id", str, "simagent-{device_id}", check=_check_template),
+    Key("mqtt", "topic_prefix", str, "simagent/{device_id}", check=_check_topic_prefix),
+    Key("mqtt", "keepalive", int, 60, range=(5, 3600)),
+    Key("mqtt", "protocol", str, "3.1.1", choices=("3.1.1", "5")),
+    Key("mqtt", "username", str, ""),
+    Key("mqtt", "password_file", str, "", check=_OPTIONAL_PATH, secret=True),
+    Key("mqtt.tls", "enabled", bool, True),
+    Key("mqtt.tls", "ca_file", str, "", check=_OPTIONAL_PATH),
+    Key("mqtt.tls", "cert_file", str, "", check=_OPTIONAL_PATH),
+    Key("mqtt.tls", "key_file", str, "", check=_OPTIONAL_PATH, secret=True),
+    Key("mqtt.tls", "key_password_file", str, "", check=_OPTIONAL_PATH, secret=True),
+    Key("telemetry", "interval", float, 60.0, range=(5, 86400)),
+    Key("outbox", "max_events", int, 100_000, range=(100, 10_000_000)),
+    Key("outbox", "max_telemetry", int, 10_000, range=(0, 10_000_000)),
+    Key("control", "socket", str, "/run/simagent/control.sock", check=_ABSOLUTE_PATH),
+    Key("log", "level", str, "info", choices=("debug", "info", "warning", "error")),
+)
+
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(k.section for k in SCHEMA))
+
+
+def _cross_checks(values: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
+    """Rules that involve two keys; returns (label, message) of the first one broken."""
+    tls = values["mqtt.tls"]
+    if bool(tls["cert_file"]) != bool(tls["key_file"]):
+        return "[mqtt.tls] key_file", "cert_file and key_file go together (client certificate)"
+    if tls["key_password_file"] and not tls["key_file"]:
+        return "[mqtt.tls] key_password_file", "set without key_file"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Result types, generated from the schema so the table stays the single source.
+
+
+def _make_section_class(section: str) -> type:
+    fields: list[tuple[str, type, Any]] = []
+    for key in SCHEMA:
+        if key.section == section:
+            ftype = tuple if key.type is list else key.type
+            fields.append((key.name, ftype, dataclasses.field(default=_freeze(key.default))))
+    for child in SECTIONS:
+        if child.startswith(section + "."):
+            leaf = child.rpartition(".")[2]
+            fields.append((leaf, _SECTION_CLASSES[child], dataclasses.field(default_factory=_SECTION_CLASSES[child])))
+    name = "".join(part.capitalize() for part in section.split(".")) + "Config"
+    cls = dataclasses.make_dataclass(name, fields, frozen=True)
+    cls.__module__ = __name__
+    return cls
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+_SECTION_CLASSES: dict[str, type] = {}
+for _section in sorted(SECTIONS, key=lambda s: -s.count(".")):  # children before parents
+    _SECTION_CLASSES[_section] = _make_section_class(_section)
+_TOP_SECTIONS = [s for s in SECTIONS if "." not in s]
+
+
+@dataclass(frozen=True)
+class Config:
+    device: Any
+    modem: Any
+    binding: Any
+    mqtt: Any
+    telemetry: Any
+    outbox: Any
+    control: Any
+    log: Any
+    source: str = DEFAULT_PATH  # the file the values came from (shown in errors)
+
+    def section(self, section: str) -> Any:
+        obj: Any = self
+        for part in section.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def as_dict(self, redact: bool = False) -> dict[str, Any]:
+        """The TOML structure (``{"mqtt": {"tls": {...}}}``) of every schema key."""
+        out: dict[str, Any] = {}
+        for key in SCHEMA:
+            value = getattr(self.section(key.section), key.name)
+            if redact and key.secret and value:
+                value = REDACTED
+            _table(out, key.section)[key.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration for support bundles: secret keys replaced by ``<redacted>``."""
+        return self.as_dict(redact=True)
+
+    def read_secret(self, section: str, name: str) -> str | None:
+        """Contents of the file named by a secret key (trailing newline removed), or None
+        when the key is empty. Errors name the key and the path, never the contents."""
+        key = _KEYS[(section, name)]
+        if not key.secret:
+            raise ValueError(f"{key.label} is not a secret key")
+        path = getattr(self.section(section), name)
+        if not path:
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(self.source, key.label, f"cannot read {path}: {getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
+
+
+_KEYS: dict[tuple[str, str], Key] = {(k.section, k.name): k for k in SCHEMA}
+
+
+def _table(root: dict[str, Any], section: str) -> dict[str, Any]:
+    for part in section.split("."):
+        root = root.setdefault(part, {})
+    return root
+
+
+def defaults() -> dict[str, Any]:
+    """The TOML structure of every key at its default (what config/agent.toml ships)."""
+    out: dict[str, Any] = {}
+    for key in SCHEMA:
+        _table(out, key.section)[key.name] = list(key.default) if key.type is list else key.default
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    return repr(value)
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list of strings"}
+
+
+def _type_ok(key: Key, value: Any) -> bool:
+    if key.type is bool:
+        return isinstance(value, bool)
+    if key.type is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if key.type is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key.type is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, key.type)
+
+
+def _validate_value(key: Key, value: Any) -> tuple[Any, str | None]:
+    if not _type_ok(key, value):
+        return value, f"expected {_TYPE_WORDS[key.type]}, got {_show(value)}"
+    if key.choices and value not in key.choices:
+        return value, f"expected one of {', '.join(key.choices)}, got {_show(value)}"
+    if key.range and not key.range[0] <= value <= key.range[1]:
+        lo, hi = (int(b) if float(b).is_integer() else b for b in key.range)
+        return value, f"expected a value in {lo}..{hi}, got {_show(value)}"
+    if key.check:
+        problem = key.check(value)
+        if problem:
+            return value, problem
+    if key.type is float:
+        value = float(value)
+    return (key.normalise(value) if key.normalise else value), None
+
+
+def _toml_error(file: str, exc: tomllib.TOMLDecodeError, last_line: int) -> ConfigError:
+    text = str(exc)
+    m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", text)
+    if m:
+        return ConfigError(file, None, f"line {m.group(1)}, column {m.group(2)}: TOML syntax error: {text[: m.start()]}")
+    m = re.search(r"\s*\(at end of document\)$", text)
+    if m:
+        return ConfigError(file, None, f"line {last_line}, end of file: TOML syntax error: {text[: m.start()]}")
+    return ConfigError(file, None, f"TOML syntax error: {text}")
+
+
+def parse(text: str, file: str = DEFAULT_PATH) -> Config:
+    """Validate TOML text against the schema; raises ConfigError naming file and key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _toml_error(file, exc, text.count("\n") + 1) from None
+    return from_mapping(data, file)
+
+
+def from_mapping(data: Mapping[str, Any], file: str = DEFAULT_PATH) -> Config:
+    values = {s: {} for s in SECTIONS}
+    _collect(data, "", values, file)
+    for key in SCHEMA:
+        values[key.section].setdefault(key.name, _freeze(key.default))
+    broken = _cross_checks(values)
+    if broken:
+        raise ConfigError(file, *broken)
+    built: dict[str, Any] = {}
+    for section in sorted(SECTIONS, key=lambda s: -s.count(".")):
+        kwargs = dict(values[section])
+        for child in SECTIONS:
+            if child.startswith(section + ".") and child.count(".") == section.count(".") + 1:
+                kwargs[child.rpartition(".")[2]] = built[child]
+        built[section] = _SECTION_CLASSES[section](**kwargs)
+    return Config(**{s: built[s] for s in _TOP_SECTIONS}, source=file)
+
+
+def _collect(table: Mapping[str, Any], prefix: str, values: dict[str, dict[str, Any]], file: str) -> None:
+    for name, value in table.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if path in values:
+            if not isinstance(value, dict):
+                raise ConfigError(file, f"[{path}]", f"expected a table, got {_show(value)}")
+            _collect(value, path, values, file)
+        elif not prefix:
+            raise ConfigError(file, f"[{path}]", f"unknown section (known: {', '.join(SECTIONS)})")
+        else:
+            key = _KEYS.get((prefix, name))
+            if key is None:
+                known = [k.name for k in SCHEMA if k.section == prefix]
+                raise ConfigError(file, f"[{prefix}] {name}", f"unknown key (known: {', '.join(known)})")
+            checked, problem = _validate_value(key, value)
+            if problem:
+                raise ConfigError(file, key.label, problem)
+            values[prefix][name] = _freeze(checked)
+
+
+def resolve_path(explicit: str | None, environ: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """(path, required): the file to read and whether its absence is an error."""
+    environ = os.environ if environ is None else environ
+    if explicit:
+        return explicit, True
+    if environ.get(ENV_VAR):
+        return environ[ENV_VAR], True
+    return DEFAULT_PATH, False
+
+
+def load(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration the daemon and CLI use (see module docstring)."""
+    path, required = resolve_path(explicit, environ)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(path, None, "no such file") from None
+        return from_mapping({}, path)
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, None, f"not UTF-8 (byte {exc.start})") from None
+    return parse(text, path)
+
+
+def check_files(config: Config) -> list[ConfigError]:
+    """Files the configuration names that cannot be read now (check-config reports them;
+    the daemon meets the same errors when it opens them)."""
+    problems = []
+    for key in SCHEMA:
+        if key.type is str and key.name.endswith("_file"):
+            path = getattr(config.section(key.section), key.name)
+            if path and not os.access(path, os.R_OK):
+                problems.append(ConfigError(config.source, key.label, f"cannot read {path}"))
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# `simagent check-config`
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("check-config", help="validate the configuration file", description="Validate the configuration and the files it names; exit 0 when usable, 78 when not.")
+    # dest differs from the top-level --config so argparse's sub-parser defaults do not
+    # overwrite a value given before the sub-command.
+    p.add_argument("--config", dest="check_config_path", metavar="PATH", help="configuration file (default: $SIMAGENT_CONFIG or /etc/simagent/agent.toml)")
+    p.set_defaults(func=run_check_config)
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    explicit = getattr(args, "check_config_path", None) or getattr(args, "config", None)
+    try:
+        config = load(explicit)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return exitcodes.CONFIG
+    problems = check_files(config)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return exitcodes.CONFIG
+    path, required = resolve_path(explicit)
+    if not required and not os.path.exists(path):
+        print(f"OK {path} (not present: all defaults)")
+    else:
+        print(f"OK {path}")
+    return exitcodes.OK

@@ -1,0 +1,109 @@
+"""at_commands.discovery against umockdev's fake udev/sysfs (real libudev, real pyudev)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from at_commands import discovery
+from at_commands.discovery import DiscoveredPort
+from at_commands.profiles import PROFILES, Profile, UsbLayout
+
+from .conftest import DATA, HERE, REPO, usb_modem_umockdev
+
+# Layouts of the three modems in data/, given to the code under test so these tests do
+# not depend on what at_commands/profiles.py holds.
+LAYOUTS = [
+    {"name": "quectel", "usb": [[0x2C7C, 0x0125, 2, 3]]},
+    {"name": "simcom", "usb": [[0x1E0E, 0x9001, 2, 3]]},
+    {"name": "ublox", "usb": [[0x1546, 0x1141, 0, None]]},  # one AT port only
+]
+NOISE = [DATA / "ftdi-adapter.umockdev", DATA / "uart.umockdev"]
+
+
+def _port(devnode: str, profile: str, vid: int, pid: int, interface: int, role: str) -> dict:
+    return {"devnode": devnode, "profile_name": profile, "vid": vid, "pid": pid, "interface": interface, "role": role}
+
+
+@pytest.mark.parametrize(
+    ("device", "primary", "secondary"),
+    [
+        ("quectel-ec25", _port("/dev/ttyUSB2", "quectel", 0x2C7C, 0x0125, 2, "primary"), _port("/dev/ttyUSB3", "quectel", 0x2C7C, 0x0125, 3, "secondary")),
+        ("simcom-sim7600", _port("/dev/ttyUSB2", "simcom", 0x1E0E, 0x9001, 2, "primary"), _port("/dev/ttyUSB3", "simcom", 0x1E0E, 0x9001, 3, "secondary")),
+        # no secondary interface: both roles fall back to the primary port
+        ("ublox-acm", _port("/dev/ttyACM0", "ublox", 0x1546, 0x1141, 0, "primary"), _port("/dev/ttyACM0", "ublox", 0x1546, 0x1141, 0, "primary")),
+    ],
+)
+def test_picks_the_interface_of_each_role(probe, device, primary, secondary) -> None:
+    found = probe([DATA / f"{device}.umockdev", *NOISE], json.dumps(LAYOUTS))
+    assert found["chosen"] == {"primary": primary, "secondary": secondary}
+    # DM/NMEA/audio interfaces, the FTDI adapter and the UART are not AT ports
+    assert {p["devnode"] for p in found["ports"]} == {primary["devnode"], secondary["devnode"]}
+
+
+def test_nothing_found_without_a_known_modem(probe) -> None:
+    found = probe(NOISE, json.dumps(LAYOUTS))
+    assert found == {"ports": [], "chosen": {"primary": None, "secondary": None}}
+
+
+def test_real_profiles(probe, tmp_path: Path) -> None:
+    """Every USB layout in at_commands.profiles, plugged in as a fake modem, is found and
+    the owned interface is the one the udev rule names."""
+    layouts = [(p.name, layout) for p in PROFILES.values() for layout in p.usb]
+    devices, expected = [], {}
+    for i, (name, layout) in enumerate(layouts):
+        ifaces = sorted(discovery.layout_roles(layout))
+        ttys = [(n, f"ttyUSB{10 * i + j}") for j, n in enumerate(ifaces)]
+        device = tmp_path / f"{i}.umockdev"
+        device.write_text(usb_modem_umockdev(f"1-{i + 2}", layout.vid, layout.pid, ttys))
+        devices.append(device)
+        owned = dict(ttys)[discovery.owned_interface(layout, "secondary")]
+        expected[f"/dev/{owned}"] = (layout.vid, layout.pid)
+    found = probe([*devices, *NOISE], "real")
+    found_ports = {p["devnode"]: p for p in found["ports"]}
+    # every secondary-role pick is present and matched to its VID:PID (profiles may share
+    # a VID:PID, so the profile name is not asserted)
+    for devnode, (vid, pid) in expected.items():
+        assert (found_ports[devnode]["vid"], found_ports[devnode]["pid"]) == (vid, pid)
+    assert not any(p["devnode"] in ("/dev/ttyUSB9", "/dev/ttyS0") for p in found["ports"])
+    assert (found["chosen"]["secondary"] is None) == (not layouts)
+
+
+def test_choose_prefers_role_then_devnode() -> None:
+    a = DiscoveredPort("/dev/ttyUSB2", "q", 1, 2, 2, "primary")
+    b = DiscoveredPort("/dev/ttyUSB3", "q", 1, 2, 3, "secondary")
+    c = DiscoveredPort("/dev/ttyUSB7", "s", 3, 4, 3, "secondary")
+    assert discovery.choose([c, a, b], "secondary") == b
+    assert discovery.choose([c, a, b], "primary") == a
+    assert discovery.choose([a], "secondary") == a
+    assert discovery.choose([], "primary") is None
+    with pytest.raises(ValueError):
+        discovery.choose([a], "tertiary")
+
+
+def test_classify() -> None:
+    profiles = [Profile("q", usb=(UsbLayout(0x2C7C, 0x0125, 2, 3),))]
+    assert discovery.classify("/dev/x", 0x2C7C, 0x0125, 3, profiles).role == "secondary"
+    assert discovery.classify("/dev/x", 0x2C7C, 0x0125, 0, profiles) is None
+    assert discovery.classify("/dev/x", 0x2C7C, 0x0126, 2, profiles) is None
+
+
+def test_monitor_reports_plug_and_unplug() -> None:
+    wrapper = shutil.which("umockdev-wrapper")
+    python = "/usr/bin/python3"
+    if not wrapper or subprocess.run([python, "-c", "import gi; gi.require_version('UMockdev', '1.0')"], capture_output=True).returncode:
+        pytest.skip("needs umockdev-wrapper and system python3 with gir1.2-umockdev-1.0 (python3-gi)")
+    proc = subprocess.run([wrapper, python, str(HERE / "watch_events.py"), str(REPO), str(DATA)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert events == [
+        {"step": "plug", "action": "add", "devnode": "/dev/ttyUSB2", "role": "primary", "profile": "quectel"},
+        {"step": "plug", "action": "add", "devnode": "/dev/ttyUSB3", "role": "secondary", "profile": "quectel"},
+        {"step": "unplug", "action": "remove", "devnode": "/dev/ttyUSB3", "role": "secondary", "profile": "quectel"},
+        # a port present before watch() started is still recognised when it goes away
+        {"step": "unplug-present", "action": "remove", "devnode": "/dev/ttyACM0", "role": "primary", "profile": "ublox"},
+    ]
