@@ -156,7 +156,7 @@ QUECTEL = Profile(
 
 SIMCOM = Profile(
     name="simcom",
-    vendor_patterns=(r"\bsim\s?com\b", r"\bsimtech\b"),
+    vendor_patterns=(r"\bsim\s?com", r"\bsimtech\b"),
     usb=(
         UsbLayout(0x1E0E, 0x9001, 2, 3, "SIM7000/SIM7100/SIM7600", "[MM-S] if#2 primary, if#3 secondary"),
         UsbLayout(0x1E0E, 0x9205, 2, None, "SIM7070/SIM7080/SIM7090", "[MM-S] if#2 primary, if#3 PPP"),
