@@ -376,10 +376,10 @@ class FakeModemState:
         return out + self._start_registration()
 
     def sim_insert(self, iccid: str, imsi: str | None = None, pin: str | None = None) -> list[bytes]:
+        iccid = check_iccid(iccid)  # validate before touching the tray: bad input loses nothing
+        imsi = self.imsi if imsi is None else check_imsi(imsi)
         out = self.sim_remove() if self.sim_present else []
-        self.iccid = check_iccid(iccid)
-        if imsi is not None:
-            self.imsi = check_imsi(imsi)
+        self.iccid, self.imsi = iccid, imsi
         self.pin = pin
         self.pin_ok = False
         self.sim_powered = self.cfun != 0
