@@ -388,22 +388,26 @@ class FakeModemState:
         return out + self._start_registration()
 
     def set_values(self, **values: Any) -> list[bytes]:
-        for key, value in values.items():
-            if key == "signal":
-                self.signal_dbm = None if value in (None, "none", "unknown") else int(value)
-            elif key == "imei":
-                self.imei = check_imei(str(value))
-            elif key == "imsi":
-                self.imsi = check_imsi(str(value))
-            elif key == "operator":
-                self.operator = str(value)
-            elif key == "register_delay":
-                self.register_delay = float(value)
-            elif key == "pin":
-                self.pin = None if value in (None, "", "none") else str(value)
-                self.pin_ok = False
-            else:
-                raise ValueError(f"set: unknown key {key!r} (signal, imei, imsi, operator, register_delay, pin)")
+        parsers: dict[str, Callable[[Any], Any]] = {
+            "signal": lambda v: None if v in (None, "none", "unknown") else int(v),
+            "imei": lambda v: check_imei(str(v)),
+            "imsi": lambda v: check_imsi(str(v)),
+            "operator": str,
+            "register_delay": float,
+            "pin": lambda v: None if v in (None, "", "none") else str(v),
+        }
+        parsed = {}
+        for key, value in values.items():  # all or nothing: validate every value first
+            if key not in parsers:
+                raise ValueError(f"set: unknown key {key!r} ({', '.join(parsers)})")
+            try:
+                parsed[key] = parsers[key](value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"set {key}: {exc}") from None
+        for key, value in parsed.items():
+            setattr(self, "signal_dbm" if key == "signal" else key, value)
+        if "pin" in parsed:
+            self.pin_ok = False
         return []
 
     def register(self, target: str) -> list[bytes]:

@@ -321,3 +321,14 @@ def test_parse_ctl_words(op, words, expected):
 def test_parse_ctl_words_rejects(op, words):
     with pytest.raises(ValueError):
         fakemodem.parse_ctl_words(op, words)
+
+
+def test_set_is_all_or_nothing():
+    s, _ = make()
+    with pytest.raises(ValueError, match="imei"):
+        s.set_values(signal=-60, imei="123")
+    assert s.signal_dbm == -85
+    with pytest.raises(ValueError, match="unknown key"):
+        s.set_values(colour="red")
+    s.set_values(signal="-60", operator="CHN-UNICOM", register_delay="0.1")
+    assert (s.signal_dbm, s.operator, s.register_delay) == (-60, "CHN-UNICOM", 0.1)
