@@ -168,3 +168,4 @@ def test_control_errors_are_reported_not_raised_in_the_modem(fake_modem):
     with pytest.raises(ValueError, match="register"):
         fake_modem.register("moon")
     assert fake_modem.state()["sim_present"]
+
