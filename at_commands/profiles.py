@@ -3,13 +3,36 @@
 Modelled on ModemManager's plugins: a profile declares how to find the module (USB IDs
 and AT interface numbers, vendor strings), how to read its ICCID, how it announces SIM
 hot-swap and boot, and which commands must never be sent (IMEI rewrite). Code that
-needs vendor knowledge reads it from here; it does not branch on vendor names.
+needs vendor knowledge reads it from here; it does not branch on vendor names. The fake
+modem (at_commands.fakemodem) speaks each dialect from the same data.
+
+Sources (cited per entry below):
+  [MM-Q]  ModemManager src/plugins/quectel/77-mm-quectel-port-types.rules
+  [MM-S]  ModemManager src/plugins/simtech/77-mm-simtech-port-types.rules
+  [MM-T]  ModemManager src/plugins/telit/77-mm-telit-port-types.rules
+  [MM-U]  ModemManager src/plugins/ublox/77-mm-ublox-port-types.rules
+  [MM-F]  ModemManager src/plugins/fibocom/77-mm-fibocom-port-types.rules
+  [MM-M]  ModemManager src/plugins/meig/77-mm-meig-port-types.rules (MeiG SLM770A, as
+          carried by trackIT-Systems/modemmanager-meig-asr)
+  [LNX]   Linux drivers/usb/serial/option.c device table (MeiG 2dee:4d22, Neoway 2949:8700)
+  [QAT]   Quectel EC2x/EG2x AT manuals: AT+QCCID, AT+QSIMDET, AT+QSIMSTAT, RDY, +QIND
+  [SAT]   SIMCom SIM7500/SIM7600 AT manual: AT+CICCID (+ICCID:), AT+UIMHOTSWAPON,
+          +SIMCARD: NOT AVAILABLE, RDY / SMS DONE / PB DONE, AT+SIMEI
+  [HAT]   Huawei ME909s AT command interface spec: AT^ICCID?, ^SIMST, ^SYSSTART, AT^CIMEI
+  [TAT]   Telit AT reference (LE910 / ME910): AT#CCID, AT#SIMDET, AT#QSS / #QSS: URC
+          (also used by oFono's telit plugin), AT#IMEI
+  [UAT]   u-blox AT manual: AT+CCID, AT+UDCONF=50 (SIM hot insertion), AT+USIMSTAT /
+          +UUSIMSTAT, +READY (TOBY-L4, see [MM-U])
+  [NAT]   Neoway N720/N723 AT manual: AT$MYCCID
+Where a fact could not be confirmed the field is left empty/None and the reason is in
+``notes``: the agent then falls back to 3GPP behaviour (+CRSM for the ICCID, polling
++CPIN? for SIM presence).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -21,6 +44,11 @@ class UsbLayout:
     primary_if: int
     secondary_if: int | None = None
     model: str = ""
+    source: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.vid:04x}:{self.pid:04x}"
 
 
 @dataclass(frozen=True)
@@ -30,33 +58,279 @@ class Profile:
     vendor_patterns: tuple[str, ...] = ()
     usb: tuple[UsbLayout, ...] = ()
     # Vendor ICCID query and the tag its answer carries (e.g. SIMCom AT+CICCID -> +ICCID:).
+    # None: use +CRSM=176,12258,0,0,10 (EF_ICCID), which every 3GPP module answers.
     iccid_command: str | None = None
     iccid_tag: str | None = None
     # Commands that switch on SIM hot-swap reporting, and regexes of the URCs that
     # report insertion / removal. Without hot-swap URCs the agent polls +CPIN?.
+    # Empty hotswap_enable with URCs set means the module reports them unasked.
     hotswap_enable: tuple[str, ...] = ()
     sim_inserted_urcs: tuple[str, ...] = ()
     sim_removed_urcs: tuple[str, ...] = ()
-    # URCs a module prints when it has (re)booted and is ready for commands.
+    # One concrete URC line each for insertion and removal (what the fake modem prints;
+    # the profile test checks they match the regexes above).
+    sim_inserted_sample: str | None = None
+    sim_removed_sample: str | None = None
+    # URCs a module prints when it has (re)booted and is ready for commands (regexes),
+    # the concrete lines it prints at boot, and those it adds once a SIM is ready.
     boot_urcs: tuple[str, ...] = ()
+    boot_lines: tuple[str, ...] = ()
+    boot_sim_lines: tuple[str, ...] = ()
     # Regexes of commands that rewrite the IMEI: always refused, whoever asks.
     imei_rewrite_commands: tuple[str, ...] = ()
-    # Commands that make the module boot with RF off (None: the module cannot be told).
+    # Commands that make the module boot with RF off (None: no known way).
     boot_rf_off: tuple[str, ...] | None = None
+    # The +CFUN level the module is in after power-on.
+    boot_cfun: int = 1
     extra_signal_commands: tuple[str, ...] = ()
-    # Fake-modem dialect details.
     echo_default: bool = True
+    # What the module answers to +CGMI / +CGMM / +CGMR (used by the fake modem; detect()
+    # must map sample_manufacturer back to this profile).
+    sample_manufacturer: str = ""
+    sample_model: str = ""
+    sample_revision: str = ""
     notes: str = ""
-
-    _compiled: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def matches_vendor(self, text: str) -> bool:
         return any(re.search(p, text, re.IGNORECASE) for p in self.vendor_patterns)
 
+    def is_imei_rewrite(self, command: str) -> bool:
+        return any(re.search(p, command.strip(), re.IGNORECASE) for p in self.imei_rewrite_commands)
 
-GENERIC = Profile(name="generic", notes="3GPP TS 27.007 only; ICCID via +CRSM or +CCID.")
+    def layout_for(self, vid: int, pid: int) -> UsbLayout | None:
+        return next((u for u in self.usb if u.vid == vid and u.pid == pid), None)
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (GENERIC,)}
+
+# MediaTek-style NV write of the IMEI (+EGMR=1,7): answered by Quectel, Fibocom, MeiG
+# and many white-label modules, so every profile refuses it.
+_EGMR_IMEI = r"^AT\+EGMR\s*=\s*1\s*,\s*7\b"
+
+
+GENERIC = Profile(
+    name="generic",
+    imei_rewrite_commands=(_EGMR_IMEI,),
+    sample_manufacturer="Generic",
+    sample_model="3GPP TS 27.007 modem",
+    sample_revision="FAKE-1.0",
+    notes="3GPP TS 27.007 only: ICCID via +CRSM, SIM presence by polling +CPIN?, "
+    "no boot URC; +CFUN=4 is not persistent, so the module boots with RF on.",
+)
+
+QUECTEL = Profile(
+    name="quectel",
+    vendor_patterns=(r"\bquectel\b",),
+    usb=tuple(
+        UsbLayout(0x2C7C, pid, 2, 3, model, "[MM-Q] if#2 AT primary, if#3 AT secondary")
+        for pid, model in (
+            (0x0125, "EC25/EG25/EC20 R2.1"),
+            (0x0121, "EC21"),
+            (0x0191, "EG91"),
+            (0x0195, "EG95"),
+            (0x0296, "BG96"),
+            (0x0306, "EG06/EP06"),
+            (0x0512, "EG12/EG18"),
+            (0x0800, "RM500Q/RM502Q"),
+        )
+    ),
+    iccid_command="AT+QCCID",
+    iccid_tag="+QCCID:",
+    # [QAT] QSIMDET=<enable>,<insert_level>: detection on, card present when the detect
+    # pin is low (the usual socket wiring; boards wired the other way need =1,1).
+    hotswap_enable=("AT+QSIMDET=1,0", "AT+QSIMSTAT=1"),
+    sim_inserted_urcs=(r"^\+QSIMSTAT:\s*1\s*,\s*1\b",),
+    sim_removed_urcs=(r"^\+QSIMSTAT:\s*1\s*,\s*0\b",),
+    sim_inserted_sample="+QSIMSTAT: 1,1",
+    sim_removed_sample="+QSIMSTAT: 1,0",
+    boot_urcs=(r"^RDY$",),
+    boot_lines=("RDY",),
+    boot_sim_lines=("+CPIN: READY", "+QUSIM: 1", "+QIND: SMS DONE", "+QIND: PB DONE"),
+    imei_rewrite_commands=(_EGMR_IMEI,),
+    boot_rf_off=None,
+    extra_signal_commands=("AT+QCSQ", 'AT+QENG="servingcell"'),
+    sample_manufacturer="Quectel",
+    sample_model="EC25",
+    sample_revision="EC25EFAR06A06M4G",
+    notes="AT+CFUN=4 is not kept across power cycles; no documented NV setting to boot "
+    "with RF off, so a window exists between RDY and the agent's CFUN=4.",
+)
+
+SIMCOM = Profile(
+    name="simcom",
+    vendor_patterns=(r"\bsim\s?com", r"\bsimtech\b"),
+    usb=(
+        UsbLayout(0x1E0E, 0x9001, 2, 3, "SIM7000/SIM7100/SIM7600", "[MM-S] if#2 primary, if#3 secondary"),
+        UsbLayout(0x1E0E, 0x9205, 2, None, "SIM7070/SIM7080/SIM7090", "[MM-S] if#2 primary, if#3 PPP"),
+        UsbLayout(0x1E0E, 0x9206, 2, None, "SIM7070/SIM7080/SIM7090 alt", "[MM-S] if#2 primary"),
+        UsbLayout(0x1E0E, 0x9011, 4, None, "A7600E-H/A7602E-H", "[MM-S] if#4 primary, if#5 PPP"),
+    ),
+    iccid_command="AT+CICCID",
+    iccid_tag="+ICCID:",
+    hotswap_enable=("AT+UIMHOTSWAPON=1",),
+    # [SAT] on insertion the module re-initialises the card and reports +CPIN: READY.
+    sim_inserted_urcs=(r"^\+CPIN:\s*READY$",),
+    sim_removed_urcs=(r"^\+SIMCARD:\s*NOT AVAILABLE$",),
+    sim_inserted_sample="+CPIN: READY",
+    sim_removed_sample="+SIMCARD: NOT AVAILABLE",
+    boot_urcs=(r"^RDY$", r"^PB DONE$"),
+    boot_lines=("RDY",),
+    boot_sim_lines=("+CPIN: READY", "SMS DONE", "PB DONE"),
+    imei_rewrite_commands=(_EGMR_IMEI, r"^AT\+SIMEI\s*="),
+    boot_rf_off=None,
+    extra_signal_commands=("AT+CPSI?",),
+    sample_manufacturer="SIMCOM INCORPORATED",
+    sample_model="SIMCOM_SIM7600G-H",
+    sample_revision="LE20B04SIM7600G22",
+    notes="CFUN=0 powers the card down and prints +SIMCARD: NOT AVAILABLE. No known "
+    "persistent RF-off boot setting.",
+)
+
+HUAWEI = Profile(
+    name="huawei",
+    vendor_patterns=(r"\bhuawei\b",),
+    usb=(
+        # MM's huawei plugin finds PCUI/modem ports from interface descriptors, not
+        # fixed numbers; these are the numbers commonly reported for the default
+        # (ECM) configuration: ttyUSB2 = PCUI. Not verified on hardware.
+        UsbLayout(0x12D1, 0x15C1, 2, 0, "ME909s-120/ME906s", "community reports; unverified"),
+    ),
+    iccid_command="AT^ICCID?",
+    iccid_tag="^ICCID:",
+    # [HAT] ^SIMST: <sim_state>[,<lock_state>] is unsolicited by default: 255 = no card,
+    # 1 = valid card, 0 = invalid, 2..4 = invalid for CS/PS.
+    hotswap_enable=(),
+    sim_inserted_urcs=(r"^\^SIMST:\s*(?:1|2|3|4)\b",),
+    sim_removed_urcs=(r"^\^SIMST:\s*255\b",),
+    sim_inserted_sample="^SIMST: 1",
+    sim_removed_sample="^SIMST: 255",
+    boot_urcs=(r"^\^SYSSTART$",),
+    boot_lines=("^SYSSTART",),
+    imei_rewrite_commands=(_EGMR_IMEI, r"^AT\^CIMEI\s*="),
+    boot_rf_off=None,
+    extra_signal_commands=("AT^HCSQ?",),
+    sample_manufacturer="Huawei Technologies Co., Ltd.",
+    sample_model="ME909s-120",
+    sample_revision="11.617.01.00.00",
+    notes="USB interface numbers unverified. No known persistent RF-off boot setting.",
+)
+
+UBLOX = Profile(
+    name="ublox",
+    vendor_patterns=(r"\bu-?blox\b",),
+    usb=(
+        UsbLayout(0x1546, 0x1107, 0, 2, "TOBY-R2", "[MM-U] if#0 primary, if#2 secondary"),
+        UsbLayout(0x1546, 0x110A, 0, 2, "LARA-R2", "[MM-U] if#0 primary, if#2 secondary"),
+        UsbLayout(0x1546, 0x1102, 0, 2, "LISA-U2/SARA-U2", "[MM-U] if#0 primary, if#2 secondary"),
+        UsbLayout(0x1546, 0x1104, 0, None, "LISA-U2/SARA-U2 alt", "[MM-U] if#0 primary"),
+        UsbLayout(0x1546, 0x1010, 6, None, "TOBY-L4", "[MM-U] if#6 primary (if#2 ignored)"),
+    ),
+    iccid_command="AT+CCID",
+    iccid_tag="+CCID:",
+    # [UAT] UDCONF=50,1 turns SIM hot insertion detection on (takes effect after reboot
+    # on some series); USIMSTAT=1 enables +UUSIMSTAT: <state>, 0 = card not present.
+    hotswap_enable=("AT+UDCONF=50,1", "AT+USIMSTAT=1"),
+    sim_inserted_urcs=(r"^\+UUSIMSTAT:\s*(?!0\b)\d+",),
+    sim_removed_urcs=(r"^\+UUSIMSTAT:\s*0\b",),
+    sim_inserted_sample="+UUSIMSTAT: 6",
+    sim_removed_sample="+UUSIMSTAT: 0",
+    # [MM-U] TOBY-L4 announces readiness with +READY; other series print nothing unless
+    # the greeting (+CSGT) is configured.
+    boot_urcs=(r"^\+READY$",),
+    boot_lines=("+READY",),
+    imei_rewrite_commands=(_EGMR_IMEI,),
+    boot_rf_off=None,
+    extra_signal_commands=("AT+UCGED?",),
+    sample_manufacturer="u-blox",
+    sample_model="TOBY-L4006",
+    sample_revision="15.90",
+    notes="Whether +CFUN=4 survives a reboot differs per series and firmware; not relied on.",
+)
+
+TELIT = Profile(
+    name="telit",
+    vendor_patterns=(r"\btelit\b",),
+    usb=(
+        UsbLayout(0x1BC7, 0x1031, 1, 2, "LE910C1-EUX", "[MM-T] if#1 primary, if#2 secondary"),
+        UsbLayout(0x1BC7, 0x1201, 4, 5, "LE910C1", "[MM-T] if#4 primary, if#5 secondary"),
+        UsbLayout(0x1BC7, 0x1040, 4, 5, "LE922/LM9x0", "[MM-T] if#4 primary, if#5 secondary"),
+        UsbLayout(0x1BC7, 0x1050, 4, 5, "FN980", "[MM-T] if#4 primary, if#5 secondary"),
+        UsbLayout(0x1BC7, 0x1070, 4, 5, "FN990", "[MM-T] if#4 primary, if#5 secondary"),
+    ),
+    iccid_command="AT#CCID",
+    iccid_tag="#CCID:",
+    # [TAT] SIMDET=2: automatic SIMIN-pin detection; QSS=2: #QSS: <status> URC with
+    # 0 = not inserted, 1 = inserted, 2 = inserted and PIN unlocked, 3 = ready.
+    hotswap_enable=("AT#SIMDET=2", "AT#QSS=2"),
+    sim_inserted_urcs=(r"^#QSS:\s*[123]\b",),
+    sim_removed_urcs=(r"^#QSS:\s*0\b",),
+    sim_inserted_sample="#QSS: 1",
+    sim_removed_sample="#QSS: 0",
+    boot_urcs=(),
+    imei_rewrite_commands=(_EGMR_IMEI, r"^AT#IMEI\s*="),
+    boot_rf_off=None,
+    extra_signal_commands=("AT#RFSTS",),
+    sample_manufacturer="Telit",
+    sample_model="LE910C1-EUX",
+    sample_revision="25.21.660",
+    notes="No boot URC by default (the agent probes with AT after enumeration).",
+)
+
+FIBOCOM = Profile(
+    name="fibocom",
+    vendor_patterns=(r"\bfibocom\b",),
+    usb=(
+        UsbLayout(0x2CB7, 0x01A0, 2, 3, "NL668-AM", "[MM-F] if#2 primary, if#3 secondary"),
+        UsbLayout(0x2CB7, 0x0104, 1, 2, "FM150", "[MM-F] if#1 primary, if#2 secondary"),
+        UsbLayout(0x2CB7, 0x01A2, 2, 3, "FM101-GL (MBIM)", "[MM-F] if#2 primary, if#3 secondary"),
+        UsbLayout(0x2CB7, 0x0106, 1, 2, "MA510-GL", "[MM-F] if#1 primary, if#2 secondary"),
+        UsbLayout(0x1782, 0x4D10, 0, 5, "L610 (GTUSBMODE=31)", "[MM-F] if#0 primary, if#5 secondary"),
+        UsbLayout(0x1782, 0x4D11, 2, 7, "L610 (ECM/RNDIS)", "[MM-F] if#2 primary, if#7 secondary"),
+    ),
+    # Qualcomm-based Fibocom modules answer AT+ICCID with +ICCID:; the Intel/UNISOC
+    # ones use AT+CCID. +CRSM works on all.
+    iccid_command="AT+ICCID",
+    iccid_tag="+ICCID:",
+    imei_rewrite_commands=(_EGMR_IMEI,),
+    boot_rf_off=None,
+    sample_manufacturer="Fibocom Wireless Inc.",
+    sample_model="NL668-AM",
+    sample_revision="17000.1000.00.01.01.04",
+    notes="Hot-swap URCs and boot URCs not confirmed from public sources: the agent "
+    "polls +CPIN?.",
+)
+
+MEIG = Profile(
+    name="meig",
+    vendor_patterns=(r"\bmeig\b", r"\bmeiglink\b"),
+    usb=(
+        UsbLayout(0x2DEE, 0x4D57, 3, 4, "SLM770A (RNDIS)", "[MM-M] if#3 AT primary, if#4 AT secondary"),
+        UsbLayout(0x2DEE, 0x4D58, 3, 4, "SLM770A (ECM)", "[MM-M] if#3 AT primary, if#4 AT secondary"),
+    ),
+    imei_rewrite_commands=(_EGMR_IMEI,),
+    boot_rf_off=None,
+    sample_manufacturer="MEIG",
+    sample_model="SLM770A",
+    sample_revision="SLM770A_V1.0",
+    notes="2dee:4d22 (SRM815/SRM825L) is bound by [LNX] but its AT interface numbers "
+    "are not published; ICCID via +CRSM; SIM presence by polling.",
+)
+
+NEOWAY = Profile(
+    name="neoway",
+    vendor_patterns=(r"\bneoway\b",),
+    iccid_command="AT$MYCCID",
+    iccid_tag="$MYCCID:",
+    imei_rewrite_commands=(_EGMR_IMEI,),
+    boot_rf_off=None,
+    sample_manufacturer="Neoway",
+    sample_model="N723-EA",
+    sample_revision="N723EA_V1.0",
+    notes="USB 2949:8700 (N723-EA) is bound by [LNX], AT interface numbers unconfirmed, "
+    "so no USB layout: use an explicit port. SIM presence by polling.",
+)
+
+PROFILES: dict[str, Profile] = {
+    p.name: p for p in (GENERIC, QUECTEL, SIMCOM, FIBOCOM, HUAWEI, UBLOX, TELIT, NEOWAY, MEIG)
+}
 
 
 def get(name: str) -> Profile:
@@ -64,3 +338,20 @@ def get(name: str) -> Profile:
         return PROFILES[name]
     except KeyError:
         raise KeyError(f"unknown modem profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
+
+
+def detect(vendor_text: str) -> Profile:
+    """The profile whose vendor pattern matches +CGMI / ATI output; generic otherwise."""
+    for profile in PROFILES.values():
+        if profile.vendor_patterns and profile.matches_vendor(vendor_text):
+            return profile
+    return GENERIC
+
+
+def by_usb(vid: int, pid: int) -> tuple[Profile, UsbLayout] | None:
+    """The profile and USB layout for a VID:PID, or None when no profile knows it."""
+    for profile in PROFILES.values():
+        layout = profile.layout_for(vid, pid)
+        if layout is not None:
+            return profile, layout
+    return None

@@ -1,0 +1,1160 @@
+"""A fake cellular modem on a real pseudo-terminal (SPEC §9).
+
+Two layers:
+
+* ``FakeModemState`` — the modem itself, free of I/O: ``handle_line(line)`` returns the
+  bytes the modem writes back (echo, information lines, final result); ``poll()``
+  returns output that has come due (registration after CFUN=1, delayed replies);
+  control operations (``sim_remove``, ``reboot``, ``fault`` …) return their URCs. The
+  clock is injected, so the state machine is tested without a pty or sleeping.
+* ``FakeModem`` — the I/O shell: ONE thread running a ``selectors`` loop over the pty
+  master, the control socket and a wake-up pipe. Every state change happens in that
+  thread; in-process callers (the pytest plugin) submit operations through a queue and
+  wait on a future, so no locks guard the state.
+
+Command line: ``simagent-fakemodem --link PATH ...`` serves until SIGTERM/SIGINT;
+``simagent-fakemodem ctl --control SOCK OP ...`` sends one control operation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import queue
+import re
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import tty
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from at_commands import profiles
+from at_commands.profiles import Profile
+
+# --- identities -----------------------------------------------------------------------
+
+
+def luhn_check_digit(digits: str) -> str:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 0:  # these positions get doubled once the check digit is appended
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return str((10 - total % 10) % 10)
+
+
+DEFAULT_IMEI = "86740003000001" + luhn_check_digit("86740003000001")
+DEFAULT_ICCID = "89860012345678901234"
+DEFAULT_IMSI = "460001234567890"
+
+_IMEI_RE = re.compile(r"^\d{15}$")
+# Issuer ranges of Chinese operators use hex digits after the 6th character (SPEC §3).
+_ICCID_RE = re.compile(r"^89\d{4}[0-9A-F]{13,14}$")
+_IMSI_RE = re.compile(r"^\d{6,15}$")
+
+
+def check_imei(value: str) -> str:
+    if not _IMEI_RE.match(value):
+        raise ValueError(f"imei: expected 15 digits, got {value!r}")
+    return value
+
+
+def check_iccid(value: str) -> str:
+    iccid = value.strip().upper()
+    if not _ICCID_RE.match(iccid) or not 19 <= len(iccid.rstrip("F")) <= 20:
+        raise ValueError(f"iccid: expected 19-20 characters starting 89 (hex A-F from the 7th), got {value!r}")
+    return iccid.rstrip("F")
+
+
+def check_imsi(value: str) -> str:
+    if not _IMSI_RE.match(value):
+        raise ValueError(f"imsi: expected 6-15 digits, got {value!r}")
+    return value
+
+
+def ef_iccid_hex(iccid: str) -> str:
+    """EF_ICCID as stored on the card: BCD with swapped nibbles, padded with F."""
+    padded = iccid + "F" * (20 - len(iccid))
+    return "".join(padded[i + 1] + padded[i] for i in range(0, 20, 2))
+
+
+# --- protocol constants ---------------------------------------------------------------
+
+CME_TEXT = {
+    3: "operation not allowed",
+    4: "operation not supported",
+    10: "SIM not inserted",
+    11: "SIM PIN required",
+    13: "SIM failure",
+    14: "SIM busy",
+    16: "incorrect password",
+    30: "no network service",
+    50: "Incorrect parameters",
+    100: "unknown",
+}
+
+# 27.007 <stat> values.
+REG_IDLE, REG_HOME, REG_SEARCHING, REG_DENIED, REG_UNKNOWN, REG_ROAMING = 0, 1, 2, 3, 4, 5
+REGISTER_TARGETS = {"home": REG_HOME, "roaming": REG_ROAMING, "denied": REG_DENIED, "searching": REG_SEARCHING}
+REG_NAMES = {REG_IDLE: "idle", REG_HOME: "home", REG_SEARCHING: "searching", REG_DENIED: "denied",
+             REG_UNKNOWN: "unknown", REG_ROAMING: "roaming"}
+
+FAULT_KINDS = ("delay", "drop", "garbage", "error", "hang", "late-reply")
+# What a confused module puts on the line: NULs, high bytes, half a line.
+GARBAGE = b"\x00\x00\xfe\xff\x13~#@!\r\n+CSQ: 1\x00"
+
+CRLF = "\r\n"
+
+
+def _frame(line: str) -> bytes:
+    return f"{CRLF}{line}{CRLF}".encode("latin-1", "replace")
+
+
+class CommandError(Exception):
+    """A command failed with +CME ERROR <code> (or plain ERROR when code is None)."""
+
+    def __init__(self, code: int | None = None):
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass
+class Fault:
+    kind: str
+    seconds: float = 0.0
+    count: int = 1
+
+
+@dataclass
+class _Timer:
+    due: float
+    seq: int
+    action: str  # "emit" | "register"
+    payload: bytes = b""
+
+
+@dataclass
+class FakeModemState:
+    """The modem's behaviour, no I/O. All times come from ``clock``."""
+
+    profile: Profile = profiles.GENERIC
+    imei: str = DEFAULT_IMEI
+    iccid: str | None = DEFAULT_ICCID
+    imsi: str = DEFAULT_IMSI
+    pin: str | None = None
+    signal_dbm: int | None = -85
+    register_target: int = REG_HOME
+    register_delay: float = 0.3
+    operator: str = "CHINA MOBILE"
+    tz_quarters: int = 32  # UTC+8
+    clock: Callable[[], float] = time.monotonic
+    wallclock: Callable[[], float] = time.time
+
+    # power-on state, reset by reboot()
+    echo: bool = field(init=False, default=True)
+    cmee: int = field(init=False, default=0)
+    cfun: int = field(init=False, default=1)
+    sim_powered: bool = field(init=False, default=True)
+    pin_ok: bool = field(init=False, default=False)
+    reg_n: dict[str, int] = field(init=False, default_factory=dict)
+    reg_stat: int = field(init=False, default=REG_IDLE)
+    ps_attached_wanted: bool = field(init=False, default=True)
+    cops_deregistered: bool = field(init=False, default=False)
+    ctzu: int = field(init=False, default=0)
+    ctzr: int = field(init=False, default=0)
+    network_time: bool = field(init=False, default=False)
+    hotswap_sent: set[str] = field(init=False, default_factory=set)
+    faults: list[Fault] = field(init=False, default_factory=list)
+    hung: bool = field(init=False, default=False)
+    boot_time: float = field(init=False, default=0.0)
+
+    # kept across reboots: what the fake has seen (for test assertions)
+    counters: dict[str, int] = field(init=False, default_factory=dict)
+    commands: dict[str, int] = field(init=False, default_factory=dict)
+    attaches: list[dict[str, Any]] = field(init=False, default_factory=list)
+    _timers: list[_Timer] = field(init=False, default_factory=list)
+    _seq: int = field(init=False, default=0)
+    _held: list[_Timer] = field(init=False, default_factory=list)
+    # URCs a command causes, written right after its final result code
+    _pending_urcs: list[bytes] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_imei(self.imei)
+        if self.iccid is not None:
+            self.iccid = check_iccid(self.iccid)
+        check_imsi(self.imsi)
+        self.counters = {"commands": 0, "reboots": 0, "imei_rewrite_attempts": 0, "unknown_commands": 0}
+        self._power_on()
+
+    # ---- derived state -----------------------------------------------------------
+
+    @property
+    def sim_present(self) -> bool:
+        return self.iccid is not None
+
+    @property
+    def sim_readable(self) -> bool:
+        return self.sim_present and self.sim_powered
+
+    @property
+    def sim_ready(self) -> bool:
+        return self.sim_readable and (self.pin is None or self.pin_ok)
+
+    @property
+    def hotswap_active(self) -> bool:
+        has_urcs = bool(self.profile.sim_removed_sample or self.profile.sim_inserted_sample)
+        return has_urcs and all(_norm(c) in self.hotswap_sent for c in self.profile.hotswap_enable)
+
+    @property
+    def ps_stat(self) -> int:
+        if self.reg_stat in (REG_HOME, REG_ROAMING) and not self.ps_attached_wanted:
+            return REG_IDLE
+        return self.reg_stat
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile.name,
+            "imei": self.imei,
+            "iccid": self.iccid,
+            "imsi": self.imsi if self.sim_present else None,
+            "sim_present": self.sim_present,
+            "sim_readable": self.sim_readable,
+            "cfun": self.cfun,
+            "registration": REG_NAMES[self.reg_stat],
+            "register_target": REG_NAMES[self.register_target],
+            "attached": self.ps_stat in (REG_HOME, REG_ROAMING),
+            "signal_dbm": self.signal_dbm,
+            "echo": self.echo,
+            "cmee": self.cmee,
+            "hotswap_active": self.hotswap_active,
+            "hung": self.hung,
+            "faults": [f.kind for f in self.faults],
+            "counters": dict(self.counters),
+            "commands": dict(self.commands),
+            "attaches": list(self.attaches),
+        }
+
+    # ---- timers --------------------------------------------------------------------
+
+    def _schedule(self, delay: float, action: str, payload: bytes = b"") -> _Timer:
+        self._seq += 1
+        timer = _Timer(self.clock() + delay, self._seq, action, payload)
+        self._timers.append(timer)
+        return timer
+
+    def next_due(self) -> float | None:
+        return min((t.due for t in self._timers), default=None)
+
+    def poll(self) -> list[bytes]:
+        """Output whose time has come (call when ``clock() >= next_due()``)."""
+        now = self.clock()
+        due = sorted((t for t in self._timers if t.due <= now), key=lambda t: (t.due, t.seq))
+        out: list[bytes] = []
+        for timer in due:
+            self._timers.remove(timer)
+            if timer in self._held:
+                self._held.remove(timer)
+            if timer.action == "emit":
+                out.append(timer.payload)
+            elif timer.action == "register":
+                out += self._set_registration(self._reachable_stat())
+        return out
+
+    # ---- power -----------------------------------------------------------------------
+
+    def _power_on(self) -> None:
+        self.echo = self.profile.echo_default
+        self.cmee = 0
+        self.cfun = self.profile.boot_cfun
+        self.sim_powered = True
+        self.pin_ok = False
+        self.reg_n = {"+CREG": 0, "+CGREG": 0, "+CEREG": 0}
+        self.reg_stat = REG_IDLE
+        self.ps_attached_wanted = True
+        self.cops_deregistered = False
+        self.ctzu = self.ctzr = 0
+        self.network_time = False
+        self.hotswap_sent = set()
+        self.faults = []
+        self.hung = False
+        self._timers = []
+        self._held = []
+        self.boot_time = self.clock()
+        self._start_registration()
+
+    def boot_output(self) -> list[bytes]:
+        """What the module prints right after power-on."""
+        lines = list(self.profile.boot_lines)
+        if self.sim_ready:
+            lines += self.profile.boot_sim_lines
+        return [_frame(line) for line in lines]
+
+    def reboot(self) -> list[bytes]:
+        self.counters["reboots"] += 1
+        self._power_on()
+        return self.boot_output()
+
+    # ---- registration ---------------------------------------------------------------
+
+    def _reachable_stat(self) -> int:
+        if self.cfun != 1 or not self.sim_ready or self.cops_deregistered:
+            return REG_IDLE
+        return self.register_target
+
+    def _start_registration(self) -> list[bytes]:
+        """Radio on with a usable SIM: search now, settle after register_delay."""
+        self._timers = [t for t in self._timers if t.action != "register"]
+        target = self._reachable_stat()
+        if target == REG_IDLE:
+            return self._set_registration(REG_IDLE)
+        out = self._set_registration(REG_SEARCHING)
+        if target != REG_SEARCHING:
+            self._schedule(self.register_delay, "register")
+        return out
+
+    def _set_registration(self, stat: int) -> list[bytes]:
+        old_cs, old_ps = self.reg_stat, self.ps_stat
+        self.reg_stat = stat
+        out: list[bytes] = []
+        if self.reg_stat != old_cs and self.reg_n["+CREG"]:
+            out.append(_frame(self._reg_line("+CREG", self.reg_stat, solicited=False)))
+        if self.ps_stat != old_ps:
+            for tag in ("+CGREG", "+CEREG"):
+                if self.reg_n[tag]:
+                    out.append(_frame(self._reg_line(tag, self.ps_stat, solicited=False)))
+        if stat in (REG_HOME, REG_ROAMING) and old_cs not in (REG_HOME, REG_ROAMING):
+            out += self._on_registered()
+        return out
+
+    def _on_registered(self) -> list[bytes]:
+        # Operators bind ICCID to IMEI on the first attach: record every attach so a
+        # test can prove a foreign card never reached the network from this IMEI.
+        if self.ps_attached_wanted:
+            self.attaches.append({"iccid": self.iccid, "imei": self.imei, "t": self.clock()})
+        out: list[bytes] = []
+        if self.ctzu:
+            self.network_time = True
+        if self.ctzr == 1:
+            out.append(_frame(f"+CTZV: {self._tz()}"))
+        elif self.ctzr == 2:
+            local = time.gmtime(self.wallclock() + self.tz_quarters * 900)
+            out.append(_frame(f'+CTZE: "{self._tz()}",0,"{time.strftime("%Y/%m/%d,%H:%M:%S", local)}"'))
+        return out
+
+    def _tz(self) -> str:
+        return f"{self.tz_quarters:+03d}"
+
+    def _reg_line(self, tag: str, stat: int, *, solicited: bool) -> str:
+        n = self.reg_n[tag]
+        fields = [str(stat)]
+        if n >= 2 and stat in (REG_HOME, REG_ROAMING):
+            area = '"1A2B"' if tag != "+CEREG" else '"5F3C"'
+            fields += [area, '"0C8A1F02"', "7"]
+        if solicited:
+            fields.insert(0, str(n))
+        return f"{tag}: {','.join(fields)}"
+
+    # ---- control operations (return the URCs they cause) ---------------------------
+
+    def sim_remove(self) -> list[bytes]:
+        was_present = self.sim_present
+        self.iccid = None
+        self.pin_ok = False
+        out: list[bytes] = []
+        if was_present and self.hotswap_active and self.profile.sim_removed_sample:
+            out.append(_frame(self.profile.sim_removed_sample))
+        return out + self._start_registration()
+
+    def sim_insert(self, iccid: str, imsi: str | None = None, pin: str | None = None) -> list[bytes]:
+        iccid = check_iccid(iccid)  # validate before touching the tray: bad input loses nothing
+        imsi = self.imsi if imsi is None else check_imsi(imsi)
+        out = self.sim_remove() if self.sim_present else []
+        self.iccid, self.imsi = iccid, imsi
+        self.pin = pin
+        self.pin_ok = False
+        self.sim_powered = self.cfun != 0
+        if self.hotswap_active and self.profile.sim_inserted_sample:
+            out.append(_frame(self.profile.sim_inserted_sample))
+        return out + self._start_registration()
+
+    def set_values(self, **values: Any) -> list[bytes]:
+        parsers: dict[str, Callable[[Any], Any]] = {
+            "signal": lambda v: None if v in (None, "none", "unknown") else int(v),
+            "imei": lambda v: check_imei(str(v)),
+            "imsi": lambda v: check_imsi(str(v)),
+            "operator": str,
+            "register_delay": float,
+            "pin": lambda v: None if v in (None, "", "none") else str(v),
+        }
+        parsed = {}
+        for key, value in values.items():  # all or nothing: validate every value first
+            if key not in parsers:
+                raise ValueError(f"set: unknown key {key!r} ({', '.join(parsers)})")
+            try:
+                parsed[key] = parsers[key](value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"set {key}: {exc}") from None
+        for key, value in parsed.items():
+            setattr(self, "signal_dbm" if key == "signal" else key, value)
+        if "pin" in parsed:
+            self.pin_ok = False
+        return []
+
+    def register(self, target: str) -> list[bytes]:
+        try:
+            self.register_target = REGISTER_TARGETS[target]
+        except KeyError:
+            raise ValueError(f"register: expected one of {', '.join(REGISTER_TARGETS)}, got {target!r}") from None
+        return self._start_registration()
+
+    def fault(self, kind: str, seconds: float | None = None, count: int = 1) -> list[bytes]:
+        if kind == "clear":
+            self.faults, self.hung = [], False
+            return []
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"fault: expected one of {', '.join(FAULT_KINDS)} or clear, got {kind!r}")
+        if kind == "hang":
+            self.hung = True
+            return []
+        default = {"delay": 1.0, "late-reply": 1.0}.get(kind, 0.0)
+        self.faults.append(Fault(kind, default if seconds is None else float(seconds), int(count)))
+        return []
+
+    # ---- the AT interpreter ----------------------------------------------------------
+
+    def handle_line(self, raw: str) -> list[bytes]:
+        """One command line (without its terminating CR) in, the modem's bytes out."""
+        if self.hung:
+            return []
+        out: list[bytes] = [(raw + "\r").encode("latin-1", "replace")] if self.echo else []
+        line = raw.strip()
+        if not line:
+            return out
+        # A late reply still pending goes out before anything newer (that is the trap).
+        for timer in list(self._held):
+            self._timers.remove(timer)
+            self._held.remove(timer)
+            out.append(timer.payload)
+        reply = self._execute(line)
+        fault = self._take_fault()
+        if fault is None:
+            return out + [reply]
+        if fault.kind == "drop":
+            return out
+        if fault.kind == "error":
+            return out + [_frame("ERROR")]
+        if fault.kind == "garbage":
+            return out + [GARBAGE + reply]
+        timer = self._schedule(fault.seconds, "emit", reply)
+        if fault.kind == "late-reply":
+            self._held.append(timer)
+        return out
+
+    def _take_fault(self) -> Fault | None:
+        if not self.faults:
+            return None
+        fault = self.faults[0]
+        fault.count -= 1
+        if fault.count <= 0:
+            self.faults.pop(0)
+        return fault
+
+    def _execute(self, line: str) -> bytes:
+        if not line[:2].upper() == "AT":
+            return _frame("ERROR")
+        self.counters["commands"] += 1
+        key = _norm(line)
+        self.commands[key] = self.commands.get(key, 0) + 1
+        info: list[str] = []
+        try:
+            for command in _split_commands(line[2:]):
+                info += self._one(command)
+        except CommandError as exc:
+            urcs = b"".join(self._pending_urcs)
+            self._pending_urcs = []
+            return b"".join(_frame(i) for i in info) + _frame(self._error_text(exc.code)) + urcs
+        urcs = b"".join(self._pending_urcs)
+        self._pending_urcs = []
+        return b"".join(_frame(i) for i in info) + _frame("OK") + urcs
+
+    def _error_text(self, code: int | None) -> str:
+        if code is None or self.cmee == 0:
+            return "ERROR"
+        if self.cmee == 1:
+            return f"+CME ERROR: {code}"
+        return f"+CME ERROR: {CME_TEXT.get(code, 'unknown')}"
+
+    def _one(self, command: str) -> list[str]:
+        """Execute one command (text after AT, or after ';'); return information lines."""
+        upper = _upper_outside_quotes(command.strip())
+        full = "AT" + upper
+        if self.profile.is_imei_rewrite(full):
+            # Answer like a module that accepted it, change nothing: tests use the counter
+            # to prove the agent never sends these.
+            self.counters["imei_rewrite_attempts"] += 1
+            return []
+        if _norm(full) in {_norm(c) for c in self.profile.hotswap_enable}:
+            self.hotswap_sent.add(_norm(full))
+            return []
+        if self.profile.iccid_command and _norm(full) == _norm(self.profile.iccid_command):
+            return [f"{self.profile.iccid_tag} {self._read_iccid()}"]
+        if upper == "":
+            return []
+        m = re.fullmatch(r"E([01]?)", upper)
+        if m:
+            self.echo = m.group(1) == "1"
+            return []
+        if re.fullmatch(r"(Z0?|&F0?|&W0?|V1|Q0|&C1|&D[0-2])", upper):
+            return []
+        if upper in ("I", "I0"):
+            p = self.profile
+            return [p.sample_manufacturer, p.sample_model, f"Revision: {p.sample_revision}"]
+        m = re.fullmatch(r"(\+[A-Z]+|[+^#$][A-Z0-9]+)(\?|=\?|=(.*))?", upper)
+        if not m:
+            self.counters["unknown_commands"] += 1
+            raise CommandError(None)
+        name, suffix, arg = m.group(1), m.group(2) or "", m.group(3)
+        handler = self._HANDLERS.get(name)
+        if handler is None:
+            self.counters["unknown_commands"] += 1
+            raise CommandError(None)
+        if suffix == "=?":
+            return []
+        mode = "read" if suffix == "?" else "set" if suffix.startswith("=") else "exec"
+        return handler(self, name, mode, _args(arg) if arg is not None else [])
+
+    # ---- command handlers --------------------------------------------------------
+
+    def _read_iccid(self) -> str:
+        self._need_sim(pin=False)
+        return self.iccid or ""
+
+    def _need_sim(self, *, pin: bool = True) -> None:
+        if not self.sim_readable:
+            raise CommandError(10)
+        if pin and not self.sim_ready:
+            raise CommandError(11)
+
+    def _h_ident(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode != "exec":
+            raise CommandError(4)
+        p = self.profile
+        return [{"+CGMI": p.sample_manufacturer, "+GMI": p.sample_manufacturer, "+CGMM": p.sample_model,
+                 "+GMM": p.sample_model, "+CGMR": p.sample_revision, "+GMR": p.sample_revision}[name]]
+
+    def _h_cgsn(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode == "exec":
+            return [self.imei]
+        if mode == "set" and name == "+CGSN" and args[:1] in (["0"], ["1"]):
+            return [f'+CGSN: "{self.imei}"']
+        raise CommandError(50 if mode == "set" else 4)
+
+    def _h_cimi(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode != "exec":
+            raise CommandError(4)
+        self._need_sim()
+        return [self.imsi]
+
+    def _h_ccid(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode not in ("exec", "read"):
+            raise CommandError(4)
+        return [f"+CCID: {self._read_iccid()}"]
+
+    def _h_crsm(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode != "set" or not args:
+            raise CommandError(50)
+        self._need_sim(pin=False)
+        if args[:2] == ["176", "12258"]:
+            return [f'+CRSM: 144,0,"{ef_iccid_hex(self.iccid or "")}"']
+        return ['+CRSM: 106,130,""']  # 6A82: file not found
+
+    def _h_cpin(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode == "read":
+            self._need_sim(pin=False)
+            return ["+CPIN: READY" if self.sim_ready else "+CPIN: SIM PIN"]
+        if mode == "set" and args:
+            self._need_sim(pin=False)
+            if self.sim_ready:
+                raise CommandError(3)
+            if args[0] != self.pin:
+                raise CommandError(16)
+            self.pin_ok = True
+            self._pending_urcs = [_frame("+CPIN: READY"), *self._start_registration()]
+            return []
+        raise CommandError(50)
+
+    def _h_cmee(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode == "read":
+            return [f"+CMEE: {self.cmee}"]
+        if mode == "set" and args and args[0] in ("0", "1", "2"):
+            self.cmee = int(args[0])
+            return []
+        raise CommandError(50)
+
+    def _h_signal(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode != "exec":
+            raise CommandError(4)
+        known = self.signal_dbm is not None and self.cfun == 1
+        dbm = self.signal_dbm if known else None
+        if name == "+CSQ":
+            rssi = 99 if dbm is None else max(0, min(31, (dbm + 113) // 2))
+            return [f"+CSQ: {rssi},99"]
+        # +CESQ: the set signal is used as LTE RSRP (RSRP = -141 + n), RSRQ -10 dB.
+        if dbm is None:
+            return ["+CESQ: 99,99,255,255,255,255"]
+        rsrp = max(0, min(97, dbm + 141))
+        return [f"+CESQ: 99,99,255,255,20,{rsrp}"]
+
+    def _h_reg(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode == "read":
+            stat = self.reg_stat if name == "+CREG" else self.ps_stat
+            return [self._reg_line(name, stat, solicited=True)]
+        if mode == "set" and args and args[0] in ("0", "1", "2"):
+            self.reg_n[name] = int(args[0])
+            return []
+        raise CommandError(50)
+
+    def _h_cops(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode == "read":
+            if self.reg_stat in (REG_HOME, REG_ROAMING):
+                return [f'+COPS: 0,0,"{self.operator}",7']
+            return ["+COPS: 2" if self.cops_deregistered else "+COPS: 0"]
+        if mode == "set" and args and args[0] in ("0", "2"):
+            self.cops_deregistered = args[0] == "2"
+            self._pending_urcs = self._start_registration()
+            return []
+        raise CommandError(50)
+
+    def _h_cfun(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode == "read":
+            return [f"+CFUN: {self.cfun}"]
+        if mode != "set" or not args or args[0] not in ("0", "1", "4"):
+            raise CommandError(50)
+        if len(args) > 1 and args[1] == "1":  # reset: answer OK, then boot again
+            self._pending_urcs = self.reboot()
+            return []
+        self.cfun = int(args[0])
+        # CFUN=0 powers the card down (a removal, as far as the host can tell); 1 and 4
+        # keep it powered, so ICCID and +CPIN? stay readable at CFUN=4.
+        self.sim_powered = self.cfun != 0
+        if not self.sim_powered:
+            self.pin_ok = False
+        self._pending_urcs = self._start_registration()
+        return []
+
+    def _h_cgatt(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode == "read":
+            return [f"+CGATT: {int(self.ps_stat in (REG_HOME, REG_ROAMING))}"]
+        if mode == "set" and args and args[0] in ("0", "1"):
+            if args[0] == "1" and self.reg_stat not in (REG_HOME, REG_ROAMING):
+                raise CommandError(30)
+            old_ps = self.ps_stat
+            self.ps_attached_wanted = args[0] == "1"
+            urcs = [_frame(self._reg_line(t, self.ps_stat, solicited=False))
+                    for t in ("+CGREG", "+CEREG") if self.reg_n[t] and self.ps_stat != old_ps]
+            if self.ps_attached_wanted and old_ps != self.ps_stat:
+                self.attaches.append({"iccid": self.iccid, "imei": self.imei, "t": self.clock()})
+            self._pending_urcs = urcs
+            return []
+        raise CommandError(50)
+
+    def _h_ctz(self, name: str, mode: str, args: list[str]) -> list[str]:
+        attr = "ctzu" if name == "+CTZU" else "ctzr"
+        top = 1 if name == "+CTZU" else 2
+        if mode == "read":
+            return [f"{name}: {getattr(self, attr)}"]
+        if mode == "set" and args and args[0].isdigit() and int(args[0]) <= top:
+            setattr(self, attr, int(args[0]))
+            return []
+        raise CommandError(50)
+
+    def _h_cclk(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode != "read":
+            raise CommandError(4)
+        if self.network_time:
+            stamp, tz = self.wallclock() + self.tz_quarters * 900, self.tz_quarters
+        else:  # RTC running from the module's epoch since power-on: not a real time
+            stamp, tz = 315964800 + (self.clock() - self.boot_time), 0
+        return [f'+CCLK: "{time.strftime("%y/%m/%d,%H:%M:%S", time.gmtime(stamp))}{tz:+03d}"']
+
+    _HANDLERS: ClassVar[dict[str, Callable[..., list[str]]]] = {
+        **dict.fromkeys(("+CGMI", "+GMI", "+CGMM", "+GMM", "+CGMR", "+GMR"), _h_ident),
+        "+CGSN": _h_cgsn,
+        "+GSN": _h_cgsn,
+        "+CIMI": _h_cimi,
+        "+CCID": _h_ccid,
+        "+CRSM": _h_crsm,
+        "+CPIN": _h_cpin,
+        "+CMEE": _h_cmee,
+        "+CSQ": _h_signal,
+        "+CESQ": _h_signal,
+        "+CREG": _h_reg,
+        "+CGREG": _h_reg,
+        "+CEREG": _h_reg,
+        "+COPS": _h_cops,
+        "+CFUN": _h_cfun,
+        "+CGATT": _h_cgatt,
+        "+CTZU": _h_ctz,
+        "+CTZR": _h_ctz,
+        "+CCLK": _h_cclk,
+    }
+
+
+def _norm(command: str) -> str:
+    """Canonical form for comparing commands: upper case, no blanks."""
+    return re.sub(r"\s+", "", command).upper()
+
+
+def _upper_outside_quotes(text: str) -> str:
+    parts = text.split('"')
+    return '"'.join(p if i % 2 else p.upper() for i, p in enumerate(parts))
+
+
+def _split_commands(body: str) -> list[str]:
+    """'+CMEE=2;+CREG=2' -> ['+CMEE=2', '+CREG=2'] (';' inside quotes kept)."""
+    parts, current, quoted = [], "", False
+    for ch in body:
+        if ch == '"':
+            quoted = not quoted
+        if ch == ";" and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return [p for p in parts if p.strip()] or [""]
+
+
+def _args(text: str) -> list[str]:
+    return [a.strip().strip('"') for a in text.split(",")]
+
+
+# --- line assembly ----------------------------------------------------------------------
+
+MAX_LINE = 4096
+
+
+class LineAssembler:
+    """Bytes from the host -> command lines. CR ends a command (S3); LF is ignored."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[str]:
+        lines = []
+        for byte in data:
+            if byte == 0x0D:
+                lines.append(self._buf.decode("latin-1"))
+                self._buf.clear()
+            elif byte not in (0x0A, 0x00) and len(self._buf) < MAX_LINE:
+                self._buf.append(byte)
+        return lines
+
+
+# --- transcript -----------------------------------------------------------------------
+
+
+class Transcript:
+    """Every line in and out, with monotonic time and direction; optionally a JSON-lines file."""
+
+    def __init__(self, path: str | os.PathLike | None = None, clock: Callable[[], float] = time.monotonic):
+        self.entries: list[dict[str, Any]] = []
+        self._clock = clock
+        self._file = open(path, "a", encoding="utf-8", buffering=1) if path else None
+
+    def add(self, direction: str, text: str) -> None:
+        entry = {"t": round(self._clock(), 6), "dir": direction, "line": text}
+        self.entries.append(entry)
+        if self._file:
+            self._file.write(json.dumps(entry) + "\n")
+
+    def add_output(self, data: bytes) -> None:
+        for line in re.split(r"[\r\n]+", data.decode("latin-1")):
+            if line:
+                self.add("out", line)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+def read_transcript(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --- the I/O shell -----------------------------------------------------------------------
+
+
+class FakeModem:
+    """Serve a FakeModemState on a pty (symlinked at ``link``) from one background thread."""
+
+    def __init__(
+        self,
+        link: str | os.PathLike,
+        state: FakeModemState | None = None,
+        control_path: str | os.PathLike | None = None,
+        transcript_path: str | os.PathLike | None = None,
+    ):
+        self.link = Path(link)
+        self.state = state or FakeModemState()
+        self.control_path = Path(control_path) if control_path else None
+        self.transcript = Transcript(transcript_path)
+        self._sel = selectors.DefaultSelector()
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._assembler = LineAssembler()
+        self._ops: queue.Queue = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()
+        self._listener: socket.socket | None = None
+        self._clients: dict[socket.socket, bytearray] = {}
+        self._thread: threading.Thread | None = None
+        self._running = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> FakeModem:
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        if self.control_path:
+            self._listen()
+        self._plug()
+        self._write(b"".join(self.state.boot_output()))
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name=f"fakemodem:{self.link.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread and self._thread.is_alive():
+            self._running = False
+            os.write(self._wake_w, b"x")
+            self._thread.join(5)
+        self._unplug()
+        if self._listener:
+            self._listener.close()
+            if self.control_path:
+                self.control_path.unlink(missing_ok=True)
+        for client in list(self._clients):
+            client.close()
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.transcript.close()
+
+    def __enter__(self) -> FakeModem:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        assert self._thread
+        self._thread.join()
+
+    # ---- control (thread-safe: runs the operation in the modem thread) -------------
+
+    def control(self, op: str, **args: Any) -> dict[str, Any]:
+        if threading.current_thread() is self._thread:
+            return self._apply(op, args)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._ops.put((op, args, future))
+        os.write(self._wake_w, b"x")
+        return future.result(timeout=10)
+
+    def _apply(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self._dispatch(op, dict(args))
+        except (ValueError, TypeError, KeyError) as exc:
+            self.transcript.add("ctl", f"{op} {json.dumps(args)} -> error: {exc}")
+            return {"ok": False, "error": str(exc)}
+        self.transcript.add("ctl", f"{op} {json.dumps(args)}" if args else op)
+        return {"ok": True, "state": self.snapshot()}
+
+    def _dispatch(self, op: str, args: dict[str, Any]) -> None:
+        s = self.state
+        if op == "state":
+            return
+        if op == "sim-remove":
+            self._write(b"".join(s.sim_remove()))
+        elif op == "sim-insert":
+            self._write(b"".join(s.sim_insert(str(args.pop("iccid")), **args)))
+        elif op == "set":
+            s.set_values(**args)
+        elif op == "register":
+            self._write(b"".join(s.register(str(args["state"]))))
+        elif op == "reboot":
+            self._write(b"".join(s.reboot()))
+        elif op == "fault":
+            s.fault(str(args["kind"]), args.get("seconds"), int(args.get("count", 1)))
+        elif op == "unplug":
+            self._unplug()
+        elif op == "replug":
+            if self._master is None:
+                self._plug()
+                self._write(b"".join(s.reboot()))
+        else:
+            raise ValueError(f"unknown operation {op!r}")
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = self.state.snapshot()
+        snap["plugged"] = self._master is not None
+        snap["port"] = str(self.link)
+        snap["pty"] = os.ttyname(self._slave) if self._slave is not None else None
+        return snap
+
+    # ---- pty -----------------------------------------------------------------------
+
+    def _plug(self) -> None:
+        master, slave = os.openpty()
+        tty.setraw(slave)  # no line discipline: bytes pass unchanged, no echo by the tty
+        os.set_blocking(master, False)
+        self._master, self._slave = master, slave
+        tmp = self.link.with_name(self.link.name + ".new")
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.ttyname(slave), tmp)
+        os.replace(tmp, self.link)
+        self._assembler = LineAssembler()
+        self._sel.register(master, selectors.EVENT_READ, "pty")
+        self.transcript.add("ctl", f"plugged {os.ttyname(slave)}")
+
+    def _unplug(self) -> None:
+        if self._master is None:
+            return
+        self._sel.unregister(self._master)
+        self.link.unlink(missing_ok=True)
+        # Closing the master hangs the line up: readers of the slave get EIO / EOF.
+        os.close(self._master)
+        os.close(self._slave)
+        self._master = self._slave = None
+        self.transcript.add("ctl", "unplugged")
+
+    def _write(self, data: bytes) -> None:
+        if not data or self._master is None:
+            return
+        self.transcript.add_output(data)
+        view = memoryview(data)
+        deadline = time.monotonic() + 2.0
+        while view:
+            try:
+                n = os.write(self._master, view)
+                view = view[n:]
+            except BlockingIOError:  # nobody reads and the pty buffer is full
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
+            except OSError:
+                return
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while self._running:
+            due = self.state.next_due()
+            timeout = None if due is None else max(0.0, due - self.state.clock())
+            for key, _ in self._sel.select(timeout):
+                if key.data == "wake":
+                    os.read(self._wake_r, 4096)
+                elif key.data == "pty":
+                    self._on_pty()
+                elif key.data == "listen":
+                    self._accept()
+                else:
+                    self._on_client(key.fileobj)
+            while not self._ops.empty():
+                op, args, future = self._ops.get()
+                try:
+                    future.set_result(self._apply(op, args))
+                except Exception as exc:  # report to the caller rather than kill the modem
+                    future.set_exception(exc)
+            if self.state.next_due() is not None and self.state.next_due() <= self.state.clock():
+                self._write(b"".join(self.state.poll()))
+
+    def _on_pty(self) -> None:
+        try:
+            data = os.read(self._master, 4096)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: no process has the slave open (we hold it, so rare)
+            return
+        for line in self._assembler.feed(data):
+            self.transcript.add("in", line)
+            self._write(b"".join(self.state.handle_line(line)))
+
+    # ---- control socket --------------------------------------------------------------
+
+    def _listen(self) -> None:
+        assert self.control_path
+        self.control_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.control_path))
+        os.chmod(self.control_path, 0o600)
+        listener.listen(8)
+        listener.setblocking(False)
+        self._listener = listener
+        self._sel.register(listener, selectors.EVENT_READ, "listen")
+
+    def _accept(self) -> None:
+        assert self._listener
+        conn, _ = self._listener.accept()
+        conn.setblocking(False)
+        self._clients[conn] = bytearray()
+        self._sel.register(conn, selectors.EVENT_READ, "client")
+
+    def _on_client(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._sel.unregister(conn)
+            self._clients.pop(conn, None)
+            conn.close()
+            return
+        buf = self._clients[conn]
+        buf += data
+        while b"\n" in buf:
+            raw, _, rest = bytes(buf).partition(b"\n")
+            buf[:] = rest
+            try:
+                request = json.loads(raw)
+                if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                    raise ValueError('expected a JSON object with "op"')
+                args = {k: v for k, v in request.items() if k != "op"}
+                reply = self._apply(request["op"], args)
+            except ValueError as exc:
+                reply = {"ok": False, "error": f"bad request: {exc}"}
+            conn.setblocking(True)
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+            conn.setblocking(False)
+
+
+# --- control client ----------------------------------------------------------------------
+
+
+def control_request(path: str | os.PathLike, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("fake modem closed the control connection")
+            buf += chunk
+    return json.loads(buf)
+
+
+def parse_ctl_words(op: str, words: list[str]) -> dict[str, Any]:
+    """CLI words -> control request. ``fault delay=2`` -> {"op":"fault","kind":"delay","seconds":2}."""
+    request: dict[str, Any] = {"op": op}
+    positional = [w for w in words if "=" not in w]
+    pairs = dict(w.split("=", 1) for w in words if "=" in w)
+    if op == "sim-insert":
+        if len(positional) != 1:
+            raise ValueError("sim-insert needs exactly one ICCID")
+        request["iccid"] = positional[0]
+        request.update(pairs)
+    elif op == "register":
+        if len(positional) != 1:
+            raise ValueError("register needs one of home, roaming, denied, searching")
+        request["state"] = positional[0]
+    elif op == "set":
+        if positional or not pairs:
+            raise ValueError("set takes KEY=VALUE pairs, e.g. signal=-85")
+        request.update(pairs)
+    elif op == "fault":
+        kinds = [k for k in (*positional, *pairs) if k in (*FAULT_KINDS, "clear")]
+        if len(kinds) != 1:
+            raise ValueError(f"fault needs one of {', '.join(FAULT_KINDS)}, clear")
+        request["kind"] = kinds[0]
+        seconds = pairs.get(kinds[0], pairs.get("seconds"))
+        if seconds is not None:
+            request["seconds"] = float(seconds)
+        if "count" in pairs:
+            request["count"] = int(pairs["count"])
+    elif words:
+        raise ValueError(f"{op} takes no arguments")
+    return request
+
+
+CTL_OPS = ("sim-remove", "sim-insert", "set", "register", "reboot", "unplug", "replug", "fault", "state")
+
+
+def _ctl_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="simagent-fakemodem ctl", description="Send one control operation.")
+    parser.add_argument("--control", required=True, help="control socket of a running fake modem")
+    parser.add_argument("op", choices=CTL_OPS)
+    parser.add_argument("words", nargs="*", help="e.g. ICCID, home, signal=-85, delay=2")
+    args = parser.parse_args(argv)
+    try:
+        request = parse_ctl_words(args.op, args.words)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        reply = control_request(args.control, request)
+    except OSError as exc:
+        print(f"simagent-fakemodem ctl: {args.control}: {exc}", file=sys.stderr)
+        return 69
+    print(json.dumps(reply["state"] if reply.get("ok") else reply, indent=2, sort_keys=True))
+    return 0 if reply.get("ok") else 1
+
+
+def _serve_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="simagent-fakemodem",
+        description="Serve a fake cellular modem on a pseudo-terminal. "
+        "'simagent-fakemodem ctl --help' for the control client.",
+    )
+    parser.add_argument("--link", required=True, help="symlink to create for the pty (the 'port')")
+    parser.add_argument("--profile", default="generic", choices=sorted(profiles.PROFILES))
+    parser.add_argument("--imei", default=DEFAULT_IMEI)
+    sim = parser.add_mutually_exclusive_group()
+    sim.add_argument("--iccid", default=DEFAULT_ICCID)
+    sim.add_argument("--no-sim", action="store_true", help="start with the SIM tray empty")
+    parser.add_argument("--imsi", default=DEFAULT_IMSI)
+    parser.add_argument("--pin", help="SIM PIN the card asks for (default: none)")
+    parser.add_argument("--register-delay", type=float, default=0.3, help="seconds from CFUN=1 to registered")
+    parser.add_argument("--control", help="Unix socket for JSON-lines control")
+    parser.add_argument("--transcript", help="append every line in/out as JSON lines")
+    args = parser.parse_args(argv)
+    try:
+        state = FakeModemState(
+            profile=profiles.get(args.profile), imei=args.imei, iccid=None if args.no_sim else args.iccid,
+            imsi=args.imsi, pin=args.pin, register_delay=args.register_delay,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    modem = FakeModem(args.link, state, control_path=args.control, transcript_path=args.transcript)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    modem.start()
+    print(f"READY {modem.link} -> {os.readlink(modem.link)}", flush=True)
+    stop.wait()
+    modem.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ctl"]:
+        return _ctl_main(argv[1:])
+    return _serve_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
