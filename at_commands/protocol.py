@@ -216,6 +216,7 @@ _REGISTRATION_TAGS = ("+CREG:", "+CGREG:", "+CEREG:", "+C5GREG:")
 
 _TAG_RE = re.compile(r"^([+^#$*%][A-Z0-9_]+)")
 _EOL_RE = re.compile(rb"[\r\n]")
+_EOL_SPLIT = re.compile(rb"[\r\n]+")
 _JUNK = bytes(b for b in range(256) if not 0x21 <= b <= 0x7E)
 
 
@@ -388,31 +389,54 @@ class Connection:
         buf = self._buf
         while buf:
             if self._expect_prompt and self.state is State.AWAITING:
-                start = 0
-                while start < len(buf) and buf[start] in b"\r\n\x00":
-                    start += 1
-                if start < len(buf) and buf[start] == ord(">"):
-                    del buf[: start + 1]
-                    self._expect_prompt = False
-                    self._events.append(Prompt())
-                    continue
-            eol = _EOL_RE.search(buf)
-            if eol is None:
-                if len(buf) > self.max_line:
-                    self._overlong += len(buf)
-                    buf.clear()
+                if not self._parse_one_with_prompt():
+                    return
+                continue
+            # Fast path: every complete line in one C-level split.
+            last = max(buf.rfind(b"\r"), buf.rfind(b"\n"))
+            if last < 0:
+                self._bound_partial()
                 return
-            end = eol.start()
-            raw = bytes(buf[:end])
-            del buf[: end + 1]
-            if self._overlong:
-                length = self._overlong + len(raw)
-                self._overlong = 0
-                self._events.append(Discarded("overlong", "", length))
-                continue
-            if len(raw) > self.max_line:
-                self._events.append(Discarded("overlong", "", len(raw)))
-                continue
+            pieces = _EOL_SPLIT.split(bytes(buf[: last + 1]))
+            del buf[: last + 1]
+            for raw in pieces[:-1]:  # the last piece is the empty tail after a terminator
+                self._frame(raw)
+            self._bound_partial()
+            return
+
+    def _parse_one_with_prompt(self) -> bool:
+        """One step while a ``> `` prompt may come: the prompt has no line end."""
+        buf = self._buf
+        start = 0
+        while start < len(buf) and buf[start] in b"\r\n\x00":
+            start += 1
+        if start < len(buf) and buf[start] == ord(">"):
+            del buf[: start + 1]
+            self._expect_prompt = False
+            self._events.append(Prompt())
+            return True
+        eol = _EOL_RE.search(buf)
+        if eol is None:
+            self._bound_partial()
+            return False
+        raw = bytes(buf[: eol.start()])
+        del buf[: eol.start() + 1]
+        self._frame(raw)
+        return True
+
+    def _bound_partial(self) -> None:
+        if len(self._buf) > self.max_line:
+            self._overlong += len(self._buf)
+            self._buf.clear()
+
+    def _frame(self, raw: bytes) -> None:
+        if self._overlong:
+            length = self._overlong + len(raw)
+            self._overlong = 0
+            self._events.append(Discarded("overlong", "", length))
+        elif len(raw) > self.max_line:
+            self._events.append(Discarded("overlong", "", len(raw)))
+        elif raw:
             self._line(raw)
 
     def _line(self, raw: bytes) -> None:
