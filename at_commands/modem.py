@@ -1,0 +1,393 @@
+"""The typed modem API the rest of simagent uses.
+
+``Modem`` combines the AT client, the parsers and a vendor ``Profile``. Vendor knowledge
+comes from the profile data (ICCID command, hot-swap URCs, boot URCs, IMEI-rewrite
+commands); this module does not branch on vendor names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Union
+
+from . import parsers, profiles
+from .client import ATClient, CommandError, CommandTimeout, Response
+from .parsers import Cesq, Csq, ParseError, RegistrationInfo
+from .profiles import Profile
+
+log = logging.getLogger(__name__)
+
+# Commands tried for the ICCID after the profile's own, before +CRSM (command, tag).
+ICCID_FALLBACKS: tuple[tuple[str, str], ...] = (
+    ("AT+QCCID", "+QCCID"), ("AT+CICCID", "+ICCID"), ("AT+ICCID", "+ICCID"),
+    ("AT+CCID", "+CCID"), ("AT^ICCID?", "^ICCID"), ("AT#CCID", "#CCID"), ("AT$MYCCID", "$MYCCID"),
+)
+CRSM_READ_ICCID = "AT+CRSM=176,12258,0,0,10"
+# 27.007 SIM states that end the ICCID search at once (no card, card failure).
+_NO_CARD_CME = (10, 13)
+
+# Generic 27.007 SIM URCs, recognised whatever the profile.
+GENERIC_SIM_INSERTED = (r"^\+CPIN:\s*READY$",)
+GENERIC_SIM_REMOVED = (r"^\+CPIN:\s*NOT (READY|INSERTED)$", r"^\+SIMCARD:\s*NOT AVAILABLE")
+NETWORK_TIME_TAGS = ("+CTZE", "+CTZV", "+CCLK")
+
+
+@dataclass(frozen=True)
+class Identity:
+    vendor: str | None
+    model: str | None
+    revision: str | None
+    imei: str | None
+    imei_luhn_ok: bool | None
+
+
+@dataclass(frozen=True)
+class Registration:
+    state: str  # ModemManager word (parsers.REGISTRATION_STATES) or "unknown"
+    access_tech: str  # gsm, umts, lte, nr5g, unknown
+    lac: int | None
+    cell_id: int | None
+
+
+@dataclass(frozen=True)
+class Signal:
+    dbm: int | None
+    csq: Csq | None
+    cesq: Cesq | None
+
+
+# -- events delivered to subscribers ------------------------------------------------------
+
+@dataclass(frozen=True)
+class SimInserted:
+    line: str
+
+
+@dataclass(frozen=True)
+class SimRemoved:
+    line: str
+
+
+@dataclass(frozen=True)
+class ModemRebooted:
+    line: str
+
+
+@dataclass(frozen=True)
+class RegistrationChanged:
+    line: str
+    registration: RegistrationInfo
+
+
+@dataclass(frozen=True)
+class NetworkTime:
+    line: str
+    time: parsers.NetworkTime
+
+
+ModemEvent = Union[SimInserted, SimRemoved, ModemRebooted, RegistrationChanged, NetworkTime]
+
+
+def _compile(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:
+    return tuple(re.compile(p, re.IGNORECASE) for p in patterns)
+
+
+def _all_profiles(attr: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(p for prof in profiles.PROFILES.values() for p in getattr(prof, attr)))
+
+
+def known_urc_patterns() -> tuple[str, ...]:
+    """Every profile's URC regexes: the protocol core treats matching lines as URCs even
+    mid-command, before the profile is known."""
+    return tuple(dict.fromkeys(_all_profiles("sim_inserted_urcs") + _all_profiles("sim_removed_urcs")
+                               + _all_profiles("boot_urcs")))
+
+
+class Modem:
+    def __init__(self, client: ATClient, profile: Profile | str = "auto", *, command_timeout: float = 5.0):
+        self.client = client
+        self._auto = profile == "auto"
+        self.profile: Profile = profiles.GENERIC if self._auto else (
+            profile if isinstance(profile, Profile) else profiles.get(profile))
+        self.command_timeout = command_timeout
+        self._set_urc_rules()
+
+    @classmethod
+    async def open(cls, port: str, profile: Profile | str = "auto", *, baudrate: int = 115200,
+                   command_timeout: float = 5.0) -> "Modem":
+        if isinstance(profile, str) and profile != "auto":
+            profiles.get(profile)  # unknown names fail before the port is taken
+        client = await ATClient.open(port, baudrate=baudrate, urc_patterns=known_urc_patterns())
+        return cls(client, profile, command_timeout=command_timeout)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- commands -----------------------------------------------------------------------
+
+    async def _cmd(self, command: str, timeout: float | None = None) -> Response:
+        return await self.client.command(command, timeout or self.command_timeout)
+
+    async def _try(self, command: str, timeout: float | None = None) -> Response | None:
+        """A command whose failure (error or timeout) is an answer, not an exception."""
+        try:
+            return await self._cmd(command, timeout)
+        except (CommandError, CommandTimeout) as exc:
+            log.debug("%s failed: %s", command, exc)
+            return None
+
+    async def initialise(self) -> Profile:
+        await self._try("ATE0")
+        await self._try("AT+CMEE=1")
+        if self._auto:
+            self.profile = await self._detect_profile()
+            self._set_urc_rules()
+        for command in ("AT+CREG=2", "AT+CGREG=2", "AT+CEREG=2", "AT+CTZR=2"):
+            await self._try(command)
+        for command in self.profile.hotswap_enable:
+            await self._try(command if command.upper().startswith("AT") else "AT" + command)
+        return self.profile
+
+    async def _detect_profile(self) -> Profile:
+        for command in ("AT+CGMI", "ATI"):
+            response = await self._try(command)
+            if response is None:
+                continue
+            text = "\n".join(response.lines)
+            for candidate in profiles.PROFILES.values():
+                if candidate is not profiles.GENERIC and candidate.matches_vendor(text):
+                    log.info("modem profile %s (from %s: %r)", candidate.name, command, text)
+                    return candidate
+        return profiles.GENERIC
+
+    async def read_identity(self) -> Identity:
+        ati: parsers.AtiInfo | None = None
+
+        async def info(command: str, tag: str, field: str) -> str | None:
+            nonlocal ati
+            response = await self._try(command)
+            if response is not None:
+                try:
+                    return parsers.parse_info_value(response.lines, tag)
+                except ParseError:
+                    pass
+            if ati is None:
+                ati_response = await self._try("ATI")
+                ati = parsers.parse_ati(ati_response.lines if ati_response else [])
+            return getattr(ati, field)
+
+        vendor = await info("AT+CGMI", "+CGMI", "manufacturer")
+        model = await info("AT+CGMM", "+CGMM", "model")
+        revision = await info("AT+CGMR", "+CGMR", "revision")
+        imei = None
+        for command in ("AT+CGSN", "AT+GSN"):
+            response = await self._try(command)
+            if response is None:
+                continue
+            try:
+                imei = parsers.parse_imei(response.lines)
+                break
+            except ParseError as exc:
+                log.warning("%s: %s", command, exc)
+        if imei is not None and not imei.luhn_ok:
+            log.warning("IMEI %s fails the Luhn check", imei.imei)
+        return Identity(vendor, model, revision, imei.imei if imei else None, imei.luhn_ok if imei else None)
+
+    async def read_sim_state(self, *, busy_retries: int = 5, busy_delay: float = 0.3) -> str:
+        for attempt in range(busy_retries + 1):
+            try:
+                response = await self.client.command("AT+CPIN?", self.command_timeout, check=False)
+            except CommandTimeout:
+                return "unknown"
+            final = response.final
+            if final.ok:
+                try:
+                    state = parsers.parse_cpin(response.lines).state
+                except ParseError:
+                    return "unknown"
+            elif final.kind.value == "cme_error":
+                state = parsers.sim_state_from_cme(final.code, final.text)
+            else:
+                return "unknown"
+            if state != "busy":
+                return state
+            if attempt < busy_retries:
+                await asyncio.sleep(busy_delay)
+        return "unknown"
+
+    async def read_iccid(self) -> str | None:
+        candidates: list[tuple[str, str | None]] = []
+        if self.profile.iccid_command:
+            own = self.profile.iccid_command
+            candidates.append((own if own.upper().startswith("AT") else "AT" + own, self.profile.iccid_tag))
+        candidates += [c for c in ICCID_FALLBACKS if c[0] not in {x[0] for x in candidates}]
+        for command, tag in candidates:
+            try:
+                response = await self._cmd(command)
+            except CommandTimeout:
+                continue
+            except CommandError as exc:
+                if exc.cme and exc.cme[0] in _NO_CARD_CME:
+                    return None
+                continue
+            try:
+                return parsers.parse_iccid(response.lines, tag)
+            except ParseError as exc:
+                log.warning("%s: %s", command, exc)
+        response = await self._try(CRSM_READ_ICCID)
+        if response is not None:
+            try:
+                return parsers.parse_crsm_iccid(response.lines)
+            except ParseError as exc:
+                log.warning("%s: %s", CRSM_READ_ICCID, exc)
+        return None
+
+    async def read_imsi(self) -> str | None:
+        response = await self._try("AT+CIMI")
+        if response is None:
+            return None
+        try:
+            return parsers.parse_imsi(response.lines)
+        except ParseError as exc:
+            log.warning("AT+CIMI: %s", exc)
+            return None
+
+    async def read_registration(self) -> Registration:
+        """The best of +C5GREG/+CEREG/+CGREG/+CREG: a registered domain wins, newer
+        radio technologies first."""
+        best: RegistrationInfo | None = None
+        for tag in ("+C5GREG", "+CEREG", "+CGREG", "+CREG"):
+            response = await self._try(f"AT{tag}?")
+            if response is None:
+                continue
+            try:
+                info = parsers.parse_registration_response(response.lines, tag)
+            except ParseError:
+                continue
+            if best is None or (info.registered and not best.registered):
+                best = info
+        if best is None:
+            return Registration("unknown", "unknown", None, None)
+        tech = best.access_tech
+        if tech == "unknown" and best.registered:
+            # A registered EPS/5GS domain says the technology even without <AcT>.
+            tech = {"+CEREG": "lte", "+C5GREG": "nr5g"}.get(best.tag, "unknown")
+        return Registration(best.state, tech, best.lac, best.cell_id)
+
+    async def read_operator(self) -> str | None:
+        response = await self._try("AT+COPS?")
+        if response is None:
+            return None
+        try:
+            return parsers.parse_cops(response.lines).name
+        except ParseError:
+            return None
+
+    async def read_signal(self) -> Signal:
+        csq = cesq = None
+        response = await self._try("AT+CSQ")
+        if response is not None:
+            try:
+                csq = parsers.parse_csq(response.lines)
+            except ParseError:
+                pass
+        response = await self._try("AT+CESQ")
+        if response is not None:
+            try:
+                cesq = parsers.parse_cesq(response.lines)
+            except ParseError:
+                pass
+        dbm = csq.dbm if csq else None
+        if dbm is None and cesq is not None:
+            # LTE-only modules often answer +CSQ: 99,99; RSRP is then the usable figure.
+            dbm = cesq.rssi_dbm if cesq.rssi_dbm is not None else cesq.rsrp_dbm
+        return Signal(dbm, csq, cesq)
+
+    async def get_cfun(self) -> int:
+        return parsers.parse_cfun((await self._cmd("AT+CFUN?")).lines)
+
+    async def set_cfun(self, fun: int) -> None:
+        if fun == 0:
+            # CFUN=0 powers the SIM down on many modules and fakes a removal; gating
+            # uses 4 (RF off, SIM readable).
+            raise ValueError("CFUN=0 is never used: use 4 to switch the radio off")
+        if fun not in (1, 4):
+            raise ValueError(f"unsupported CFUN level {fun} (1 = on, 4 = radio off)")
+        await self._cmd(f"AT+CFUN={fun}", max(self.command_timeout, 15.0))
+
+    async def detach(self) -> None:
+        await self._cmd("AT+CGATT=0", max(self.command_timeout, 15.0))
+
+    def is_imei_rewrite(self, command: str) -> bool:
+        """True for commands that would rewrite the IMEI (refused, whoever asks). Every
+        profile's patterns apply: refusing another dialect's IMEI write costs nothing."""
+        text = command.strip()
+        patterns = tuple(self.profile.imei_rewrite_commands) + _all_profiles("imei_rewrite_commands")
+        return any(re.search(p, text, re.IGNORECASE) for p in patterns)
+
+    # -- URCs -> events -------------------------------------------------------------------
+
+    def _set_urc_rules(self) -> None:
+        generic = self.profile is profiles.GENERIC
+
+        def rules(attr: str) -> tuple[str, ...]:
+            own = tuple(getattr(self.profile, attr))
+            return own + _all_profiles(attr) if generic else own
+
+        self._inserted = _compile(rules("sim_inserted_urcs") + GENERIC_SIM_INSERTED)
+        self._removed = _compile(rules("sim_removed_urcs") + GENERIC_SIM_REMOVED)
+        self._boot = _compile(rules("boot_urcs"))
+
+    def event_for(self, line: str) -> ModemEvent | None:
+        """The typed event a URC line means, or None."""
+        text = line.strip()
+        if any(p.search(text) for p in self._removed):
+            return SimRemoved(text)
+        if any(p.search(text) for p in self._inserted):
+            return SimInserted(text)
+        if any(p.search(text) for p in self._boot):
+            return ModemRebooted(text)
+        upper = text.upper()
+        try:
+            if upper.startswith(parsers.REGISTRATION_TAGS):
+                return RegistrationChanged(text, parsers.parse_registration(text))
+            if upper.startswith(NETWORK_TIME_TAGS):
+                return NetworkTime(text, parsers.parse_network_time(text))
+        except ParseError as exc:
+            log.debug("unparsable URC %r: %s", text, exc)
+        return None
+
+    def subscribe(self, callback: Callable[[ModemEvent], None]) -> Callable[[], None]:
+        def on_urc(line: str) -> None:
+            event = self.event_for(line)
+            if event is not None:
+                callback(event)
+
+        return self.client.subscribe_urcs(on_urc)
+
+    # -- status -----------------------------------------------------------------------------
+
+    async def snapshot(self) -> dict[str, Any]:
+        """What ``simagent status --json`` shows for the modem (SPEC §8 keys)."""
+        identity = await self.read_identity()
+        sim_state = await self.read_sim_state()
+        iccid = await self.read_iccid() if sim_state in ("ready", "locked") else None
+        imsi = await self.read_imsi() if sim_state == "ready" else None
+        registration = await self.read_registration()
+        operator = await self.read_operator()
+        signal = await self.read_signal()
+        try:
+            cfun: int | None = await self.get_cfun()
+        except (CommandError, CommandTimeout, ParseError):
+            cfun = None
+        return {
+            "modem": {"vendor": identity.vendor, "model": identity.model, "revision": identity.revision,
+                      "imei": identity.imei, "imei_luhn_ok": identity.imei_luhn_ok},
+            "sim": {"state": sim_state, "iccid": iccid, "imsi": imsi},
+            "network": {"registration": registration.state, "operator": operator,
+                        "access_tech": registration.access_tech, "signal_dbm": signal.dbm},
+            "radio": {"cfun": cfun},
+        }

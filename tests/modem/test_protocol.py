@@ -1,0 +1,153 @@
+"""The sans-IO core: table-driven cases, every byte split, hypothesis fuzzing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from at_commands.protocol import (NEED_DATA, TRANSITIONS, Connection, Discarded, FinalResult,
+                                  Input, Line, LocalProtocolError, Prompt, ResultKind,
+                                  Resynchronised, State, Urc)
+
+OK = FinalResult(ResultKind.OK, None, "OK")
+
+# (name, command or None, input bytes, expected events)
+CASES = [
+    ("plain", "AT+CSQ", b"\r\n+CSQ: 20,99\r\n\r\nOK\r\n", [Line("+CSQ: 20,99"), OK]),
+    ("echo", "AT+CSQ", b"AT+CSQ\r\r\n+CSQ: 20,99\r\n\r\nOK\r\n", [Line("+CSQ: 20,99"), OK]),
+    ("echo lower-case", "at+csq", b"at+csq\r\r\n+CSQ: 1,0\r\nOK\r\n", [Line("+CSQ: 1,0"), OK]),
+    ("crcrlf", "ATI", b"\r\r\nQuectel\r\r\nEC25\r\r\n\r\r\nOK\r\r\n", [Line("Quectel"), Line("EC25"), OK]),
+    ("bare lf", "ATI", b"\nQuectel\nOK\n", [Line("Quectel"), OK]),
+    ("leading nuls and junk", "AT", b"\x00\x00\xff\xfe\x01\r\n\x00OK\r\n", [OK]),
+    ("junk-only line", "AT", b"\r\n\xff\xfe\x00\r\nOK\r\n", [OK]),
+    ("error", "AT+FOO", b"\r\nERROR\r\n", [FinalResult(ResultKind.ERROR, None, "ERROR")]),
+    ("cme numeric", "AT+CPIN?", b"\r\n+CME ERROR: 10\r\n", [FinalResult(ResultKind.CME_ERROR, 10, "10")]),
+    ("cme text", "AT+CPIN?", b"\r\n+CME ERROR: SIM not inserted\r\n",
+     [FinalResult(ResultKind.CME_ERROR, None, "SIM not inserted")]),
+    ("cms", "AT+CMGS=1", b"\r\n+CMS ERROR: 500\r\n", [FinalResult(ResultKind.CMS_ERROR, 500, "500")]),
+    ("not supported", "AT+X", b"\r\nCOMMAND NOT SUPPORT\r\n",
+     [FinalResult(ResultKind.NOT_SUPPORTED, None, "COMMAND NOT SUPPORT")]),
+    ("no carrier", "ATD123;", b"\r\nNO CARRIER\r\n", [FinalResult(ResultKind.NO_CARRIER, None, "NO CARRIER")]),
+    ("urc before, inside, after", "AT+CSQ",
+     b"\r\nRING\r\n\r\n+CSQ: 20,99\r\n+CREG: 1\r\n\r\nOK\r\n\r\n+QIND: SMS DONE\r\n",
+     [Urc("RING"), Line("+CSQ: 20,99"), Urc("+CREG: 1"), OK, Urc("+QIND: SMS DONE")]),
+    ("solicited creg is a line", "AT+CREG?", b"\r\n+CREG: 2,1,\"8BE3\",\"2B5D\"\r\n\r\nOK\r\n",
+     [Line('+CREG: 2,1,"8BE3","2B5D"'), OK]),
+    ("unsolicited creg during creg?", "AT+CREG?",
+     b"\r\n+CREG: 1,\"8BE3\",\"2B5D\"\r\n+CREG: 2,1\r\nOK\r\n",
+     [Urc('+CREG: 1,"8BE3","2B5D"'), Line("+CREG: 2,1"), OK]),
+    ("cpin answer vs cpin urc", "AT+CPIN?", b"\r\n+CPIN: READY\r\nOK\r\n", [Line("+CPIN: READY"), OK]),
+    ("cpin urc during another command", "AT+CSQ", b"\r\n+CPIN: NOT READY\r\n+CSQ: 1,1\r\nOK\r\n",
+     [Urc("+CPIN: NOT READY"), Line("+CSQ: 1,1"), OK]),
+    ("idle lines are urcs", None, b"\r\nRDY\r\n\r\n+CFUN: 1\r\nhello\r\n",
+     [Urc("RDY"), Urc("+CFUN: 1"), Urc("hello")]),
+    ("stray final while idle", None, b"\r\nOK\r\n", [Discarded("stray", "OK")]),
+    ("overlong line dropped", "AT+X", b"\r\n" + b"A" * 5000 + b"\r\nOK\r\n", [Discarded("overlong", "", 5000), OK]),
+    ("profile urc regex", "AT+CSQ", b"\r\n+ACME: SIM OUT\r\n+CSQ: 3,3\r\nOK\r\n",
+     [Urc("+ACME: SIM OUT"), Line("+CSQ: 3,3"), OK]),
+]
+
+
+def feed_all(conn: Connection, chunks) -> list:
+    events = []
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        while (event := conn.next_event()) is not NEED_DATA:
+            events.append(event)
+        assert conn.buffered <= conn.max_line
+    return events
+
+
+def fresh(command: str | None) -> Connection:
+    conn = Connection(urc_patterns=[r"^\+ACME: SIM"])
+    if command:
+        conn.send_command(command)
+    return conn
+
+
+@pytest.mark.parametrize("name,command,data,expected", CASES, ids=[c[0] for c in CASES])
+def test_case(name, command, data, expected):
+    assert feed_all(fresh(command), [data]) == expected
+
+
+@pytest.mark.parametrize("name,command,data,expected", CASES, ids=[c[0] for c in CASES])
+def test_every_split_gives_the_same_events(name, command, data, expected):
+    for i in range(len(data) + 1):
+        assert feed_all(fresh(command), [data[:i], data[i:]]) == expected, f"split at {i}"
+    assert feed_all(fresh(command), [data[i:i + 1] for i in range(len(data))]) == expected
+
+
+def test_transition_table_is_complete():
+    assert set(TRANSITIONS) == {(s, i) for s in State for i in Input}
+
+
+def test_one_command_at_a_time():
+    conn = fresh("AT")
+    with pytest.raises(LocalProtocolError):
+        conn.send_command("AT+CSQ")
+    with pytest.raises(ValueError):
+        Connection().send_command("AT\r+CFUN=0")
+
+
+def test_timeout_then_late_reply_then_probe():
+    conn = fresh("AT+CPIN?")
+    conn.command_timed_out()
+    with pytest.raises(LocalProtocolError):
+        conn.send_command("AT+CSQ")  # must resynchronise first
+    # Late reply (a +CPIN: line looks like a URC but answers the timed-out command),
+    # a real URC, then the probe and its answer.
+    events = feed_all(conn, [b"\r\n+CPIN: READY\r\n\r\nOK\r\n\r\nRING\r\n"])
+    assert events == [Discarded("stale", "+CPIN: READY"), Discarded("stale", "OK"), Urc("RING")]
+    assert conn.send_probe() == b"ATS3?\r"
+    # The late reply may also arrive after the probe went out.
+    events = feed_all(conn, [b"\r\n+CPIN: READY\r\nOK\r\nATS3?\r\r\n013\r\n\r\nOK\r\n"])
+    assert events[-1] == Resynchronised()
+    assert all(isinstance(e, Discarded) for e in events[:-1])
+    assert conn.state is State.IDLE
+    conn.send_command("AT+CSQ")
+    assert feed_all(conn, [b"\r\n+CSQ: 9,9\r\nOK\r\n"]) == [Line("+CSQ: 9,9"), OK]
+
+
+def test_probe_timeout_and_abandon():
+    conn = fresh("AT+X")
+    conn.command_timed_out()
+    conn.send_probe()
+    conn.command_timed_out()
+    conn.send_probe()
+    conn.receive_data(b"\r\npartial")
+    conn.abandon_resync()
+    assert conn.state is State.IDLE and conn.buffered == 0
+
+
+def test_prompt_and_payload():
+    conn = Connection()
+    conn.send_command('AT+CMGS="123"', expect_prompt=True)
+    assert feed_all(conn, [b"\r\n> "]) == [Prompt()]
+    assert conn.send_payload(b"hi") == b"hi\x1a"
+    assert feed_all(conn, [b"\r\n+CMGS: 4\r\n\r\nOK\r\n"]) == [Line("+CMGS: 4"), OK]
+
+
+junk = st.binary(max_size=64)
+tokens = st.sampled_from([b"OK\r\n", b"ERROR\r\n", b"+CME ERROR: 14\r\n", b"+CSQ: 1,2\r\n", b"RING\r\n",
+                          b"+CREG: 1,\"00A\",\"1\"\r\n", b"\x00", b"\xff", b"\r", b"\n", b"> ",
+                          b"013\r\n", b"Z" * 300])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(junk, tokens), max_size=40), st.integers(1, 64), st.booleans())
+def test_fuzz_no_exception_and_bounded_buffer(parts, chunk, timed_out):
+    conn = Connection(max_line=256)
+    conn.send_command("AT+CSQ", expect_prompt=True)
+    if timed_out:
+        conn.command_timed_out()
+        conn.send_probe()
+    data = b"".join(parts)
+    events = feed_all(conn, [data[i:i + chunk] for i in range(0, len(data), chunk)])
+    assert len(events) <= data.count(b"\r") + data.count(b"\n") + data.count(b">") + 1
+    # The same bytes in one piece give the same events.
+    conn2 = Connection(max_line=256)
+    conn2.send_command("AT+CSQ", expect_prompt=True)
+    if timed_out:
+        conn2.command_timed_out()
+        conn2.send_probe()
+    assert feed_all(conn2, [data]) == events
