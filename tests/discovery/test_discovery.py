@@ -59,7 +59,7 @@ def test_real_profiles(probe, tmp_path: Path) -> None:
         ifaces = sorted(discovery.layout_roles(layout))
         ttys = [(n, f"ttyUSB{10 * i + j}") for j, n in enumerate(ifaces)]
         device = tmp_path / f"{i}.umockdev"
-        device.write_text(usb_modem_umockdev(f"1-{i + 2}", layout.vid, layout.pid, ttys))
+        device.write_text(usb_modem_umockdev(f"1-{i + 10}", layout.vid, layout.pid, ttys))
         devices.append(device)
         owned = dict(ttys)[discovery.owned_interface(layout, "secondary")]
         expected[f"/dev/{owned}"] = (layout.vid, layout.pid)

@@ -60,9 +60,13 @@ def test_contents(deb, extracted) -> None:
     assert (extracted / "lib/systemd/system/simagent.service").read_text() == (ROOT / "systemd/simagent.service").read_text()
     assert (extracted / "opt/simagent/bin/simagent").read_text().startswith("#!/opt/simagent/bin/python\n")
     assert (extracted / "opt/simagent/bin/python3").readlink() == Path("/usr/bin/python3")
-    # no build-machine path leaked into the venv (shebangs, activate, RECORD, pyc)
-    leaked = subprocess.run(["grep", "-rl", "--binary-files=text", "/tmp/", str(extracted / "opt")], capture_output=True, text=True).stdout
-    assert leaked == ""
+    # no build-machine path (the mktemp staging dir, the checkout) leaked into the venv
+    # (shebangs, activate, RECORD, pyc)
+    leaked = subprocess.run(
+        ["grep", "-rlE", "--binary-files=text", f"/tmp/tmp\\.|{ROOT}", str(extracted / "opt")],
+        capture_output=True, text=True,
+    ).stdout
+    assert leaked == "", leaked
 
 
 def test_packaged_venv_runs_on_debian_python(extracted) -> None:
