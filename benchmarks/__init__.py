@@ -1,0 +1,1 @@
+"""Performance suite (SPEC §11): `python -m benchmarks --json [--only NAME]`."""
