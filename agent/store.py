@@ -33,6 +33,9 @@ DB_NAME = "state.db"
 # means state was lost, not that this is a first start.
 INITIALISED_MARKER = ".initialised"
 GENESIS_HASH = "0" * 64
+# Meta key: the latest wall time (epoch seconds) seen on a trusted stamp; never goes back.
+# Token expiry is judged against it while the clock is untrusted (e.g. 1970 after a cold boot).
+TIME_FLOOR_KEY = "trusted_time_floor"
 EVENT_SCHEMA = "simagent/event/1"
 TELEMETRY_SCHEMA = "simagent/telemetry/1"
 
@@ -64,8 +67,22 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 def canonical_json(value: Any) -> bytes:
-    """The byte form that evidence hashes and signatures cover."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The byte form that evidence hashes and signatures cover: RFC 8785 (JCS) for the
+    values the agent writes (ASCII keys sorted, no whitespace, UTF-8). Integral floats are
+    written as integers, as ECMAScript prints them, so verifiers in other languages
+    reproduce the same bytes."""
+    return json.dumps(_jcs_numbers(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _jcs_numbers(value: Any) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return {key: _jcs_numbers(item) for key, item in value.items()}
+    if kind is float:
+        return int(value) if value.is_integer() else value
+    if kind is list or kind is tuple:
+        return [_jcs_numbers(item) for item in value]
+    return value
 
 
 def entry_hash(entry: dict) -> str:
@@ -116,6 +133,24 @@ class Transaction:
             (key, json.dumps(value)),
         )
 
+    def now(self) -> Stamp:
+        """A stamp from the store's clock; a trusted one raises the time floor."""
+        stamp = self._store.clock.now()
+        self.raise_time_floor(stamp)
+        return stamp
+
+    def time_floor(self) -> float | None:
+        return self.get_meta(TIME_FLOOR_KEY)
+
+    def raise_time_floor(self, stamp: Stamp) -> None:
+        """Remembers a trusted wall time; an earlier one never lowers the floor."""
+        if stamp.trusted:
+            self._conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+                " WHERE CAST(meta.value AS REAL) < CAST(excluded.value AS REAL)",
+                (TIME_FLOOR_KEY, json.dumps(stamp.wall)),
+            )
+
     # -- bindings ----------------------------------------------------------------
     def bindings(self) -> list[Binding]:
         return [Binding(*row) for row in self._conn.execute("SELECT iccid, imei, since, source FROM bindings ORDER BY since")]
@@ -144,7 +179,7 @@ class Transaction:
     # -- evidence and events -----------------------------------------------------
     def record(self, type_: str, data: dict, *, event: bool = True, evidence: bool = True) -> Stamp:
         """Appends an evidence entry and/or queues an event, stamped now."""
-        stamp = self._store.clock.now()
+        stamp = self.now()
         if evidence:
             self.append_evidence(type_, data, stamp)
         if event:
@@ -164,9 +199,10 @@ class Transaction:
             "mono": round(stamp.mono, 6),
             "boot_id": stamp.boot_id,
         }
+        text = canonical_json(entry)
         self._conn.execute(
             "INSERT INTO evidence (seq, entry, hash) VALUES (?, ?, ?)",
-            (seq, canonical_json(entry).decode(), entry_hash(entry)),
+            (seq, text.decode(), hashlib.sha256(text).hexdigest()),  # = entry_hash(entry)
         )
         return entry
 

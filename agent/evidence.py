@@ -1,0 +1,248 @@
+"""Evidence bundles: the hash-chained evidence log, exported and signed with the device
+key, and checked by anyone with the device's public key (SPEC §5, clause 5.12).
+
+Bundle (JSON object, schema "simagent/evidence-bundle/1"):
+    schema, device_id, device_pubkey (base64 of the raw 32-byte Ed25519 key),
+    exported_at (ISO-8601 UTC), exported_at_trusted (bool),
+    first_seq (seq of entries[0]; entries[i].seq == first_seq + i),
+    entries (the evidence entries, objects), hashes (hex SHA-256 of each entry),
+    head (hash of the last entry; with no entries, the prev of what would come next),
+    signature (base64 Ed25519 signature over canonical JSON of the bundle without it).
+Canonical JSON: RFC 8785 (JCS) - keys sorted, no whitespace, UTF-8, integers plain.
+An entry's hash is SHA-256 of its canonical JSON; entry["prev"] is the previous entry's
+hash, "0" * 64 for seq 1.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.store import GENESIS_HASH, Store, canonical_json, entry_hash
+
+BUNDLE_SCHEMA = "simagent/evidence-bundle/1"
+DEVICE_KEY_NAME = "device_key.pem"
+
+
+class EvidenceError(Exception):
+    pass
+
+
+# -- keys ---------------------------------------------------------------------------
+
+
+def load_or_create_device_key(state_dir: str | os.PathLike) -> Ed25519PrivateKey:
+    """The device's signing key, created on first start (0600). Two processes starting
+    together get the same key: the new key is written to a private temporary file and
+    linked into place, which fails when another process got there first."""
+    state_dir = Path(state_dir)
+    path = state_dir / DEVICE_KEY_NAME
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        temporary = state_dir / f".{DEVICE_KEY_NAME}.{os.getpid()}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(pem)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass
+        finally:
+            temporary.unlink(missing_ok=True)
+        _fsync_dir(state_dir)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except ValueError as exc:
+        raise EvidenceError(f"{path}: not a usable private key ({exc}); move it aside to create a new one") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise EvidenceError(f"{path}: not an Ed25519 key")
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+    return key
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raw_public_key(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def public_key_b64(key: Ed25519PublicKey) -> str:
+    return base64.b64encode(raw_public_key(key)).decode()
+
+
+def device_public_key_b64(key: Ed25519PrivateKey) -> str:
+    """The device public key as published in the state document."""
+    return public_key_b64(key.public_key())
+
+
+def parse_public_key(text: str) -> Ed25519PublicKey:
+    """An Ed25519 public key given as PEM (SubjectPublicKeyInfo) or as base64 of the raw
+    32 bytes."""
+    text = text.strip()
+    if text.startswith("-----BEGIN"):
+        try:
+            key = serialization.load_pem_public_key(text.encode())
+        except ValueError as exc:
+            raise ValueError(f"not a PEM public key: {exc}") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError("PEM key is not Ed25519")
+        return key
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ValueError("neither PEM nor base64") from exc
+    if len(raw) != 32:
+        raise ValueError(f"base64 key is {len(raw)} bytes, an Ed25519 public key is 32")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+# -- export -------------------------------------------------------------------------
+
+
+def parse_since(text: str) -> int | dt.datetime:
+    """`--since`: a decimal number is an entry seq (that entry and all later ones); anything
+    else must be an ISO-8601 time (naive means UTC)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since: expected an entry number or an ISO-8601 time, got {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def export_bundle(store: Store, key: Ed25519PrivateKey, since: int | dt.datetime | None = None,
+                  device_id: str | None = None) -> dict:
+    """A signed bundle of the evidence from `since` on: a seq (inclusive), or a time - then
+    the bundle starts at the first entry stamped at or after it and includes everything
+    later, so entries stamped by a wrong (untrusted) clock inside the range are kept and
+    the chain stays contiguous."""
+    rows = store.evidence_entries(since - 1 if isinstance(since, int) and since > 0 else 0)
+    if isinstance(since, dt.datetime):
+        start = next((i for i, (entry, _) in enumerate(rows) if _parse_wall(entry["wall"]) >= since), len(rows))
+        rows = rows[start:]
+    if rows:
+        first_seq, head = rows[0][0]["seq"], rows[-1][1]
+    else:  # nothing to export: anchor on the newest entry, if any
+        newest = store.evidence_entries(0)[-1:]
+        first_seq, head = (newest[0][0]["seq"] + 1, newest[0][1]) if newest else (1, GENESIS_HASH)
+    stamp = store.clock.now()
+    bundle: dict[str, Any] = {
+        "schema": BUNDLE_SCHEMA,
+        "device_id": device_id,
+        "device_pubkey": device_public_key_b64(key),
+        "exported_at": stamp.iso(),
+        "exported_at_trusted": stamp.trusted,
+        "first_seq": first_seq,
+        "entries": [entry for entry, _ in rows],
+        "hashes": [digest for _, digest in rows],
+        "head": head,
+    }
+    bundle["signature"] = base64.b64encode(key.sign(canonical_json(bundle))).decode()
+    return bundle
+
+
+def _parse_wall(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+# -- verification -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    first_bad_seq: int | None = None  # the entry that breaks, when one does
+    reason: str = ""
+    entries: int = 0
+    key_source: str = ""  # "given" or "bundle": which key the signature was checked with
+
+    def describe(self) -> str:
+        if self.ok:
+            trust = "" if self.key_source == "given" else " (checked with the key inside the bundle; pass --pubkey to check it is this device's)"
+            return f"OK: {self.entries} entries, chain intact, signature valid{trust}"
+        where = f" at entry {self.first_bad_seq}" if self.first_bad_seq is not None else ""
+        return f"BROKEN{where}: {self.reason}"
+
+
+def verify_bundle(bundle: Any, pubkey: Ed25519PublicKey | str | None = None) -> VerifyResult:
+    """Checks every entry's hash, the prev links, seq continuity, the head and the
+    signature; names the first entry that breaks."""
+    shape = _shape_problem(bundle)
+    if shape:
+        return VerifyResult(False, None, f"malformed bundle: {shape}")
+    entries, hashes = bundle["entries"], bundle["hashes"]
+    chain = _chain_problem(bundle["first_seq"], entries, hashes, bundle["head"])
+    if chain:
+        return VerifyResult(False, chain[0], chain[1], len(entries))
+    key_source = "given" if pubkey is not None else "bundle"
+    try:
+        key = pubkey if isinstance(pubkey, Ed25519PublicKey) else parse_public_key(pubkey or bundle["device_pubkey"])
+    except ValueError as exc:
+        return VerifyResult(False, None, f"{key_source} public key unusable: {exc}", len(entries))
+    try:
+        signature = base64.b64decode(bundle["signature"], validate=True)
+        unsigned = {k: v for k, v in bundle.items() if k != "signature"}
+        key.verify(signature, canonical_json(unsigned))
+    except (binascii.Error, InvalidSignature):
+        return VerifyResult(False, None, f"signature does not verify with the {key_source} key", len(entries), key_source)
+    return VerifyResult(True, None, "", len(entries), key_source)
+
+
+def _shape_problem(bundle: Any) -> str | None:
+    if not isinstance(bundle, dict):
+        return "not a JSON object"
+    if bundle.get("schema") != BUNDLE_SCHEMA:
+        return f"schema is {bundle.get('schema')!r}, expected {BUNDLE_SCHEMA!r}"
+    expected = {"first_seq": int, "entries": list, "hashes": list, "head": str, "signature": str, "device_pubkey": str}
+    for name, kind in expected.items():
+        if not isinstance(bundle.get(name), kind) or isinstance(bundle.get(name), bool):
+            return f"{name} missing or not a {kind.__name__}"
+    if bundle["first_seq"] < 1:
+        return "first_seq must be >= 1"
+    if len(bundle["entries"]) != len(bundle["hashes"]):
+        return f"{len(bundle['entries'])} entries but {len(bundle['hashes'])} hashes"
+    return None
+
+
+def _chain_problem(first_seq: int, entries: list, hashes: list, head: str) -> tuple[int | None, str] | None:
+    previous_hash = GENESIS_HASH if first_seq == 1 else None  # a partial export anchors on its first prev
+    for position, (entry, digest) in enumerate(zip(entries, hashes)):
+        expected_seq = first_seq + position
+        if not isinstance(entry, dict) or entry.get("seq") != expected_seq:
+            found = entry.get("seq") if isinstance(entry, dict) else None
+            return expected_seq, f"entry {expected_seq} missing or out of order (found seq {found} in its place)"
+        if entry_hash(entry) != digest:
+            return expected_seq, f"entry {expected_seq} does not match its recorded hash (content altered)"
+        if previous_hash is not None and entry.get("prev") != previous_hash:
+            if position == 0:
+                return expected_seq, f"entry {expected_seq} is the first entry but its prev is not the genesis hash"
+            return expected_seq - 1, (
+                f"entry {expected_seq - 1} does not match the hash entry {expected_seq} links to (entry {expected_seq - 1} altered)"
+            )
+        previous_hash = digest
+    if entries and head != hashes[-1]:
+        return first_seq + len(entries) - 1, "head does not match the hash of the last entry"
+    return None

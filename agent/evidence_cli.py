@@ -1,0 +1,89 @@
+"""`simagent evidence export [--since T] [--out FILE]` and
+`simagent evidence verify FILE [--pubkey K]` (SPEC §5, §8)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from agent import exitcodes
+from agent.bind_cli import CliSettings, with_settings, add_state_dir_argument
+from agent.binding import LAST_IMEI_KEY
+from agent.evidence import EvidenceError, export_bundle, load_or_create_device_key, parse_public_key, parse_since, verify_bundle
+from agent.store import Store
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    evidence = subparsers.add_parser("evidence", help="export or verify the signed evidence log")
+    actions = evidence.add_subparsers(dest="evidence_command", metavar="ACTION", required=True, parser_class=type(evidence))
+
+    export = actions.add_parser("export", help="write a signed JSON bundle of the evidence log")
+    export.add_argument("--since", metavar="T", help="an entry number (that entry on) or an ISO-8601 time (the first entry stamped at or after it, and everything later)")
+    export.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+    add_state_dir_argument(export)
+    export.set_defaults(func=with_settings(export_command))
+
+    verify = actions.add_parser("verify", help="check a bundle's chain and signature (exit 1 names the broken entry)")
+    verify.add_argument("file", metavar="FILE")
+    verify.add_argument("--pubkey", metavar="K", help="the device public key: base64 raw, PEM, or a file holding either (default: the key inside the bundle)")
+    verify.set_defaults(func=verify_command)
+
+
+def export_command(args: argparse.Namespace, settings: CliSettings) -> int:
+    try:
+        since = parse_since(args.since) if args.since is not None else None
+    except ValueError as exc:
+        print(f"simagent: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
+    try:
+        key = load_or_create_device_key(settings.state_dir)
+    except EvidenceError as exc:
+        print(f"simagent: {exc}", file=sys.stderr)
+        return exitcodes.CHECK_FAILED
+    store = Store.open(settings.state_dir)
+    try:
+        device_id = settings.device_id or store.read().get_meta(LAST_IMEI_KEY)
+        bundle = export_bundle(store, key, since, device_id)
+    finally:
+        store.close()
+    text = json.dumps(bundle, indent=1, ensure_ascii=False) + "\n"
+    if args.out:
+        _write_atomically(Path(args.out), text.encode())
+        print(f"wrote {len(bundle['entries'])} entries to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return exitcodes.OK
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    try:
+        bundle = json.loads(Path(args.file).read_bytes())
+    except OSError as exc:
+        print(f"simagent: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return exitcodes.USAGE
+    except ValueError as exc:
+        print(f"BROKEN: {args.file} is not JSON ({exc})")
+        return exitcodes.CHECK_FAILED
+    pubkey = None
+    if args.pubkey is not None:
+        text = Path(args.pubkey).read_text() if os.path.isfile(args.pubkey) else args.pubkey
+        try:
+            pubkey = parse_public_key(text)
+        except ValueError as exc:
+            print(f"simagent: --pubkey: {exc}", file=sys.stderr)
+            return exitcodes.USAGE
+    result = verify_bundle(bundle, pubkey)
+    print(result.describe())
+    return exitcodes.OK if result.ok else exitcodes.CHECK_FAILED

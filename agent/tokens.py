@@ -1,0 +1,239 @@
+"""Re-binding and unbinding tokens (SPEC §4): a JWT signed with EdDSA (Ed25519) by one
+of `[binding] trusted_keys`.
+
+Claims: `sub` (the terminal's IMEI), `iccid`, `act` ("rebind" | "unbind"), `exp`, `jti`;
+optional `iat`, `reason`. The header may name the key with `kid` = `key_id(key)` (first 16
+hex digits of SHA-256 over the raw 32-byte public key); a token naming a key that is not
+trusted is refused as `untrusted_key`, one without `kid` is tried against every key.
+
+Expiry uses the trusted time floor kept in the store (the latest trusted wall time ever
+seen), so a device whose clock fell back to 1970 cannot be fooled into taking an old token:
+`exp` must be after the floor, and after now when the clock is trusted. With an untrusted
+clock a token whose `exp` is after the floor is accepted and the evidence says
+`time_trusted: false`.
+
+Each `jti` is accepted once (persisted). A refused token changes nothing but the
+`token_refused` evidence entry and event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.binding import LAST_DECISION_KEY
+from agent.clock import Stamp, format_utc
+from agent.evidence import parse_public_key, raw_public_key
+from agent.store import Binding, Store, Transaction
+
+ALGORITHM = "EdDSA"
+ACTIONS = ("rebind", "unbind")
+REFUSAL_CODES = ("bad_signature", "expired", "replayed", "wrong_device", "malformed", "untrusted_key", "bad_claims")
+PROVISION_DIGEST_KEY = "provision_file_sha256"  # meta: the provision file content last processed
+MAX_TOKEN_LENGTH = 8192
+_DIGITS = re.compile(r"[0-9]{6,22}")  # IMEI (15), IMEISV (16), ICCID (18-20, 22 with check digits)
+
+
+class TokenError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    key: Ed25519PublicKey
+    id: str
+
+
+@dataclass(frozen=True)
+class Claims:
+    sub: str
+    iccid: str
+    act: str
+    exp: float
+    jti: str
+    iat: float | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class TokenResult:
+    accepted: bool
+    code: str | None = None  # the refusal code
+    message: str = ""
+    claims: Claims | None = None
+    time_trusted: bool | None = None
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    return hashlib.sha256(raw_public_key(key)).hexdigest()[:16]
+
+
+def load_trusted_keys(entries: Iterable[str]) -> list[TrustedKey]:
+    """`[binding] trusted_keys`: each a PEM public key or base64 of the raw 32 bytes."""
+    keys = []
+    for index, text in enumerate(entries):
+        try:
+            key = parse_public_key(text)
+        except ValueError as exc:
+            raise ValueError(f"trusted_keys[{index}]: {exc}") from None
+        keys.append(TrustedKey(key, key_id(key)))
+    return keys
+
+
+def verify_token(token: str, keys: list[TrustedKey], device_imei: str | None, now: Stamp,
+                 time_floor: float | None) -> Claims:
+    """Checks everything but replay (that needs the store). Raises TokenError."""
+    token = token.strip()
+    if not token or len(token) > MAX_TOKEN_LENGTH:
+        raise TokenError("malformed", "empty or oversized token")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError as exc:
+        raise TokenError("malformed", f"not a JWT ({exc})") from None
+    if header.get("alg") != ALGORITHM:
+        # Never let the token pick its algorithm ("none", or HS256 keyed with a public key).
+        raise TokenError("bad_signature", f"alg {header.get('alg')!r} is not allowed, only {ALGORITHM}")
+    kid = header.get("kid")
+    candidates = [k for k in keys if kid is None or k.id == kid]
+    if not candidates:
+        raise TokenError("untrusted_key", "no trusted key configured" if not keys else f"key {kid!r} is not trusted")
+    payload = _verified_payload(token, candidates)
+    claims = _claims(payload)
+    if device_imei is None:
+        raise TokenError("wrong_device", "this terminal's IMEI is not known yet")
+    if claims.sub != device_imei:
+        raise TokenError("wrong_device", f"token is for IMEI {claims.sub}, this terminal is {device_imei}")
+    floor = max(filter(None, (time_floor, now.wall if now.trusted else None)), default=None)
+    if floor is not None and claims.exp <= floor:
+        raise TokenError("expired", f"expired at {format_utc(claims.exp)}, {'now' if now.trusted else 'trusted time floor'} is {format_utc(floor)}")
+    return claims
+
+
+def _verified_payload(token: str, candidates: list[TrustedKey]) -> Any:
+    options = {"verify_exp": False, "verify_iat": False, "verify_nbf": False, "verify_aud": False, "verify_iss": False}
+    for candidate in candidates:
+        try:
+            return jwt.decode(token, candidate.key, algorithms=[ALGORITHM], options=options)
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.DecodeError as exc:
+            raise TokenError("malformed", str(exc)) from None
+        except jwt.InvalidTokenError as exc:
+            raise TokenError("bad_claims", str(exc)) from None
+    raise TokenError("bad_signature", "signature does not verify with any trusted key")
+
+
+def _claims(payload: Any) -> Claims:
+    if not isinstance(payload, dict):
+        raise TokenError("bad_claims", "payload is not a JSON object")
+
+    def text(name: str, pattern: re.Pattern | None = None, required: bool = True, limit: int = 256) -> str | None:
+        value = payload.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value or len(value) > limit or (pattern and not pattern.fullmatch(value)):
+            raise TokenError("bad_claims", f"claim {name!r} missing or invalid")
+        return value
+
+    def number(name: str, required: bool = True) -> float | None:
+        value = payload.get(name)
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TokenError("bad_claims", f"claim {name!r} missing or not a number")
+        return value
+
+    act = text("act")
+    if act not in ACTIONS:
+        raise TokenError("bad_claims", f"claim 'act' must be one of {', '.join(ACTIONS)}, got {act!r}")
+    return Claims(
+        sub=text("sub", _DIGITS), iccid=text("iccid", _DIGITS), act=act, exp=number("exp"),
+        jti=text("jti", limit=128), iat=number("iat", required=False), reason=text("reason", required=False),
+    )
+
+
+def accept_token(store: Store, token: str, keys: list[TrustedKey], device_imei: str | None, *,
+                 source: str = "token") -> TokenResult:
+    """Verifies and applies a token in one transaction. Accepted: the binding change,
+    `token_accepted` and `bound`/`unbound`. Refused: only `token_refused`."""
+    with store.transaction() as tx:
+        now = tx.now()
+        try:
+            claims = verify_token(token, keys, device_imei, now, tx.time_floor())
+            _apply(tx, claims, now, source)
+        except TokenError as refusal:
+            tx.record("token_refused", {"code": refusal.code, "message": refusal.message, "source": source, **_identity(token)})
+            return TokenResult(False, refusal.code, refusal.message)
+    return TokenResult(True, claims=claims, time_trusted=now.trusted)
+
+
+def _apply(tx: Transaction, claims: Claims, now: Stamp, source: str) -> None:
+    """Applies an already verified token; raises TokenError (before any write) when it
+    cannot be applied."""
+    current = tx.bindings()
+    if claims.act == "unbind" and not any(b.iccid == claims.iccid for b in current):
+        raise TokenError("bad_claims", f"no binding for ICCID {claims.iccid} to unbind")
+    if not tx.use_token_id(claims.jti, claims.exp, now):
+        raise TokenError("replayed", f"token {claims.jti!r} was used before")
+    tx.record("token_accepted", {
+        "jti": claims.jti, "act": claims.act, "imei": claims.sub, "iccid": claims.iccid, "exp": claims.exp,
+        "reason": claims.reason, "source": source, "time_trusted": now.trusted,
+    })
+    # A token changes the bindings: the next decision is a new one, recorded afresh.
+    tx.set_meta(LAST_DECISION_KEY, None)
+    if claims.act == "rebind":
+        tx.delete_all_bindings()
+        tx.put_binding(Binding(claims.iccid, claims.sub, now.iso(), source))
+        replaced = [{"iccid": b.iccid, "imei": b.imei} for b in current if (b.iccid, b.imei) != (claims.iccid, claims.sub)]
+        tx.record("bound", {"iccid": claims.iccid, "imei": claims.sub, "source": source, "jti": claims.jti, "replaced": replaced})
+    else:
+        tx.delete_binding(claims.iccid)
+        tx.record("unbound", {"iccid": claims.iccid, "imei": claims.sub, "source": source, "jti": claims.jti, "reason": claims.reason})
+
+
+def _identity(token: str) -> dict:
+    """What a refused token said it was, for the record - never the token itself (a valid
+    one would be a usable credential in the evidence and on MQTT)."""
+    try:
+        payload = jwt.decode(token.strip(), options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return {}
+    if not isinstance(payload, dict):
+        return {}
+    return {k: payload[k] for k in ("jti", "act", "sub", "iccid") if isinstance(payload.get(k), str) and len(payload[k]) <= 128}
+
+
+def provision_from_file(store: Store, path: str | Path, keys: list[TrustedKey], device_imei: str | None) -> list[TokenResult]:
+    """Tokens written at manufacturing (`[binding] provision_file`), one per line; blank
+    lines and lines starting with '#' are skipped. Read at start; a file already processed
+    (same content) is not read again, so its tokens are not refused as replays each boot.
+    Nothing is read while this terminal's IMEI is still unknown."""
+    if device_imei is None:
+        return []  # judged once the modem has told us who we are
+    path = Path(path)
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    digest = hashlib.sha256(content).hexdigest()
+    if store.read().get_meta(PROVISION_DIGEST_KEY) == digest:
+        return []
+    lines = content.decode("utf-8", errors="replace").splitlines()
+    results = [
+        accept_token(store, line, keys, device_imei, source="provision-file")
+        for line in lines
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    with store.transaction() as tx:
+        tx.set_meta(PROVISION_DIGEST_KEY, digest)
+    return results

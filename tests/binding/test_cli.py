@@ -1,0 +1,135 @@
+"""The bind/evidence commands as a technician runs them: a real process, a real state dir."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from agent.binding import BindingPolicy, Observation, evaluate
+from agent.evidence import device_public_key_b64, load_or_create_device_key
+from agent.store import Store
+
+IMEI = "490154203237518"
+ICCID = "89860012345678901234"
+OTHER_ICCID = "89860098765432109876"
+
+
+def simagent(*args, stdin=None):
+    env = {k: v for k, v in os.environ.items() if k != "SIMAGENT_CONFIG"}
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, env=env, timeout=60,
+        input=stdin, cwd="/",
+    )
+
+
+@pytest.fixture
+def state(tmp_path, make_clock):
+    """A state dir where the terminal was bound and then saw a foreign card."""
+    directory = tmp_path / "state"
+    store = Store.open(directory, clock=make_clock())
+    evaluate(store, Observation(IMEI, "ready", ICCID), BindingPolicy())
+    evaluate(store, Observation(IMEI, "ready", OTHER_ICCID), BindingPolicy())
+    store.close()
+    return directory
+
+
+def evidence(directory):
+    store = Store.open(directory)
+    try:
+        return [e for e, _ in store.evidence_entries()]
+    finally:
+        store.close()
+
+
+def test_bind_show_reports_bindings_and_exits_1_on_violation(state):
+    result = simagent("bind", "show", "--json", "--state-dir", str(state))
+    assert result.returncode == 1, result.stderr
+    view = json.loads(result.stdout)
+    assert view["bindings"][0]["iccid"] == ICCID and view["imei"] == IMEI
+    assert view["last_decision"]["reason"] == "iccid_mismatch"
+    text = simagent("bind", "show", "--state-dir", str(state))
+    assert "iccid_mismatch" in text.stdout and ICCID in text.stdout
+
+
+def test_bind_show_ok_exits_0(tmp_path):
+    store = Store.open(tmp_path)
+    evaluate(store, Observation(IMEI, "ready", ICCID), BindingPolicy())
+    store.close()
+    assert simagent("bind", "show", "--state-dir", str(tmp_path)).returncode == 0
+
+
+def test_bind_accept_refusal_exits_1_and_is_recorded(state):
+    before = evidence(state)
+    result = simagent("bind", "accept", "-", "--state-dir", str(state), stdin="not-a-token\n")
+    assert result.returncode == 1
+    assert "refused (malformed)" in result.stderr
+    after = evidence(state)
+    assert after[:-1] == before and after[-1]["type"] == "token_refused"
+
+
+def test_bind_reset_as_root_is_audited(state):
+    result = simagent("bind", "reset", "--reason", "RMA 42: modem replaced", "--state-dir", str(state))
+    assert result.returncode == 0, result.stderr
+    last = evidence(state)[-1]
+    assert last["type"] == "unbound" and last["data"]["reason"] == "RMA 42: modem replaced" and last["data"]["uid"] == 0
+    assert json.loads(simagent("bind", "show", "--json", "--state-dir", str(state)).stdout)["bindings"] == []
+
+
+# The interpreter lives where an unprivileged user may not read it, so the child imports
+# everything as root and then drops its effective uid before the command runs.
+AS_NOBODY = """
+import os, sys
+from agent.cli import build_parser, main
+build_parser()
+os.seteuid(65534)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+def test_bind_reset_refused_for_non_root(state):
+    before = evidence(state)
+    result = subprocess.run([sys.executable, "-c", AS_NOBODY, "bind", "reset", "--reason", "x", "--state-dir", str(state)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "needs root" in result.stderr
+    assert evidence(state) == before
+
+
+def test_bind_reset_needs_a_reason(state):
+    assert simagent("bind", "reset", "--state-dir", str(state)).returncode == 2
+    assert simagent("bind", "reset", "--reason", " ", "--state-dir", str(state)).returncode == 2
+
+
+def test_evidence_export_then_verify(state, tmp_path):
+    out = tmp_path / "bundle.json"
+    assert simagent("evidence", "export", "--out", str(out), "--state-dir", str(state)).returncode == 0
+    pub = device_public_key_b64(load_or_create_device_key(state))
+    ok = simagent("evidence", "verify", str(out), "--pubkey", pub)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK: 2 entries")
+    key_file = tmp_path / "device.pub"
+    key_file.write_text(pub)
+    assert simagent("evidence", "verify", str(out), "--pubkey", str(key_file)).returncode == 0
+
+    bundle = json.loads(out.read_text())
+    bundle["entries"][0]["data"]["iccid"] = OTHER_ICCID
+    out.write_text(json.dumps(bundle))
+    broken = simagent("evidence", "verify", str(out), "--pubkey", pub)
+    assert broken.returncode == 1 and "BROKEN at entry 1" in broken.stdout
+
+
+def test_evidence_export_to_stdout_with_since(state):
+    result = simagent("evidence", "export", "--since", "2", "--state-dir", str(state))
+    assert result.returncode == 0
+    bundle = json.loads(result.stdout)
+    assert [e["seq"] for e in bundle["entries"]] == [2] and bundle["device_id"] == IMEI
+
+
+def test_evidence_usage_errors(state, tmp_path):
+    assert simagent("evidence", "export", "--since", "last tuesday", "--state-dir", str(state)).returncode == 2
+    assert simagent("evidence", "verify", str(tmp_path / "missing.json")).returncode == 2
+    (tmp_path / "junk.json").write_text("{not json")
+    assert simagent("evidence", "verify", str(tmp_path / "junk.json")).returncode == 1
+    (tmp_path / "b.json").write_text("{}")
+    assert simagent("evidence", "verify", str(tmp_path / "b.json"), "--pubkey", "AAAA").returncode == 2
