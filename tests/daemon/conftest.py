@@ -49,3 +49,42 @@ def notify_listener(request, short_dir):
     listener = NotifyListener(address)
     yield listener
     listener.sock.close()
+
+
+@pytest.fixture
+def run_as():
+    """The tests run as root; this is how they act as an ordinary user."""
+    return _run_as
+
+
+def _run_as(uid: int, gid: int, function):
+    """Runs `function()` in a forked child with the given uid/gid and returns
+    ``{"value": ...}`` or ``{"raised": "Type: message", "code": ...}``."""
+    import json
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        status = 0
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            try:
+                outcome = {"value": function()}
+            except Exception as exc:
+                outcome = {"raised": f"{type(exc).__name__}: {exc}", "code": getattr(exc, "code", None)}
+            os.write(write_end, json.dumps(outcome).encode())
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, "child failed before reporting"
+    return json.loads(b"".join(chunks))
