@@ -381,6 +381,8 @@ async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, e
 
 def _bind_socket(path: Path) -> socket.socket:
     """A listening-ready socket bound at `path` with mode 0660 from its first instant."""
+    # Normally systemd's RuntimeDirectory= made the directory; 0755 like its default.
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     _remove_stale(path)
     staging = Path(tempfile.mkdtemp(prefix=".c", dir=path.parent))  # mode 0700
     staged = staging / "s"

@@ -290,6 +290,14 @@ def test_close_leaves_a_successors_socket_alone(short_dir):
     assert not path.exists()
 
 
+def test_missing_runtime_directory_is_created(short_dir):
+    server = ServerThread(short_dir / "run" / "simagent" / "control.sock", [])
+    try:
+        assert stat.S_IMODE(os.stat(short_dir / "run" / "simagent").st_mode) == 0o755
+    finally:
+        server.stop()
+
+
 def test_connect_without_daemon_returns_none(short_dir):
     assert BlockingControlClient.connect(short_dir / "absent.sock") is None
     assert asyncio.run(ControlClient.connect(short_dir / "absent.sock")) is None
