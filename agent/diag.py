@@ -431,7 +431,9 @@ def write_bundle(
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("diag", help="run diagnostic checks", description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "diag", help="run diagnostic checks", description="Ordered checks, each PASS, WARN, FAIL or SKIP with a one-line hint; exit 1 on any FAIL."
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--state-dir", help="state directory to check (disk space, outbox backlog)")
     parser.add_argument("--bundle", metavar="FILE", help="also write a support tarball (secrets redacted)")
