@@ -1,0 +1,309 @@
+"""The control socket: a real Unix socket, real peer credentials, clients as root and as nobody."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import threading
+
+import pytest
+
+from agent.control import (
+    DAEMON_OPS,
+    MAX_REQUEST,
+    BlockingControlClient,
+    ControlClient,
+    ControlError,
+    ControlServer,
+    ControlSocketInUse,
+    Op,
+    at_op,
+    daemon_op,
+)
+
+
+NOBODY = 65534  # uid and gid of `nobody`/`nogroup`
+
+
+class ServerThread:
+    """A ControlServer on an event loop in a thread, as the daemon would run it."""
+
+    def __init__(self, path, ops, **options) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = ControlServer(path, ops, **options)
+        self.run(self.server.start())
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
+
+    def stop(self) -> None:
+        self.run(self.server.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+class Recorder:
+    """Handlers that record their calls, so a test can prove a refused op never ran."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def handler(self, name: str):
+        async def handle(args, peer):
+            self.calls.append((name, args))
+            return {"op": name, "args": args, "peer": {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid}}
+
+        return handle
+
+
+def is_write(command: str) -> bool:
+    # The modem layer supplies the real predicate; here: queries end in "?" or have no "=".
+    return "=" in command and not command.endswith("?")
+
+
+@pytest.fixture
+def recorder():
+    return Recorder()
+
+
+@pytest.fixture
+def daemon(short_dir, recorder):
+    async def fails(args, peer):
+        raise RuntimeError("modem port vanished")
+
+    async def refuses(args, peer):
+        raise ControlError("no_modem", "modem not found")
+
+    async def unserialisable(args, peer):
+        return {"when": object()}
+
+    async def slow(args, peer):
+        await asyncio.sleep(5)
+
+    ops = [daemon_op(name, recorder.handler(name)) for name in DAEMON_OPS]
+    ops += [
+        at_op(recorder.handler("at"), is_write),
+        Op("fails", fails),
+        Op("refuses", refuses),
+        Op("unserialisable", unserialisable),
+        Op("slow", slow, timeout=0.2),
+    ]
+    server = ServerThread(short_dir / "control.sock", ops)
+    # In production the socket's group is the service group; nobody stands in for a member.
+    os.chown(server.server.path, -1, NOBODY)
+    yield server
+    server.stop()
+
+
+def raw_exchange(path, payload: bytes) -> list[dict]:
+    """Sends raw bytes, half-closes, and returns every reply line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_socket_file_is_0660_and_staging_is_gone(daemon):
+    path = daemon.server.path
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert sorted(os.listdir(path.parent)) == ["control.sock"]
+
+
+def test_root_client_sees_result_and_its_own_credentials(daemon):
+    with BlockingControlClient.connect(daemon.server.path) as client:
+        result = client.call("status")
+        assert result["peer"] == {"pid": os.getpid(), "uid": 0, "gid": os.getgid()}
+        assert client.call("bind_reset", reason="technician swap")["args"] == {"reason": "technician swap"}
+
+
+def test_async_client(daemon):
+    async def scenario():
+        client = await ControlClient.connect(daemon.server.path)
+        async with client:
+            return await client.call("bind_show"), await client.call("diag")
+
+    shown, diag = asyncio.run(scenario())
+    assert shown["op"] == "bind_show" and diag["op"] == "diag"
+
+
+def test_nobody_may_read_but_not_change_state(daemon, recorder, run_as):
+    path = daemon.server.path
+
+    def as_nobody():
+        with BlockingControlClient.connect(path) as client:
+            status = client.call("status")
+            try:
+                client.call("bind_accept", token="eyJ...")
+            except ControlError as exc:
+                return {"status_peer": status["peer"], "refused": exc.code}
+            return {"status_peer": status["peer"], "refused": None}
+
+    outcome = run_as(NOBODY, NOBODY, as_nobody)["value"]
+    assert outcome["status_peer"]["uid"] == NOBODY
+    assert outcome["status_peer"]["gid"] == NOBODY
+    assert outcome["status_peer"]["pid"] != os.getpid()
+    assert outcome["refused"] == "permission_denied"
+    assert [name for name, _ in recorder.calls] == ["status"]  # bind_accept never ran
+
+
+def test_a_user_outside_the_group_cannot_connect(daemon, run_as):
+    outcome = run_as(12345, 12345, lambda: BlockingControlClient.connect(daemon.server.path) is None)
+    assert outcome["raised"].startswith("PermissionError")
+
+
+def test_at_writes_need_root_and_unsafe(daemon, recorder, run_as):
+    path = daemon.server.path
+    with BlockingControlClient.connect(path) as client:
+        assert client.call("at", command="AT+CSQ")["args"] == {"command": "AT+CSQ"}
+        with pytest.raises(ControlError) as refused:
+            client.call("at", command="AT+CFUN=4")
+        assert refused.value.code == "unsafe_required"
+        assert client.call("at", command="AT+CFUN=4", unsafe=True)["op"] == "at"
+        with pytest.raises(ControlError) as malformed:
+            client.call("at", cmd="AT")
+        assert malformed.value.code == "bad_request"
+
+    def as_nobody():
+        with BlockingControlClient.connect(path) as client:
+            client.call("at", command="AT+CGSN")
+            client.call("at", command="AT+CFUN=1", unsafe=True)
+
+    assert run_as(NOBODY, NOBODY, as_nobody)["code"] == "permission_denied"
+    assert [args["command"] for _, args in recorder.calls] == ["AT+CSQ", "AT+CFUN=4", "AT+CGSN"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"{not json\n", "bad_request"),
+        (b"\xff\xfe\n", "bad_request"),
+        (b"[1, 2]\n", "bad_request"),
+        (b'{"args": {}}\n', "bad_request"),
+        (b'{"op": "status", "args": [1]}\n', "bad_request"),
+        (b"[" * 100_000 + b"\n", "bad_request"),
+        (b'{"op": "reboot_everything"}\n', "unknown_op"),
+    ],
+)
+def test_malformed_requests_get_error_replies_and_the_connection_lives_on(daemon, payload, code):
+    replies = raw_exchange(daemon.server.path, payload + b'{"op": "status", "id": 7}\n')
+    assert replies[0]["ok"] is False and replies[0]["error"]["code"] == code
+    assert replies[1]["ok"] is True and replies[1]["id"] == 7
+
+
+def test_oversized_request_is_refused_and_the_server_lives_on(daemon):
+    huge = json.dumps({"op": "status", "args": {"pad": "x" * (MAX_REQUEST + 10)}}).encode() + b"\n"
+    replies = raw_exchange(daemon.server.path, huge)
+    assert replies == [{"ok": False, "error": {"code": "too_large", "message": f"request longer than {MAX_REQUEST} bytes"}}]
+    with BlockingControlClient.connect(daemon.server.path) as client:
+        assert client.call("status")["op"] == "status"
+
+
+def test_handler_failures_become_error_replies(daemon):
+    with BlockingControlClient.connect(daemon.server.path) as client:
+        for op, code, text in [
+            ("fails", "internal", "RuntimeError: modem port vanished"),
+            ("refuses", "no_modem", "modem not found"),
+            ("unserialisable", "internal", "not JSON"),
+            ("slow", "timeout", "longer than 0.2 s"),
+        ]:
+            with pytest.raises(ControlError) as failure:
+                client.call(op)
+            assert failure.value.code == code and text in failure.value.message
+        assert client.call("status")["op"] == "status"  # same connection, still served
+
+
+def test_idle_connections_are_closed_and_excess_clients_told_busy(short_dir):
+    async def status(args, peer):
+        return "up"
+
+    server = ServerThread(short_dir / "c.sock", [Op("status", status)], idle_timeout=0.2, max_clients=1)
+    try:
+        with socket.socket(socket.AF_UNIX) as idle:
+            idle.settimeout(5)
+            idle.connect(str(server.server.path))
+            idle.sendall(b'{"op": "status"}\n')
+            assert json.loads(idle.recv(1024)) == {"ok": True, "result": "up"}
+            assert raw_exchange(server.server.path, b'{"op": "status"}\n')[0]["error"]["code"] == "busy"
+            assert idle.recv(1024) == b""  # closed by the server after 0.2 s of silence
+        with BlockingControlClient.connect(server.server.path) as client:
+            assert client.call("status") == "up"
+    finally:
+        server.stop()
+
+
+def test_stale_socket_file_is_replaced(short_dir):
+    path = short_dir / "control.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()  # the file stays behind, nobody listens: a crashed daemon's leftover
+    assert BlockingControlClient.connect(path) is None
+
+    async def status(args, peer):
+        return "fresh"
+
+    server = ServerThread(path, [Op("status", status)])
+    try:
+        with BlockingControlClient.connect(path) as client:
+            assert client.call("status") == "fresh"
+    finally:
+        server.stop()
+    assert not path.exists()  # removed on close
+
+
+def test_second_server_is_refused_and_the_first_keeps_serving(daemon):
+    second = ControlServer(daemon.server.path, [])
+    with pytest.raises(ControlSocketInUse):
+        asyncio.run(second.start())
+    with BlockingControlClient.connect(daemon.server.path) as client:
+        assert client.call("status")["op"] == "status"
+
+
+def test_a_file_that_is_not_a_socket_is_never_replaced(short_dir):
+    path = short_dir / "control.sock"
+    path.write_text("important")
+    with pytest.raises(FileExistsError):
+        asyncio.run(ControlServer(path, []).start())
+    assert path.read_text() == "important"
+
+
+def test_close_leaves_a_successors_socket_alone(short_dir):
+    path = short_dir / "control.sock"
+    first = ServerThread(path, [])
+    path.unlink()  # e.g. removed by an administrator; a new daemon then takes the path
+    second = ServerThread(path, [])
+    first.stop()
+    assert path.exists()
+    second.stop()
+    assert not path.exists()
+
+
+def test_missing_runtime_directory_is_created(short_dir):
+    server = ServerThread(short_dir / "run" / "simagent" / "control.sock", [])
+    try:
+        assert stat.S_IMODE(os.stat(short_dir / "run" / "simagent").st_mode) == 0o755
+    finally:
+        server.stop()
+
+
+def test_connect_without_daemon_returns_none(short_dir):
+    assert BlockingControlClient.connect(short_dir / "absent.sock") is None
+    assert asyncio.run(ControlClient.connect(short_dir / "absent.sock")) is None
+
+
+def test_an_op_cannot_be_registered_twice(recorder):
+    server = ControlServer("/nonexistent/x.sock", [daemon_op("status", recorder.handler("status"))])
+    with pytest.raises(ValueError):
+        server.register(daemon_op("status", recorder.handler("status")))
