@@ -194,6 +194,7 @@ class Broker:
     require_certificate: bool = False
     users: dict[str, str] | None = None
     acl: str | None = None
+    persistence: bool = False  # sessions and queued messages survive stop()/start()
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
@@ -203,7 +204,8 @@ class Broker:
         return self.directory / "mosquitto.log"
 
     def config(self) -> str:
-        lines = [f"listener {self.port} {self.host}", "persistence false", f"log_dest file {self.log_path}",
+        persistence = ["persistence true", f"persistence_location {self.directory}/"] if self.persistence else ["persistence false"]
+        lines = [f"listener {self.port} {self.host}", *persistence, f"log_dest file {self.log_path}",
                  "log_type error", "log_type warning", "log_type notice", "log_type information"]
         if os.geteuid() == 0:
             lines.insert(0, "user root")  # keep access to the files in pytest's 0700 tmp dirs
@@ -299,12 +301,16 @@ class Subscriber:
     own input and are not validated)."""
 
     def __init__(self, broker: Broker, topic: str, *, protocol: int = mqtt.MQTTv5, username: str | None = None,
-                 password: str | None = None, client_id: str = "") -> None:
+                 password: str | None = None, client_id: str = "", persistent: bool = False) -> None:
         self.topic = topic
         self._cond = threading.Condition()
         self._messages: list[Message] = []
         self.invalid: list[str] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+        if persistent:  # a named 3.1.1 session the broker keeps while this client is away
+            protocol, client_id = mqtt.MQTTv311, client_id or "platform"
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                                  clean_session=False if persistent else None)
+        self.client.reconnect_delay_set(0.05, 0.5)
         if username:
             self.client.username_pw_set(username, password)
         if broker.tls:
