@@ -228,6 +228,7 @@ class Reporter:
         self.connected = False  # CONNACK received and accepted
         self.last_error: str | None = None
         self._logged_cause: str | None = None
+        self._socket_error: str | None = None
 
         self._state_doc: dict[str, Any] | None = None
         self._inflight: dict[int, int] = {}  # paho mid -> outbox position
@@ -377,6 +378,8 @@ class Reporter:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_log = self._on_paho_log
+        self._socket_error = None
         return client
 
     # -- paho socket hooks (on the loop once attached) ---------------------------------
@@ -466,10 +469,18 @@ class Reporter:
         self._schedule_pump()
 
     def _on_disconnect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:
+        detail = self._socket_error or str(reason_code)
         if self.connected:
             self._backoff.disconnected()
+            self._end_session(f"connection lost ({detail})")
+        else:  # e.g. a TLS alert after the handshake: the broker wanted a client certificate
+            self._end_session(f"connection closed before the broker accepted it ({detail})")
         self.connected = False
-        self._end_session(f"connection lost ({reason_code})")
+
+    def _on_paho_log(self, client, userdata, level: int, message: str) -> None:
+        # paho reports socket and TLS errors (the reason a connection died) only here.
+        if level == mqtt.MQTT_LOG_ERR:
+            self._socket_error = message
 
     def _end_session(self, cause: str) -> None:
         if self._session_end is not None and not self._session_end.done():

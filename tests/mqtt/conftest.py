@@ -23,7 +23,8 @@ def reporter_settings(broker, **overrides: Any) -> MqttSettings:
     tls = overrides.pop("tls", None)
     if tls is None:
         tls = TlsSettings(enabled=False)
-    return MqttSettings(host=broker.host, port=broker.port, keepalive=10, tls=tls, **overrides)
+    fields = {"host": broker.host, "port": broker.port, "keepalive": 10, **overrides}
+    return MqttSettings(tls=tls, **fields)
 
 
 def quick_backoff() -> Backoff:
