@@ -62,14 +62,19 @@ def schema_validator(kind: str) -> jsonschema.Draft202012Validator:
 
 def validate_message(payload: bytes | str | dict, kind: str | None = None) -> dict:
     """Parses and validates one message; the kind comes from its `schema` field
-    (`simagent/<kind>/1`) and must match `kind` when given. Returns the document."""
+    (`simagent/<kind>/1`) and must match `kind` when given (a command may omit its
+    `schema`, so `kind` is then used). Returns the document."""
     document = payload if isinstance(payload, dict) else json.loads(payload)
-    name = document.get("schema", "") if isinstance(document, dict) else ""
-    parts = name.split("/")
+    if not isinstance(document, dict):
+        raise jsonschema.ValidationError(f"a message is a JSON object, got {type(document).__name__}")
+    if "schema" not in document and kind == "command":
+        schema_validator(kind).validate(document)
+        return document
+    parts = str(document.get("schema", "")).split("/")
     if len(parts) != 3 or parts[0] != "simagent" or parts[2] != "1" or parts[1] not in SCHEMA_FILES:
-        raise jsonschema.ValidationError(f"no known simagent schema: {name!r}")
+        raise jsonschema.ValidationError(f"no known simagent schema: {document.get('schema')!r}")
     if kind is not None and parts[1] != kind:
-        raise jsonschema.ValidationError(f"expected a {kind} message, got {name}")
+        raise jsonschema.ValidationError(f"expected a {kind} message, got {document['schema']}")
     schema_validator(parts[1]).validate(document)
     return document
 
