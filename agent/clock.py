@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import datetime as dt
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,18 @@ def format_utc(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    # find_library runs ldconfig: once per process, not once per stamp.
+    libc_name = ctypes.util.find_library("c")
+    return None if libc_name is None else ctypes.CDLL(libc_name, use_errno=True)
+
+
 def kernel_clock_synchronised() -> bool:
     """True when the kernel says NTP (or PTP, chrony, ...) keeps the clock in sync."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
+    libc = _libc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
     timex = ctypes.create_string_buffer(512)  # struct timex, modes = 0: read only
     state = libc.adjtimex(timex)
     return state not in (-1, _TIME_ERROR)

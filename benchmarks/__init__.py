@@ -1,0 +1,1 @@
+"""The performance suite (SPEC §11): `python -m benchmarks --json [--only NAME]`."""
