@@ -1,5 +1,4 @@
 import asyncio
-import json
 
 from agent.reporter import Reporter
 
