@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,7 @@ class Transaction:
     def __init__(self, conn: sqlite3.Connection, store: "Store") -> None:
         self._conn = conn
         self._store = store
+        self.enqueued = False  # something was added to the outbox
 
     # -- facts -------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
@@ -208,8 +209,7 @@ class Transaction:
 
     def enqueue_event(self, type_: str, data: dict, stamp: Stamp) -> dict:
         caps = self._store.caps
-        queued = self._count("event")
-        if queued >= caps.max_events:
+        if self._position_span("event") >= caps.max_events and (queued := self._count("event")) >= caps.max_events:
             # Make room for the new event and for the event that reports the drop.
             removed = self._drop_oldest("event", queued - caps.max_events + 2)
             # A dropped drop notice carries its count into the new one, so the counts
@@ -223,12 +223,13 @@ class Transaction:
 
     def enqueue_telemetry(self, sample: dict, stamp: Stamp) -> dict:
         message = {"schema": TELEMETRY_SCHEMA, "id": str(uuid.uuid4()), "ts": stamp.iso(), "time_trusted": stamp.trusted, **sample}
+        self.enqueued = True
         self._conn.execute(
             "INSERT INTO outbox (kind, id, payload) VALUES ('telemetry', ?, ?)",
             (message["id"], json.dumps(message, separators=(",", ":"))),
         )
-        excess = self._count("telemetry") - self._store.caps.max_telemetry
-        if excess > 0:
+        cap = self._store.caps.max_telemetry
+        if self._position_span("telemetry") > cap and (excess := self._count("telemetry") - cap) > 0:
             self._drop_oldest("telemetry", excess)
         return message
 
@@ -245,11 +246,22 @@ class Transaction:
             "uptime_s": round(stamp.mono, 3),
             "data": data,
         }
+        self.enqueued = True
         self._conn.execute(
             "INSERT INTO outbox (kind, id, payload) VALUES ('event', ?, ?)",
             (message["id"], json.dumps(message, separators=(",", ":"))),
         )
         return message
+
+    def _position_span(self, kind: str) -> int:
+        """An upper bound of the rows of a kind, from two index seeks: counting them
+        scans the index, which an enqueue cannot afford on every commit."""
+        first, last = self._conn.execute(
+            "SELECT (SELECT position FROM outbox WHERE kind = ?1 ORDER BY position LIMIT 1),"
+            " (SELECT position FROM outbox WHERE kind = ?1 ORDER BY position DESC LIMIT 1)",
+            (kind,),
+        ).fetchone()
+        return 0 if first is None else last - first + 1
 
     def _count(self, kind: str) -> int:
         return self._conn.execute("SELECT count(*) FROM outbox WHERE kind = ?", (kind,)).fetchone()[0]
@@ -276,6 +288,9 @@ class Store:
         self.caps = caps
         # Why the previous state could not be used, when it could not (else None).
         self.reset_reason: str | None = None
+        # Called (from the committing thread) after a commit that added to the outbox,
+        # so the reporter sends at once; it must be cheap and must not raise.
+        self.outbox_listener: Callable[[], None] | None = None
 
     @classmethod
     def open(cls, state_dir: str | os.PathLike, *, clock: Clock | None = None, caps: Caps = Caps()) -> "Store":
@@ -308,12 +323,15 @@ class Store:
     def transaction(self) -> Iterator[Transaction]:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
+            tx = Transaction(self._conn, self)
             try:
-                yield Transaction(self._conn, self)
+                yield tx
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+        if tx.enqueued and self.outbox_listener is not None:
+            self.outbox_listener()
 
     def record(self, type_: str, data: dict, **kwargs) -> Stamp:
         with self.transaction() as tx:
@@ -335,6 +353,17 @@ class Store:
     def outbox_ack(self, position: int) -> None:
         with self._lock:
             self._conn.execute("DELETE FROM outbox WHERE position = ?", (position,))
+
+    def outbox_ack_many(self, positions: Iterable[int]) -> None:
+        """Deletes acknowledged rows in one commit (one fsync for a whole batch)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany("DELETE FROM outbox WHERE position = ?", ((p,) for p in positions))
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
 
     def outbox_depth(self) -> dict[str, int]:
         with self._lock:

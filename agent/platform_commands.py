@@ -1,0 +1,227 @@
+"""Platform commands from `P/cmd` (SPEC §6): parse, validate, authorise, dispatch, reply.
+
+A command is `{"schema"?: "simagent/command/1", "id", "name", "args": {}, "token"?}`.
+Everything that arrives is hostile until proven otherwise: the size is checked before
+the bytes are parsed, the document shape and each command's arguments are checked
+against the tables below, and the commands that change state (`rebind`, `unbind`,
+`modem_reset`, a non-query `at`) need a token the injected verifier accepts. A command
+that rewrites the IMEI is refused whatever it carries.
+
+Every refusal gets an error reply and a `command_refused` event (with its evidence
+entry) and changes nothing else. The work itself is done by handlers the daemon injects
+(`name -> async handler(Command) -> result dict`); a handler refuses by raising
+`CommandError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_COMMAND_BYTES = 64 * 1024
+COMMAND_SCHEMA = "simagent/command/1"
+RESULT_SCHEMA = "simagent/cmd_result/1"
+MAX_ID_LENGTH = 128
+MAX_AT_LENGTH = 256
+TELEMETRY_INTERVAL_RANGE = (10, 86_400)  # seconds
+_DOCUMENT_KEYS = frozenset({"schema", "id", "name", "args", "token"})
+
+
+class CommandError(Exception):
+    """A refusal: `code` is machine-readable, the message is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Command:
+    id: str
+    name: str
+    args: dict[str, Any]
+    claims: Mapping[str, Any] | None = None  # the verified token's claims, when one was needed
+
+
+Handler = Callable[[Command], Awaitable[dict[str, Any] | None]]
+# (token, action) -> claims. `action` is the command name (for `at`: "at"). Raises an
+# exception carrying `.code` (e.g. "token_expired", "token_replayed") when it refuses.
+TokenVerifier = Callable[[str, str], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Arg:
+    type: type
+    required: bool = True
+    minimum: int | None = None
+    maximum: int | None = None
+    max_length: int | None = None
+
+    def check(self, command: str, key: str, value: Any) -> None:
+        # bool is an int subclass; a JSON true is never a number of seconds.
+        if not isinstance(value, self.type) or isinstance(value, bool):
+            raise CommandError("bad_args", f"{command}: {key} must be a {self.type.__name__}")
+        if self.minimum is not None and value < self.minimum:
+            raise CommandError("bad_args", f"{command}: {key} must be >= {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise CommandError("bad_args", f"{command}: {key} must be <= {self.maximum}, got {value}")
+        if self.max_length is not None and len(value) > self.max_length:
+            raise CommandError("bad_args", f"{command}: {key} is longer than {self.max_length} characters")
+
+
+def command_args(telemetry_range: tuple[int, int] = TELEMETRY_INTERVAL_RANGE) -> dict[str, dict[str, Arg]]:
+    """The arguments each command takes: the whole command vocabulary."""
+    low, high = telemetry_range
+    return {
+        "ping": {},
+        "status": {},
+        "diag": {},
+        "set_telemetry_interval": {"interval": Arg(int, minimum=low, maximum=high)},
+        "rebind": {},
+        "unbind": {},
+        "export_evidence": {"since": Arg(str, required=False, max_length=64)},
+        "modem_reset": {},
+        "at": {"command": Arg(str, max_length=MAX_AT_LENGTH)},
+    }
+
+
+TOKEN_REQUIRED = frozenset({"rebind", "unbind", "modem_reset"})  # and any non-query `at`
+
+
+def reply_ok(request_id: str, result: dict[str, Any] | None) -> dict[str, Any]:
+    return {"schema": RESULT_SCHEMA, "id": request_id, "ok": True, "result": result or {}}
+
+
+def reply_error(request_id: str | None, code: str, message: str) -> dict[str, Any]:
+    return {"schema": RESULT_SCHEMA, "id": request_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+@dataclass
+class CommandProcessor:
+    store: Store
+    handlers: Mapping[str, Handler]
+    verify_token: TokenVerifier
+    is_query: Callable[[str], bool]
+    is_imei_rewrite: Callable[[str], bool]
+    telemetry_range: tuple[int, int] = TELEMETRY_INTERVAL_RANGE
+    _args: dict[str, dict[str, Arg]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._args = command_args(self.telemetry_range)
+        unknown = set(self.handlers) - set(self._args)
+        if unknown:
+            raise ValueError(f"handlers for unknown commands: {sorted(unknown)}")
+
+    async def handle(self, payload: bytes) -> dict[str, Any]:
+        """Returns the reply for one `P/cmd` payload; never raises for bad input."""
+        request_id: str | None = None
+        name: str | None = None
+        try:
+            if len(payload) > MAX_COMMAND_BYTES:
+                raise CommandError("too_large", f"command is {len(payload)} bytes, the limit is {MAX_COMMAND_BYTES}")
+            document = _decode(payload)
+            request_id = _request_id(document)
+            name = document.get("name") if isinstance(document.get("name"), str) else None
+            command = self._validate(document)
+            handler = self.handlers.get(command.name)
+            if handler is None:
+                raise CommandError("unsupported", f"{command.name} is not available on this device")
+            result = await handler(command)
+            return reply_ok(command.id, result)
+        except CommandError as exc:
+            return self._refuse(request_id, name, exc.code, exc.message)
+        except Exception as exc:  # a handler bug must not take the agent down
+            log.exception("command %s (%s) failed", name, request_id)
+            return self._refuse(request_id, name, "internal_error", f"{type(exc).__name__}: command failed")
+
+    def _validate(self, document: dict[str, Any]) -> Command:
+        extra = set(document) - _DOCUMENT_KEYS
+        if extra:
+            raise CommandError("bad_request", f"unknown fields: {', '.join(sorted(extra))}")
+        if "schema" in document and document["schema"] != COMMAND_SCHEMA:
+            raise CommandError("bad_request", f"schema must be {COMMAND_SCHEMA}")
+        request_id = _request_id(document)
+        if request_id is None:
+            raise CommandError("bad_request", f"id must be a non-empty string of at most {MAX_ID_LENGTH} characters")
+        name = document.get("name")
+        if not isinstance(name, str):
+            raise CommandError("bad_request", "name must be a string")
+        if name not in self._args:
+            raise CommandError("unknown_command", f"unknown command {name[:64]!r}")
+        args = document.get("args", {})
+        if not isinstance(args, dict):
+            raise CommandError("bad_args", f"{name}: args must be an object")
+        token = document.get("token")
+        if token is not None and not isinstance(token, str):
+            raise CommandError("bad_request", "token must be a string")
+        self._check_args(name, args)
+        claims = None
+        if self._needs_token(name, args):
+            if not token:
+                raise CommandError("token_required", f"{name} needs a signed token")
+            claims = self._verify(token, name)
+        return Command(request_id, name, args, claims)
+
+    def _check_args(self, name: str, args: dict[str, Any]) -> None:
+        spec = self._args[name]
+        unknown = set(args) - set(spec)
+        if unknown:
+            raise CommandError("bad_args", f"{name}: unknown arguments: {', '.join(sorted(unknown))[:200]}")
+        for key, arg in spec.items():
+            if key in args:
+                arg.check(name, key, args[key])
+            elif arg.required:
+                raise CommandError("bad_args", f"{name}: missing argument {key}")
+        if name == "at":
+            _check_at_command(args["command"], self.is_imei_rewrite)
+
+    def _needs_token(self, name: str, args: dict[str, Any]) -> bool:
+        return name in TOKEN_REQUIRED or (name == "at" and not self.is_query(args["command"]))
+
+    def _verify(self, token: str, action: str) -> Mapping[str, Any]:
+        try:
+            return self.verify_token(token, action)
+        except Exception as exc:  # fail closed, whatever the verifier raised
+            raise CommandError(getattr(exc, "code", None) or "token_invalid", f"token refused: {exc}") from exc
+
+    def _refuse(self, request_id: str | None, name: str | None, code: str, message: str) -> dict[str, Any]:
+        log.warning("command %s (id %s) refused: %s: %s", name, request_id, code, message)
+        # The token is never copied into the record: it is a credential.
+        self.store.record("command_refused", {"command_id": request_id, "name": name, "code": code, "reason": message})
+        return reply_error(request_id, code, message)
+
+
+def _decode(payload: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(payload)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting
+        raise CommandError("malformed", f"not valid JSON: {str(exc)[:120]}") from None
+    if not isinstance(document, dict):
+        raise CommandError("malformed", "a command is a JSON object")
+    return document
+
+
+def _request_id(document: dict[str, Any]) -> str | None:
+    value = document.get("id")
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH:
+        return value
+    return None
+
+
+def _check_at_command(command: str, is_imei_rewrite: Callable[[str], bool]) -> None:
+    # One printable command: a CR/LF or ';' would smuggle a second command past the
+    # query and IMEI-rewrite checks.
+    if not command.upper().startswith("AT"):
+        raise CommandError("bad_args", "at: command must start with AT")
+    if any(not " " <= ch <= "~" for ch in command) or ";" in command:
+        raise CommandError("bad_args", "at: one command of printable ASCII, no ';' and no line breaks")
+    if is_imei_rewrite(command):
+        raise CommandError("forbidden", "at: IMEI rewrite commands are always refused")

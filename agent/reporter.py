@@ -1,0 +1,607 @@
+"""MQTT reporter: status, state, telemetry and the durable event outbox (SPEC §6, §7).
+
+Integration with the daemon's asyncio loop
+------------------------------------------
+paho-mqtt is driven by the daemon's single asyncio loop through its external-loop
+hooks (as in paho's `examples/loop_asyncio.py`): the socket callbacks register the
+socket with `loop.add_reader` / `loop.add_writer`, which call `loop_read()` /
+`loop_write()`, and a timer calls `loop_misc()` for keepalive. All paho callbacks
+therefore run on the loop, so the reporter needs no locks of its own.
+
+The one blocking step in paho is `connect()` (DNS, TCP connect, TLS handshake, up to
+its connect timeout). It runs in a worker thread (`asyncio.to_thread`) so a dead broker
+never stalls binding enforcement on the loop; socket callbacks paho makes from that
+thread are ignored and the socket is attached to the loop once `connect()` returns.
+Nothing else touches the client while that thread runs.
+
+Each connection uses a fresh paho client, so no message queued inside paho survives a
+disconnect: what must survive lives in the store's outbox and is sent again from there.
+
+Delivery (SPEC §7)
+------------------
+Outbox rows are published at QoS 1 in position order with at most `window` in flight.
+A row is deleted only after its PUBACK (MQTT 5: a reason code below 0x80); a refused
+row stays and is retried after `retry_refused_after` seconds. Deletions are batched
+(one commit per batch); a crash before the batch commits only causes duplicates, which
+the platform drops by event id. After a reconnect or a restart every row still in the
+outbox is sent again. The store is never locked across `publish()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import ssl
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent import __version__
+from agent.backoff import Backoff
+from agent.store import Store, TELEMETRY_SCHEMA
+
+log = logging.getLogger(__name__)
+
+STATUS_SCHEMA = "simagent/status/1"
+STATE_SCHEMA = "simagent/state/1"
+SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: commands queued while offline survive a week
+ACK_FLUSH_DELAY_S = 0.05  # acknowledged rows are deleted in batches at most this late
+
+
+class SettingsError(Exception):
+    """The MQTT settings cannot be used (unreadable secret, encrypted key without a
+    password, bad certificate file, ...). The message names the file, never a secret."""
+
+
+# -- settings: the field names of `Config.mqtt`, so `cfg.mqtt` can be passed in -------
+@dataclass
+class TlsSettings:
+    enabled: bool = True
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    key_password_file: str | None = None
+
+
+@dataclass
+class MqttSettings:
+    host: str = "localhost"
+    port: int = 8883
+    client_id: str = ""  # empty: "simagent-{device_id}"
+    topic_prefix: str = "simagent/{device_id}"
+    keepalive: int = 60
+    protocol: str = "3.1.1"  # or "5"
+    username: str | None = None
+    password_file: str | None = None
+    tls: TlsSettings = field(default_factory=TlsSettings)
+
+
+class TlsLike(Protocol):
+    enabled: bool
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+    key_password_file: str | None
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+
+    @classmethod
+    def for_device(cls, topic_prefix: str, device_id: str) -> "Topics":
+        return cls(topic_prefix.replace("{device_id}", device_id).rstrip("/"))
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/status"
+
+    @property
+    def state(self) -> str:
+        return f"{self.prefix}/state"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.prefix}/telemetry"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}/events"
+
+    @property
+    def cmd(self) -> str:
+        return f"{self.prefix}/cmd"
+
+    @property
+    def cmd_result(self) -> str:
+        return f"{self.prefix}/cmd/result"
+
+
+def read_secret(path: str, what: str) -> str:
+    """The first line of a secret file. Errors name the file, never its content."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read {what} {path}: {getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+    return lines[0] if lines else ""
+
+
+def build_tls_context(tls: TlsLike) -> ssl.SSLContext:
+    """Server verification against `ca_file` (system CAs when unset), host name checked,
+    optional client certificate. Never prompts for a key password."""
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(f"cannot load [mqtt.tls] ca_file {tls.ca_file}: {exc}") from None
+    if tls.cert_file:
+        def key_password() -> str:
+            # Without this callback OpenSSL would prompt on the terminal.
+            if not tls.key_password_file:
+                raise SettingsError(f"[mqtt.tls] key_file {tls.key_file or tls.cert_file} is encrypted and no key_password_file is set")
+            return read_secret(tls.key_password_file, "[mqtt.tls] key_password_file")
+
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file or None, password=key_password)
+        except SettingsError:
+            raise
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(
+                f"cannot load the client certificate {tls.cert_file} / key {tls.key_file}: {exc} "
+                "(wrong key_password_file?)"
+            ) from None
+    elif tls.key_file:
+        raise SettingsError("[mqtt.tls] key_file is set but cert_file is not")
+    return context
+
+
+def describe_connect_error(exc: BaseException) -> str:
+    """One line naming the cause of a failed connection attempt."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: broker certificate not accepted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (broker down?)"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "connection timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host ({exc.strerror})"
+    if isinstance(exc, OSError):
+        return f"network error ({exc.strerror or exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Reporter:
+    """Publishes to `P/...` and receives `P/cmd`. Create and use it on the daemon's loop:
+    `task = reporter.start()`; `reporter.publish_state(doc)`; `reporter.publish_telemetry(sample)`;
+    `await reporter.stop()` on SIGTERM."""
+
+    def __init__(
+        self,
+        settings: Any,  # MqttSettings or the daemon's Config.mqtt (same field names)
+        store: Store,
+        *,
+        device_id: str,
+        agent_version: str = __version__,
+        on_command: Callable[[bytes], Awaitable[dict[str, Any]]] | None = None,
+        backoff: Backoff | None = None,
+        window: int = 20,
+        retry_refused_after: float = 5.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.device_id = device_id
+        self.agent_version = agent_version
+        self.topics = Topics.for_device(settings.topic_prefix, device_id)
+        self.client_id = (settings.client_id or "simagent-{device_id}").replace("{device_id}", device_id)
+        self._v5 = str(settings.protocol) == "5"
+        self._on_command = on_command
+        self._backoff = backoff or Backoff()
+        self._window = window
+        self._retry_refused_after = retry_refused_after
+        self._connect_timeout = connect_timeout
+        self._password = read_secret(settings.password_file, "[mqtt] password_file") if settings.password_file else None
+        if settings.tls.enabled:
+            self._tls_context: ssl.SSLContext | None = build_tls_context(settings.tls)
+        else:
+            self._tls_context = None
+            log.warning("MQTT TLS is disabled ([mqtt.tls] enabled = false): traffic to %s:%s is plaintext", settings.host, settings.port)
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._client: mqtt.Client | None = None
+        self._attached = False  # socket callbacks act only once the socket is on the loop
+        self._misc_timer: asyncio.TimerHandle | None = None
+        self._session_end: asyncio.Future[str] | None = None
+        self._stop_requested = asyncio.Event()
+        self.connected = False  # CONNACK received and accepted
+        self.last_error: str | None = None
+        self._logged_cause: str | None = None
+        self._socket_error: str | None = None
+
+        self._state_doc: dict[str, Any] | None = None
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox position
+        self._cursor = 0  # highest outbox position handed to paho on this connection
+        self._acked: list[int] = []  # acknowledged positions not yet deleted
+        self._ack_flush: asyncio.TimerHandle | None = None
+        self._pump_scheduled = False
+        self._refused_until: float | None = None  # loop time before which no row is sent
+        self._control_pending: dict[int, asyncio.Future[bool]] = {}  # mids of status waits
+        self._commands: asyncio.Queue[tuple[bytes, Any]] = asyncio.Queue(maxsize=64)
+        self._command_worker: asyncio.Task | None = None
+
+    # -- public API, on the loop ------------------------------------------------------
+    def start(self) -> asyncio.Task:
+        self._loop = asyncio.get_running_loop()
+        self.store.outbox_listener = self.notify_outbox
+        self._task = self._loop.create_task(self._run(), name="mqtt-reporter")
+        if self._on_command is not None:
+            self._command_worker = self._loop.create_task(self._serve_commands(), name="mqtt-commands")
+        return self._task
+
+    def notify_outbox(self) -> None:
+        """New rows were committed: send them now. Safe from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._schedule_pump()
+        else:
+            loop.call_soon_threadsafe(self._schedule_pump)
+
+    def publish_state(self, doc: dict[str, Any]) -> None:
+        """Retained `P/state`; republished on change and after every reconnect."""
+        message = {"schema": STATE_SCHEMA, **doc}
+        if message == self._state_doc:
+            return
+        self._state_doc = message
+        if self.connected:
+            self._publish(self.topics.state, message, qos=1, retain=True)
+
+    def publish_telemetry(self, sample: dict[str, Any]) -> None:
+        """QoS 0 when connected; otherwise queued in the store and replayed at QoS 1."""
+        stamp = self.store.clock.now()
+        if self.connected:
+            message = {"schema": TELEMETRY_SCHEMA, "id": str(uuid.uuid4()), "ts": stamp.iso(), "time_trusted": stamp.trusted, **sample}
+            self._publish(self.topics.telemetry, message, qos=0)
+            return
+        with self.store.transaction() as tx:
+            tx.enqueue_telemetry(sample, stamp)
+
+    def link_status(self) -> dict[str, Any]:
+        return {"connected": self.connected, "broker": f"{self.settings.host}:{self.settings.port}", "tls": self._tls_context is not None, "last_error": self.last_error}
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Graceful stop: send what is queued (bounded by `timeout`), publish the offline
+        status, disconnect. Idempotent."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._stop_requested.set()
+        if self.connected:
+            await self._drain_until(deadline)
+            status = self._publish(self.topics.status, self._status(False), qos=1, retain=True)
+            if status is not None:
+                waiter = loop.create_future()
+                self._control_pending[status.mid] = waiter
+                await _wait(waiter, deadline - loop.time())
+            client = self._client
+            if client is not None and self.connected:
+                client.disconnect()
+        if self._task is not None:
+            await _wait(asyncio.shield(self._task), max(deadline - loop.time(), 0.5))
+            if not self._task.done():
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        if self._command_worker is not None:
+            self._command_worker.cancel()
+            await asyncio.gather(self._command_worker, return_exceptions=True)
+        self._flush_acks()
+        if self.store.outbox_listener == self.notify_outbox:
+            self.store.outbox_listener = None
+
+    # -- connection life cycle --------------------------------------------------------
+    async def _run(self) -> None:
+        while not self._stop_requested.is_set():
+            cause = await self._session()
+            if self._stop_requested.is_set():
+                break
+            delay = self._backoff.next_delay()
+            self._log_cause(cause, delay)
+            try:
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _session(self) -> str:
+        """One connection: connect, serve until it ends. Returns why it ended."""
+        client = self._new_client()
+        self._attached = False
+        try:
+            await asyncio.to_thread(self._connect_blocking, client)
+        except Exception as exc:  # every failure is a cause to log, never a crash
+            return describe_connect_error(exc)
+        self._client = client
+        self._session_end = self._loop.create_future()
+        self._attach(client)
+        try:
+            return await self._session_end
+        finally:
+            self._detach()
+
+    def _connect_blocking(self, client: mqtt.Client) -> None:
+        """Runs in a worker thread: DNS, TCP and TLS may block."""
+        settings = self.settings
+        if self._v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = SESSION_EXPIRY_S
+            client.connect(settings.host, settings.port, settings.keepalive, clean_start=False, properties=properties)
+        else:
+            client.connect(settings.host, settings.port, settings.keepalive)
+
+    def _new_client(self) -> mqtt.Client:
+        protocol = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=protocol,
+            # A persistent session keeps commands sent while the terminal was offline.
+            clean_session=None if self._v5 else False,
+        )
+        client.connect_timeout = self._connect_timeout
+        client.max_inflight_messages_set(0)  # the reporter bounds its own window
+        client.max_queued_messages_set(0)
+        if self.settings.username:
+            client.username_pw_set(self.settings.username, self._password)
+        if self._tls_context is not None:
+            client.tls_set_context(self._tls_context)
+        client.will_set(self.topics.status, json.dumps(self._status(False)), qos=1, retain=True)
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_log = self._on_paho_log
+        self._socket_error = None
+        return client
+
+    # -- paho socket hooks (on the loop once attached) ---------------------------------
+    def _attach(self, client: mqtt.Client) -> None:
+        sock = client.socket()
+        self._attached = True
+        if sock is None:  # closed between connect() and here
+            self._end_session("connection closed during connect")
+            return
+        self._loop.add_reader(sock, self._readable, client)
+        if client.want_write():
+            self._loop.add_writer(sock, self._writable, client)
+        self._schedule_misc(client)
+
+    def _detach(self) -> None:
+        self._attached = False
+        self.connected = False
+        if self._misc_timer is not None:
+            self._misc_timer.cancel()
+            self._misc_timer = None
+        client, self._client = self._client, None
+        if client is not None and client.socket() is not None:
+            self._on_socket_close(client, None, client.socket())
+            client.socket().close()
+        # Whatever was in flight on this connection is sent again on the next one.
+        self._inflight.clear()
+        for waiter in self._control_pending.values():
+            if not waiter.done():
+                waiter.set_result(False)
+        self._control_pending.clear()
+        self._flush_acks()
+        self._cursor = 0
+
+    def _on_socket_open(self, client, userdata, sock) -> None:
+        if self._attached:
+            self._loop.add_reader(sock, self._readable, client)
+
+    def _on_socket_close(self, client, userdata, sock) -> None:
+        if self._attached and self._loop is not None:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+
+    def _on_socket_register_write(self, client, userdata, sock) -> None:
+        if self._attached:
+            self._loop.add_writer(sock, self._writable, client)
+
+    def _on_socket_unregister_write(self, client, userdata, sock) -> None:
+        if self._attached:
+            self._loop.remove_writer(sock)
+
+    def _readable(self, client: mqtt.Client) -> None:
+        client.loop_read()
+
+    def _writable(self, client: mqtt.Client) -> None:
+        client.loop_write()
+
+    def _schedule_misc(self, client: mqtt.Client) -> None:
+        # Keepalive needs loop_misc() well within `keepalive`; a quarter of it keeps the
+        # idle daemon to one wake-up every 15 s with the default keepalive of 60 s.
+        interval = max(0.25, min(self.settings.keepalive / 4, 15.0))
+
+        def tick() -> None:
+            if client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._misc_timer = self._loop.call_later(interval, tick)
+
+        self._misc_timer = self._loop.call_later(interval, tick)
+
+    # -- paho protocol callbacks (on the loop) ------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:
+        if reason_code.is_failure:
+            self._end_session(f"broker refused the connection: {reason_code}")
+            return
+        self.connected = True
+        self._backoff.connected()
+        self.last_error = None
+        if self._logged_cause is not None:
+            log.info("MQTT connected to %s:%s again", self.settings.host, self.settings.port)
+        else:
+            log.info("MQTT connected to %s:%s (%s, MQTT %s)", self.settings.host, self.settings.port,
+                     "TLS" if self._tls_context else "plaintext", "5" if self._v5 else "3.1.1")
+        self._logged_cause = None
+        client.subscribe(self.topics.cmd, qos=1)
+        self._publish(self.topics.status, self._status(True), qos=1, retain=True)
+        if self._state_doc is not None:
+            self._publish(self.topics.state, self._state_doc, qos=1, retain=True)
+        self._refused_until = None
+        self._schedule_pump()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:
+        detail = self._socket_error or str(reason_code)
+        if self.connected:
+            self._backoff.disconnected()
+            self._end_session(f"connection lost ({detail})")
+        else:  # e.g. a TLS alert after the handshake: the broker wanted a client certificate
+            self._end_session(f"connection closed before the broker accepted it ({detail})")
+        self.connected = False
+
+    def _on_paho_log(self, client, userdata, level: int, message: str) -> None:
+        # paho reports socket and TLS errors (the reason a connection died) only here.
+        if level == mqtt.MQTT_LOG_ERR:
+            self._socket_error = message
+
+    def _end_session(self, cause: str) -> None:
+        if self._session_end is not None and not self._session_end.done():
+            self._session_end.set_result(cause)
+
+    def _on_publish(self, client, userdata, mid: int, reason_code: ReasonCode, properties) -> None:
+        waiter = self._control_pending.pop(mid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(not reason_code.is_failure)
+        position = self._inflight.pop(mid, None)
+        if position is None:
+            return
+        if reason_code.is_failure:
+            # The row stays; it is sent again once this connection's window is empty.
+            log.warning("MQTT broker refused outbox message %d: %s; retrying in %.0f s", position, reason_code, self._retry_refused_after)
+            self._refused_until = self._loop.time() + self._retry_refused_after
+            self._loop.call_later(self._retry_refused_after, self._schedule_pump)
+        else:
+            self._acked.append(position)
+            if self._ack_flush is None:
+                self._ack_flush = self._loop.call_later(ACK_FLUSH_DELAY_S, self._flush_acks)
+        self._schedule_pump()
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        if message.topic != self.topics.cmd or self._on_command is None:
+            return
+        try:
+            self._commands.put_nowait((message.payload, message.properties))
+        except asyncio.QueueFull:
+            log.warning("MQTT command queue full: command dropped")
+
+    # -- outbox --------------------------------------------------------------------------
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled and self._loop is not None:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Fills the in-flight window from the outbox, in position order."""
+        self._pump_scheduled = False
+        client = self._client
+        if not self.connected or client is None:
+            return
+        if self._refused_until is not None:
+            if self._loop.time() < self._refused_until or self._inflight:
+                return
+            # A refused row was left behind: start again from the oldest row.
+            self._refused_until = None
+            self._flush_acks()
+            self._cursor = 0
+        free = self._window - len(self._inflight)
+        if free <= 0:
+            return
+        rows = self.store.outbox_pending(free, after_position=self._cursor)  # the store lock is released here
+        for row in rows:
+            topic = self.topics.events if row.kind == "event" else self.topics.telemetry
+            info = client.publish(topic, row.payload, qos=1)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return  # connection gone; the session ends and the row is sent again
+            self._inflight[info.mid] = row.position
+            self._cursor = row.position
+
+    def _flush_acks(self) -> None:
+        if self._ack_flush is not None:
+            self._ack_flush.cancel()
+            self._ack_flush = None
+        if self._acked:
+            acked, self._acked = self._acked, []
+            self.store.outbox_ack_many(acked)
+
+    async def _drain_until(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while self.connected and loop.time() < deadline:
+            if not self._inflight and not self.store.outbox_pending(1, after_position=self._cursor):
+                return
+            self._schedule_pump()
+            await asyncio.sleep(0.01)
+
+    # -- commands ------------------------------------------------------------------------
+    async def _serve_commands(self) -> None:
+        while True:
+            payload, properties = await self._commands.get()
+            try:
+                reply = await self._on_command(payload)
+            except Exception:  # the command layer replies to bad input itself; this is a bug
+                log.exception("MQTT command handling failed")
+                continue
+            body = json.dumps(reply)
+            self._publish(self.topics.cmd_result, body, qos=1)
+            response_topic = getattr(properties, "ResponseTopic", None) if self._v5 else None
+            if response_topic:
+                reply_properties = Properties(PacketTypes.PUBLISH)
+                correlation = getattr(properties, "CorrelationData", None)
+                if correlation is not None:
+                    reply_properties.CorrelationData = correlation
+                self._publish(response_topic, body, qos=1, properties=reply_properties)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _status(self, online: bool) -> dict[str, Any]:
+        return {"schema": STATUS_SCHEMA, "online": online, "ts": self.store.clock.now().iso(), "agent_version": self.agent_version}
+
+    def _publish(self, topic: str, message: dict[str, Any] | str, *, qos: int, retain: bool = False,
+                 properties: Properties | None = None) -> mqtt.MQTTMessageInfo | None:
+        client = self._client
+        if client is None or not self.connected:
+            log.debug("MQTT not connected: %s not published", topic)
+            return None
+        payload = message if isinstance(message, str) else json.dumps(message)
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        return info if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS else None
+
+    def _log_cause(self, cause: str, delay: float) -> None:
+        # One line per cause: the same failure repeating is logged at debug level only.
+        self.last_error = cause
+        level = logging.DEBUG if cause == self._logged_cause else logging.WARNING
+        self._logged_cause = cause
+        log.log(level, "MQTT %s:%s: %s; retrying in %.1f s", self.settings.host, self.settings.port, cause, delay)
+
+
+async def _wait(awaitable: Awaitable[Any], timeout: float) -> None:
+    try:
+        await asyncio.wait_for(awaitable, max(timeout, 0.0))
+    except TimeoutError:
+        pass

@@ -1,0 +1,395 @@
+"""Shared fixtures: a real mosquitto on a free loopback port, TLS material made in the test,
+password/ACL files, an MQTT subscriber that checks every message against the shipped JSON
+Schemas.
+
+    broker = mosquitto                      # plain, anonymous
+    broker = make_broker(tls=tls_material)  # TLS; require_certificate=True for client certs
+    broker = make_broker(users={"agent": "pw"}, acl="user agent\\ntopic readwrite simagent/#")
+    broker.stop(); broker.start()           # outage on the same port
+    sub = subscriber(broker, "simagent/dev1/#")
+    sub.wait_for(lambda msgs: any(m.topic.endswith("/status") for m in msgs))
+    validate_message(payload)               # raises jsonschema.ValidationError
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import functools
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jsonschema
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from paho.mqtt.enums import CallbackAPIVersion
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "agent" / "schemas"
+SCHEMA_FILES = {
+    "status": "status.json",
+    "state": "state.json",
+    "telemetry": "telemetry.json",
+    "event": "event.json",
+    "command": "command.json",
+    "cmd_result": "cmd_result.json",
+}
+# Topic suffix under P -> schema kind, for messages the agent publishes.
+TOPIC_KINDS = {"status": "status", "state": "state", "telemetry": "telemetry", "events": "event", "cmd/result": "cmd_result"}
+
+
+# -- JSON Schema validation -------------------------------------------------------------
+@functools.cache
+def schema_validator(kind: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads((SCHEMA_DIR / SCHEMA_FILES[kind]).read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def validate_message(payload: bytes | str | dict, kind: str | None = None) -> dict:
+    """Parses and validates one message; the kind comes from its `schema` field
+    (`simagent/<kind>/1`) and must match `kind` when given (a command may omit its
+    `schema`, so `kind` is then used). Returns the document."""
+    document = payload if isinstance(payload, dict) else json.loads(payload)
+    if not isinstance(document, dict):
+        raise jsonschema.ValidationError(f"a message is a JSON object, got {type(document).__name__}")
+    if "schema" not in document and kind == "command":
+        schema_validator(kind).validate(document)
+        return document
+    parts = str(document.get("schema", "")).split("/")
+    if len(parts) != 3 or parts[0] != "simagent" or parts[2] != "1" or parts[1] not in SCHEMA_FILES:
+        raise jsonschema.ValidationError(f"no known simagent schema: {document.get('schema')!r}")
+    if kind is not None and parts[1] != kind:
+        raise jsonschema.ValidationError(f"expected a {kind} message, got {document['schema']}")
+    schema_validator(parts[1]).validate(document)
+    return document
+
+
+def topic_kind(topic: str) -> str | None:
+    for suffix, kind in TOPIC_KINDS.items():
+        if topic.endswith("/" + suffix):
+            return kind
+    return None
+
+
+# -- ports and processes ----------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- TLS material -------------------------------------------------------------------------
+@dataclass
+class TlsMaterial:
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca_file: Path  # a CA that signed nothing the broker uses
+    encrypted_client_key: Path
+    key_password: str
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())  # fast to make, unlike RSA
+
+
+def _cert(subject: str, key, issuer_name: str, issuer_key, *, ca: bool, san: list | None = None) -> x509.Certificate:
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          encipher_only=False, decipher_only=False), critical=True)
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    else:
+        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write_key(path: Path, key, password: bytes | None = None) -> Path:
+    encryption = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    path.chmod(0o600)
+    return path
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> Path:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def make_tls_material(directory: Path) -> TlsMaterial:
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, other_ca_key, server_key, client_key = _key(), _key(), _key(), _key()
+    ca = _cert("simagent test CA", ca_key, "simagent test CA", ca_key, ca=True)
+    other_ca = _cert("some other CA", other_ca_key, "some other CA", other_ca_key, ca=True)
+    server = _cert("localhost", server_key, "simagent test CA", ca_key, ca=False,
+                   san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    client = _cert("simagent-device", client_key, "simagent test CA", ca_key, ca=False)
+    password = "key-pass-phrase"
+    return TlsMaterial(
+        ca_file=_write_cert(directory / "ca.pem", ca),
+        server_cert=_write_cert(directory / "server.pem", server),
+        server_key=_write_key(directory / "server.key", server_key),
+        client_cert=_write_cert(directory / "client.pem", client),
+        client_key=_write_key(directory / "client.key", client_key),
+        other_ca_file=_write_cert(directory / "other-ca.pem", other_ca),
+        encrypted_client_key=_write_key(directory / "client-encrypted.key", client_key, password.encode()),
+        key_password=password,
+    )
+
+
+@pytest.fixture(scope="session")
+def tls_material(tmp_path_factory) -> TlsMaterial:
+    return make_tls_material(tmp_path_factory.mktemp("tls"))
+
+
+def mosquitto_password_line(user: str, password: str) -> str:
+    """mosquitto's `$7$` format (PBKDF2-SHA512, 101 rounds), as mosquitto_passwd writes it."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+    return f"{user}:$7$101${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+# -- the broker ---------------------------------------------------------------------------
+@dataclass
+class Broker:
+    directory: Path
+    tls: TlsMaterial | None = None
+    require_certificate: bool = False
+    users: dict[str, str] | None = None
+    acl: str | None = None
+    persistence: bool = False  # sessions and queued messages survive stop()/start()
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "mosquitto.log"
+
+    def config(self) -> str:
+        persistence = ["persistence true", f"persistence_location {self.directory}/"] if self.persistence else ["persistence false"]
+        lines = [f"listener {self.port} {self.host}", *persistence, f"log_dest file {self.log_path}",
+                 "log_type error", "log_type warning", "log_type notice", "log_type information"]
+        if os.geteuid() == 0:
+            lines.insert(0, "user root")  # keep access to the files in pytest's 0700 tmp dirs
+        if self.tls:
+            lines += [f"cafile {self.tls.ca_file}", f"certfile {self.tls.server_cert}", f"keyfile {self.tls.server_key}",
+                      f"require_certificate {'true' if self.require_certificate else 'false'}"]
+        if self.users is not None:
+            passwords = self.directory / "passwords"
+            passwords.write_text("".join(mosquitto_password_line(u, p) + "\n" for u, p in self.users.items()))
+            lines += ["allow_anonymous false", f"password_file {passwords}"]
+        else:
+            lines.append("allow_anonymous true")
+        if self.acl is not None:
+            (self.directory / "acl").write_text(self.acl.strip() + "\n")
+            lines.append(f"acl_file {self.directory / 'acl'}")
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> "Broker":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "mosquitto.conf"
+        conf.write_text(self.config())
+        self.process = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.process.stderr.read().decode(errors='replace')}\n{self.log()}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mosquitto did not listen on {self.port}: {self.log()}")
+                time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process is not None and self.process.stderr:
+            self.process.stderr.close()
+        self.process = None
+
+    def reload(self, *, acl: str | None = None) -> None:
+        """Rewrites the ACL and makes mosquitto re-read it (SIGHUP)."""
+        if acl is not None:
+            self.acl = acl
+            (self.directory / "acl").write_text(acl.strip() + "\n")
+        self.process.send_signal(1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def make_broker(tmp_path):
+    brokers: list[Broker] = []
+
+    def make(**options) -> Broker:
+        broker = Broker(tmp_path / f"broker{len(brokers)}", **options)
+        brokers.append(broker)
+        return broker.start()
+
+    yield make
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture
+def mosquitto(make_broker) -> Broker:
+    return make_broker()
+
+
+# -- a subscriber -------------------------------------------------------------------------
+@dataclass
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+    properties: Any
+
+    def json(self) -> dict:
+        return json.loads(self.payload)
+
+
+class Subscriber:
+    """A paho client on its own thread that collects what arrives and validates each
+    agent message against its schema on arrival (messages on `.../cmd` are the tests'
+    own input and are not validated)."""
+
+    def __init__(self, broker: Broker, topic: str, *, protocol: int = mqtt.MQTTv5, username: str | None = None,
+                 password: str | None = None, client_id: str = "", persistent: bool = False) -> None:
+        self.topic = topic
+        self._cond = threading.Condition()
+        self._messages: list[Message] = []
+        self.invalid: list[str] = []
+        if persistent:  # a named 3.1.1 session the broker keeps while this client is away
+            protocol, client_id = mqtt.MQTTv311, client_id or "platform"
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                                  clean_session=False if persistent else None)
+        self.client.reconnect_delay_set(0.05, 0.5)
+        if username:
+            self.client.username_pw_set(username, password)
+        if broker.tls:
+            self.client.tls_set(ca_certs=str(broker.tls.ca_file), certfile=str(broker.tls.client_cert), keyfile=str(broker.tls.client_key))
+        subscribed = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port, keepalive=30)
+        self.client.loop_start()
+        if not subscribed.wait(10):
+            raise RuntimeError("subscriber could not subscribe")
+
+    def _on_message(self, client, userdata, message) -> None:
+        item = Message(message.topic, bytes(message.payload), bool(message.retain), message.qos, message.properties)
+        kind = topic_kind(item.topic)
+        if item.payload and not item.topic.endswith("/cmd"):
+            try:
+                validate_message(item.payload, kind)
+            except (ValueError, jsonschema.ValidationError) as exc:
+                self.invalid.append(f"{item.topic}: {exc}")
+        with self._cond:
+            self._messages.append(item)
+            self._cond.notify_all()
+
+    def messages(self, suffix: str | None = None) -> list[Message]:
+        with self._cond:
+            items = list(self._messages)
+        return [m for m in items if suffix is None or m.topic.endswith(suffix)]
+
+    def documents(self, suffix: str) -> list[dict]:
+        return [m.json() for m in self.messages(suffix) if m.payload]
+
+    def wait_for(self, predicate: Callable[["Subscriber"], Any], timeout: float = 10.0, what: str = "messages") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert not self.invalid, f"schema-invalid messages: {self.invalid}"
+            value = predicate(self)
+            if value:
+                return value
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                recent = [(m.topic, m.payload[:200]) for m in self.messages()[-20:]]
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}; last messages: {recent}")
+            with self._cond:
+                self._cond.wait(min(remaining, 0.05))
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, properties=None) -> None:
+        self.client.publish(topic, payload, qos=qos, properties=properties).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def subscriber():
+    """`subscriber(broker, topic, **options)` -> Subscriber; every one is checked at the end
+    for schema-invalid messages."""
+    subscribers: list[Subscriber] = []
+
+    def make(broker: Broker, topic: str = "#", **options) -> Subscriber:
+        sub = Subscriber(broker, topic, **options)
+        subscribers.append(sub)
+        return sub
+
+    yield make
+    for sub in subscribers:
+        sub.close()
+    invalid = [problem for sub in subscribers for problem in sub.invalid]
+    assert not invalid, f"schema-invalid messages: {invalid}"
+
+
+@pytest.fixture(name="validate_message")
+def validate_message_fixture():
+    """`validate_message(payload, kind=None) -> dict`, for tests in any folder."""
+    return validate_message

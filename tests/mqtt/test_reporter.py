@@ -1,0 +1,75 @@
+import asyncio
+
+from agent.reporter import Reporter
+
+
+def test_status_state_telemetry_and_events_reach_the_platform(mosquitto, subscriber, store, mq):
+    sub = subscriber(mosquitto, f"{mq.PREFIX}/#")
+
+    async def scenario():
+        reporter = Reporter(mq.reporter_settings(mosquitto), store, device_id=mq.DEVICE_ID, backoff=mq.quick_backoff())
+        async with mq.running(reporter):
+            reporter.publish_state(mq.state_document())
+            reporter.publish_telemetry({"registration": "home", "operator": "CMCC", "access_tech": "lte", "signal_dbm": -85,
+                                        "cell": {"mcc": "460", "mnc": "00", "tac": 4660, "cell_id": 123456},
+                                        "data": {"rx_bytes": 100, "tx_bytes": 50}})
+            with store.transaction() as tx:
+                tx.record("agent_started", {"version": "0.1.0"})
+                tx.record("sim_inserted", {"iccid": "89860012345678901234"})
+            await mq.wait_sub(sub, lambda s: len(s.messages("/events")) == 2 and s.messages("/telemetry") and s.messages("/state"))
+            reporter.publish_state(mq.state_document(radio={"cfun": 4, "gated": True}))
+            reporter.publish_state(mq.state_document(radio={"cfun": 4, "gated": True}))  # unchanged: not sent again
+            await mq.wait_sub(sub, lambda s: len(s.messages("/state")) == 2)
+            await mq.until(lambda: store.outbox_depth()["event"] == 0, what="outbox drained")
+
+    asyncio.run(scenario())
+    status = sub.messages("/status")
+    assert status[0].retain is False and status[0].json()["online"] is True  # live delivery of a retained publish
+    assert status[-1].json()["online"] is False  # graceful stop
+    assert [m.json()["radio"]["cfun"] for m in sub.messages("/state")] == [1, 4]
+    telemetry = sub.messages("/telemetry")
+    assert len(telemetry) == 1 and telemetry[0].qos == 0 and telemetry[0].json()["signal_dbm"] == -85
+    events = sub.documents("/events")
+    assert [e["type"] for e in events] == ["agent_started", "sim_inserted"]
+    assert [e["seq"] for e in events] == [1, 2]
+    assert all(m.qos == 1 for m in sub.messages("/events"))
+    # A platform that subscribes later gets the retained status and state.
+    late = subscriber(mosquitto, f"{mq.PREFIX}/+")
+    late.wait_for(lambda s: s.messages("/status") and s.messages("/state"))
+    assert all(m.retain for m in late.messages())
+    assert late.documents("/status")[0]["online"] is False
+    assert late.documents("/state")[0]["radio"]["cfun"] == 4
+
+
+def test_telemetry_taken_offline_is_queued_and_replayed_at_qos1(mosquitto, subscriber, store, mq):
+    sub = subscriber(mosquitto, f"{mq.PREFIX}/telemetry")
+
+    async def scenario():
+        reporter = Reporter(mq.reporter_settings(mosquitto), store, device_id=mq.DEVICE_ID, backoff=mq.quick_backoff())
+        for dbm in (-101, -99, -97):
+            reporter.publish_telemetry({"registration": "searching", "signal_dbm": dbm})
+        assert store.outbox_depth()["telemetry"] == 3
+        async with mq.running(reporter):
+            await mq.wait_sub(sub, lambda s: len(s.messages()) == 3)
+            await mq.until(lambda: store.outbox_depth()["telemetry"] == 0, what="telemetry drained")
+
+    asyncio.run(scenario())
+    assert [m.json()["signal_dbm"] for m in sub.messages()] == [-101, -99, -97]
+    assert {m.qos for m in sub.messages()} == {1}
+
+
+def test_stop_sends_what_is_queued_then_offline_status(mosquitto, subscriber, store, mq):
+    sub = subscriber(mosquitto, f"{mq.PREFIX}/#")
+
+    async def scenario():
+        reporter = Reporter(mq.reporter_settings(mosquitto), store, device_id=mq.DEVICE_ID, backoff=mq.quick_backoff())
+        async with mq.running(reporter):
+            with store.transaction() as tx:
+                for n in range(200):
+                    tx.record("config_reloaded", {"n": n}, evidence=False)
+        # stop() returned: everything was acknowledged and deleted.
+        assert store.outbox_depth()["event"] == 0
+
+    asyncio.run(scenario())
+    sub.wait_for(lambda s: len(s.messages("/events")) == 200 and s.messages("/status")[-1].json()["online"] is False)
+    assert mq.event_seqs(sub) == list(range(1, 201))
