@@ -9,6 +9,8 @@ import uuid
 
 import jwt
 import pytest
+
+from agent.store import TIME_FLOOR_KEY
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -87,7 +89,8 @@ def make_processor(store):
 
 def snapshot(store) -> dict:
     read = store.read()
-    meta = {k: v for k, v in read._conn.execute("SELECT key, value FROM meta") if k != "event_seq"}
+    # The event counter and the trusted-time floor move with every record, refusals included.
+    meta = {k: v for k, v in read._conn.execute("SELECT key, value FROM meta") if k not in ("event_seq", TIME_FLOOR_KEY)}
     return {
         "bindings": read.bindings(),
         "tokens": read._conn.execute("SELECT jti FROM used_tokens ORDER BY jti").fetchall(),
