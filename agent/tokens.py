@@ -34,7 +34,10 @@ from agent.evidence import parse_public_key, raw_public_key
 from agent.store import Binding, Store, Transaction
 
 ALGORITHM = "EdDSA"
-ACTIONS = ("rebind", "unbind")
+BINDING_ACTIONS = ("rebind", "unbind")
+# Platform commands that need a signed authorisation but change no binding (SPEC §6).
+AUTHORISING_ACTIONS = ("modem_reset", "at")
+ACTIONS = BINDING_ACTIONS + AUTHORISING_ACTIONS
 REFUSAL_CODES = ("bad_signature", "expired", "replayed", "wrong_device", "malformed", "untrusted_key", "bad_claims")
 PROVISION_DIGEST_KEY = "provision_file_sha256"  # meta: the provision file content last processed
 MAX_TOKEN_LENGTH = 8192
@@ -57,7 +60,7 @@ class TrustedKey:
 @dataclass(frozen=True)
 class Claims:
     sub: str
-    iccid: str
+    iccid: str | None  # None for tokens that authorise a command (modem_reset, at)
     act: str
     exp: float
     jti: str
@@ -91,8 +94,9 @@ def load_trusted_keys(entries: Iterable[str]) -> list[TrustedKey]:
 
 
 def verify_token(token: str, keys: list[TrustedKey], device_imei: str | None, now: Stamp,
-                 time_floor: float | None) -> Claims:
-    """Checks everything but replay (that needs the store). Raises TokenError."""
+                 time_floor: float | None, *, actions: Iterable[str] = BINDING_ACTIONS) -> Claims:
+    """Checks everything but replay (that needs the store); `actions` are the `act`
+    values the caller is about to carry out. Raises TokenError."""
     token = token.strip()
     if not token or len(token) > MAX_TOKEN_LENGTH:
         raise TokenError("malformed", "empty or oversized token")
@@ -109,6 +113,9 @@ def verify_token(token: str, keys: list[TrustedKey], device_imei: str | None, no
         raise TokenError("untrusted_key", "no trusted key configured" if not keys else f"key {kid!r} is not trusted")
     payload = _verified_payload(token, candidates)
     claims = _claims(payload)
+    actions = tuple(actions)
+    if claims.act not in actions:
+        raise TokenError("bad_claims", f"token authorises {claims.act}, not {' or '.join(actions)}")
     if device_imei is None:
         raise TokenError("wrong_device", "this terminal's IMEI is not known yet")
     if claims.sub != device_imei:
@@ -157,19 +164,19 @@ def _claims(payload: Any) -> Claims:
     if act not in ACTIONS:
         raise TokenError("bad_claims", f"claim 'act' must be one of {', '.join(ACTIONS)}, got {act!r}")
     return Claims(
-        sub=text("sub", _DIGITS), iccid=text("iccid", _DIGITS), act=act, exp=number("exp"),
+        sub=text("sub", _DIGITS), iccid=text("iccid", _DIGITS, required=act in BINDING_ACTIONS), act=act, exp=number("exp"),
         jti=text("jti", limit=128), iat=number("iat", required=False), reason=text("reason", required=False),
     )
 
 
 def accept_token(store: Store, token: str, keys: list[TrustedKey], device_imei: str | None, *,
-                 source: str = "token") -> TokenResult:
-    """Verifies and applies a token in one transaction. Accepted: the binding change,
-    `token_accepted` and `bound`/`unbound`. Refused: only `token_refused`."""
+                 source: str = "token", actions: Iterable[str] = BINDING_ACTIONS) -> TokenResult:
+    """Verifies and applies a token in one transaction. Accepted: the binding change (for
+    rebind/unbind), `token_accepted` and `bound`/`unbound`. Refused: only `token_refused`."""
     with store.transaction() as tx:
         now = tx.now()
         try:
-            claims = verify_token(token, keys, device_imei, now, tx.time_floor())
+            claims = verify_token(token, keys, device_imei, now, tx.time_floor(), actions=actions)
             _apply(tx, claims, now, source)
         except TokenError as refusal:
             tx.record("token_refused", {"code": refusal.code, "message": refusal.message, "source": source, **_identity(token)})
@@ -189,6 +196,8 @@ def _apply(tx: Transaction, claims: Claims, now: Stamp, source: str) -> None:
         "jti": claims.jti, "act": claims.act, "imei": claims.sub, "iccid": claims.iccid, "exp": claims.exp,
         "reason": claims.reason, "source": source, "time_trusted": now.trusted,
     })
+    if claims.act in AUTHORISING_ACTIONS:
+        return
     # A token changes the bindings: the next decision is a new one, recorded afresh.
     tx.set_meta(LAST_DECISION_KEY, None)
     if claims.act == "rebind":

@@ -212,3 +212,29 @@ def test_provision_file_binds_once_and_is_not_replayed_each_boot(store, tmp_path
     assert len(events(store)) == count
     assert evaluate(store, Observation(IMEI, "ready", ICCID), BindingPolicy(mode="provisioned")).status == "ok"
     assert provision_from_file(store, tmp_path / "missing", KEYS, IMEI) == []
+
+
+def test_command_token_is_not_a_binding_token(bound_store, events):
+    """A token that authorises `modem_reset` cannot rebind, and using it for its own
+    command consumes its jti without touching the binding."""
+    reset = token(act="modem_reset", iccid=None, jti="cmd-1")
+    before = bound_store.read().bindings()
+    refused = accept_token(bound_store, reset, KEYS, IMEI)
+    assert (refused.accepted, refused.code) == (False, "bad_claims")
+    accepted = accept_token(bound_store, reset, KEYS, IMEI, actions=("modem_reset",))
+    assert accepted.accepted and accepted.claims.iccid is None
+    assert bound_store.read().bindings() == before
+    again = accept_token(bound_store, reset, KEYS, IMEI, actions=("modem_reset",))
+    assert again.code == "replayed"
+
+
+def test_binding_token_must_name_the_card():
+    with pytest.raises(TokenError) as refused:
+        verify_token(token(iccid=None), KEYS, IMEI, _trusted_stamp(), None)
+    assert refused.value.code == "bad_claims"
+
+
+def _trusted_stamp():
+    from agent.clock import Stamp
+
+    return Stamp(NOW, True, 1.0, "boot")
