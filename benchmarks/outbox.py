@@ -9,10 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -21,6 +17,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.localbroker import Broker
 from agent.reporter import MqttSettings, Reporter, TlsSettings
 from agent.store import Caps, Store
 
@@ -29,26 +26,6 @@ MESSAGES = 5000
 WINDOW = 20
 ROUNDS = 3
 SAMPLE_DATA = {"iccid": "89860012345678901234", "imei": "490154203237518", "reason": "benchmark", "cfun": 4}
-
-
-def _start_broker(directory: Path) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    conf = directory / "mosquitto.conf"
-    conf.write_text(("user root\n" if os.geteuid() == 0 else "") + f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    process = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process, port
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError("mosquitto did not start")
-            time.sleep(0.01)
 
 
 def enqueue_rate(directory: Path) -> float:
@@ -122,7 +99,8 @@ def reporter_rate(directory: Path, port: int) -> tuple[float, int]:
 def run() -> dict:
     with tempfile.TemporaryDirectory(prefix="simagent-bench-") as tmp:
         directory = Path(tmp)
-        broker, port = _start_broker(directory)
+        broker = Broker(directory / "broker").start()
+        port = broker.port
         try:
             enqueue = enqueue_rate(directory)
             drains, raws = [], []
@@ -131,8 +109,7 @@ def run() -> dict:
                 drains.append(drain)
                 raws.append(raw_paho_rate(port, b"x" * size))
         finally:
-            broker.terminate()
-            broker.wait()
+            broker.stop()
     return {
         "outbox_enqueue_per_s": round(enqueue),
         "outbox_drain_per_s": round(max(drains)),
