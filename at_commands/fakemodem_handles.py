@@ -1,0 +1,141 @@
+"""Handles that drive a fake modem: in-process (a background thread) or the real
+`simagent-fakemodem` in a subprocess, both through the same control operations.
+Used by the pytest plugin, the demo and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from at_commands import fakemodem, profiles
+
+MODEM_KEYWORDS = ("profile", "imei", "iccid", "no_sim", "imsi", "pin", "register_delay")
+
+
+def _check_keywords(kwargs: dict[str, Any]) -> None:
+    unknown = set(kwargs) - set(MODEM_KEYWORDS)
+    if unknown:
+        raise TypeError(f"fake modem: unknown option(s) {sorted(unknown)}; known: {MODEM_KEYWORDS}")
+
+
+class _ControlMixin(abc.ABC):
+    """Convenience methods over ``control(op, **args)``; raise on a refused operation."""
+
+    @abc.abstractmethod
+    def control(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one control operation; the reply is {"ok": bool, "state"|"error"}."""
+
+    def _ok(self, op: str, **args: Any) -> dict[str, Any]:
+        reply = self.control(op, **args)
+        if not reply.get("ok"):
+            raise ValueError(f"fake modem refused {op}: {reply.get('error')}")
+        return reply["state"]
+
+    def state(self) -> dict[str, Any]:
+        return self._ok("state")
+
+    def sim_remove(self) -> dict[str, Any]:
+        return self._ok("sim-remove")
+
+    def sim_insert(self, iccid: str, **args: Any) -> dict[str, Any]:
+        return self._ok("sim-insert", iccid=iccid, **args)
+
+    def set(self, **values: Any) -> dict[str, Any]:
+        return self._ok("set", **values)
+
+    def register(self, state: str) -> dict[str, Any]:
+        return self._ok("register", state=state)
+
+    def reboot(self) -> dict[str, Any]:
+        return self._ok("reboot")
+
+    def unplug(self) -> dict[str, Any]:
+        return self._ok("unplug")
+
+    def replug(self) -> dict[str, Any]:
+        return self._ok("replug")
+
+    def fault(self, kind: str, seconds: float | None = None, count: int = 1) -> dict[str, Any]:
+        args: dict[str, Any] = {"kind": kind, "count": count}
+        if seconds is not None:
+            args["seconds"] = seconds
+        return self._ok("fault", **args)
+
+
+class InProcessFakeModem(_ControlMixin):
+    def __init__(self, modem: fakemodem.FakeModem):
+        self.modem = modem
+        self.port = str(modem.link)
+
+    def control(self, op: str, **args: Any) -> dict[str, Any]:
+        return self.modem.control(op, **args)
+
+    @property
+    def transcript(self) -> list[dict[str, Any]]:
+        return list(self.modem.transcript.entries)
+
+
+def start_in_process(directory: Path, name: str = "modem", **kwargs: Any) -> InProcessFakeModem:
+    _check_keywords(kwargs)
+    no_sim = kwargs.pop("no_sim", False)
+    profile = profiles.get(kwargs.pop("profile", "generic"))
+    if no_sim:
+        kwargs["iccid"] = None
+    state = fakemodem.FakeModemState(profile=profile, **kwargs)
+    modem = fakemodem.FakeModem(directory / name, state, transcript_path=directory / f"{name}.transcript")
+    return InProcessFakeModem(modem.start())
+
+
+class ProcessFakeModem(_ControlMixin):
+    """The real ``simagent-fakemodem`` in a subprocess, driven through its control socket."""
+
+    def __init__(self, directory: Path, name: str, **kwargs: Any):
+        _check_keywords(kwargs)
+        self.port = str(directory / name)
+        self.control_path = str(directory / f"{name}.ctl")
+        self.transcript_path = str(directory / f"{name}.transcript")
+        argv = [*_fakemodem_command(), "--link", self.port, "--control", self.control_path,
+                "--transcript", self.transcript_path]
+        for key, value in kwargs.items():
+            if key == "no_sim":
+                if value:
+                    argv.append("--no-sim")
+            elif value is not None:
+                argv += [f"--{key.replace('_', '-')}", str(value)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not ready.startswith("READY"):
+            self.proc.wait(5)
+            raise RuntimeError(f"simagent-fakemodem did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+
+    def control(self, op: str, **args: Any) -> dict[str, Any]:
+        return fakemodem.control_request(self.control_path, {"op": op, **args})
+
+    @property
+    def transcript(self) -> list[dict[str, Any]]:
+        return fakemodem.read_transcript(self.transcript_path)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+        return self.proc.returncode
+
+
+def _fakemodem_command() -> list[str]:
+    script = Path(sys.executable).with_name("simagent-fakemodem")
+    if script.exists() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "at_commands.fakemodem"]
