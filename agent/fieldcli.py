@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent import exitcodes
+from agent import config, exitcodes
 from agent.binding import BindingPolicy
 from agent.control import BlockingControlClient, ControlError
 from agent.status import format_status, read_binding, read_modem_status
@@ -230,10 +230,11 @@ def connect_daemon(cfg: Any) -> BlockingControlClient | None:
         raise Unavailable("daemon", f"{cfg.control.socket}: permission denied: the daemon runs; join its group or use sudo") from None
 
 
-def obtain_status(cfg: Any, port: str | None = None, profile: str | None = None) -> tuple[dict[str, Any], str]:
+def obtain_status(cfg: Any, port: str | None = None, profile: str | None = None,
+                  state_dir: str | None = None) -> tuple[dict[str, Any], str]:
     """(status document, source): from the daemon when it answers and no port was
     named (source "daemon"), else read directly (source: the port as given) with the
-    binding verdict from the state store added."""
+    binding verdict from the state store (``state_dir`` or the configured one) added."""
     if port is None:
         client = connect_daemon(cfg)
         if client is not None:
@@ -244,7 +245,7 @@ def obtain_status(cfg: Any, port: str | None = None, profile: str | None = None)
                     raise Unavailable("daemon", f"the daemon did not answer status: {exc}") from None
     target = ModemTarget.from_config(cfg, port, profile)
     doc = asyncio.run(read_status_direct(target))
-    doc["binding"] = read_binding(cfg.device.state_dir, BindingPolicy.from_config(cfg.binding), doc)
+    doc["binding"] = read_binding(state_dir or cfg.device.state_dir, BindingPolicy.from_config(cfg.binding), doc)
     return doc, target.port
 
 
@@ -252,8 +253,6 @@ def obtain_status(cfg: Any, port: str | None = None, profile: str | None = None)
 
 
 def _load_config(args: argparse.Namespace) -> Any | None:
-    from agent import config
-
     try:
         return config.load(args.config)
     except config.ConfigError as exc:

@@ -65,6 +65,26 @@ def read_binding(state_dir: str | os.PathLike, policy: BindingPolicy, doc: dict[
     }
 
 
+def diag_facts(doc: dict[str, Any]) -> dict[str, Any]:
+    """The modem facts `simagent diag` judges (agent.diag fact keys), from a status
+    document; no binding fact when the document has no binding verdict."""
+    modem, sim, network = doc["modem"], doc["sim"], doc["network"]
+    facts = {
+        "modem_found": True,
+        "at_ok": True,
+        "sim_state": sim["state"],
+        "imei": modem["imei"],
+        "imei_luhn_ok": modem["imei_luhn_ok"],
+        "iccid": sim["iccid"],
+        "registration": network["registration"],
+        "signal_dbm": network["signal_dbm"],
+    }
+    binding = doc.get("binding")
+    if binding:
+        facts["binding_status"] = binding.get("reason") or binding["status"]
+    return facts
+
+
 # -- the human form: short aligned lines for a small terminal ----------------------------
 
 
