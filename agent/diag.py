@@ -325,11 +325,22 @@ def evidence_tail(state_dir: str | os.PathLike, count: int = EVIDENCE_TAIL) -> l
     return [json.loads(entry) for (entry,) in reversed(rows)]
 
 
-def gather_facts(*, state_dir: str | os.PathLike | None = None, broker: BrokerTarget | None = None) -> dict[str, Any]:
-    """Everything diag can learn without the daemon. Modem facts (modem_found, at_ok,
-    sim_state, identity, binding_status, registration, signal_dbm) are added here once
-    the modem layer is wired; until then their checks SKIP."""
+def gather_facts(
+    *,
+    state_dir: str | os.PathLike | None = None,
+    broker: BrokerTarget | None = None,
+    read_modem: bool = False,
+    config_path: str | None = None,
+    port: str | None = None,
+) -> dict[str, Any]:
+    """Everything diag can learn. With ``read_modem`` the modem facts come from the
+    daemon's `status` op when it runs (and no ``port`` is named), else from opening the
+    modem like `simagent status` does (``port``, else the configuration's ``[modem] port``
+    from ``config_path``); the binding verdict is read-only, from ``state_dir`` or the
+    configured state directory."""
     facts: dict[str, Any] = {"clock_trusted": kernel_clock_synchronised(), "not_checked": {}}
+    if read_modem:
+        facts.update(_modem_facts(config_path, port, state_dir, facts["not_checked"]))
     if state_dir is not None:
         facts["disk"] = disk_usage(state_dir)
         try:
@@ -339,6 +350,34 @@ def gather_facts(*, state_dir: str | os.PathLike | None = None, broker: BrokerTa
     if broker is not None:
         facts["broker"] = probe_broker(broker)
     return facts
+
+
+def _modem_facts(config_path: str | None, port: str | None, state_dir: str | os.PathLike | None,
+                 not_checked: dict[str, str]) -> dict[str, Any]:
+    # Imported here: agent.status imports this module.
+    from agent import config
+    from agent.fieldcli import DAEMON, Unavailable, obtain_status
+    from agent.status import diag_facts
+
+    try:
+        cfg = config.load(config_path)
+    except config.ConfigError as exc:
+        not_checked.update(dict.fromkeys(("modem_found", "at_answers", "sim_ready", "identity", "binding", "registered", "signal"),
+                                         f"not checked: {exc}"))
+        return {}
+    try:
+        doc, source = obtain_status(cfg, port, state_dir=None if state_dir is None else os.fspath(state_dir))
+    except Unavailable as exc:
+        where = port or cfg.modem.port
+        if exc.kind == "missing":
+            return {"modem_found": False, "modem_port": where}
+        if exc.kind == "daemon":
+            not_checked["modem_found"] = f"not checked: {exc}"
+            return {}
+        return {"modem_found": True, "modem_port": where, "at_ok": False}  # busy, silent or lost
+    if doc.get("binding") is None:
+        not_checked["binding"] = "not checked: no readable state store"
+    return {**diag_facts(doc), "modem_port": "held by the daemon" if source == DAEMON else source}
 
 
 # -- redaction and the support bundle ----------------------------------------------------
@@ -437,11 +476,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--state-dir", help="state directory to check (disk space, outbox backlog)")
     parser.add_argument("--bundle", metavar="FILE", help="also write a support tarball (secrets redacted)")
+    parser.add_argument("--port", help="open this AT port directly (path or pyserial URL), even if the daemon runs")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    facts = gather_facts(state_dir=args.state_dir)
+    facts = gather_facts(state_dir=args.state_dir, read_modem=True, config_path=args.config, port=args.port)
     checks = run_checks(facts)
     report = report_json(checks)
     print(json.dumps(report, indent=2) if args.json else format_table(checks))

@@ -86,18 +86,25 @@ def parse_imei(lines: Iterable[str] | str) -> Imei:
     if payload is None:
         if not plain:
             raise ParseError("empty IMEI response")
-        payload = plain[0]
-    # Some modules append a serial number: "129512359199159,SE393939TS".
-    value = _fields(payload)[0].replace(" ", "")
+        # An untagged answer is the line that looks like one: line noise may come first.
+        payload = next((p for p in plain if re.fullmatch(r"\d{15}", _imei_field(p))), plain[0])
+    value = _imei_field(payload)
     if not re.fullmatch(r"\d{15}", value):
         raise ParseError(f"IMEI must be 15 digits, got {value!r}")
     return Imei(value, luhn_ok(value))
 
 
+def _imei_field(payload: str) -> str:
+    # Some modules append a serial number: "129512359199159,SE393939TS".
+    return _fields(payload)[0].replace(" ", "")
+
+
 def parse_imsi(lines: Iterable[str] | str) -> str:
     plain = _plain_lines(lines)
     payload = _tagged(plain, "+CIMI")
-    value = (payload if payload is not None else (plain[0] if plain else "")).strip('" ')
+    if payload is None:  # untagged: the digits line, whatever line noise came before it
+        payload = next((p for p in plain if re.fullmatch(r"\d{6,15}", p.strip('" '))), plain[0] if plain else "")
+    value = payload.strip('" ')
     if not re.fullmatch(r"\d{6,15}", value):
         raise ParseError(f"IMSI must be 6-15 digits, got {value!r}")
     return value

@@ -387,13 +387,13 @@ def test_no_secret_field_leaks_whatever_its_value(name, secret, style):
 # -- the sub-command ----------------------------------------------------------------------
 
 
-def test_cli_json_output_and_exit_code(tmp_path, capsys):
+def test_cli_json_output_and_exit_code(tmp_path, capsys, fake_modem):
     Store.open(tmp_path).close()
-    assert cli.main(["diag", "--json", "--state-dir", str(tmp_path)]) == 0
+    assert cli.main(["diag", "--json", "--state-dir", str(tmp_path), "--port", fake_modem.port]) == 0
     report = json.loads(capsys.readouterr().out)
     by_name = {c["name"]: c for c in report["checks"]}
     assert by_name["outbox"]["result"] == "PASS" and by_name["disk"]["result"] == "PASS"
-    assert by_name["modem_found"]["result"] == "SKIP"
+    assert by_name["modem_found"]["result"] == "PASS" and by_name["identity"]["result"] == "PASS"
     assert report["ok"] is True
 
 
