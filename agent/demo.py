@@ -1,0 +1,281 @@
+"""`simagent demo`: the whole story on one machine, in words a newcomer follows.
+
+It starts a local mosquitto, a fake Quectel modem on a real pseudo-terminal and the real
+agent (`simagent run`, as a separate process), subscribes to the agent's topics like a
+platform would, and walks through: first bind -> a foreign SIM is inserted -> the radio
+is blocked before the card can attach -> the right SIM comes back -> the radio is
+restored -> the evidence bundle is exported and verified -> the agent stops and the
+platform sees it go offline. Every process it started is stopped again; it exits 0 when
+the story went as it should and 1 (naming the step) when it did not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import exitcodes
+from agent.localbroker import Broker
+from at_commands.fakemodem_handles import ProcessFakeModem
+
+IMEI = "864505040000017"
+HOME_ICCID = "89860321234567890123"
+FOREIGN_ICCID = "89860098765432109876"
+STEP_TIMEOUT_S = 20.0
+
+
+class DemoFailed(Exception):
+    pass
+
+
+class Platform:
+    """An MQTT subscriber to `simagent/#` that narrates what arrives."""
+
+    def __init__(self, port: int, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.messages: queue.Queue[tuple[str, dict]] = queue.Queue()
+        self.seen: list[tuple[str, dict]] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-platform")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe("simagent/#", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            doc = json.loads(message.payload)
+        except ValueError:
+            doc = {"raw": message.payload.decode(errors="replace")}
+        self.messages.put((message.topic, doc))
+
+    def wait_for(self, what: str, predicate: Callable[[str, dict], bool]) -> dict:
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        for topic, doc in self.seen:
+            if predicate(topic, doc):
+                return doc
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DemoFailed(f"the platform never saw {what}")
+            try:
+                topic, doc = self.messages.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            self.seen.append((topic, doc))
+            self._narrate(topic, doc)
+            if predicate(topic, doc):
+                return doc
+
+    def event(self, type_: str) -> dict:
+        return self.wait_for(f"a {type_} event", lambda t, d: t.endswith("/events") and d.get("type") == type_)
+
+    def _narrate(self, topic: str, doc: dict) -> None:
+        kind = topic.rsplit("/", 1)[-1]
+        if kind == "events":
+            self.say(f"    platform <- event #{doc.get('seq')} {doc.get('type')}: {_describe(doc)}")
+        elif kind == "status":
+            self.say(f"    platform <- status: online={doc.get('online')}")
+        elif kind == "state":
+            binding, radio = doc.get("binding", {}), doc.get("radio", {})
+            self.say(f"    platform <- state: binding {binding.get('status')}, radio CFUN={radio.get('cfun')}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _describe(event: dict) -> str:
+    data = event.get("data", {})
+    keys = ("reason", "iccid", "imei", "observed_iccid", "bound_iccid", "port", "profile", "cfun", "action")
+    parts = [f"{k}={data[k]}" for k in keys if data.get(k) not in (None, "", [])]
+    return ", ".join(parts) or "-"
+
+
+class Demo:
+    def __init__(self, directory: Path, out=sys.stdout) -> None:
+        self.dir = directory
+        self.out = out
+        self.processes: list[Callable[[], Any]] = []
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def step(self, number: int, text: str) -> None:
+        self.say()
+        self.say(f"[{number}/7] {text}")
+
+    def run(self) -> int:
+        try:
+            self._story()
+        except DemoFailed as exc:
+            self.say(f"\nDEMO FAILED: {exc}")
+            self._show_agent_log()
+            return exitcodes.CHECK_FAILED
+        finally:
+            for stop in reversed(self.processes):
+                stop()
+        self.say("\nDemo finished: the foreign card never reached the network, the evidence tells the story.")
+        return exitcodes.OK
+
+    def _story(self) -> None:
+        self.say("simagent demo: a terminal with a cellular modem and its own IoT SIM, an MQTT platform,")
+        self.say("and the agent in between - all on this machine, nothing real is touched.")
+
+        self.step(1, "Starting a local MQTT broker (the platform side)")
+        broker = Broker(self.dir / "broker").start()
+        self.processes.append(broker.stop)
+        self.say(f"    mosquitto listening on 127.0.0.1:{broker.port}")
+
+        self.step(2, "Starting a fake Quectel modem on a real pseudo-terminal")
+        modem = ProcessFakeModem(self.dir, "ttyFAKE", profile="quectel", imei=IMEI, iccid=HOME_ICCID)
+        self.processes.append(modem.stop)
+        self.say(f"    {modem.port}: IMEI {IMEI}, SIM card {HOME_ICCID}")
+
+        platform = Platform(broker.port, self.say)
+        self.processes.append(platform.close)
+
+        self.step(3, "Starting the agent: it gates the radio, reads the modem and decides")
+        agent = self._start_agent(broker.port, modem.port)
+        platform.event("bound")
+        platform.wait_for("the radio switched on", lambda t, d: t.endswith("/state") and d.get("radio", {}).get("cfun") == 1)
+        self._show_modem(modem, "first use: the card is bound to this terminal and may attach")
+
+        self.step(4, f"Someone swaps in a foreign SIM ({FOREIGN_ICCID})")
+        modem.sim_remove()
+        platform.event("sim_removed")
+        modem.sim_insert(FOREIGN_ICCID)
+        violation = platform.event("binding_violation")
+        platform.event("radio_blocked")
+        state = self._show_modem(modem, f"violation {violation['data'].get('reason')}: RF stays off")
+        if state["cfun"] != 4:
+            raise DemoFailed(f"the radio is at CFUN={state['cfun']}, expected 4")
+        foreign = [a for a in state.get("attaches", []) if a.get("iccid") == FOREIGN_ICCID]
+        self.say(f"    network attaches by the foreign card: {len(foreign)}")
+        if foreign:
+            raise DemoFailed("the foreign card attached to the network")
+
+        self.step(5, "The right SIM goes back in")
+        modem.sim_remove()
+        modem.sim_insert(HOME_ICCID)
+        platform.event("radio_restored")
+        state = self._show_modem(modem, "the bound card is back: radio restored")
+        if state["cfun"] != 1:
+            raise DemoFailed(f"the radio is at CFUN={state['cfun']}, expected 1")
+
+        self.step(6, "Evidence for the operator (clause 5.12): export and verify the signed log")
+        bundle = self.dir / "evidence.json"
+        self._cli("evidence", "export", "--out", str(bundle))
+        entries = json.loads(bundle.read_text())["entries"]
+        self.say(f"    {len(entries)} hash-chained entries, for example:")
+        for entry in entries:
+            if entry["type"] in ("bound", "binding_violation", "radio_blocked", "radio_restored"):
+                self.say(f"      #{entry['seq']:<3} {entry['wall']}  {entry['type']}")
+        verdict = self._cli("evidence", "verify", str(bundle))
+        self.say(f"    simagent evidence verify: {verdict.strip()}")
+
+        self.step(7, "Stopping the agent (SIGTERM): it flushes and says goodbye")
+        agent.send_signal(signal.SIGTERM)
+        platform.wait_for("the offline status", lambda t, d: t.endswith("/status") and d.get("online") is False)
+        code = agent.wait(10)
+        if code != 0:
+            raise DemoFailed(f"the agent exited with {code}")
+        self.say("    agent exited 0")
+
+    def _start_agent(self, broker_port: int, modem_port: str) -> subprocess.Popen:
+        config = self.dir / "agent.toml"
+        config.write_text(textwrap.dedent(f"""\
+            [device]
+            id = "imei"
+            state_dir = "{self.dir / 'state'}"
+            [modem]
+            port = "{modem_port}"
+            [mqtt]
+            host = "127.0.0.1"
+            port = {broker_port}
+            [mqtt.tls]
+            enabled = false  # a loopback demo broker; the shipped config has TLS on
+            [control]
+            socket = "{self.dir / 'control.sock'}"
+            [log]
+            level = "info"
+        """))
+        self.config = config
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify_path = self.dir / "notify.sock"
+        notify.bind(str(notify_path))
+        self.agent_log = self.dir / "agent.log"
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        with open(self.agent_log, "wb") as log:
+            agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+        self.processes.append(lambda: _stop_process(agent))
+        notify.settimeout(STEP_TIMEOUT_S)
+        try:
+            while True:
+                message = notify.recv(4096).decode()
+                if "READY=1" in message:
+                    status = next((f[7:] for f in message.split("\n") if f.startswith("STATUS=")), "")
+                    self.say(f"    systemd would now hear READY=1 ({status})")
+                    return agent
+        except TimeoutError:
+            raise DemoFailed("the agent did not report READY") from None
+        finally:
+            notify.close()
+
+    def _cli(self, *args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "agent", "--config", str(self.config), *args],
+                              capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise DemoFailed(f"simagent {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def _show_modem(self, modem: ProcessFakeModem, comment: str) -> dict:
+        state = modem.state()
+        radio = {1: "on", 4: "RF off"}.get(state["cfun"], "?")
+        self.say(f"    modem: CFUN={state['cfun']} ({radio}), SIM {state.get('iccid')} - {comment}")
+        return state
+
+    def _show_agent_log(self) -> None:
+        log = getattr(self, "agent_log", None)
+        if log and log.exists():
+            self.say(f"--- agent log ({log}) ---")
+            self.say(log.read_text(errors="replace")[-4000:])
+
+
+def _stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="walk through bind, foreign SIM, radio block and restore on a fake modem")
+    parser.add_argument("--keep", action="store_true", help="keep the demo's working directory (logs, state, evidence)")
+    parser.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.keep:
+        directory = Path(tempfile.mkdtemp(prefix="simagent-demo-"))
+        print(f"working directory: {directory}")
+        return Demo(directory).run()
+    with tempfile.TemporaryDirectory(prefix="simagent-demo-") as tmp:
+        return Demo(Path(tmp)).run()
