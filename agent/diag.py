@@ -270,6 +270,13 @@ class BrokerTarget:
     key_file: str | None = None
 
 
+def broker_target(mqtt: Any) -> BrokerTarget:
+    """The broker `[mqtt]` names (config.mqtt or the reporter's settings)."""
+    tls = mqtt.tls
+    return BrokerTarget(mqtt.host, mqtt.port, tls=tls.enabled, ca_file=tls.ca_file or None,
+                        cert_file=tls.cert_file or None, key_file=tls.key_file or None)
+
+
 def probe_broker(target: BrokerTarget, *, timeout: float = 5.0) -> dict[str, Any]:
     """TCP connect and, with TLS, a verified handshake. Blocking (name resolution is not
     bounded by `timeout`): the daemon runs it in a thread."""
@@ -474,14 +481,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "diag", help="run diagnostic checks", description="Ordered checks, each PASS, WARN, FAIL or SKIP with a one-line hint; exit 1 on any FAIL."
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--state-dir", help="state directory to check (disk space, outbox backlog)")
+    parser.add_argument("--state-dir", help="state directory to check (default: the configuration's [device] state_dir)")
     parser.add_argument("--bundle", metavar="FILE", help="also write a support tarball (secrets redacted)")
     parser.add_argument("--port", help="open this AT port directly (path or pyserial URL), even if the daemon runs")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    facts = gather_facts(state_dir=args.state_dir, read_modem=True, config_path=args.config, port=args.port)
+    from agent import config  # imported here: agent.config is heavier than diag needs at import
+
+    state_dir, broker = args.state_dir, None
+    try:
+        cfg = config.load(args.config)
+        state_dir = state_dir or cfg.device.state_dir
+        broker = broker_target(cfg.mqtt)
+    except config.ConfigError:
+        pass  # the modem facts name the configuration error
+    facts = gather_facts(state_dir=state_dir, broker=broker, read_modem=True, config_path=args.config, port=args.port)
     checks = run_checks(facts)
     report = report_json(checks)
     print(json.dumps(report, indent=2) if args.json else format_table(checks))
@@ -489,7 +505,7 @@ def _run(args: argparse.Namespace) -> int:
         written = write_bundle(
             args.bundle,
             config_text=_read_config_text(args.config),
-            evidence_tail=_evidence_tail_or_empty(args.state_dir),
+            evidence_tail=_evidence_tail_or_empty(state_dir),
             transcript="",  # the AT transcript comes with the modem layer
             versions=collect_versions(),
             diag_result={**report, "facts": facts},

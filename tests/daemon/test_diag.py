@@ -387,14 +387,27 @@ def test_no_secret_field_leaks_whatever_its_value(name, secret, style):
 # -- the sub-command ----------------------------------------------------------------------
 
 
-def test_cli_json_output_and_exit_code(tmp_path, capsys, fake_modem):
-    Store.open(tmp_path).close()
-    assert cli.main(["diag", "--json", "--state-dir", str(tmp_path), "--port", fake_modem.port]) == 0
+def test_cli_json_output_and_exit_code(tmp_path, capsys, fake_modem, mosquitto):
+    state = tmp_path / "state"
+    Store.open(state).close()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[device]\nstate_dir = "{state}"\n[mqtt]\nhost = "127.0.0.1"\nport = {mosquitto.port}\n'
+                      '[mqtt.tls]\nenabled = false\n')
+    assert cli.main(["--config", str(config), "diag", "--json", "--port", fake_modem.port]) == 0
     report = json.loads(capsys.readouterr().out)
     by_name = {c["name"]: c for c in report["checks"]}
     assert by_name["outbox"]["result"] == "PASS" and by_name["disk"]["result"] == "PASS"
+    assert by_name["broker"]["result"] == "WARN"  # reachable, but this test broker has no TLS
     assert by_name["modem_found"]["result"] == "PASS" and by_name["identity"]["result"] == "PASS"
     assert report["ok"] is True
+
+
+def test_cli_fails_on_an_unreachable_broker(tmp_path, capsys, fake_modem):
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[device]\nstate_dir = "{tmp_path}"\n[mqtt]\nhost = "127.0.0.1"\nport = 9\n')
+    assert cli.main(["--config", str(config), "diag", "--json", "--port", fake_modem.port]) == 1
+    by_name = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert by_name["broker"]["result"] == "FAIL"
 
 
 def test_cli_fails_on_an_unusable_state_dir(tmp_path, capsys):
