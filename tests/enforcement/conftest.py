@@ -68,7 +68,10 @@ class Terminal:
             await asyncio.sleep(0.01)
 
     async def cfun(self, value: int, what: str = "", timeout: float = 5.0) -> None:
-        await self.until(lambda: self.fake.state()["cfun"] == value, f"cfun {value} {what}", timeout)
+        """Waits until the fake is at `value` and the enforcer has taken note (recorded
+        the switch, if it made one)."""
+        await self.until(lambda: self.fake.state()["cfun"] == value and self.enforcer.state()["radio"]["cfun"] == value,
+                         f"cfun {value} {what}", timeout)
 
     async def status(self, status: str, reason: str | None = None) -> None:
         def reached() -> bool:
