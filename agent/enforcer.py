@@ -41,6 +41,7 @@ from agent.store import Binding, Store
 from at_commands.client import CommandError, CommandTimeout, PortLost
 from at_commands.modem import (Identity, Modem, ModemEvent, ModemRebooted, NetworkTime, RegistrationChanged,
                                SimInserted, SimRemoved)
+from at_commands.parsers import ParseError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ RETRY_STEP = 0.2
 UNREADABLE_RETRY = 1.0
 _RETRY_STATUSES = (SIM_UNREADABLE, IMEI_UNREADABLE)
 # Errors a check survives (it is retried); PortLost and bugs leave run().
-_MODEM_ERRORS = (CommandError, CommandTimeout)
+_MODEM_ERRORS = (CommandError, CommandTimeout, ParseError)
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,11 @@ class Enforcer:
                 events.append(self._events.get_nowait())
             reasons = []
             for event in events:
-                reason = await self._handle(event)
+                try:
+                    reason = await self._handle(event)
+                except _MODEM_ERRORS as exc:
+                    log.warning("handling %s failed: %s; checking again", event, exc)
+                    reason = "retry"
                 if reason:
                     reasons.append(reason)
             if reasons:
@@ -437,10 +442,14 @@ class Enforcer:
                 continue  # the schedule changed: compute it again
             except TimeoutError:
                 pass
-            if self.polling:
-                await self._poll_once()
-            else:
-                await self.check("retry")
+            try:
+                if self.polling:
+                    await self._poll_once()
+                else:
+                    await self.check("retry")
+            except _MODEM_ERRORS as exc:
+                log.warning("SIM poll failed: %s", exc)
+                self._schedule_retry()
 
     async def _poll_once(self) -> None:
         """+CPIN?, ICCID and +CFUN?: a changed SIM is gated and checked; a radio level

@@ -253,3 +253,12 @@ def test_run_needs_start(open_terminal):
 
 def test_hotswap_profiles_are_covered():
     assert set(HOTSWAP_PROFILES) >= {"quectel", "simcom", "huawei", "ublox"}
+
+
+def test_fake_modem_ctl_words_for_the_operations_these_tests_added():
+    from at_commands.fakemodem import parse_ctl_words
+
+    assert parse_ctl_words("urc", ["+CPIN:", "NOT", "READY"]) == {"op": "urc", "line": "+CPIN: NOT READY"}
+    assert parse_ctl_words("fault", ["busy", "count=2"]) == {"op": "fault", "kind": "busy", "count": 2}
+    with pytest.raises(ValueError, match="urc needs"):
+        parse_ctl_words("urc", [])
