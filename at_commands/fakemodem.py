@@ -109,7 +109,7 @@ REGISTER_TARGETS = {"home": REG_HOME, "roaming": REG_ROAMING, "denied": REG_DENI
 REG_NAMES = {REG_IDLE: "idle", REG_HOME: "home", REG_SEARCHING: "searching", REG_DENIED: "denied",
              REG_UNKNOWN: "unknown", REG_ROAMING: "roaming"}
 
-FAULT_KINDS = ("delay", "drop", "garbage", "error", "hang", "late-reply")
+FAULT_KINDS = ("delay", "drop", "garbage", "error", "busy", "hang", "late-reply")
 # What a confused module puts on the line: NULs, high bytes, half a line.
 GARBAGE = b"\x00\x00\xfe\xff\x13~#@!\r\n+CSQ: 1\x00"
 
@@ -453,6 +453,8 @@ class FakeModemState:
             return out
         if fault.kind == "error":
             return out + [_frame("ERROR")]
+        if fault.kind == "busy":  # SIM or module still initialising: +CME ERROR: 14
+            return out + [_frame(self._error_text(14))]
         if fault.kind == "garbage":
             return out + [GARBAGE + reply]
         timer = self._schedule(fault.seconds, "emit", reply)
@@ -895,6 +897,11 @@ class FakeModem:
             self._write(b"".join(s.register(str(args["state"]))))
         elif op == "reboot":
             self._write(b"".join(s.reboot()))
+        elif op == "urc":
+            line = str(args["line"])
+            if not line or "\r" in line or "\n" in line:
+                raise ValueError("urc: expected one non-empty line")
+            self._write(_frame(line))
         elif op == "fault":
             s.fault(str(args["kind"]), args.get("seconds"), int(args.get("count", 1)))
         elif op == "unplug":
@@ -1068,6 +1075,10 @@ def parse_ctl_words(op: str, words: list[str]) -> dict[str, Any]:
             raise ValueError("sim-insert needs exactly one ICCID")
         request["iccid"] = positional[0]
         request.update(pairs)
+    elif op == "urc":
+        if not words:
+            raise ValueError("urc needs the line to emit, e.g. '+CPIN: NOT READY'")
+        request["line"] = " ".join(words)
     elif op == "register":
         if len(positional) != 1:
             raise ValueError("register needs one of home, roaming, denied, searching")
@@ -1091,7 +1102,7 @@ def parse_ctl_words(op: str, words: list[str]) -> dict[str, Any]:
     return request
 
 
-CTL_OPS = ("sim-remove", "sim-insert", "set", "register", "reboot", "unplug", "replug", "fault", "state")
+CTL_OPS = ("sim-remove", "sim-insert", "set", "register", "reboot", "unplug", "replug", "fault", "urc", "state")
 
 
 def _ctl_main(argv: list[str]) -> int:

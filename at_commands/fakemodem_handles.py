@@ -54,6 +54,9 @@ class _ControlMixin(abc.ABC):
     def reboot(self) -> dict[str, Any]:
         return self._ok("reboot")
 
+    def urc(self, line: str) -> dict[str, Any]:
+        return self._ok("urc", line=line)
+
     def unplug(self) -> dict[str, Any]:
         return self._ok("unplug")
 

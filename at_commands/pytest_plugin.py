@@ -9,7 +9,7 @@ Fixtures:
                        in a subprocess with a control socket (end-to-end tests)
 All of them give ``.port`` (a symlink in tmp_path), ``.control(op, **args)``,
 ``sim_remove()``, ``sim_insert(iccid)``, ``reboot()``, ``unplug()``, ``replug()``,
-``fault(kind, seconds=None, count=1)``, ``set(**values)``, ``register(state)``,
+``fault(kind, seconds=None, count=1)``, ``urc(line)``, ``set(**values)``, ``register(state)``,
 ``state()`` and ``.transcript`` (list of {"t", "dir", "line"}).
 """
 
