@@ -32,7 +32,7 @@ from agent import exitcodes
 from agent.localbroker import Broker
 from at_commands.fakemodem_handles import ProcessFakeModem
 
-IMEI = "864505040000017"
+IMEI = "864505040000013"
 HOME_ICCID = "89860321234567890123"
 FOREIGN_ICCID = "89860098765432109876"
 STEP_TIMEOUT_S = 20.0
@@ -62,9 +62,19 @@ class Platform:
             doc = {"raw": message.payload.decode(errors="replace")}
         self.messages.put((message.topic, doc))
 
-    def wait_for(self, what: str, predicate: Callable[[str, dict], bool]) -> dict:
+    def mark(self) -> int:
+        """A point in the message history: later waits look only at what came after it."""
+        while not self.messages.empty():
+            self._take(self.messages.get_nowait())
+        return len(self.seen)
+
+    def _take(self, message: tuple[str, dict]) -> None:
+        self.seen.append(message)
+        self._narrate(*message)
+
+    def wait_for(self, what: str, predicate: Callable[[str, dict], bool], since: int = 0) -> dict:
         deadline = time.monotonic() + STEP_TIMEOUT_S
-        for topic, doc in self.seen:
+        for topic, doc in self.seen[since:]:
             if predicate(topic, doc):
                 return doc
         while True:
@@ -75,13 +85,12 @@ class Platform:
                 topic, doc = self.messages.get(timeout=remaining)
             except queue.Empty:
                 continue
-            self.seen.append((topic, doc))
-            self._narrate(topic, doc)
+            self._take((topic, doc))
             if predicate(topic, doc):
                 return doc
 
-    def event(self, type_: str) -> dict:
-        return self.wait_for(f"a {type_} event", lambda t, d: t.endswith("/events") and d.get("type") == type_)
+    def event(self, type_: str, since: int) -> dict:
+        return self.wait_for(f"a {type_} event", lambda t, d: t.endswith("/events") and d.get("type") == type_, since)
 
     def _narrate(self, topic: str, doc: dict) -> None:
         kind = topic.rsplit("/", 1)[-1]
@@ -150,16 +159,16 @@ class Demo:
 
         self.step(3, "Starting the agent: it gates the radio, reads the modem and decides")
         agent = self._start_agent(broker.port, modem.port)
-        platform.event("bound")
-        platform.wait_for("the radio switched on", lambda t, d: t.endswith("/state") and d.get("radio", {}).get("cfun") == 1)
+        platform.event("bound", since=0)
+        platform.event("radio_restored", since=0)
         self._show_modem(modem, "first use: the card is bound to this terminal and may attach")
 
         self.step(4, f"Someone swaps in a foreign SIM ({FOREIGN_ICCID})")
+        mark = platform.mark()
         modem.sim_remove()
-        platform.event("sim_removed")
+        platform.event("sim_removed", mark)
         modem.sim_insert(FOREIGN_ICCID)
-        violation = platform.event("binding_violation")
-        platform.event("radio_blocked")
+        violation = platform.event("binding_violation", mark)
         state = self._show_modem(modem, f"violation {violation['data'].get('reason')}: RF stays off")
         if state["cfun"] != 4:
             raise DemoFailed(f"the radio is at CFUN={state['cfun']}, expected 4")
@@ -169,9 +178,10 @@ class Demo:
             raise DemoFailed("the foreign card attached to the network")
 
         self.step(5, "The right SIM goes back in")
+        mark = platform.mark()
         modem.sim_remove()
         modem.sim_insert(HOME_ICCID)
-        platform.event("radio_restored")
+        platform.event("radio_restored", mark)
         state = self._show_modem(modem, "the bound card is back: radio restored")
         if state["cfun"] != 1:
             raise DemoFailed(f"the radio is at CFUN={state['cfun']}, expected 1")
@@ -188,8 +198,9 @@ class Demo:
         self.say(f"    simagent evidence verify: {verdict.strip()}")
 
         self.step(7, "Stopping the agent (SIGTERM): it flushes and says goodbye")
+        mark = platform.mark()
         agent.send_signal(signal.SIGTERM)
-        platform.wait_for("the offline status", lambda t, d: t.endswith("/status") and d.get("online") is False)
+        platform.wait_for("the offline status", lambda t, d: t.endswith("/status") and d.get("online") is False, mark)
         code = agent.wait(10)
         if code != 0:
             raise DemoFailed(f"the agent exited with {code}")

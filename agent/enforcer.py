@@ -176,10 +176,11 @@ class Enforcer:
         self._wake_poller.set()
         self._spawn(self.check("policy_reloaded"))
 
-    async def accept_token(self, token: str, keys: Sequence[tokens.TrustedKey]) -> tokens.TokenResult:
+    async def accept_token(self, token: str, keys: Sequence[tokens.TrustedKey], *, source: str = "token",
+                           actions: Sequence[str] = tokens.BINDING_ACTIONS) -> tokens.TokenResult:
         """A rebind/unbind token; an accepted one is applied at once (the radio comes back
         when the card is now allowed). A refused one changes nothing but its record."""
-        result = tokens.accept_token(self.store, token, list(keys), self._imei())
+        result = tokens.accept_token(self.store, token, list(keys), self._imei(), source=source, actions=actions)
         if result.accepted:
             await self.check("token_accepted")
         return result

@@ -25,7 +25,7 @@ from agent.store import Store
 from at_commands import profiles
 from at_commands.fakemodem import DEFAULT_ICCID
 from at_commands.modem import Modem
-from at_commands.pytest_plugin import InProcessFakeModem, start_in_process
+from at_commands.fakemodem_handles import InProcessFakeModem, start_in_process
 
 SWAPS = 200
 POLL_INTERVAL = 0.1

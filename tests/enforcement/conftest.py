@@ -25,7 +25,7 @@ from agent.store import Binding, Store
 from at_commands import profiles
 from at_commands.fakemodem import DEFAULT_ICCID, DEFAULT_IMEI, ef_iccid_hex, luhn_check_digit
 from at_commands.modem import Modem
-from at_commands.pytest_plugin import InProcessFakeModem
+from at_commands.fakemodem_handles import InProcessFakeModem
 
 HOME_ICCID = DEFAULT_ICCID
 FOREIGN_ICCID = "89860077777777777777"

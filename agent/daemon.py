@@ -1,0 +1,492 @@
+"""`simagent run`: the daemon. One asyncio loop carries everything (SPEC §10, issue 5):
+
+- the modem session: find the AT port (explicit path/URL, or udev discovery and its
+  monitor), open it, initialise, and hand it to the `Enforcer` (radio gate, binding
+  decision, SIM hot-swap / polling); a lost modem is recorded (`modem_lost`) and
+  looked for again, a found one (`modem_found`) gets a fresh binding check;
+- the MQTT `Reporter` (paho driven by this loop) with the platform command processor;
+- the control socket for the CLI;
+- telemetry sampling, sd_notify (READY, STATUS, WATCHDOG while the loop is healthy) and
+  signals: SIGTERM flushes and publishes the offline status, SIGHUP reloads the config.
+
+The daemon gathers facts and carries out actions; decisions live in `agent.binding`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from agent import __version__, exitcodes
+from agent import config as config_module
+from agent.binding import BindingPolicy
+from agent.clock import Clock
+from agent.config import Config, ConfigError
+from agent.control import ControlError, ControlServer, Peer, at_op, daemon_op
+from agent.enforcer import Enforcer
+from agent.evidence import device_public_key_b64, export_bundle, load_or_create_device_key, parse_since
+from agent.platform_commands import Command, CommandError, CommandProcessor
+from agent.reporter import Reporter
+from agent.sdnotify import LoopHealth, Notifier, Watchdog
+from agent.status import diag_facts, read_modem_status
+from agent.store import Caps, Store
+from agent import diag, fieldcli, tokens
+from at_commands import discovery
+from at_commands.client import CommandError as ATCommandError
+from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound
+from at_commands.modem import Modem
+
+log = logging.getLogger("simagent")
+
+MODEM_RETRY_S = (1.0, 30.0)  # first and longest wait before looking for the modem again
+DISCOVERY_POLL_S = 5.0  # udev events wake us sooner; this covers a missed event
+
+
+class Daemon:
+    def __init__(self, config: Config, *, config_path: str | None = None, notifier: Notifier | None = None,
+                 clock: Clock | None = None) -> None:
+        self.config = config
+        self.config_path = config_path  # as given on the command line, for SIGHUP
+        self.notifier = notifier or Notifier.from_env()
+        self.clock = clock or Clock()
+        self.store: Store | None = None
+        self.device_key = None
+        self.enforcer: Enforcer | None = None
+        self.reporter: Reporter | None = None
+        self.control: ControlServer | None = None
+        self.telemetry_interval = config.telemetry.interval
+        self._stopping = asyncio.Event()
+        self._identity_known = asyncio.Event()
+        self._telemetry_changed = asyncio.Event()
+        self._ready_sent = False
+        self._modem_port: str | None = None
+        self._last_modem_state: dict[str, Any] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._modem_task: asyncio.Task | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        cfg = self.config
+        self.store = Store.open(
+            cfg.device.state_dir, clock=self.clock,
+            caps=Caps(max_events=cfg.outbox.max_events, max_telemetry=cfg.outbox.max_telemetry),
+        )
+        self.device_key = load_or_create_device_key(cfg.device.state_dir)
+        self.store.record("agent_started", {"version": __version__, "pid": os.getpid(), "config": cfg.source})
+        if self._device_id() is not None:
+            self._identity_known.set()
+
+        self.control = ControlServer(cfg.control.socket, self._control_ops())
+        await self.control.start()
+
+        health = LoopHealth()
+        health.start()
+        self._modem_task = self._spawn(self._modem_supervisor(), "modem")
+        health.watch("modem", self._modem_task)
+        self._spawn(self._reporting(), "reporting")
+        self._spawn(self._telemetry(), "telemetry")
+        if watchdog := Watchdog.from_env(self.notifier, health):
+            self._tasks.append(watchdog.start())
+
+        await self._stopping.wait()
+        await self._shutdown()
+        return exitcodes.OK
+
+    async def _shutdown(self) -> None:
+        log.info("stopping")
+        self.notifier.stopping()
+        self.store.record("agent_stopping", {"pid": os.getpid()})
+        if self.reporter is not None:
+            self.reporter.notify_outbox()
+            await self.reporter.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.control is not None:
+            await self.control.close()
+        self.store.close()
+
+    def _spawn(self, coroutine, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        self._tasks.append(task)
+        return task
+
+    # -- modem --------------------------------------------------------------------------
+    async def _modem_supervisor(self) -> None:
+        wait = MODEM_RETRY_S[0]
+        while True:
+            port = await self._find_port()
+            try:
+                modem = await Modem.open(
+                    port, self.config.modem.profile, baudrate=self.config.modem.baudrate,
+                    command_timeout=self.config.modem.command_timeout,
+                )
+            except (PortNotFound, PortBusy, OSError) as exc:
+                self._waiting_for_modem(f"cannot open {port}: {exc}")
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, MODEM_RETRY_S[1])
+                continue
+            try:
+                await self._modem_session(modem, port)
+                wait = MODEM_RETRY_S[0]
+            except (PortLost, CommandTimeout, ATCommandError, OSError) as exc:
+                log.warning("modem on %s lost: %s", port, exc)
+                self.store.record("modem_lost", {"port": port, "reason": str(exc) or type(exc).__name__})
+            finally:
+                modem.close()
+                self.enforcer = None
+                self._modem_port = None
+                self._state_changed()
+            await asyncio.sleep(wait)
+
+    async def _modem_session(self, modem: Modem, port: str) -> None:
+        profile = await modem.initialise()
+        self._modem_port = port
+        log.info("modem found on %s (profile %s)", port, profile.name)
+        self.store.record("modem_found", {"port": port, "profile": profile.name})
+        enforcer = Enforcer(
+            modem, self.store, self._policy(), sim_poll_interval=self.config.modem.sim_poll_interval,
+            on_change=self._state_changed,
+        )
+        self.enforcer = enforcer
+        decision = await enforcer.start()
+        self._announce(f"binding {decision.status}" + (f" ({decision.reason})" if decision.reason else ""))
+        await enforcer.run()
+
+    async def _find_port(self) -> str:
+        """The configured port, or (port = "auto") the AT port udev knows, waiting for
+        the modem to appear when it is not there."""
+        port = self.config.modem.port
+        if port != "auto":
+            return port
+        while True:
+            found = discovery.find_at_port(role=self.config.modem.port_role)
+            if found is not None:
+                return found.devnode
+            self._waiting_for_modem("no modem found by udev discovery")
+            await self._next_udev_add()
+
+    @staticmethod
+    async def _next_udev_add() -> None:
+        events = discovery.watch()
+        try:
+            async with asyncio.timeout(DISCOVERY_POLL_S):
+                async for event in events:
+                    if event.action == "add":
+                        return
+        except TimeoutError:
+            return
+        finally:
+            await events.aclose()
+
+    def _waiting_for_modem(self, why: str) -> None:
+        log.warning("waiting for the modem: %s", why)
+        self._announce(f"waiting for modem: {why}")
+
+    def _announce(self, status: str) -> None:
+        """READY=1 comes with the first binding decision, or as soon as the agent knows
+        it has to wait for a modem; later changes only update STATUS."""
+        if self._ready_sent:
+            self.notifier.status(status)
+        else:
+            self._ready_sent = True
+            self.notifier.ready(status)
+
+    def _policy(self) -> BindingPolicy:
+        return BindingPolicy.from_config(self.config.binding)
+
+    # -- state and reporting -------------------------------------------------------------
+    def _device_id(self) -> str | None:
+        if self.config.device.id != "imei":
+            return self.config.device.id
+        return self.store.read().get_meta("last_imei")
+
+    def _state_changed(self) -> None:
+        if self.enforcer is not None:
+            self._last_modem_state = self.enforcer.state()
+        if not self._identity_known.is_set() and self._device_id() is not None:
+            self._identity_known.set()
+        if self.reporter is not None:
+            self.reporter.publish_state(self.state_document())
+            self.reporter.notify_outbox()
+
+    def state_document(self) -> dict[str, Any]:
+        """The retained `P/state` document (SPEC §6)."""
+        known = self._last_modem_state
+        binding = dict(known.get("binding") or {})
+        binding.setdefault("mode", self.config.binding.mode)
+        binding.setdefault("status", "unknown")
+        return {
+            "device_id": self._device_id(),
+            "agent_version": __version__,
+            "modem": known.get("modem") or {},
+            "sim": known.get("sim") or {"state": "unknown", "iccid": None, "imsi": None},
+            "binding": binding,
+            "radio": known.get("radio") or {"cfun": None, "gated": None},
+            "device_pubkey": device_public_key_b64(self.device_key),
+            "modem_present": self.enforcer is not None,
+        }
+
+    async def status_document(self) -> dict[str, Any]:
+        """What `simagent status` shows: the state document, live network facts, the
+        MQTT link and the outbox depth."""
+        doc = self.state_document()
+        enforcer = self.enforcer
+        if enforcer is not None:
+            with contextlib.suppress(PortLost, CommandTimeout, ATCommandError):
+                live = await read_modem_status(enforcer.modem)
+                doc["network"] = live["network"]
+                doc["modem"] = {**live["modem"], **doc["modem"]}
+        doc.setdefault("network", {"registration": "unknown", "operator": None, "access_tech": "unknown", "signal_dbm": None})
+        doc["modem"]["port"] = self._modem_port
+        doc["mqtt"] = self.reporter.link_status() if self.reporter else {"connected": False, "last_error": "waiting for the device id"}
+        doc["outbox"] = self.store.outbox_depth()
+        return doc
+
+    async def _reporting(self) -> None:
+        await self._identity_known.wait()
+        device_id = self._device_id()
+        processor = CommandProcessor(
+            store=self.store, handlers=self._platform_handlers(), verify_token=self._verify_command_token,
+            is_query=fieldcli.is_query, is_imei_rewrite=fieldcli.is_imei_rewrite,
+        )
+        self.reporter = Reporter(self.config.mqtt, self.store, device_id=device_id, on_command=processor.handle)
+        self.reporter.publish_state(self.state_document())
+        await self.reporter.start()
+
+    async def _telemetry(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.telemetry_interval):
+                    await self._telemetry_changed.wait()
+                    self._telemetry_changed.clear()
+                    continue
+            enforcer, reporter = self.enforcer, self.reporter
+            if enforcer is None or reporter is None:
+                continue
+            try:
+                sample = await self._telemetry_sample(enforcer.modem)
+            except (PortLost, CommandTimeout, ATCommandError) as exc:
+                log.info("telemetry sample skipped: %s", exc)
+                continue
+            reporter.publish_telemetry(sample)
+
+    @staticmethod
+    async def _telemetry_sample(modem: Modem) -> dict[str, Any]:
+        registration = await modem.read_registration()
+        signal_ = await modem.read_signal()
+        return {
+            "registration": registration.state,
+            "access_tech": registration.access_tech,
+            "operator": await modem.read_operator(),
+            "cell": {"lac": registration.lac, "cell_id": registration.cell_id},
+            "signal_dbm": signal_.dbm,
+        }
+
+    # -- binding operations shared by the CLI and the platform ----------------------------
+    def _trusted_keys(self) -> list:
+        return tokens.load_trusted_keys(self.config.binding.trusted_keys)
+
+    async def accept_token(self, token: str, source: str, actions=tokens.BINDING_ACTIONS) -> dict[str, Any]:
+        if self.enforcer is not None:
+            result = await self.enforcer.accept_token(token, self._trusted_keys(), source=source, actions=actions)
+        else:  # no modem: the binding still changes; the next modem session checks it
+            result = tokens.accept_token(self.store, token, self._trusted_keys(), self._device_id(),
+                                         source=source, actions=actions)
+            self._state_changed()
+        return {"accepted": result.accepted, "code": result.code, "message": result.message,
+                "act": result.claims.act if result.claims else None}
+
+    async def reset_binding(self, reason: str, uid: int) -> dict[str, Any]:
+        if self.enforcer is not None:
+            removed = await self.enforcer.reset(reason, uid)
+        else:
+            from agent.binding import reset_bindings
+
+            removed = reset_bindings(self.store, reason, uid)
+            self._state_changed()
+        return {"removed": [b.iccid for b in removed]}
+
+    def export_evidence(self, since: str | None) -> dict[str, Any]:
+        return export_bundle(self.store, self.device_key, parse_since(since) if since else None, device_id=self._device_id())
+
+    async def run_at(self, command: str, *, unsafe: bool) -> dict[str, Any]:
+        """One AT command line for a technician or the platform; the caller has checked
+        who may write, `fieldcli.check_command` checks what may be sent."""
+        enforcer = self.enforcer
+        if enforcer is None:
+            raise ControlError("unavailable", "no modem is connected")
+        try:
+            return await fieldcli.run_at(enforcer.modem, command, unsafe)
+        except fieldcli.Refused as exc:
+            raise ControlError(exc.code, str(exc)) from exc
+        except (PortLost, CommandTimeout) as exc:
+            raise ControlError("modem_error", str(exc) or type(exc).__name__) from exc
+
+    async def diagnose(self) -> dict[str, Any]:
+        doc = await self.status_document()
+        facts = await asyncio.to_thread(
+            diag.gather_facts, state_dir=self.config.device.state_dir, broker=diag.broker_target(self.config.mqtt),
+        )
+        facts.update(diag_facts(doc) if self.enforcer is not None else {"modem_found": False, "modem_port": self.config.modem.port})
+        return diag.report_json(diag.run_checks(facts))
+
+    # -- control socket ---------------------------------------------------------------------
+    def _control_ops(self) -> list:
+        async def status(args: dict, peer: Peer) -> Any:
+            return await self.status_document()
+
+        async def run_diag(args: dict, peer: Peer) -> Any:
+            return await self.diagnose()
+
+        async def at(args: dict, peer: Peer) -> Any:
+            return await self.run_at(str(args["command"]), unsafe=bool(args.get("unsafe")))
+
+        async def bind_show(args: dict, peer: Peer) -> Any:
+            from agent.bind_cli import binding_view
+
+            return binding_view(self.store, self.config.binding)
+
+        async def bind_accept(args: dict, peer: Peer) -> Any:
+            return await self.accept_token(str(args["token"]), source=f"cli uid {peer.uid}")
+
+        async def bind_reset(args: dict, peer: Peer) -> Any:
+            return await self.reset_binding(str(args["reason"]), peer.uid)
+
+        async def evidence_export(args: dict, peer: Peer) -> Any:
+            return self.export_evidence(args.get("since"))
+
+        return [
+            daemon_op("status", status),
+            daemon_op("diag", run_diag),
+            at_op(at, lambda command: not fieldcli.is_query(command)),
+            daemon_op("bind_show", bind_show),
+            daemon_op("bind_accept", bind_accept),
+            daemon_op("bind_reset", bind_reset),
+            daemon_op("evidence_export", evidence_export),
+        ]
+
+    # -- platform commands (P/cmd) -------------------------------------------------------------
+    def _verify_command_token(self, token: str, action: str) -> Any:
+        """Checks a command's token before the command runs; the handler then consumes
+        it (rebind/unbind apply it in one transaction with its `jti`)."""
+        return tokens.verify_token(token, self._trusted_keys(), self._device_id(), self.clock.now(),
+                                   self.store.read().time_floor(), actions=(action,))
+
+    def _consume_command_token(self, command: Command) -> None:
+        result = tokens.accept_token(self.store, command.token, self._trusted_keys(), self._device_id(),
+                                     source="mqtt", actions=(command.name,))
+        if not result.accepted:
+            raise CommandError(result.code or "token_refused", result.message)
+
+    def _platform_handlers(self) -> dict:
+        async def ping(command: Command) -> dict:
+            return {"pong": True, "ts": self.clock.now().iso()}
+
+        async def status(command: Command) -> dict:
+            return await self.status_document()
+
+        async def run_diag(command: Command) -> dict:
+            return await self.diagnose()
+
+        async def set_telemetry_interval(command: Command) -> dict:
+            self.telemetry_interval = float(command.args["interval"])
+            self._telemetry_changed.set()
+            return {"interval": self.telemetry_interval}
+
+        async def token_command(command: Command) -> dict:
+            result = await self.accept_token(command.token, source="mqtt", actions=(command.name,))
+            if not result.get("accepted"):
+                raise CommandError(result.get("code") or "token_refused", result.get("message") or "token refused")
+            return result
+
+        async def export_evidence(command: Command) -> dict:
+            return self.export_evidence(command.args.get("since"))
+
+        async def modem_reset(command: Command) -> dict:
+            self._consume_command_token(command)
+            self._restart_modem_session()
+            return {"restarting": True}
+
+        async def at(command: Command) -> dict:
+            if command.token:  # a write: the processor verified the token, now it is used up
+                self._consume_command_token(command)
+            try:
+                return await self.run_at(command.args["command"], unsafe=command.token is not None)
+            except ControlError as exc:
+                raise CommandError(exc.code, exc.message) from exc
+
+        return {
+            "ping": ping, "status": status, "diag": run_diag, "set_telemetry_interval": set_telemetry_interval,
+            "rebind": token_command, "unbind": token_command, "export_evidence": export_evidence,
+            "modem_reset": modem_reset, "at": at,
+        }
+
+    def _restart_modem_session(self) -> None:
+        """A soft modem reset: the session is closed and opened again, which re-gates the
+        radio and re-checks the binding (a hardware reset via +CFUN=1,1 would let the
+        module boot with RF on before the agent could gate it)."""
+        if self._modem_task is not None:
+            self._modem_task.cancel()
+        self._modem_task = self._spawn(self._modem_supervisor(), "modem")
+
+    # -- SIGHUP ------------------------------------------------------------------------------
+    async def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = config_module.load(self.config_path)
+        except ConfigError as exc:
+            log.error("configuration reload refused, keeping the running one: %s", exc)
+            self.store.record("config_reloaded", {"ok": False, "error": str(exc)})
+            self._announce("reload refused: configuration error")
+            self.notifier.ready()
+            return
+        old, self.config = self.config, new
+        changed = sorted(s for s in ("device", "modem", "binding", "mqtt", "telemetry", "outbox", "control", "log")
+                         if getattr(old, s) != getattr(new, s))
+        self.store.record("config_reloaded", {"ok": True, "changed": changed})
+        logging.getLogger().setLevel(new.log.level.upper())
+        if "binding" in changed and self.enforcer is not None:
+            self.enforcer.update_policy(self._policy())
+        if "telemetry" in changed:
+            self.telemetry_interval = new.telemetry.interval
+            self._telemetry_changed.set()
+        if "modem" in changed:
+            self._restart_modem_session()
+        if "mqtt" in changed and self.reporter is not None:
+            await self.reporter.stop()
+            self.reporter = None
+            self._spawn(self._reporting(), "reporting")
+        log.info("configuration reloaded (%s)", ", ".join(changed) or "no change")
+        self.notifier.ready()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("run", help="run the daemon (foreground; logs to stderr/journald)")
+    parser.add_argument("--config", dest="run_config", help="configuration file")
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    config_path = args.run_config or args.config
+    try:
+        cfg = config_module.load(config_path)
+    except ConfigError as exc:
+        print(f"simagent: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
+    logging.basicConfig(
+        level=cfg.log.level.upper(), stream=sys.stderr,
+        # journald adds its own time stamps; a terminal run still wants to see them.
+        format="%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(Daemon(cfg, config_path=config_path).run())
