@@ -1,13 +1,14 @@
 """`simagent bind show | accept TOKEN | reset --reason TEXT` (SPEC §8).
 
-These work directly on the state store (SQLite WAL allows it while the daemon runs); the
-logic lives in agent.binding / agent.tokens so the control socket can call it too.
+While the daemon runs they go through its control socket, so an accepted token or a
+reset is enforced on the modem at once (and the device key stays the daemon's);
+otherwise, or with ``--state-dir``, they work directly on the state store. The logic
+lives in agent.binding / agent.tokens, shared by both paths.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import config as config_module
 from agent import exitcodes
+from agent.control import DEFAULT_SOCKET, BlockingControlClient, ControlError
 from agent.binding import LAST_DECISION_KEY, LAST_IMEI_KEY, VIOLATION, binding_rows, reset_bindings
 from agent.store import Store
 from agent.tokens import accept_token, key_id, load_trusted_keys
@@ -33,27 +36,43 @@ class CliSettings:
     state_dir: Path
     binding: Any | None  # Config.binding when a configuration was loaded
     device_id: str | None  # [device] id when it is a literal (not "imei")
+    control_socket: str | None  # the daemon's socket; None: work on state_dir directly
 
 
 def cli_settings(args: argparse.Namespace) -> CliSettings:
-    """The one place the bind/evidence commands look up configuration. Uses
-    agent.config.load when that module exists; --state-dir wins over the config."""
+    """The one place the bind/evidence commands look up configuration; --state-dir wins
+    over the configuration and means "work on this directory, not through a daemon"."""
     config = None
-    try:
-        config_module = importlib.import_module("agent.config")
-    except ModuleNotFoundError as exc:
-        if exc.name != "agent.config":
-            raise
-        config_module = None
     path = args.config or os.environ.get("SIMAGENT_CONFIG")
-    if config_module is not None and (path or Path(DEFAULT_CONFIG).exists()):
+    if path or Path(DEFAULT_CONFIG).exists():
         try:
             config = config_module.load(path or DEFAULT_CONFIG)
-        except Exception as exc:  # the config module's own error names file and key
+        except config_module.ConfigError as exc:  # names the file and the key
             raise ConfigProblem(str(exc)) from exc
     state_dir = args.state_dir or (config.device.state_dir if config else DEFAULT_STATE_DIR)
     device_id = config.device.id if config and config.device.id != "imei" else None
-    return CliSettings(Path(state_dir), config.binding if config else None, device_id)
+    control_socket = None if args.state_dir else (config.control.socket if config else DEFAULT_SOCKET)
+    return CliSettings(Path(state_dir), config.binding if config else None, device_id, control_socket)
+
+
+class DaemonUnreachable(Exception):
+    """The daemon runs but this user may not talk to it."""
+
+
+def daemon_call(settings: CliSettings, op: str, **args: Any) -> Any | None:
+    """The daemon's answer to `op`, or None when no daemon runs (work directly then).
+    Raises ControlError for a refusal and DaemonUnreachable without permission."""
+    if settings.control_socket is None:
+        return None
+    try:
+        client = BlockingControlClient.connect(settings.control_socket)
+    except PermissionError:
+        raise DaemonUnreachable(f"{settings.control_socket}: permission denied: the daemon runs; "
+                                "join its group or use sudo") from None
+    if client is None:
+        return None
+    with client:
+        return client.call(op, **args)
 
 
 def add_state_dir_argument(parser: argparse.ArgumentParser) -> None:
@@ -87,20 +106,29 @@ def with_settings(command):
         except ConfigProblem as exc:
             print(f"simagent: configuration error: {exc}", file=sys.stderr)
             return exitcodes.CONFIG
-        return command(args, settings)
+        try:
+            return command(args, settings)
+        except DaemonUnreachable as exc:
+            print(f"simagent: {exc}", file=sys.stderr)
+            return exitcodes.UNAVAILABLE
+        except ControlError as exc:
+            print(f"simagent: the daemon refused: {exc.message}", file=sys.stderr)
+            return exitcodes.CHECK_FAILED
 
     return run
 
 
 def show_command(args: argparse.Namespace, settings: CliSettings) -> int:
-    store = Store.open(settings.state_dir)
-    try:
-        view = binding_view(store, settings.binding)
-    except ValueError as exc:  # a trusted key in the configuration is unusable
-        print(f"simagent: configuration error: [binding] {exc}", file=sys.stderr)
-        return exitcodes.CONFIG
-    finally:
-        store.close()
+    view = daemon_call(settings, "bind_show")
+    if view is None:
+        store = Store.open(settings.state_dir)
+        try:
+            view = binding_view(store, settings.binding)
+        except ValueError as exc:  # a trusted key in the configuration is unusable
+            print(f"simagent: configuration error: [binding] {exc}", file=sys.stderr)
+            return exitcodes.CONFIG
+        finally:
+            store.close()
     if args.json:
         print(json.dumps(view, indent=2))
     else:
@@ -136,6 +164,13 @@ def binding_view(store: Store, binding_config: Any | None) -> dict:
 
 def accept_command(args: argparse.Namespace, settings: CliSettings) -> int:
     token = sys.stdin.read() if args.token == "-" else args.token
+    answer = daemon_call(settings, "bind_accept", token=token)
+    if answer is not None:
+        if not answer["accepted"]:
+            print(f"refused ({answer['code']}): {answer['message']}", file=sys.stderr)
+            return exitcodes.CHECK_FAILED
+        print(f"accepted: {answer['act']} (applied by the running daemon)")
+        return exitcodes.OK
     try:
         keys = load_trusted_keys(settings.binding.trusted_keys if settings.binding else ())
     except ValueError as exc:
@@ -163,10 +198,14 @@ def reset_command(args: argparse.Namespace, settings: CliSettings) -> int:
     if not args.reason.strip():
         print("simagent: bind reset: --reason must not be empty", file=sys.stderr)
         return exitcodes.USAGE
-    store = Store.open(settings.state_dir)
-    try:
-        removed = reset_bindings(store, args.reason, uid)
-    finally:
-        store.close()
-    print(f"removed {len(removed)} binding(s); recorded as 'unbound' with your reason")
+    answer = daemon_call(settings, "bind_reset", reason=args.reason)
+    if answer is not None:
+        count = len(answer["removed"])
+    else:
+        store = Store.open(settings.state_dir)
+        try:
+            count = len(reset_bindings(store, args.reason, uid))
+        finally:
+            store.close()
+    print(f"removed {count} binding(s); recorded as 'unbound' with your reason")
     return exitcodes.OK

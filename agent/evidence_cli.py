@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from agent import exitcodes
-from agent.bind_cli import CliSettings, with_settings, add_state_dir_argument
+from agent.bind_cli import CliSettings, add_state_dir_argument, daemon_call, with_settings
 from agent.binding import LAST_IMEI_KEY
 from agent.evidence import EvidenceError, export_bundle, load_or_create_device_key, parse_public_key, parse_since, verify_bundle
 from agent.store import Store
@@ -38,17 +38,19 @@ def export_command(args: argparse.Namespace, settings: CliSettings) -> int:
     except ValueError as exc:
         print(f"simagent: {exc}", file=sys.stderr)
         return exitcodes.USAGE
-    try:
-        key = load_or_create_device_key(settings.state_dir)
-    except EvidenceError as exc:
-        print(f"simagent: {exc}", file=sys.stderr)
-        return exitcodes.CHECK_FAILED
-    store = Store.open(settings.state_dir)
-    try:
-        device_id = settings.device_id or store.read().get_meta(LAST_IMEI_KEY)
-        bundle = export_bundle(store, key, since, device_id)
-    finally:
-        store.close()
+    bundle = daemon_call(settings, "evidence_export", since=args.since)
+    if bundle is None:
+        try:
+            key = load_or_create_device_key(settings.state_dir)
+        except EvidenceError as exc:
+            print(f"simagent: {exc}", file=sys.stderr)
+            return exitcodes.CHECK_FAILED
+        store = Store.open(settings.state_dir)
+        try:
+            device_id = settings.device_id or store.read().get_meta(LAST_IMEI_KEY)
+            bundle = export_bundle(store, key, since, device_id)
+        finally:
+            store.close()
     text = json.dumps(bundle, indent=1, ensure_ascii=False) + "\n"
     if args.out:
         _write_atomically(Path(args.out), text.encode())
