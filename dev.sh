@@ -8,8 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DEB_PACKAGES=(mosquitto umockdev gir1.2-umockdev-1.0 systemd openssl fakeroot)
-DEB_COMMANDS=(mosquitto umockdev-run umockdev-run systemd-analyze openssl fakeroot)
+# mosquitto: the broker the tests and the demo start; umockdev (+ its GObject bindings for
+# the system python3): udev hot-plug tests; systemd: systemd-analyze; fakeroot: the .deb.
+DEB_PACKAGES=(mosquitto umockdev gir1.2-umockdev-1.0 python3-gi systemd openssl fakeroot)
 
 need_python() {
     if ! command -v python3 >/dev/null 2>&1; then
@@ -25,8 +26,8 @@ need_python() {
 install_debian_packages() {
     DEB_MISSING=()
     need_python
-    for i in "${!DEB_PACKAGES[@]}"; do
-        command -v "${DEB_COMMANDS[$i]}" >/dev/null 2>&1 || DEB_MISSING+=("${DEB_PACKAGES[$i]}")
+    for package in "${DEB_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || DEB_MISSING+=("$package")
     done
     [ ${#DEB_MISSING[@]} -eq 0 ] && return 0
     local sudo=""
