@@ -132,32 +132,28 @@ class SocketResponder(Responder):
         self._server.close()
 
 
-@pytest.fixture
-def pty_responder():
-    made: list[PtyResponder] = []
+def _responders(kind):
+    """A fixture body: a factory of responders of `kind`, all closed at teardown."""
+    made = []
 
-    def make(handler: Callable[[str], Reply] = canned, *, echo: bool = False) -> PtyResponder:
-        responder = PtyResponder(handler, echo=echo)
+    def make(handler: Callable[[str], Reply] = canned, *, echo: bool = False):
+        responder = kind(handler, echo=echo)
         made.append(responder)
         return responder
 
     yield make
     for responder in made:
         responder.close()
+
+
+@pytest.fixture
+def pty_responder():
+    yield from _responders(PtyResponder)
 
 
 @pytest.fixture
 def socket_responder():
-    made: list[SocketResponder] = []
-
-    def make(handler: Callable[[str], Reply] = canned, *, echo: bool = False) -> SocketResponder:
-        responder = SocketResponder(handler, echo=echo)
-        made.append(responder)
-        return responder
-
-    yield make
-    for responder in made:
-        responder.close()
+    yield from _responders(SocketResponder)
 
 
 @pytest.fixture
