@@ -107,7 +107,11 @@ def _identity(f: dict) -> Verdict:
 
 
 _BINDING_HINTS = {
+    "bound": (Result.PASS, "card bound to this terminal by this check (first use)"),
+    "unbound": (Result.PASS, "card not bound yet: the agent binds it on first use"),
     "no_sim": (Result.WARN, "no SIM, nothing to bind: insert the card"),
+    "sim_unreadable": (Result.FAIL, "SIM locked or unreadable: the radio stays off; check the PIN or reseat the card"),
+    "imei_unreadable": (Result.FAIL, "IMEI not readable: the radio stays off; check the module"),
     "imei_not_allowed": (Result.FAIL, "this terminal's IMEI is not in [binding] imei_allowlist: fix the list or the device"),
     "iccid_not_allowed": (Result.FAIL, "card outside [binding] iccid_prefixes: use a card of the contracted issuer"),
     "not_provisioned": (Result.FAIL, "no binding for this card: run `simagent bind accept TOKEN` with the platform's token"),
