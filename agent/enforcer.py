@@ -30,6 +30,7 @@ import asyncio
 import logging
 import math
 import re
+import sqlite3
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,9 @@ UNREADABLE_RETRY = 1.0
 _RETRY_STATUSES = (SIM_UNREADABLE, IMEI_UNREADABLE)
 # Errors a check survives (it is retried); PortLost and bugs leave run().
 _MODEM_ERRORS = (CommandError, CommandTimeout, ParseError)
+# A check whose decision could not be recorded (disk full, I/O error): without evidence
+# there is no decision, so with radio_gate the radio is held off until one can be.
+STORE_UNWRITABLE = "store_unwritable"
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class Enforcer:
         self._radio_changed_at = -math.inf
         self._booted_at = -math.inf
         self._retry_due = False
+        # Set while checks could not be recorded (disk full): what the evidence is missing.
+        self._evidence_gap: dict | None = None
         self._failure: asyncio.Future | None = None
         self._tasks: set[asyncio.Task] = set()
         self._unsubscribe: Callable[[], None] | None = None
@@ -164,6 +170,12 @@ class Enforcer:
                     log.warning("binding check (%s) failed: %s; retrying", reason, exc)
                     self._schedule_retry()
                     decision = self._decision or Decision(SIM_UNREADABLE, radio_allowed=False)
+                except sqlite3.Error as exc:
+                    log.error("binding check (%s) could not be recorded (%s): radio held off, retrying", reason, exc)
+                    self._note_evidence_gap(exc)
+                    decision = self._decision = Decision(STORE_UNWRITABLE, reason=str(exc), radio_allowed=False)
+                    if self.policy.radio_gate:
+                        await self._set_radio(RADIO_OFF_CFUN, {"reason": STORE_UNWRITABLE, "trigger": reason})
                 if generation == self._generation:
                     break
                 reason = "sim_changed_during_check"
@@ -230,6 +242,10 @@ class Enforcer:
         imsi = await self.modem.read_imsi() if sim_state == "ready" else None
         if generation != self._generation:
             raise _Stale
+        if self._evidence_gap is not None:
+            # Nothing is decided on top of a hole in the evidence: first say what is missing.
+            self.store.record("evidence_gap", {**self._evidence_gap, "until": self.store.clock.now().iso()}, event=False)
+            self._evidence_gap = None
         self._note_sim(sim_state, iccid, imsi, reason)
         decision = evaluate(self.store, Observation(self._imei(), sim_state, iccid), self.policy)
         self._decision = decision
@@ -291,7 +307,11 @@ class Enforcer:
             previous, self._cfun = self._cfun, fun
             self._held_off = fun == RADIO_OFF_CFUN
             kind = "radio_blocked" if fun == RADIO_OFF_CFUN else "radio_restored"
-            self.store.record(kind, {**why, "command": f"+CFUN={fun}", "cfun_before": previous})
+            try:
+                self.store.record(kind, {**why, "command": f"+CFUN={fun}", "cfun_before": previous})
+            except sqlite3.Error as exc:  # the radio did change: the next check must record the gap
+                log.error("%s (%s) could not be recorded: %s", kind, why.get("reason"), exc)
+                self._note_evidence_gap(exc)
         self._publish()
         return True
 
@@ -350,8 +370,9 @@ class Enforcer:
         """URC callback (in the AT reader): bump the generation and gate at once; the rest
         is done by the event consumer."""
         if isinstance(event, NetworkTime):
-            if event.time is not None and event.time.tzinfo is not None:
-                self.store.clock.set_network_time(event.time.timestamp())
+            network_time = event.time.time
+            if network_time is not None and network_time.tzinfo is not None:
+                self.store.clock.set_network_time(network_time.timestamp())
             return
         if isinstance(event, RegistrationChanged) and not self._detached:
             return
@@ -473,6 +494,11 @@ class Enforcer:
             await self.check("poll")
         elif self._retry_due:
             await self.check("retry")
+
+    def _note_evidence_gap(self, exc: sqlite3.Error) -> None:
+        if self._evidence_gap is None:
+            self._evidence_gap = {"since": self.store.clock.now().iso(), "error": str(exc)}
+        self._schedule_retry()
 
     def _schedule_retry(self) -> None:
         self._retry_due = True

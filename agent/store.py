@@ -326,10 +326,13 @@ class Store:
             tx = Transaction(self._conn, self)
             try:
                 yield tx
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (SQLITE_FULL): a second
+                # ROLLBACK would raise and hide the error that matters.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
         if tx.enqueued and self.outbox_listener is not None:
             self.outbox_listener()
 

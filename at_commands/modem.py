@@ -32,7 +32,7 @@ _NO_CARD_CME = (10, 13)
 # Generic 27.007 SIM URCs, recognised whatever the profile.
 GENERIC_SIM_INSERTED = (r"^\+CPIN:\s*READY$",)
 GENERIC_SIM_REMOVED = (r"^\+CPIN:\s*NOT (READY|INSERTED)$", r"^\+SIMCARD:\s*NOT AVAILABLE")
-NETWORK_TIME_TAGS = ("+CTZE", "+CTZV", "+CCLK")
+NETWORK_TIME_TAGS = ("+CTZEU", "+CTZE", "+CTZV", "+CCLK")
 
 
 @dataclass(frozen=True)

@@ -441,9 +441,9 @@ def _datetime(date: str, clock: str) -> datetime:
 
 
 def parse_network_time(line: str) -> NetworkTime:
-    """+CTZE: "±tz",dst,"yy/MM/dd,hh:mm:ss" (Quectel; the time is UTC),
-    +CTZV: ±tz[,…] or +CTZV: yy/MM/dd,hh:mm:ss,±tz (SIMCom), +CCLK: "yy/MM/dd,hh:mm:ss±tz"
-    (local time)."""
+    """+CTZE: "±tz",dst,"yyyy/MM/dd,hh:mm:ss" (local time: 27.007 §8.41 and Quectel's
+    manuals), +CTZEU: the same with universal time, +CTZV: ±tz[,…] or
+    +CTZV: yy/MM/dd,hh:mm:ss,±tz (SIMCom), +CCLK: "yy/MM/dd,hh:mm:ss±tz" (local time)."""
     text = line.strip()
     upper = text.upper()
     if upper.startswith("+CCLK"):
@@ -455,15 +455,17 @@ def parse_network_time(line: str) -> NetworkTime:
         local = _datetime(m.group(1), m.group(2))
         zone = timezone(timedelta(minutes=offset)) if offset is not None else None
         return NetworkTime(local.replace(tzinfo=zone) if zone else local, offset, None)
-    if upper.startswith("+CTZE"):
-        f = [x.strip().strip('"') for x in _require([text], "+CTZE").split(",")]
-        offset = _quarters(f[0])
-        dst = _int(f[1], "dst") if len(f) > 1 and f[1] else None
-        when = None
-        if len(f) >= 4:
-            utc = _datetime(f[2], f[3]).replace(tzinfo=timezone.utc)
-            when = utc.astimezone(timezone(timedelta(minutes=offset)))
-        return NetworkTime(when, offset, dst)
+    for tag, universal in (("+CTZEU", True), ("+CTZE", False)):
+        if upper.startswith(tag):
+            f = [x.strip().strip('"') for x in _require([text], tag).split(",")]
+            offset = _quarters(f[0])
+            zone = timezone(timedelta(minutes=offset))
+            dst = _int(f[1], "dst") if len(f) > 1 and f[1] else None
+            when = None
+            if len(f) >= 4:
+                stamp = _datetime(f[2], f[3])
+                when = stamp.replace(tzinfo=timezone.utc).astimezone(zone) if universal else stamp.replace(tzinfo=zone)
+            return NetworkTime(when, offset, dst)
     if upper.startswith("+CTZV"):
         f = [x.strip().strip('"') for x in _require([text], "+CTZV").split(",")]
         if len(f) >= 3 and "/" in f[0]:

@@ -202,7 +202,7 @@ _MARKER_RE = re.compile(r"0*13")
 # Lines that are unsolicited whatever is pending, unless the pending command queries
 # the same tag (then the line is its answer). Bare words are matched whole.
 URC_PREFIXES: tuple[str, ...] = (
-    "+CREG:", "+CGREG:", "+CEREG:", "+C5GREG:", "+CTZE:", "+CTZV:", "+CTZU:", "+CTZDST:",
+    "+CREG:", "+CGREG:", "+CEREG:", "+C5GREG:", "+CTZE:", "+CTZEU:", "+CTZV:", "+CTZU:", "+CTZDST:",
     "+QIND:", "+QUSIM:", "+SIMCARD:", "+CPIN:", "+CFUN:", "+CMTI:", "+CMT:", "+CDS:",
     "+CBM:", "+CUSD:", "+CRING:", "+CLIP:", "+CIEV:", "+PACSP", "^SIMST:", "^SRVST:",
     "^MODE:", "^RSSI:", "^HCSQ:", "+ICCID_CHANGED", "+STIN:", "+CGEV:", "+QSIMSTAT:",
