@@ -172,3 +172,16 @@ def test_kill_9_loses_no_committed_event(tmp_path, after):
     assert len(numbers) > acknowledged  # everything reported committed is there
     entries = s.evidence_entries()
     assert all(e["prev"] == p for (e, _), (_, p) in zip(entries[1:], entries))
+
+
+def test_disk_full_surfaces_as_such_and_leaves_the_store_usable(store):
+    conn = store.read()._conn
+    conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for i in range(10_000):
+            store.record("sim_inserted", {"pad": "x" * 500, "n": i})
+    entries = store.evidence_entries()
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    store.record("sim_removed", {})
+    assert [e["type"] for e, _ in store.evidence_entries()][-1] == "sim_removed"
+    assert len(store.evidence_entries()) == len(entries) + 1
