@@ -85,6 +85,19 @@ def test_choose_prefers_role_then_devnode() -> None:
         discovery.choose([a], "tertiary")
 
 
+def test_wanted_port_expected() -> None:
+    profiles = [Profile("q", usb=(UsbLayout(0x2C7C, 0x0125, 2, 3),)), Profile("u", usb=(UsbLayout(0x1546, 0x1141, 0),))]
+    primary = DiscoveredPort("/dev/ttyUSB2", "q", 0x2C7C, 0x0125, 2, "primary")
+    # the secondary port of this layout has not appeared yet: worth waiting for
+    assert discovery.wanted_port_expected(primary, "secondary", profiles)
+    assert not discovery.wanted_port_expected(primary, "primary", profiles)
+    # a layout without a secondary port: the primary is all there will be
+    only = DiscoveredPort("/dev/ttyACM0", "u", 0x1546, 0x1141, 0, "primary")
+    assert not discovery.wanted_port_expected(only, "secondary", profiles)
+    secondary = DiscoveredPort("/dev/ttyUSB3", "q", 0x2C7C, 0x0125, 3, "secondary")
+    assert discovery.wanted_port_expected(secondary, "primary", profiles)
+
+
 def test_classify() -> None:
     profiles = [Profile("q", usb=(UsbLayout(0x2C7C, 0x0125, 2, 3),))]
     assert discovery.classify("/dev/x", 0x2C7C, 0x0125, 3, profiles).role == "secondary"
