@@ -46,6 +46,7 @@ log = logging.getLogger("simagent")
 
 MODEM_RETRY_S = (1.0, 30.0)  # first and longest wait before looking for the modem again
 DISCOVERY_POLL_S = 5.0  # udev events wake us sooner; this covers a missed event
+PORT_SETTLE_S = 2.0  # how long a found modem may take to create the AT port of the wanted role
 
 
 class Daemon:
@@ -169,25 +170,35 @@ class Daemon:
         port = self.config.modem.port
         if port != "auto":
             return port
+        role = self.config.modem.port_role
+        settle_until: float | None = None
+        loop = asyncio.get_running_loop()
         while True:
-            found = discovery.find_at_port(role=self.config.modem.port_role)
-            if found is not None:
-                return found.devnode
-            self._waiting_for_modem("no modem found by udev discovery")
-            await self._next_udev_add()
+            events = discovery.watch()  # subscribed before looking: no add slips in between
+            try:
+                found = discovery.find_at_port(role=role)
+                if found is None:
+                    self._waiting_for_modem("no modem found by udev discovery")
+                    timeout = DISCOVERY_POLL_S
+                elif not discovery.wanted_port_expected(found, role):
+                    return found.devnode
+                else:  # the modem is still creating its ports: give the wanted one a moment
+                    settle_until = settle_until or loop.time() + PORT_SETTLE_S
+                    timeout = settle_until - loop.time()
+                    if timeout <= 0:
+                        log.warning("no %s AT port appeared next to %s; using it", role, found.devnode)
+                        return found.devnode
+                await self._next_udev_add(events, timeout)
+            finally:
+                await events.aclose()
 
     @staticmethod
-    async def _next_udev_add() -> None:
-        events = discovery.watch()
-        try:
-            async with asyncio.timeout(DISCOVERY_POLL_S):
+    async def _next_udev_add(events, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
                 async for event in events:
                     if event.action == "add":
                         return
-        except TimeoutError:
-            return
-        finally:
-            await events.aclose()
 
     def _waiting_for_modem(self, why: str) -> None:
         log.warning("waiting for the modem: %s", why)

@@ -76,6 +76,19 @@ def classify(devnode: str, vid: int, pid: int, interface: int, profiles) -> Disc
     return None
 
 
+def wanted_port_expected(port: DiscoveredPort, role: str, profiles=None) -> bool:
+    """True when `port` is only the fallback (not the wanted role) on a layout that has a
+    port of the wanted role. The kernel creates a modem's ttys one interface after the
+    other, so right after the first one appears the wanted one may not be there yet."""
+    if port.role == role:
+        return False
+    for profile in _profiles(PROFILES if profiles is None else profiles):
+        for layout in profile.usb if profile.name == port.profile_name else ():
+            if (layout.vid, layout.pid) == (port.vid, port.pid) and role in layout_roles(layout).values():
+                return True
+    return False
+
+
 def choose(ports: Iterable[DiscoveredPort], role: str = "secondary") -> DiscoveredPort | None:
     """Prefer the wanted role, fall back to the other; ties go to the lowest device node
     so the choice is stable across boots."""
@@ -134,20 +147,27 @@ def find_at_port(profiles=None, role: str = "secondary", context=None) -> Discov
     return choose(list_at_ports(profiles, context), role)
 
 
-async def watch(profiles=None, context=None) -> AsyncIterator[PortEvent]:
+def watch(profiles=None, context=None) -> AsyncIterator[PortEvent]:
     """Add/remove of AT ports as they happen, on the running asyncio loop (the udev
-    netlink socket is registered with ``loop.add_reader``; no thread)."""
+    netlink socket is registered with ``loop.add_reader``; no thread).
+
+    The monitor is subscribed when this returns, before iteration starts: a caller that
+    looks at the present ports after calling watch() misses no port added in between."""
     import pyudev
 
     profiles = PROFILES if profiles is None else profiles
     monitor = pyudev.Monitor.from_netlink(_context(context))
     monitor.filter_by("tty")
     monitor.start()
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[PortEvent] = asyncio.Queue()
     # At removal the sysfs parents are gone, so a removed port is recognised by the
     # device path under which it was announced.
     known: dict[str, DiscoveredPort] = {p_sys: p for p_sys, p in _present(profiles, context)}
+    return _events(monitor, profiles, known)
+
+
+async def _events(monitor, profiles, known: dict[str, DiscoveredPort]) -> AsyncIterator[PortEvent]:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[PortEvent] = asyncio.Queue()
 
     def readable() -> None:
         while (device := monitor.poll(timeout=0)) is not None:

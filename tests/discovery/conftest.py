@@ -40,6 +40,17 @@ def umockdev_run() -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def gi_under_umockdev() -> list[str]:
+    """argv prefix running the system python3 (with python3-gi and UMockdev's typelib)
+    under umockdev's preload library; PyGObject is not a simagent dependency."""
+    wrapper, python = shutil.which("umockdev-wrapper"), "/usr/bin/python3"
+    check = [python, "-c", "import gi; gi.require_version('UMockdev', '1.0')"]
+    if not wrapper or not Path(python).exists() or subprocess.run(check, capture_output=True).returncode:
+        pytest.skip("needs umockdev-wrapper and system python3 with gir1.2-umockdev-1.0 (python3-gi)")
+    return [wrapper, python]
+
+
 @pytest.fixture
 def probe(umockdev_run):
     """probe(device_files, profiles_json_or_'real') -> what discovery finds there."""

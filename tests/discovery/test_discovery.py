@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -85,6 +84,19 @@ def test_choose_prefers_role_then_devnode() -> None:
         discovery.choose([a], "tertiary")
 
 
+def test_wanted_port_expected() -> None:
+    profiles = [Profile("q", usb=(UsbLayout(0x2C7C, 0x0125, 2, 3),)), Profile("u", usb=(UsbLayout(0x1546, 0x1141, 0),))]
+    primary = DiscoveredPort("/dev/ttyUSB2", "q", 0x2C7C, 0x0125, 2, "primary")
+    # the secondary port of this layout has not appeared yet: worth waiting for
+    assert discovery.wanted_port_expected(primary, "secondary", profiles)
+    assert not discovery.wanted_port_expected(primary, "primary", profiles)
+    # a layout without a secondary port: the primary is all there will be
+    only = DiscoveredPort("/dev/ttyACM0", "u", 0x1546, 0x1141, 0, "primary")
+    assert not discovery.wanted_port_expected(only, "secondary", profiles)
+    secondary = DiscoveredPort("/dev/ttyUSB3", "q", 0x2C7C, 0x0125, 3, "secondary")
+    assert discovery.wanted_port_expected(secondary, "primary", profiles)
+
+
 def test_classify() -> None:
     profiles = [Profile("q", usb=(UsbLayout(0x2C7C, 0x0125, 2, 3),))]
     assert discovery.classify("/dev/x", 0x2C7C, 0x0125, 3, profiles).role == "secondary"
@@ -92,12 +104,8 @@ def test_classify() -> None:
     assert discovery.classify("/dev/x", 0x2C7C, 0x0126, 2, profiles) is None
 
 
-def test_monitor_reports_plug_and_unplug() -> None:
-    wrapper = shutil.which("umockdev-wrapper")
-    python = "/usr/bin/python3"
-    if not wrapper or subprocess.run([python, "-c", "import gi; gi.require_version('UMockdev', '1.0')"], capture_output=True).returncode:
-        pytest.skip("needs umockdev-wrapper and system python3 with gir1.2-umockdev-1.0 (python3-gi)")
-    proc = subprocess.run([wrapper, python, str(HERE / "watch_events.py"), str(REPO), str(DATA)], capture_output=True, text=True, timeout=60)
+def test_monitor_reports_plug_and_unplug(gi_under_umockdev) -> None:
+    proc = subprocess.run([*gi_under_umockdev, str(HERE / "watch_events.py"), str(REPO), str(DATA)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert events == [
@@ -107,3 +115,28 @@ def test_monitor_reports_plug_and_unplug() -> None:
         # a port present before watch() started is still recognised when it goes away
         {"step": "unplug-present", "action": "remove", "devnode": "/dev/ttyACM0", "role": "primary", "profile": "ublox"},
     ]
+
+
+def test_udev_events_drive_the_daemon(gi_under_umockdev) -> None:
+    """`simagent run` with port = "auto" against umockdev: no modem, a Quectel EC25 plugged
+    in (the daemon opens its secondary AT port, bridged to a fake modem, and binds), pulled
+    out (modem_lost) and plugged in again (binding ok). See daemon_hotplug.py."""
+    proc = subprocess.run([*gi_under_umockdev, str(HERE / "daemon_hotplug.py"), str(REPO), str(DATA)],
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert "error" not in result, result
+    steps = result["steps"]
+    assert steps["start"]["status"].startswith("waiting for modem")
+    for step, port, decision in (("plug", "/dev/ttyUSB3", "binding bound"), ("replug", "/dev/ttyUSB7", "binding ok")):
+        assert steps[step]["status"] == decision
+        # the daemon opened the secondary AT port and no other tty of the modem (the
+        # primary one appears first), and the add woke it: the fallback poll is 5 s
+        assert list(steps[step]["opened"]) == [port], steps[step]
+        assert steps[step]["opened"][port] < 3.0, steps[step]
+    assert steps["unplug"]["status"].startswith("waiting for modem")
+    modem_events = [(e["type"], e["data"]["port"]) for e in result["evidence"] if e["type"].startswith("modem_")]
+    assert modem_events == [("modem_found", "/dev/ttyUSB3"), ("modem_lost", "/dev/ttyUSB3"), ("modem_found", "/dev/ttyUSB7")]
+    assert all(e["data"]["profile"] == "quectel" for e in result["evidence"] if e["type"] == "modem_found")
+    assert [e["type"] for e in result["evidence"]].count("bound") == 1
+    assert result["exit_code"] == 0
