@@ -114,7 +114,11 @@ def _open_serial(port: str, baudrate: int) -> serial.SerialBase:
         if exc.errno == errno.EBUSY:
             raise PortBusy(f"{port}: in exclusive use by another program") from exc
         raise PortNotFound(f"{port}: {exc}") from exc
-    fcntl.ioctl(ser.fd, termios.TIOCEXCL)
+    try:
+        fcntl.ioctl(ser.fd, termios.TIOCEXCL)
+    except OSError as exc:
+        ser.close()
+        raise PortNotFound(f"{port}: cannot take exclusive use ({exc.strerror})") from exc
     return ser
 
 
