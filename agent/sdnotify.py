@@ -96,7 +96,10 @@ class LoopHealth:
     every critical task still running. Call ``start()`` inside the loop, ``watch()``
     each critical task; the instance itself is the health callable for ``Watchdog``."""
 
-    def __init__(self, *, max_lag: float = 5.0, probe_interval: float = 1.0) -> None:
+    # The probe is the idle daemon's most frequent wake-up, so it is slow: `lag` is only
+    # ever its latest wake's lateness anyway, and `problems()` also counts a probe that is
+    # overdue right now, so a blocked or lagging loop is still seen at every watchdog ping.
+    def __init__(self, *, max_lag: float = 5.0, probe_interval: float = 5.0) -> None:
         self.max_lag = max_lag
         self.probe_interval = probe_interval
         self.lag = 0.0  # how late the probe woke up last time, in seconds

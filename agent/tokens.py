@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.binding import LAST_DECISION_KEY
@@ -42,6 +41,14 @@ REFUSAL_CODES = ("bad_signature", "expired", "replayed", "wrong_device", "malfor
 PROVISION_DIGEST_KEY = "provision_file_sha256"  # meta: the provision file content last processed
 MAX_TOKEN_LENGTH = 8192
 _DIGITS = re.compile(r"[0-9]{6,22}")  # IMEI (15), IMEISV (16), ICCID (18-20, 22 with check digits)
+
+
+def _jwt():
+    """PyJWT, imported on first use: it pulls in http.client, email and x509 (about 2 MB
+    of the daemon's RSS), and the daemon sees a token rarely, if ever."""
+    import jwt
+
+    return jwt
 
 
 class TokenError(Exception):
@@ -100,6 +107,7 @@ def verify_token(token: str, keys: list[TrustedKey], device_imei: str | None, no
     token = token.strip()
     if not token or len(token) > MAX_TOKEN_LENGTH:
         raise TokenError("malformed", "empty or oversized token")
+    jwt = _jwt()
     try:
         header = jwt.get_unverified_header(token)
     except jwt.InvalidTokenError as exc:
@@ -127,6 +135,7 @@ def verify_token(token: str, keys: list[TrustedKey], device_imei: str | None, no
 
 
 def _verified_payload(token: str, candidates: list[TrustedKey]) -> Any:
+    jwt = _jwt()
     options = {"verify_exp": False, "verify_iat": False, "verify_nbf": False, "verify_aud": False, "verify_iss": False}
     for candidate in candidates:
         try:
@@ -213,6 +222,7 @@ def _apply(tx: Transaction, claims: Claims, now: Stamp, source: str) -> None:
 def _identity(token: str) -> dict:
     """What a refused token said it was, for the record - never the token itself (a valid
     one would be a usable credential in the evidence and on MQTT)."""
+    jwt = _jwt()
     try:
         payload = jwt.decode(token.strip(), options={"verify_signature": False})
     except jwt.InvalidTokenError:
