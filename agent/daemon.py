@@ -30,7 +30,7 @@ from agent.clock import Clock
 from agent.config import Config, ConfigError
 from agent.control import ControlError, ControlServer, Peer, at_op, daemon_op
 from agent.enforcer import Enforcer
-from agent.evidence import device_public_key_b64, export_bundle, load_or_create_device_key, parse_since
+from agent.evidence import device_public_key, export_bundle, load_or_create_device_key, parse_since
 from agent.platform_commands import Command, CommandError, CommandProcessor
 from agent.reporter import Reporter
 from agent.sdnotify import LoopHealth, Notifier, Watchdog
@@ -57,7 +57,7 @@ class Daemon:
         self.notifier = notifier or Notifier.from_env()
         self.clock = clock or Clock()
         self.store: Store | None = None
-        self.device_key = None
+        self.device_pubkey: str | None = None
         self.enforcer: Enforcer | None = None
         self.reporter: Reporter | None = None
         self.control: ControlServer | None = None
@@ -82,7 +82,7 @@ class Daemon:
             cfg.device.state_dir, clock=self.clock,
             caps=Caps(max_events=cfg.outbox.max_events, max_telemetry=cfg.outbox.max_telemetry),
         )
-        self.device_key = load_or_create_device_key(cfg.device.state_dir)
+        self.device_pubkey = device_public_key(cfg.device.state_dir)  # creates the key on first start
         self.store.record("agent_started", {"version": __version__, "pid": os.getpid(), "config": cfg.source})
         if self._device_id() is not None:
             self._identity_known.set()
@@ -244,7 +244,7 @@ class Daemon:
             "sim": known.get("sim") or {"state": "unknown", "iccid": None, "imsi": None},
             "binding": binding,
             "radio": known.get("radio") or {"cfun": None, "gated": None},
-            "device_pubkey": device_public_key_b64(self.device_key),
+            "device_pubkey": self.device_pubkey,
             "modem_present": self.enforcer is not None,
         }
 
@@ -329,7 +329,8 @@ class Daemon:
         return {"removed": [b.iccid for b in removed]}
 
     def export_evidence(self, since: str | None) -> dict[str, Any]:
-        return export_bundle(self.store, self.device_key, parse_since(since) if since else None, device_id=self._device_id())
+        key = load_or_create_device_key(self.config.device.state_dir)
+        return export_bundle(self.store, key, parse_since(since) if since else None, device_id=self._device_id())
 
     async def run_at(self, command: str, *, unsafe: bool) -> dict[str, Any]:
         """One AT command line for a technician or the platform; the caller has checked

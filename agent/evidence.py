@@ -21,16 +21,20 @@ import datetime as dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from agent.store import GENESIS_HASH, Store, canonical_json, entry_hash
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+# cryptography is imported where a key is used, not here: its native module is about a
+# fifth of the idle daemon's memory, and the daemon needs it only to sign an export or
+# check a token. The public key it publishes comes from DEVICE_PUBKEY_NAME.
+
 BUNDLE_SCHEMA = "simagent/evidence-bundle/1"
 DEVICE_KEY_NAME = "device_key.pem"
+DEVICE_PUBKEY_NAME = "device_key.pub"  # base64 raw public key, written with the key
 
 
 class EvidenceError(Exception):
@@ -44,6 +48,9 @@ def load_or_create_device_key(state_dir: str | os.PathLike) -> Ed25519PrivateKey
     """The device's signing key, created on first start (0600). Two processes starting
     together get the same key: the new key is written to a private temporary file and
     linked into place, which fails when another process got there first."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     state_dir = Path(state_dir)
     path = state_dir / DEVICE_KEY_NAME
     if not path.exists():
@@ -73,8 +80,32 @@ def load_or_create_device_key(state_dir: str | os.PathLike) -> Ed25519PrivateKey
         raise EvidenceError(f"{path}: not an Ed25519 key")
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o600)
+    _write_public_key(state_dir, device_public_key_b64(key))
     return key
 
+
+def device_public_key(state_dir: str | os.PathLike) -> str:
+    """The device public key (base64) for the state document, without loading the
+    private key (nor cryptography) when it was written before."""
+    try:
+        return (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip()
+    except FileNotFoundError:
+        return device_public_key_b64(load_or_create_device_key(state_dir))
+
+
+def _write_public_key(state_dir: Path, text: str) -> None:
+    """Keeps DEVICE_PUBKEY_NAME equal to the private key's public half (rewritten when
+    it differs, so an edited file is repaired the next time the key is used)."""
+    path = state_dir / DEVICE_PUBKEY_NAME
+    try:
+        if path.read_text().strip() == text:
+            return
+    except FileNotFoundError:
+        pass
+    temporary = state_dir / f".{DEVICE_PUBKEY_NAME}.{os.getpid()}.tmp"
+    temporary.write_text(text + "\n")
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
 
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
@@ -85,6 +116,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def raw_public_key(key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -100,6 +133,9 @@ def device_public_key_b64(key: Ed25519PrivateKey) -> str:
 def parse_public_key(text: str) -> Ed25519PublicKey:
     """An Ed25519 public key given as PEM (SubjectPublicKeyInfo) or as base64 of the raw
     32 bytes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     text = text.strip()
     if text.startswith("-----BEGIN"):
         try:
@@ -197,6 +233,9 @@ def verify_bundle(bundle: Any, pubkey: Ed25519PublicKey | str | None = None) -> 
     chain = _chain_problem(bundle["first_seq"], entries, hashes, bundle["head"])
     if chain:
         return VerifyResult(False, chain[0], chain[1], len(entries))
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     key_source = "given" if pubkey is not None else "bundle"
     try:
         key = pubkey if isinstance(pubkey, Ed25519PublicKey) else parse_public_key(pubkey or bundle["device_pubkey"])

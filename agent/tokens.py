@@ -23,14 +23,16 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.binding import LAST_DECISION_KEY
 from agent.clock import Stamp, format_utc
 from agent.evidence import parse_public_key, raw_public_key
 from agent.store import Binding, Store, Transaction
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 ALGORITHM = "EdDSA"
 BINDING_ACTIONS = ("rebind", "unbind")

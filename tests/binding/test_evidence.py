@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.evidence import (
     EvidenceError,
+    device_public_key,
     device_public_key_b64,
     export_bundle,
     load_or_create_device_key,
@@ -47,7 +48,17 @@ def test_device_key_is_private_and_stable_across_restarts(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert device_public_key_b64(load_or_create_device_key(tmp_path)) == device_public_key_b64(first)
     assert len(base64.b64decode(device_public_key_b64(first))) == 32
-    assert not [p for p in tmp_path.iterdir() if p.name != "device_key.pem"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device_key.pem", "device_key.pub"]  # no temporary left
+
+
+def test_published_public_key_needs_no_private_key_and_is_repaired(tmp_path):
+    published = device_public_key(tmp_path)  # first start: creates the key pair
+    assert published == device_public_key_b64(load_or_create_device_key(tmp_path))
+    assert stat.S_IMODE((tmp_path / "device_key.pub").stat().st_mode) == 0o644
+    (tmp_path / "device_key.pub").write_text("tampered\n")
+    assert device_public_key(tmp_path) == "tampered"  # read as is, without cryptography...
+    load_or_create_device_key(tmp_path)  # ...until the key is next used
+    assert device_public_key(tmp_path) == published
 
 
 def _public_key_of(directory, queue):
