@@ -226,13 +226,15 @@ class Daemon:
         binding = dict(known.get("binding") or {})
         binding.setdefault("mode", self.config.binding.mode)
         binding.setdefault("status", "unknown")
+        for key in ("bound_iccid", "bound_imei", "since"):
+            binding.setdefault(key, None)
         return {
             "device_id": self._device_id(),
             "agent_version": __version__,
-            "modem": known.get("modem") or {},
+            "modem": known.get("modem") or dict.fromkeys(("vendor", "model", "revision", "imei", "imei_luhn_ok")),
             "sim": known.get("sim") or {"state": "unknown", "iccid": None, "imsi": None},
             "binding": binding,
-            "radio": known.get("radio") or {"cfun": None, "gated": None},
+            "radio": known.get("radio") or {"cfun": None, "gated": False},  # nothing is held off without a modem
             "device_pubkey": device_public_key_b64(self.device_key),
             "modem_present": self.enforcer is not None,
         }
