@@ -134,7 +134,11 @@ class Daemon:
             except (PortNotFound, PortBusy, OSError) as exc:
                 self._waiting_for_modem(f"cannot open {port}: {exc}")
                 await asyncio.sleep(wait)
-                wait = min(wait * 2, MODEM_RETRY_S[1])
+                # A missing port is looked for again every MODEM_RETRY_S[0]: a module that
+                # comes back boots with RF on, so the radio gate must not be a long backoff
+                # away. A port that is there but cannot be opened (busy) backs off.
+                if not isinstance(exc, PortNotFound):
+                    wait = min(wait * 2, MODEM_RETRY_S[1])
                 continue
             try:
                 await self._modem_session(modem, port)
