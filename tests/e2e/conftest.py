@@ -17,10 +17,13 @@ bytes) holding the configuration, state, control socket and $NOTIFY_SOCKET.
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -113,13 +116,14 @@ class NotifyListener:
             return len(self.messages)
 
     def wait_for(self, predicate: Callable[[dict[str, str]], bool], since: int = 0, timeout: float = TIMEOUT,
-                 what: str = "a notification") -> dict[str, str]:
+                 what: str = "a notification", count: int = 1) -> dict[str, str]:
+        """The `count`-th message from index `since` on that satisfies `predicate`."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for message in self.messages[since:]:
-                    if predicate(message):
-                        return message
+                matching = [m for m in self.messages[since:] if predicate(m)]
+                if len(matching) >= count:
+                    return matching[count - 1]
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(f"no {what} on $NOTIFY_SOCKET within {timeout} s; got {self.messages}")
@@ -318,3 +322,32 @@ def wait_modem(modem, predicate: Callable[[dict], bool], what: str, timeout: flo
 
 
 EX_CONFIG = exitcodes.CONFIG
+
+
+def committed_event_seq(agent: AgentProcess) -> int:
+    """The seq of the last event the agent committed to its store (read-only, beside it)."""
+    db = agent.state_dir / "state.db"
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'event_seq'").fetchone()
+    return json.loads(row[0]) if row else 0
+
+
+def assert_delivered_in_order(platform, up_to: int) -> list[dict]:
+    """Every event 1..up_to reached the platform; first arrivals are in seq order and a
+    redelivered event carries the same id. Returns the events, one per seq."""
+    received = events(platform)
+    first: dict[int, dict] = {}
+    order: list[int] = []
+    for event in received:
+        if event["seq"] in first:
+            assert event["id"] == first[event["seq"]]["id"], f"seq {event['seq']} came back with another id"
+            continue
+        first[event["seq"]] = event
+        order.append(event["seq"])
+    missing = sorted(set(range(1, up_to + 1)) - set(first))
+    assert not missing, f"events never delivered: seq {missing}; got {order}"
+    assert order == sorted(order), f"events arrived out of seq order: {order}"
+    assert len({e["id"] for e in first.values()}) == len(first), "two events share an id"
+    return [first[s] for s in sorted(first)]
