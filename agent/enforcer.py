@@ -350,8 +350,9 @@ class Enforcer:
         """URC callback (in the AT reader): bump the generation and gate at once; the rest
         is done by the event consumer."""
         if isinstance(event, NetworkTime):
-            if event.time is not None and event.time.tzinfo is not None:
-                self.store.clock.set_network_time(event.time.timestamp())
+            network_time = event.time.time  # the URC's parsed NetworkTime carries the datetime
+            if network_time is not None and network_time.tzinfo is not None:
+                self.store.clock.set_network_time(network_time.timestamp())
             return
         if isinstance(event, RegistrationChanged) and not self._detached:
             return
