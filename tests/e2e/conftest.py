@@ -75,15 +75,11 @@ def _toml_value(value: Any) -> str:
 
 
 def render_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """Sections named like "mqtt.tls" become `[mqtt.tls]` tables; raw text values in the
-    section "_raw" are appended as they are (for deliberately broken files)."""
+    """Sections named like "mqtt.tls" become `[mqtt.tls]` tables."""
     lines: list[str] = []
     for name, keys in sections.items():
-        if name == "_raw":
-            continue
         lines.append(f"[{name}]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
-    lines += sections.get("_raw", {}).values()
     return "\n".join(lines) + "\n"
 
 
