@@ -25,7 +25,7 @@ from typing import Any
 
 from agent import __version__, exitcodes
 from agent import config as config_module
-from agent.binding import BindingPolicy
+from agent.binding import BOUND, OK, BindingPolicy
 from agent.clock import Clock
 from agent.config import Config, ConfigError
 from agent.control import ControlError, ControlServer, Peer, at_op, daemon_op
@@ -230,6 +230,8 @@ class Daemon:
         binding = dict(known.get("binding") or {})
         binding.setdefault("mode", self.config.binding.mode)
         binding.setdefault("status", "unknown")
+        if binding["status"] == BOUND:  # what the last decision did; now the card is bound here
+            binding["status"] = OK  # (the word SPEC §4 and `simagent status` without the daemon use)
         for key in ("bound_iccid", "bound_imei", "since"):
             binding.setdefault(key, None)
         return {
