@@ -441,7 +441,7 @@ def _datetime(date: str, clock: str) -> datetime:
 
 
 def parse_network_time(line: str) -> NetworkTime:
-    """+CTZE: "±tz",dst,"yy/MM/dd,hh:mm:ss" (Quectel; the time is UTC),
+    """+CTZE: "±tz",dst,"yyyy/MM/dd,hh:mm:ss" (local time; +CTZEU would carry UTC),
     +CTZV: ±tz[,…] or +CTZV: yy/MM/dd,hh:mm:ss,±tz (SIMCom), +CCLK: "yy/MM/dd,hh:mm:ss±tz"
     (local time)."""
     text = line.strip()
@@ -460,9 +460,8 @@ def parse_network_time(line: str) -> NetworkTime:
         offset = _quarters(f[0])
         dst = _int(f[1], "dst") if len(f) > 1 and f[1] else None
         when = None
-        if len(f) >= 4:
-            utc = _datetime(f[2], f[3]).replace(tzinfo=timezone.utc)
-            when = utc.astimezone(timezone(timedelta(minutes=offset)))
+        if len(f) >= 4:  # 27.007 8.41 and Quectel's manuals: the local time in zone <tz>
+            when = _datetime(f[2], f[3]).replace(tzinfo=timezone(timedelta(minutes=offset)))
         return NetworkTime(when, offset, dst)
     if upper.startswith("+CTZV"):
         f = [x.strip().strip('"') for x in _require([text], "+CTZV").split(",")]

@@ -223,7 +223,7 @@ def test_info_and_ati():
 
 
 def test_network_time():
-    t = p.parse_network_time('+CTZE: "+32",0,"2024/01/02,03:04:05"')
+    t = p.parse_network_time('+CTZE: "+32",0,"2024/01/02,11:04:05"')  # local time, UTC+8
     assert t.utc_offset_minutes == 480 and t.dst == 0
     assert t.time == datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
     assert t.time.utcoffset() == timedelta(hours=8)
