@@ -306,6 +306,12 @@ def last_seq(platform) -> int:
     return max((e["seq"] for e in events(platform)), default=0)
 
 
+def swap_to(modem, iccid: str) -> None:
+    """A technician pulls the card and pushes another one in."""
+    modem.sim_remove()
+    modem.sim_insert(iccid)
+
+
 def wait_modem(modem, predicate: Callable[[dict], bool], what: str, timeout: float = TIMEOUT) -> dict:
     deadline = time.monotonic() + timeout
     while True:

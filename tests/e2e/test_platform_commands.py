@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, last_seq, sign_token, wait_event, wait_modem
+from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, last_seq, sign_token, swap_to, wait_event, wait_modem
 
 P = f"simagent/{IMEI}"
 
@@ -42,8 +42,7 @@ def test_platform_commands_end_to_end(home_modem, agent_process, subscriber, mos
 
     # A foreign card, then the platform makes it this terminal's card with a signed token.
     mark = last_seq(platform)
-    home_modem.sim_remove()
-    home_modem.sim_insert(FOREIGN_ICCID)
+    swap_to(home_modem, FOREIGN_ICCID)
     wait_event(platform, "radio_blocked", after=mark)
     token = sign_token("rebind", FOREIGN_ICCID)
     mark = last_seq(platform)

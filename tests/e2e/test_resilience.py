@@ -6,13 +6,8 @@ from __future__ import annotations
 import json
 
 from .conftest import (FOREIGN_ICCID, HOME_ICCID, IMEI, TIMEOUT, assert_delivered_in_order, committed_event_seq, events,
-                       last_seq, wait_event, wait_modem)
-from tests.conftest import wait_until
-
-
-def swap_to(modem, iccid: str) -> None:
-    modem.sim_remove()
-    modem.sim_insert(iccid)
+                       last_seq, swap_to, wait_event, wait_modem)
+from ..conftest import wait_until
 
 
 def test_broker_outage_during_a_violation_loses_nothing(make_broker, home_modem, agent_process, subscriber):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .conftest import EX_CONFIG, FOREIGN_ICCID, HOME_ICCID, last_seq, wait_event, wait_modem
+from .conftest import EX_CONFIG, FOREIGN_ICCID, HOME_ICCID, last_seq, swap_to, wait_event, wait_modem
 
 
 def test_ready_after_the_first_binding_decision_and_watchdog_pings(home_modem, agent_process, subscriber, mosquitto):
@@ -51,8 +51,7 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_one_on_error(home_modem
 
     # Still running, and on the configuration it had: a violation is now only reported.
     mark = last_seq(platform)
-    home_modem.sim_remove()
-    home_modem.sim_insert(FOREIGN_ICCID)
+    swap_to(home_modem, FOREIGN_ICCID)
     violation = wait_event(platform, "binding_violation", after=mark)
     assert violation["data"]["reason"] == "iccid_mismatch"
     assert wait_modem(home_modem, lambda s: s["iccid"] == FOREIGN_ICCID, "the foreign card")["cfun"] == 1
