@@ -25,7 +25,7 @@ from typing import Any
 
 from agent import __version__, exitcodes
 from agent import config as config_module
-from agent.binding import BindingPolicy
+from agent.binding import BOUND, OK, BindingPolicy
 from agent.clock import Clock
 from agent.config import Config, ConfigError
 from agent.control import ControlError, ControlServer, Peer, at_op, daemon_op
@@ -135,7 +135,11 @@ class Daemon:
             except (PortNotFound, PortBusy, OSError) as exc:
                 self._waiting_for_modem(f"cannot open {port}: {exc}")
                 await asyncio.sleep(wait)
-                wait = min(wait * 2, MODEM_RETRY_S[1])
+                # A missing port is looked for again every MODEM_RETRY_S[0]: a module that
+                # comes back boots with RF on, so the radio gate must not be a long backoff
+                # away. A port that is there but cannot be opened (busy) backs off.
+                if not isinstance(exc, PortNotFound):
+                    wait = min(wait * 2, MODEM_RETRY_S[1])
                 continue
             try:
                 await self._modem_session(modem, port)
@@ -237,13 +241,17 @@ class Daemon:
         binding = dict(known.get("binding") or {})
         binding.setdefault("mode", self.config.binding.mode)
         binding.setdefault("status", "unknown")
+        if binding["status"] == BOUND:  # what the last decision did; now the card is bound here
+            binding["status"] = OK  # (the word SPEC §4 and `simagent status` without the daemon use)
+        for key in ("bound_iccid", "bound_imei", "since"):
+            binding.setdefault(key, None)
         return {
             "device_id": self._device_id(),
             "agent_version": __version__,
-            "modem": known.get("modem") or {},
+            "modem": known.get("modem") or dict.fromkeys(("vendor", "model", "revision", "imei", "imei_luhn_ok")),
             "sim": known.get("sim") or {"state": "unknown", "iccid": None, "imsi": None},
             "binding": binding,
-            "radio": known.get("radio") or {"cfun": None, "gated": None},
+            "radio": known.get("radio") or {"cfun": None, "gated": False},  # nothing is held off without a modem
             "device_pubkey": self.device_pubkey,
             "modem_present": self.enforcer is not None,
         }

@@ -49,6 +49,7 @@ class Command:
     name: str
     args: dict[str, Any]
     claims: Mapping[str, Any] | None = None  # the verified token's claims, when one was needed
+    token: str | None = field(default=None, repr=False)  # that token, for the handler to consume; a credential
 
 
 Handler = Callable[[Command], Awaitable[dict[str, Any] | None]]
@@ -168,7 +169,7 @@ class CommandProcessor:
             if not token:
                 raise CommandError("token_required", f"{name} needs a signed token")
             claims = self._verify(token, name)
-        return Command(request_id, name, args, claims)
+        return Command(request_id, name, args, claims, token if claims is not None else None)
 
     def _check_args(self, name: str, args: dict[str, Any]) -> None:
         spec = self._args[name]

@@ -1,0 +1,355 @@
+"""End-to-end plumbing: the real `simagent run` process against the fake modem subprocess
+and a real mosquitto, watched the way systemd and a platform watch it.
+
+    broker = mosquitto                                   # root conftest: one per test
+    modem = fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID)
+    agent = agent_process(modem, broker, binding={"on_violation": "report"})
+    agent.wait_ready()                                   # READY=1 on $NOTIFY_SOCKET
+    platform = subscriber(broker, "simagent/#")          # schema-checks every message
+    wait_event(platform, "bound")
+    agent.cli("status", "--json")                        # `simagent --config FILE status --json`
+    agent.stop()  agent.kill9()  agent.restart()  agent.hup()  agent.log
+
+Every agent process gets its own short /tmp directory (AF_UNIX paths are limited to 107
+bytes) holding the configuration, state, control socket and $NOTIFY_SOCKET.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import exitcodes
+
+IMEI = "864505040000013"
+HOME_ICCID = "89860321234567890123"
+FOREIGN_ICCID = "89860098765432109876"
+TIMEOUT = 20.0  # generous: other engineers' test runs share this machine
+
+SIGNER = Ed25519PrivateKey.generate()
+
+
+def trusted_key() -> str:
+    """SIGNER's public key as `[binding] trusted_keys` takes it (raw, base64)."""
+    raw = SIGNER.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def sign_token(act: str, iccid: str, *, imei: str = IMEI, ttl: float = 3600, **claims: Any) -> str:
+    now = time.time()
+    body = {"sub": imei, "iccid": iccid, "act": act, "exp": int(now + ttl), "iat": int(now - 60),
+            "jti": f"e2e-{uuid.uuid4().hex}", **claims}
+    return jwt.encode(body, SIGNER, algorithm="EdDSA")
+
+
+# -- configuration ---------------------------------------------------------------------------
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def render_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """Sections named like "mqtt.tls" become `[mqtt.tls]` tables."""
+    lines: list[str] = []
+    for name, keys in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+# -- $NOTIFY_SOCKET ---------------------------------------------------------------------------
+class NotifyListener:
+    """What systemd does on $NOTIFY_SOCKET: each datagram becomes a dict of its fields."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[dict[str, str]] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._receive, name="notify-listener", daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:  # closed
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+            with self._cond:
+                self.messages.append(fields)
+                self._cond.notify_all()
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.messages)
+
+    def wait_for(self, predicate: Callable[[dict[str, str]], bool], since: int = 0, timeout: float = TIMEOUT,
+                 what: str = "a notification", count: int = 1) -> dict[str, str]:
+        """The `count`-th message from index `since` on that satisfies `predicate`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                matching = [m for m in self.messages[since:] if predicate(m)]
+                if len(matching) >= count:
+                    return matching[count - 1]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no {what} on $NOTIFY_SOCKET within {timeout} s; got {self.messages}")
+                self._cond.wait(remaining)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- the agent process -----------------------------------------------------------------------
+class AgentProcess:
+    def __init__(self, directory: Path, sections: dict[str, dict[str, Any]], env: dict[str, str]) -> None:
+        self.dir = directory
+        self.config_path = directory / "agent.toml"
+        self.state_dir = directory / "state"
+        self.control_socket = directory / "control.sock"
+        self.log_path = directory / "agent.log"
+        self.notify = NotifyListener(directory / "notify.sock")
+        self.extra_env = env
+        self.sections = sections
+        self.write_config(sections)
+        self.proc: subprocess.Popen | None = None
+        self.exit_codes: list[int] = []
+
+    # configuration
+    def write_config(self, sections: dict[str, dict[str, Any]]) -> None:
+        self.config_path.write_text(render_toml(sections))
+
+    def reconfigure(self, **overrides: dict[str, Any]) -> None:
+        """Rewrites the file with some keys changed (the process sees it on SIGHUP)."""
+        self.sections = merge(self.sections, overrides)
+        self.write_config(self.sections)
+
+    # life cycle
+    def start(self) -> "AgentProcess":
+        assert self.proc is None or self.proc.poll() is not None, "the agent is already running"
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **self.extra_env}
+        env.pop("SIMAGENT_CONFIG", None)
+        env.pop("WATCHDOG_PID", None)
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== simagent run (start {len(self.exit_codes) + 1}) ===\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+        return self
+
+    def wait_ready(self, since: int = 0) -> dict[str, str]:
+        return self.notify.wait_for(lambda m: m.get("READY") == "1", since, what="READY=1")
+
+    def wait_exit(self, timeout: float = TIMEOUT) -> int:
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the agent did not exit within {timeout} s\n{self.log}") from None
+        self.exit_codes.append(code)
+        return code
+
+    def stop(self) -> int:
+        """SIGTERM and the exit code."""
+        assert self.proc is not None and self.proc.poll() is None, f"the agent is not running\n{self.log}"
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait_exit()
+
+    def kill9(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, f"the agent is not running\n{self.log}"
+        self.proc.kill()
+        self.wait_exit()
+
+    def restart(self) -> dict[str, str]:
+        """Starts the process again (after stop or kill9) and waits for its READY=1."""
+        mark = self.notify.mark()
+        self.start()
+        return self.wait_ready(mark)
+
+    def hup(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, f"the agent is not running\n{self.log}"
+        self.proc.send_signal(signal.SIGHUP)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+        """`simagent --config FILE ARGS...` as a field technician would run it."""
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "SIMAGENT_CONFIG")}
+        proc = subprocess.run([sys.executable, "-m", "agent", "--config", str(self.config_path), *args],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"simagent {' '.join(args)} exited {proc.returncode}: {proc.stderr}\n{proc.stdout}")
+        return proc
+
+    def close(self) -> None:
+        if self.running:
+            self.proc.kill()
+            self.proc.wait()
+        self.notify.close()
+
+
+def merge(base: dict[str, dict[str, Any]], overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    merged = {name: dict(keys) for name, keys in base.items()}
+    for name, keys in overrides.items():
+        merged.setdefault(name.replace("__", "."), {}).update(keys)
+    return merged
+
+
+def base_sections(directory: Path, modem_port: str, broker_port: int) -> dict[str, dict[str, Any]]:
+    return {
+        "device": {"id": "imei", "state_dir": str(directory / "state")},
+        "modem": {"port": modem_port, "command_timeout": 2.0},
+        "binding": {"trusted_keys": [trusted_key()]},
+        "mqtt": {"host": "127.0.0.1", "port": broker_port, "keepalive": 10},
+        "mqtt.tls": {"enabled": False},  # a loopback test broker; the shipped config has TLS on
+        "control": {"socket": str(directory / "control.sock")},
+        "log": {"level": "debug"},
+    }
+
+
+@pytest.fixture
+def agent_process():
+    """`agent_process(modem, broker, start=True, env={}, **sections)` -> a started
+    AgentProcess; `modem` is a fake modem handle or a port path, `broker` a Broker (or
+    None for a closed port); `sections` override config keys per section, e.g.
+    `binding={"on_violation": "report"}`, `mqtt__tls={...}` for `[mqtt.tls]`.
+
+    At teardown the process is killed if it still runs, and its log must hold no
+    traceback: a test that passes while the daemon crashed in a corner is a failure."""
+    agents: list[AgentProcess] = []
+    directories: list[str] = []
+
+    def start(modem: Any, broker: Any, *, start: bool = True, env: dict[str, str] | None = None,
+              **sections: dict[str, Any]) -> AgentProcess:
+        directory = Path(tempfile.mkdtemp(prefix="sa-e2e-", dir="/tmp"))
+        directories.append(str(directory))
+        port = modem if isinstance(modem, str) else modem.port
+        broker_port = broker.port if broker is not None else _closed_port()
+        agent = AgentProcess(directory, merge(base_sections(directory, port, broker_port), sections), env or {})
+        agents.append(agent)
+        return agent.start() if start else agent
+
+    yield start
+    tracebacks = []
+    for agent in agents:
+        agent.close()
+        if "Traceback" in agent.log:
+            tracebacks.append(agent.log)
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
+    assert not tracebacks, "the agent logged a traceback:\n" + "\n".join(tracebacks)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def home_modem(fake_modem_process):
+    """A fake Quectel module (hot-swap URCs) with the home card in it."""
+    return fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID, register_delay=0.2)
+
+
+# -- reading what the platform saw -------------------------------------------------------------
+def events(platform, types: tuple[str, ...] | None = None) -> list[dict]:
+    found = platform.documents("/events")
+    return [e for e in found if types is None or e["type"] in types]
+
+
+def wait_event(platform, type_: str, *, after: int = 0, timeout: float = TIMEOUT,
+               where: Callable[[dict], bool] = lambda e: True) -> dict:
+    """The first `type_` event with seq > `after` (and `where`) the platform received."""
+    def find(sub):
+        return next((e for e in events(sub) if e["type"] == type_ and e["seq"] > after and where(e)), None)
+
+    return platform.wait_for(find, timeout=timeout, what=f"a {type_} event after seq {after}")
+
+
+def last_seq(platform) -> int:
+    return max((e["seq"] for e in events(platform)), default=0)
+
+
+def swap_to(modem, iccid: str) -> None:
+    """A technician pulls the card and pushes another one in."""
+    modem.sim_remove()
+    modem.sim_insert(iccid)
+
+
+def wait_modem(modem, predicate: Callable[[dict], bool], what: str, timeout: float = TIMEOUT) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = modem.state()
+        if predicate(state):
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the fake modem never reached {what}: {state}")
+        time.sleep(0.05)
+
+
+EX_CONFIG = exitcodes.CONFIG
+
+
+def committed_event_seq(agent: AgentProcess) -> int:
+    """The seq of the last event the agent committed to its store (read-only, beside it)."""
+    db = agent.state_dir / "state.db"
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'event_seq'").fetchone()
+    return json.loads(row[0]) if row else 0
+
+
+def assert_delivered_in_order(platform, up_to: int) -> list[dict]:
+    """Every event 1..up_to reached the platform; first arrivals are in seq order and a
+    redelivered event carries the same id. Returns the events, one per seq."""
+    received = events(platform)
+    first: dict[int, dict] = {}
+    order: list[int] = []
+    for event in received:
+        if event["seq"] in first:
+            assert event["id"] == first[event["seq"]]["id"], f"seq {event['seq']} came back with another id"
+            continue
+        first[event["seq"]] = event
+        order.append(event["seq"])
+    missing = sorted(set(range(1, up_to + 1)) - set(first))
+    assert not missing, f"events never delivered: seq {missing}; got {order}"
+    assert order == sorted(order), f"events arrived out of seq order: {order}"
+    assert len({e["id"] for e in first.values()}) == len(first), "two events share an id"
+    return [first[s] for s in sorted(first)]

@@ -1,0 +1,68 @@
+"""What systemd sees: READY/STATUS/WATCHDOG on $NOTIFY_SOCKET, SIGHUP reloads, exit 78."""
+
+from __future__ import annotations
+
+from .conftest import EX_CONFIG, FOREIGN_ICCID, HOME_ICCID, last_seq, swap_to, wait_event, wait_modem
+
+
+def test_ready_after_the_first_binding_decision_and_watchdog_pings(home_modem, agent_process, subscriber, mosquitto):
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto, env={"WATCHDOG_USEC": "2000000"})
+    ready = agent.wait_ready()
+    assert ready["STATUS"] == "binding bound"  # READY=1 waits for the decision, and says it
+    bound = wait_event(platform, "bound")
+    assert bound["data"]["iccid"] == HOME_ICCID
+    # Pings every WATCHDOG_USEC / 2 while the loop is healthy.
+    agent.notify.wait_for(lambda m: m.get("WATCHDOG") == "1", count=3, what="three WATCHDOG=1 pings")
+    assert agent.stop() == 0
+    assert any(m.get("STOPPING") == "1" for m in agent.notify.messages)
+
+
+def test_ready_without_a_modem_says_it_waits_for_it(agent_process, mosquitto, tmp_path):
+    agent = agent_process(str(tmp_path / "no-such-tty"), mosquitto)
+    ready = agent.wait_ready()
+    assert ready["STATUS"].startswith("waiting for modem"), ready
+    assert "no-such-tty" in ready["STATUS"]
+    assert not any(m.get("WATCHDOG") for m in agent.notify.messages)  # no WATCHDOG_USEC, no pings
+    assert agent.stop() == 0
+
+
+def test_sighup_applies_a_valid_config_and_keeps_the_old_one_on_error(home_modem, agent_process, subscriber, mosquitto):
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto)
+    wait_event(platform, "radio_restored")
+
+    mark = last_seq(platform)
+    notified = agent.notify.mark()
+    agent.reconfigure(binding={"on_violation": "report", "radio_gate": False})  # observe and tell, never act
+    agent.hup()
+    reloaded = wait_event(platform, "config_reloaded", after=mark)
+    assert reloaded["data"]["ok"] is True and reloaded["data"]["changed"] == ["binding"]
+    assert agent.notify.wait_for(lambda m: m.get("RELOADING") == "1", since=notified)["MONOTONIC_USEC"].isdigit()
+    agent.notify.wait_for(lambda m: m.get("READY") == "1", since=notified, what="READY=1 after the reload")
+
+    agent.reconfigure(binding={"on_violation": "radiooff"}, telemetry={"interval": 10.0})
+    mark = last_seq(platform)
+    agent.hup()
+    refused = wait_event(platform, "config_reloaded", after=mark)
+    assert refused["data"]["ok"] is False
+    assert str(agent.config_path) in refused["data"]["error"]
+    assert "[binding] on_violation" in refused["data"]["error"] and "radiooff" in refused["data"]["error"]
+
+    # Still running, and on the configuration it had: a violation is now only reported.
+    mark = last_seq(platform)
+    swap_to(home_modem, FOREIGN_ICCID)
+    violation = wait_event(platform, "binding_violation", after=mark)
+    assert violation["data"]["reason"] == "iccid_mismatch"
+    assert wait_modem(home_modem, lambda s: s["iccid"] == FOREIGN_ICCID, "the foreign card")["cfun"] == 1
+    assert not [e for e in platform.documents("/events") if e["type"] == "radio_blocked" and e["seq"] > mark]
+    assert agent.stop() == 0
+
+
+def test_config_error_at_start_exits_78_naming_file_and_key(agent_process, mosquitto, tmp_path):
+    agent = agent_process(str(tmp_path / "tty"), mosquitto, binding={"on_violation": "radiooff"})
+    assert agent.wait_exit() == EX_CONFIG
+    log = agent.log
+    assert str(agent.config_path) in log and "[binding] on_violation" in log and '"radiooff"' in log
+    assert not agent.notify.messages  # never READY
+    assert not agent.state_dir.exists()  # nothing was started
