@@ -13,14 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import exitcodes
+from agent.localagent import AgentProcess, CliFailed, loopback_sections
 from agent.localbroker import Broker
 from at_commands.fakemodem_handles import ProcessFakeModem
 
@@ -199,60 +195,29 @@ class Demo:
 
         self.step(7, "Stopping the agent (SIGTERM): it flushes and says goodbye")
         mark = platform.mark()
-        agent.send_signal(signal.SIGTERM)
+        code = agent.stop()
         platform.wait_for("the offline status", lambda t, d: t.endswith("/status") and d.get("online") is False, mark)
-        code = agent.wait(10)
         if code != 0:
             raise DemoFailed(f"the agent exited with {code}")
         self.say("    agent exited 0")
 
-    def _start_agent(self, broker_port: int, modem_port: str) -> subprocess.Popen:
-        config = self.dir / "agent.toml"
-        config.write_text(textwrap.dedent(f"""\
-            [device]
-            id = "imei"
-            state_dir = "{self.dir / 'state'}"
-            [modem]
-            port = "{modem_port}"
-            [mqtt]
-            host = "127.0.0.1"
-            port = {broker_port}
-            [mqtt.tls]
-            enabled = false  # a loopback demo broker; the shipped config has TLS on
-            [control]
-            socket = "{self.dir / 'control.sock'}"
-            [log]
-            level = "info"
-        """))
-        self.config = config
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify_path = self.dir / "notify.sock"
-        notify.bind(str(notify_path))
-        self.agent_log = self.dir / "agent.log"
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
-        with open(self.agent_log, "wb") as log:
-            agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
-                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-        self.processes.append(lambda: _stop_process(agent))
-        notify.settimeout(STEP_TIMEOUT_S)
+    def _start_agent(self, broker_port: int, modem_port: str) -> AgentProcess:
+        agent = AgentProcess(self.dir, loopback_sections(self.dir, modem_port, broker_port))
+        self.agent = agent
+        self.processes.append(agent.close)
+        agent.start()
         try:
-            while True:
-                message = notify.recv(4096).decode()
-                if "READY=1" in message:
-                    status = next((f[7:] for f in message.split("\n") if f.startswith("STATUS=")), "")
-                    self.say(f"    systemd would now hear READY=1 ({status})")
-                    return agent
+            ready = agent.wait_ready()
         except TimeoutError:
             raise DemoFailed("the agent did not report READY") from None
-        finally:
-            notify.close()
+        self.say(f"    systemd would now hear READY=1 ({ready.get('STATUS', '')})")
+        return agent
 
     def _cli(self, *args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "agent", "--config", str(self.config), *args],
-                              capture_output=True, text=True, timeout=60)
-        if proc.returncode != 0:
-            raise DemoFailed(f"simagent {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
-        return proc.stdout
+        try:
+            return self.agent.cli(*args, check=True).stdout
+        except CliFailed as exc:
+            raise DemoFailed(str(exc)) from None
 
     def _show_modem(self, modem: ProcessFakeModem, comment: str) -> dict:
         state = modem.state()
@@ -261,20 +226,10 @@ class Demo:
         return state
 
     def _show_agent_log(self) -> None:
-        log = getattr(self, "agent_log", None)
-        if log and log.exists():
-            self.say(f"--- agent log ({log}) ---")
-            self.say(log.read_text(errors="replace")[-4000:])
-
-
-def _stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        agent = getattr(self, "agent", None)
+        if agent is not None:
+            self.say(f"--- agent log ({agent.log_path}) ---")
+            self.say(agent.log[-4000:])
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

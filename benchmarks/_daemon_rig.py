@@ -10,10 +10,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import socket
-import subprocess
-import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +17,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.localagent import AgentProcess, loopback_sections
 from agent.localbroker import Broker
 from at_commands.fakemodem_handles import ProcessFakeModem
 
@@ -32,83 +29,20 @@ UNIT_FILE = Path(__file__).resolve().parent.parent / "systemd" / "simagent.servi
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def agent_config(directory: Path, broker_port: int, modem_port: str) -> Path:
-    """The demo's configuration: defaults everywhere (telemetry every 60 s, keepalive 60 s)
-    but for the local broker without TLS, the fake's port and paths in `directory`."""
-    config = directory / "agent.toml"
-    config.write_text(textwrap.dedent(f"""\
-        [device]
-        id = "imei"
-        state_dir = "{directory / 'state'}"
-        [modem]
-        port = "{modem_port}"
-        [mqtt]
-        host = "127.0.0.1"
-        port = {broker_port}
-        [mqtt.tls]
-        enabled = false  # a loopback benchmark broker
-        [control]
-        socket = "{directory / 'control.sock'}"
-        [log]
-        level = "warning"
-    """))
-    return config
-
-
-class Agent:
-    """`simagent run` in a subprocess; `spawned` and `ready` are time.monotonic() stamps
-    of the fork and of READY=1 arriving on the NOTIFY_SOCKET."""
-
-    def __init__(self, directory: Path, config: Path) -> None:
-        notify_path = directory / "notify.sock"
-        notify_path.unlink(missing_ok=True)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(notify_path))
-        self.log_path = directory / "agent.log"
-        # The watchdog armed as systemd arms it for the shipped unit (WATCHDOG_PID unset:
-        # the daemon accepts that, and its pid is not known before the fork).
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": str(unit_watchdog_usec())}
-        env.pop("WATCHDOG_PID", None)
-        # Kept open while the agent runs, so its later notifications (watchdog pings)
-        # land somewhere, as they would with systemd.
-        self._notify = notify
-        try:
-            with open(self.log_path, "ab") as log:
-                self.spawned = time.monotonic()
-                self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
-                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-            self.ready = self._wait_ready(notify)
-        except BaseException:
-            notify.close()
-            raise
-
-    def _wait_ready(self, notify: socket.socket) -> float:
-        deadline = self.spawned + READY_TIMEOUT_S
-        while (remaining := deadline - time.monotonic()) > 0:
-            notify.settimeout(remaining)
-            try:
-                message = notify.recv(4096).decode()
-            except TimeoutError:
-                break
-            if "READY=1" in message.split("\n"):
-                return time.monotonic()
-        self.proc.kill()
-        self.proc.wait()
-        raise RuntimeError(f"the agent did not report READY=1; log:\n{self.log_path.read_text(errors='replace')[-3000:]}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._notify.close()
+def start_agent(directory: Path, broker_port: int, modem_port: str) -> AgentProcess:
+    """`simagent run` with defaults everywhere (telemetry every 60 s, keepalive 60 s) but
+    for the local broker without TLS, the fake's port and paths in `directory`; the
+    watchdog armed as systemd arms it for the shipped unit. Returns once READY=1 came:
+    `agent.wait_ready().received_at - agent.spawned` is the start time."""
+    agent = AgentProcess(directory, loopback_sections(directory, modem_port, broker_port, log_level="warning"),
+                         env={"WATCHDOG_USEC": str(unit_watchdog_usec())})
+    agent.start()
+    try:
+        agent.wait_ready(timeout=READY_TIMEOUT_S)
+    except TimeoutError:
+        agent.close()
+        raise RuntimeError(f"the agent did not report READY=1; log:\n{agent.log[-3000:]}") from None
+    return agent
 
 
 def unit_watchdog_usec() -> int:
@@ -170,12 +104,11 @@ class Rig:
         except BaseException:
             self.broker.stop()
             raise
-        self.config = agent_config(self.directory, self.broker.port, self.modem.port)
         self.control_socket = self.directory / "control.sock"
         return self
 
-    def start_agent(self) -> Agent:
-        return Agent(self.directory, self.config)
+    def start_agent(self) -> AgentProcess:
+        return start_agent(self.directory, self.broker.port, self.modem.port)
 
     def __exit__(self, *exc_info: object) -> None:
         self.modem.stop()

@@ -50,8 +50,9 @@ def _start_to_ready(rig: Rig) -> list[float]:
     times = []
     for _ in range(START_RUNS):
         agent = rig.start_agent()
-        times.append(agent.ready - agent.spawned)
+        times.append(agent.wait_ready().received_at - agent.spawned)
         agent.stop()
+        agent.close()
     return times
 
 
@@ -110,6 +111,7 @@ def run() -> dict:
         finally:
             platform.close()
             agent.stop()
+            agent.close()
     return {
         "start_to_ready_s": round(statistics.median(starts), 3),
         "start_to_ready_max_s": round(max(starts), 3),

@@ -48,6 +48,7 @@ def run() -> dict:
         finally:
             platform.close()
             agent.stop()
+            agent.close()
     return {
         "swap_to_mqtt_event_p99_ms": _p99_ms(violations),
         "swap_to_mqtt_event_median_ms": round(statistics.median(violations) * 1000, 1),

@@ -19,15 +19,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import shutil
-import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -39,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import exitcodes
+from agent.localagent import AgentProcess, loopback_sections, merge
 
 IMEI = "864505040000013"
 HOME_ICCID = "89860321234567890123"
@@ -61,185 +57,12 @@ def sign_token(act: str, iccid: str, *, imei: str = IMEI, ttl: float = 3600, **c
     return jwt.encode(body, SIGNER, algorithm="EdDSA")
 
 
-# -- configuration ---------------------------------------------------------------------------
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def render_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """Sections named like "mqtt.tls" become `[mqtt.tls]` tables."""
-    lines: list[str] = []
-    for name, keys in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
-    return "\n".join(lines) + "\n"
-
-
-# -- $NOTIFY_SOCKET ---------------------------------------------------------------------------
-class NotifyListener:
-    """What systemd does on $NOTIFY_SOCKET: each datagram becomes a dict of its fields."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.messages: list[dict[str, str]] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._receive, name="notify-listener", daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except OSError:  # closed
-                return
-            fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
-            with self._cond:
-                self.messages.append(fields)
-                self._cond.notify_all()
-
-    def mark(self) -> int:
-        with self._cond:
-            return len(self.messages)
-
-    def wait_for(self, predicate: Callable[[dict[str, str]], bool], since: int = 0, timeout: float = TIMEOUT,
-                 what: str = "a notification", count: int = 1) -> dict[str, str]:
-        """The `count`-th message from index `since` on that satisfies `predicate`."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                matching = [m for m in self.messages[since:] if predicate(m)]
-                if len(matching) >= count:
-                    return matching[count - 1]
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"no {what} on $NOTIFY_SOCKET within {timeout} s; got {self.messages}")
-                self._cond.wait(remaining)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-# -- the agent process -----------------------------------------------------------------------
-class AgentProcess:
-    def __init__(self, directory: Path, sections: dict[str, dict[str, Any]], env: dict[str, str]) -> None:
-        self.dir = directory
-        self.config_path = directory / "agent.toml"
-        self.state_dir = directory / "state"
-        self.control_socket = directory / "control.sock"
-        self.log_path = directory / "agent.log"
-        self.notify = NotifyListener(directory / "notify.sock")
-        self.extra_env = env
-        self.sections = sections
-        self.write_config(sections)
-        self.proc: subprocess.Popen | None = None
-        self.exit_codes: list[int] = []
-
-    # configuration
-    def write_config(self, sections: dict[str, dict[str, Any]]) -> None:
-        self.config_path.write_text(render_toml(sections))
-
-    def reconfigure(self, **overrides: dict[str, Any]) -> None:
-        """Rewrites the file with some keys changed (the process sees it on SIGHUP)."""
-        self.sections = merge(self.sections, overrides)
-        self.write_config(self.sections)
-
-    # life cycle
-    def start(self) -> "AgentProcess":
-        assert self.proc is None or self.proc.poll() is not None, "the agent is already running"
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **self.extra_env}
-        env.pop("SIMAGENT_CONFIG", None)
-        env.pop("WATCHDOG_PID", None)
-        with open(self.log_path, "ab") as log:
-            log.write(f"=== simagent run (start {len(self.exit_codes) + 1}) ===\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-        return self
-
-    def wait_ready(self, since: int = 0) -> dict[str, str]:
-        return self.notify.wait_for(lambda m: m.get("READY") == "1", since, what="READY=1")
-
-    def wait_exit(self, timeout: float = TIMEOUT) -> int:
-        assert self.proc is not None
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the agent did not exit within {timeout} s\n{self.log}") from None
-        self.exit_codes.append(code)
-        return code
-
-    def stop(self) -> int:
-        """SIGTERM and the exit code."""
-        assert self.proc is not None and self.proc.poll() is None, f"the agent is not running\n{self.log}"
-        self.proc.send_signal(signal.SIGTERM)
-        return self.wait_exit()
-
-    def kill9(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, f"the agent is not running\n{self.log}"
-        self.proc.kill()
-        self.wait_exit()
-
-    def restart(self) -> dict[str, str]:
-        """Starts the process again (after stop or kill9) and waits for its READY=1."""
-        mark = self.notify.mark()
-        self.start()
-        return self.wait_ready(mark)
-
-    def hup(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, f"the agent is not running\n{self.log}"
-        self.proc.send_signal(signal.SIGHUP)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
-        """`simagent --config FILE ARGS...` as a field technician would run it."""
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "SIMAGENT_CONFIG")}
-        proc = subprocess.run([sys.executable, "-m", "agent", "--config", str(self.config_path), *args],
-                              capture_output=True, text=True, timeout=timeout, env=env)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"simagent {' '.join(args)} exited {proc.returncode}: {proc.stderr}\n{proc.stdout}")
-        return proc
-
-    def close(self) -> None:
-        if self.running:
-            self.proc.kill()
-            self.proc.wait()
-        self.notify.close()
-
-
-def merge(base: dict[str, dict[str, Any]], overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    merged = {name: dict(keys) for name, keys in base.items()}
-    for name, keys in overrides.items():
-        merged.setdefault(name.replace("__", "."), {}).update(keys)
-    return merged
-
-
 def base_sections(directory: Path, modem_port: str, broker_port: int) -> dict[str, dict[str, Any]]:
-    return {
-        "device": {"id": "imei", "state_dir": str(directory / "state")},
-        "modem": {"port": modem_port, "command_timeout": 2.0},
+    return merge(loopback_sections(directory, modem_port, broker_port, log_level="debug"), {
+        "modem": {"command_timeout": 2.0},
         "binding": {"trusted_keys": [trusted_key()]},
-        "mqtt": {"host": "127.0.0.1", "port": broker_port, "keepalive": 10},
-        "mqtt.tls": {"enabled": False},  # a loopback test broker; the shipped config has TLS on
-        "control": {"socket": str(directory / "control.sock")},
-        "log": {"level": "debug"},
-    }
+        "mqtt": {"keepalive": 10},
+    })
 
 
 @pytest.fixture
