@@ -60,7 +60,7 @@ def test_unit_contract() -> None:
     s = _unit_settings()
     expected = {
         "Type": ["notify"], "NotifyAccess": ["main"], "WatchdogSec": ["30"], "Restart": ["on-failure"],
-        "RestartPreventExitStatus": ["78"], "ExecStart": [f"{INSTALLED_EXEC} run"], "ExecReload": ["/bin/kill -HUP $MAINPID"],
+        "RestartPreventExitStatus": ["78"], "ExecStart": [f"{INSTALLED_EXEC} run"], "ExecReload": ["/bin/sh -c 'kill -HUP $$MAINPID'"],
         "User": ["simagent"], "SupplementaryGroups": ["dialout"], "StateDirectory": ["simagent"],
         "RuntimeDirectory": ["simagent"], "ConfigurationDirectory": ["simagent"], "UMask": ["0077"],
         "PrivateDevices": None, "DevicePolicy": ["closed"],
