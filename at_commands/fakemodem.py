@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import ctypes
+import fcntl
 import json
 import os
 import queue
@@ -28,6 +30,7 @@ import selectors
 import signal
 import socket
 import sys
+import termios
 import threading
 import time
 import tty
@@ -799,6 +802,43 @@ def read_transcript(path: str | os.PathLike) -> list[dict[str, Any]]:
 # --- the I/O shell -----------------------------------------------------------------------
 
 
+def _opened_elsewhere(device: str) -> bool:
+    """Whether a process other than this one has `device` open (from /proc/*/fd)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == device for fd in (proc / "fd").iterdir()):
+                return True
+        except OSError:  # gone, or not ours to look at
+            continue
+    return False
+
+
+class _CloseWatch:
+    """inotify on the pty's device node: an event each time some process closes it."""
+
+    _IN_CLOSE = 0x00000008 | 0x00000010  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
+    _libc = ctypes.CDLL(None, use_errno=True)
+
+    def __init__(self, path: str) -> None:
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0 or self._libc.inotify_add_watch(self.fd, path.encode(), self._IN_CLOSE) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify on {path}")
+
+    def drain(self) -> bool:
+        """True when at least one close happened since the last call."""
+        seen = False
+        while True:
+            try:
+                seen |= bool(os.read(self.fd, 4096))
+            except BlockingIOError:
+                return seen
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class FakeModem:
     """Serve a FakeModemState on a pty (symlinked at ``link``) from one background thread."""
 
@@ -927,6 +967,8 @@ class FakeModem:
         tty.setraw(slave)  # no line discipline: bytes pass unchanged, no echo by the tty
         os.set_blocking(master, False)
         self._master, self._slave = master, slave
+        self._closes = _CloseWatch(os.ttyname(slave))
+        self._sel.register(self._closes.fd, selectors.EVENT_READ, "closed")
         tmp = self.link.with_name(self.link.name + ".new")
         tmp.unlink(missing_ok=True)
         os.symlink(os.ttyname(slave), tmp)
@@ -939,6 +981,8 @@ class FakeModem:
         if self._master is None:
             return
         self._sel.unregister(self._master)
+        self._sel.unregister(self._closes.fd)
+        self._closes.close()
         self.link.unlink(missing_ok=True)
         # Closing the master hangs the line up: readers of the slave get EIO / EOF.
         os.close(self._master)
@@ -974,6 +1018,8 @@ class FakeModem:
                     os.read(self._wake_r, 4096)
                 elif key.data == "pty":
                     self._on_pty()
+                elif key.data == "closed":
+                    self._on_client_closed()
                 elif key.data == "listen":
                     self._accept()
                 else:
@@ -986,6 +1032,13 @@ class FakeModem:
                     future.set_exception(exc)
             if self.state.next_due() is not None and self.state.next_due() <= self.state.clock():
                 self._write(b"".join(self.state.poll()))
+
+    def _on_client_closed(self) -> None:
+        """A USB tty forgets TIOCEXCL when its last user closes it; a pty whose master we
+        hold never would, so a client killed with the flag set would lock its successor
+        out. Once no other process has the port open, clear the flag."""
+        if self._closes.drain() and self._slave is not None and not _opened_elsewhere(os.ttyname(self._slave)):
+            fcntl.ioctl(self._slave, termios.TIOCNXCL)
 
     def _on_pty(self) -> None:
         try:

@@ -104,10 +104,12 @@ def test_kill_9_then_restart_loses_no_event_and_keeps_binding_and_evidence(home_
     agent.kill9()
     committed = committed_event_seq(agent)
 
-    agent.restart()
+    ready = agent.restart()
+    assert ready.get("STATUS", "").startswith("binding violation"), ready  # the modem again, not "waiting for modem"
     platform.wait_for(lambda sub: max((e["seq"] for e in events(sub)), default=0) >= committed, timeout=TIMEOUT,
                       what=f"every event up to seq {committed}")
     assert_delivered_in_order(platform, committed)
+    wait_event(platform, "modem_found", after=committed)
     wait_modem(home_modem, lambda s: s["cfun"] == 4, "the foreign card still held off after restart")
 
     show = agent.cli("bind", "show", "--json")
