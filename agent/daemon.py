@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from typing import Any
 
@@ -41,6 +42,7 @@ from at_commands import discovery
 from at_commands.client import CommandError as ATCommandError
 from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound
 from at_commands.modem import Modem
+from at_commands.parsers import ParseError
 
 log = logging.getLogger("simagent")
 
@@ -83,7 +85,7 @@ class Daemon:
             caps=Caps(max_events=cfg.outbox.max_events, max_telemetry=cfg.outbox.max_telemetry),
         )
         self.device_pubkey = device_public_key(cfg.device.state_dir)  # creates the key on first start
-        self.store.record("agent_started", {"version": __version__, "pid": os.getpid(), "config": cfg.source})
+        self._record("agent_started", {"version": __version__, "pid": os.getpid(), "config": cfg.source})
         if self._device_id() is not None:
             self._identity_known.set()
 
@@ -106,7 +108,7 @@ class Daemon:
     async def _shutdown(self) -> None:
         log.info("stopping")
         self.notifier.stopping()
-        self.store.record("agent_stopping", {"pid": os.getpid()})
+        self._record("agent_stopping", {"pid": os.getpid()})
         if self.reporter is not None:
             self.reporter.notify_outbox()
             await self.reporter.stop()
@@ -116,6 +118,14 @@ class Daemon:
         if self.control is not None:
             await self.control.close()
         self.store.close()
+
+    def _record(self, type_: str, data: dict) -> None:
+        """The daemon's own records. A store that cannot be written (disk full) must not
+        stop the agent: enforcement holds the radio off and records the gap later."""
+        try:
+            self.store.record(type_, data)
+        except sqlite3.Error as exc:
+            log.error("%s could not be recorded: %s", type_, exc)
 
     def _spawn(self, coroutine, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine, name=name)
@@ -144,9 +154,9 @@ class Daemon:
             try:
                 await self._modem_session(modem, port)
                 wait = MODEM_RETRY_S[0]
-            except (PortLost, CommandTimeout, ATCommandError, OSError) as exc:
+            except (PortLost, CommandTimeout, ATCommandError, ParseError, OSError) as exc:
                 log.warning("modem on %s lost: %s", port, exc)
-                self.store.record("modem_lost", {"port": port, "reason": str(exc) or type(exc).__name__})
+                self._record("modem_lost", {"port": port, "reason": str(exc) or type(exc).__name__})
             finally:
                 modem.close()
                 self.enforcer = None
@@ -158,7 +168,7 @@ class Daemon:
         profile = await modem.initialise()
         self._modem_port = port
         log.info("modem found on %s (profile %s)", port, profile.name)
-        self.store.record("modem_found", {"port": port, "profile": profile.name})
+        self._record("modem_found", {"port": port, "profile": profile.name})
         enforcer = Enforcer(
             modem, self.store, self._policy(), sim_poll_interval=self.config.modem.sim_poll_interval,
             on_change=self._state_changed,
@@ -467,14 +477,14 @@ class Daemon:
             new = config_module.load(self.config_path)
         except ConfigError as exc:
             log.error("configuration reload refused, keeping the running one: %s", exc)
-            self.store.record("config_reloaded", {"ok": False, "error": str(exc)})
+            self._record("config_reloaded", {"ok": False, "error": str(exc)})
             self._announce("reload refused: configuration error")
             self.notifier.ready()
             return
         old, self.config = self.config, new
         changed = sorted(s for s in ("device", "modem", "binding", "mqtt", "telemetry", "outbox", "control", "log")
                          if getattr(old, s) != getattr(new, s))
-        self.store.record("config_reloaded", {"ok": True, "changed": changed})
+        self._record("config_reloaded", {"ok": True, "changed": changed})
         logging.getLogger().setLevel(new.log.level.upper())
         if "binding" in changed and self.enforcer is not None:
             self.enforcer.update_policy(self._policy())

@@ -213,7 +213,11 @@ class ATClient:
     async def _exchange(self, data: bytes, command: str, timeout: float) -> Response | Prompt:
         waiter = self._waiter = self._loop.create_future()
         try:
-            await self._write(data)
+            # A short command fits the tty's buffer at once: no coroutine for the write on
+            # the hot path of every round trip; `_write` waits for room when it does not.
+            rest = data if self._sock is not None else self._write_now(data)
+            if rest:
+                await self._write(rest)
             try:
                 result = await self._wait(waiter, timeout)
             except TimeoutError:
@@ -224,6 +228,17 @@ class ATClient:
         if isinstance(result, Prompt):
             return result
         return Response(self._lines, result)
+
+    def _write_now(self, data: bytes) -> bytes:
+        """Writes what the tty takes without waiting; returns the rest."""
+        try:
+            return data[os.write(self._fd, data):]
+        except (BlockingIOError, InterruptedError):
+            return data
+        except OSError as exc:
+            self._shutdown(exc)
+            self._ensure_alive()  # raises PortLost
+            raise
 
     async def _wait(self, waiter: asyncio.Future, timeout: float):
         # A timer on the future instead of asyncio.wait_for: no extra task per command

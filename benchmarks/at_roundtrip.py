@@ -16,10 +16,10 @@ from at_commands.client import ATClient
 
 COMMAND = "AT+CSQ"
 REPLY = b"\r\n+CSQ: 20,99\r\n\r\nOK\r\n"
-ROUND_TRIPS = 1000
+ROUND_TRIPS = 400
 # The two loops alternate; the ratio is the median of each adjacent pair, so load from
 # other processes on the box hits both sides of a pair alike.
-ROUNDS = 7
+ROUNDS = 25
 
 
 def _respond(master: int) -> None:
