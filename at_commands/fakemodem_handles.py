@@ -82,6 +82,9 @@ class InProcessFakeModem(_ControlMixin):
     def transcript(self) -> list[dict[str, Any]]:
         return list(self.modem.transcript.entries)
 
+    def stop(self) -> None:
+        self.modem.stop()
+
 
 def start_in_process(directory: Path, name: str = "modem", **kwargs: Any) -> InProcessFakeModem:
     _check_keywords(kwargs)

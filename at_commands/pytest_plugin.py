@@ -37,19 +37,25 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.fixture
-def fake_modem_factory(tmp_path: Path) -> Iterator[Callable[..., InProcessFakeModem]]:
-    started: list[InProcessFakeModem] = []
+def _modems(start: Callable[[str], Any]):
+    """A fixture body: `make(**keywords)` starts a modem named by a counter; all of them
+    are stopped at teardown."""
+    started = []
     counter = itertools.count()
 
-    def factory(**kwargs: Any) -> InProcessFakeModem:
-        fm = start_in_process(tmp_path, f"modem{next(counter)}", **kwargs)
-        started.append(fm)
-        return fm
+    def make(**kwargs: Any):
+        handle = start(str(next(counter)), **kwargs)
+        started.append(handle)
+        return handle
 
-    yield factory
-    for fm in started:
-        fm.modem.stop()
+    yield make
+    for handle in started:
+        handle.stop()
+
+
+@pytest.fixture
+def fake_modem_factory(tmp_path: Path) -> Iterator[Callable[..., InProcessFakeModem]]:
+    yield from _modems(lambda n, **kw: start_in_process(tmp_path, f"modem{n}", **kw))
 
 
 @pytest.fixture
@@ -60,17 +66,7 @@ def fake_modem(request: pytest.FixtureRequest, fake_modem_factory: Callable[...,
 
 @pytest.fixture
 def fake_modem_process(tmp_path: Path) -> Iterator[Callable[..., ProcessFakeModem]]:
-    started: list[ProcessFakeModem] = []
-    counter = itertools.count()
-
-    def start(**kwargs: Any) -> ProcessFakeModem:
-        fm = ProcessFakeModem(tmp_path, f"pmodem{next(counter)}", **kwargs)
-        started.append(fm)
-        return fm
-
-    yield start
-    for fm in started:
-        fm.stop()
+    yield from _modems(lambda n, **kw: ProcessFakeModem(tmp_path, f"pmodem{n}", **kw))
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
