@@ -69,6 +69,7 @@ class Daemon:
         self._telemetry_changed = asyncio.Event()
         self._ready_sent = False
         self._modem_port: str | None = None
+        self._modem_lost_recorded = False  # since the modem was last found (or since start)
         self._last_modem_state: dict[str, Any] = {}
         self._tasks: list[asyncio.Task] = []
         self._modem_task: asyncio.Task | None = None
@@ -157,6 +158,7 @@ class Daemon:
             except (PortLost, CommandTimeout, ATCommandError, ParseError, OSError) as exc:
                 log.warning("modem on %s lost: %s", port, exc)
                 self._record("modem_lost", {"port": port, "reason": str(exc) or type(exc).__name__})
+                self._modem_lost_recorded = True
             finally:
                 modem.close()
                 self.enforcer = None
@@ -169,9 +171,10 @@ class Daemon:
         self._modem_port = port
         log.info("modem found on %s (profile %s)", port, profile.name)
         self._record("modem_found", {"port": port, "profile": profile.name})
+        self._modem_lost_recorded = False
         enforcer = Enforcer(
             modem, self.store, self._policy(), sim_poll_interval=self.config.modem.sim_poll_interval,
-            on_change=self._state_changed,
+            on_change=self._state_changed, on_identity=self._provision,
         )
         self.enforcer = enforcer
         decision = await enforcer.start()
@@ -216,6 +219,9 @@ class Daemon:
 
     def _waiting_for_modem(self, why: str) -> None:
         log.warning("waiting for the modem: %s", why)
+        if not self._modem_lost_recorded:  # e.g. missing at boot: the platform must hear it
+            self._record("modem_lost", {"port": self.config.modem.port, "reason": why})
+            self._modem_lost_recorded = True
         self._announce(f"waiting for modem: {why}")
 
     def _announce(self, status: str) -> None:
@@ -226,6 +232,24 @@ class Daemon:
         else:
             self._ready_sent = True
             self.notifier.ready(status)
+
+    def _provision(self, imei: str | None) -> None:
+        """Tokens written at manufacturing (`[binding] provision_file`): judged once the
+        terminal knows its IMEI, before its first binding decision; a file already read
+        (same content) is not read again."""
+        path = self.config.binding.provision_file
+        if not path or imei is None:
+            return
+        try:
+            results = tokens.provision_from_file(self.store, path, self._trusted_keys(), imei)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("provision file %s not read: %s", path, exc)
+            return
+        for result in results:
+            if result.accepted:
+                log.info("provision file: %s for ICCID %s accepted", result.claims.act, result.claims.iccid)
+            else:
+                log.warning("provision file: token refused (%s): %s", result.code, result.message)
 
     def _policy(self) -> BindingPolicy:
         return BindingPolicy.from_config(self.config.binding)

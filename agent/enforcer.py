@@ -81,7 +81,10 @@ class Enforcer:
     """One per modem connection. Call `start()` after `modem.initialise()`, then `run()`."""
 
     def __init__(self, modem: Modem, store: Store, policy: BindingPolicy, *, sim_poll_interval: float = 5.0,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 on_identity: Callable[[str | None], None] | None = None) -> None:
+        """`on_identity(imei)` runs each time the IMEI has been read, before the binding
+        decision that follows (the daemon reads the manufacturing provision file there)."""
         if sim_poll_interval <= 0:
             raise ValueError(f"sim_poll_interval must be > 0, got {sim_poll_interval}")
         self.modem = modem
@@ -89,6 +92,7 @@ class Enforcer:
         self.policy = policy
         self.sim_poll_interval = sim_poll_interval
         self._on_change = on_change
+        self._on_identity = on_identity
         self._check_lock = asyncio.Lock()
         self._radio_lock = asyncio.Lock()
         self._events: asyncio.Queue[ModemEvent | _ConfirmRemoval] = asyncio.Queue()
@@ -360,6 +364,8 @@ class Enforcer:
                     tx.record("imei_changed", {"previous": previous, "imei": identity.imei}, event=False)
                 tx.set_meta(LAST_IMEI_KEY, identity.imei)
         self._identity = identity
+        if self._on_identity is not None:
+            self._on_identity(identity.imei)
 
     def _imei(self) -> str | None:
         return self._identity.imei if self._identity else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .conftest import EX_CONFIG, FOREIGN_ICCID, HOME_ICCID, last_seq, swap_to, wait_event, wait_modem
+from .conftest import EX_CONFIG, FOREIGN_ICCID, HOME_ICCID, IMEI, events, last_seq, sign_token, swap_to, wait_event, wait_modem
 
 
 def test_ready_after_the_first_binding_decision_and_watchdog_pings(home_modem, agent_process, subscriber, mosquitto):
@@ -66,3 +66,39 @@ def test_config_error_at_start_exits_78_naming_file_and_key(agent_process, mosqu
     assert str(agent.config_path) in log and "[binding] on_violation" in log and '"radiooff"' in log
     assert not agent.notify.messages  # never READY
     assert not agent.state_dir.exists()  # nothing was started
+
+
+def test_a_terminal_that_boots_without_its_modem_still_reports(home_modem, agent_process, subscriber, mosquitto, tmp_path):
+    """SPEC §2: with [device] id = "imei" the IMEI last read is kept, so a terminal whose
+    modem is missing at boot still connects under its id and says so (`modem_lost`)."""
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto)
+    wait_event(platform, "radio_restored")
+    assert agent.stop() == 0
+
+    mark = last_seq(platform)
+    agent.reconfigure(modem={"port": str(tmp_path / "gone")})
+    ready = agent.restart()
+    assert ready["STATUS"].startswith("waiting for modem"), ready
+    lost = wait_event(platform, "modem_lost", after=mark)
+    assert "gone" in lost["data"]["reason"]
+    platform.wait_for(lambda sub: [m for m in sub.messages("/state") if m.topic == f"simagent/{IMEI}/state"
+                                   and m.json()["modem_present"] is False],
+                      what="the state document of the remembered IMEI, modem absent")
+    assert agent.stop() == 0
+
+
+def test_provision_file_binds_before_the_first_decision(home_modem, agent_process, subscriber, mosquitto, tmp_path):
+    """`provisioned` mode: a token written at manufacturing is read at start, so the very
+    first decision is ok and no violation is ever recorded."""
+    provision = tmp_path / "provision.jwt"
+    provision.write_text("# written at the factory\n" + sign_token("rebind", HOME_ICCID) + "\n")
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto, binding={"mode": "provisioned", "provision_file": str(provision)})
+    ready = agent.wait_ready()
+    assert ready["STATUS"] == "binding ok", ready
+    wait_event(platform, "radio_restored")
+    types = [e["type"] for e in events(platform)]
+    assert "token_accepted" in types and "bound" in types and "binding_violation" not in types
+    wait_modem(home_modem, lambda s: s["cfun"] == 1, "the radio on for the provisioned card")
+    assert agent.stop() == 0
