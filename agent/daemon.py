@@ -334,16 +334,17 @@ class Daemon:
                 continue
             reporter.publish_telemetry(sample)
 
-    @staticmethod
-    async def _telemetry_sample(modem: Modem) -> dict[str, Any]:
+    async def _telemetry_sample(self, modem: Modem) -> dict[str, Any]:
         registration = await modem.read_registration()
         signal_ = await modem.read_signal()
+        port = self._modem_port
         return {
             "registration": registration.state,
             "access_tech": registration.access_tech,
             "operator": await modem.read_operator(),
             "cell": {"lac": registration.lac, "cell_id": registration.cell_id},
             "signal_dbm": signal_.dbm,
+            "data": await asyncio.to_thread(discovery.data_counters, port) if port and "://" not in port else None,
         }
 
     # -- binding operations shared by the CLI and the platform ----------------------------

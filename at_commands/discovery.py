@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -187,6 +188,32 @@ async def _events(monitor, profiles, known: dict[str, DiscoveredPort]) -> AsyncI
             yield await queue.get()
     finally:
         loop.remove_reader(monitor.fileno())
+
+
+def _usb_device(device):
+    """The USB device (not interface) a device hangs off, or None."""
+    return next((p for p in device.ancestors if p.subsystem == "usb" and p.device_type == "usb_device"), None)
+
+
+def data_counters(devnode: str, context=None) -> dict | None:
+    """Bytes through the network interfaces of the modem that owns AT port `devnode` (its
+    USB device's `net` children: wwan0, usb0, ...), from their sysfs statistics; None when
+    the port is not on a USB modem with a network interface (a pty, a TCP URL)."""
+    context = _context(context)
+    wanted = os.path.realpath(devnode)
+    tty = next((d for d in context.list_devices(subsystem="tty") if d.device_node == wanted), None)
+    modem = _usb_device(tty) if tty is not None else None
+    if modem is None:
+        return None
+    counters = {"interfaces": [], "rx_bytes": 0, "tx_bytes": 0}
+    for net in context.list_devices(subsystem="net"):
+        parent = _usb_device(net)
+        if parent is None or parent.sys_path != modem.sys_path:
+            continue
+        counters["interfaces"].append(net.sys_name)
+        for key in ("rx_bytes", "tx_bytes"):
+            counters[key] += int(net.attributes.get(f"statistics/{key}") or 0)
+    return counters if counters["interfaces"] else None
 
 
 def _present(profiles, context) -> list[tuple[str, DiscoveredPort]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,16 @@ def test_udev_events_drive_the_daemon(gi_under_umockdev) -> None:
     assert all(e["data"]["profile"] == "quectel" for e in result["evidence"] if e["type"] == "modem_found")
     assert [e["type"] for e in result["evidence"]].count("bound") == 1
     assert result["exit_code"] == 0
+
+
+def test_data_counters_come_from_the_modems_own_network_interface(umockdev_run):
+    """Telemetry's data counters: the net interfaces under the AT port's USB device only
+    (wwan0 here, not the board's eth0); none for a port that is no USB modem."""
+    argv = [umockdev_run, "--device", str(DATA / "modem-netdev.umockdev"), "--device", str(DATA / "uart.umockdev"),
+            "--", sys.executable, str(HERE / "probe_counters.py"), "/dev/ttyUSB23", "/dev/ttyS0"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {
+        "/dev/ttyUSB23": {"interfaces": ["wwan0"], "rx_bytes": 123456, "tx_bytes": 7890},
+        "/dev/ttyS0": None,
+    }

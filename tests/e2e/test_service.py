@@ -102,3 +102,13 @@ def test_provision_file_binds_before_the_first_decision(home_modem, agent_proces
     assert "token_accepted" in types and "bound" in types and "binding_violation" not in types
     wait_modem(home_modem, lambda s: s["cfun"] == 1, "the radio on for the provisioned card")
     assert agent.stop() == 0
+
+
+def test_telemetry_samples_reach_the_platform(home_modem, agent_process, subscriber, mosquitto):
+    platform = subscriber(mosquitto, "simagent/#")  # validates every message against its schema
+    agent_process(home_modem, mosquitto, telemetry={"interval": 5.0})
+    wait_event(platform, "radio_restored")
+    sample = platform.wait_for(lambda sub: next(iter(sub.documents("/telemetry")), None), timeout=15,
+                               what="a telemetry sample")
+    assert sample["registration"] in ("home", "searching", "idle") and isinstance(sample["signal_dbm"], int)
+    assert sample["data"] is None  # a pty: no USB network interface to count
