@@ -2,9 +2,9 @@
 
 Functional core: `decide(observation, bindings, policy)` is pure. It returns a `Decision`
 that says what the modem must do (`actions`, in order) and what must be recorded
-(`records`, evidence entries and events). The imperative shell `evaluate` /
-`apply_decision` writes the new binding and the records in one store transaction and
-hands the actions back; it never talks to the modem itself.
+(`records`, evidence entries and events). The imperative shell `evaluate` reads the
+bindings, decides, writes the new binding and the records in one store transaction and
+hands the decision back; it never talks to the modem itself.
 
 Radio semantics (one rule for every row of the table):
 - an allowed decision (`ok`, `bound`, or anything in `observe` mode) lets the radio on:
@@ -217,14 +217,6 @@ def evaluate(store: Store, observation: Observation, policy: BindingPolicy) -> D
         decision = decide(observation, tx.bindings(), policy)
         _apply(tx, observation, decision)
     return decision
-
-
-def apply_decision(store: Store, observation: Observation, decision: Decision) -> tuple[str, ...]:
-    """Writes the decision's binding and records in one transaction; returns the modem
-    actions. Prefer `evaluate`, which also reads the bindings in that transaction."""
-    with store.transaction() as tx:
-        _apply(tx, observation, decision)
-    return decision.actions
 
 
 def _apply(tx: Transaction, observation: Observation, decision: Decision) -> None:

@@ -6,7 +6,6 @@ from agent.binding import (
     BindingPolicy,
     NewBinding,
     Observation,
-    apply_decision,
     decide,
     evaluate,
     reset_bindings,
@@ -194,11 +193,13 @@ def test_locked_sim_binds_nothing_then_binds_when_readable(store, events):
     assert evaluate(store, HERE, policy).status == "bound"
 
 
-def test_apply_decision_returns_the_modem_actions(store, evidence_types):
-    decision = decide(HERE, [bound(iccid=OTHER_ICCID)], BindingPolicy(on_violation="detach", radio_gate=False))
-    assert apply_decision(store, HERE, decision) == ("detach",)
+def test_evaluate_records_a_violation_and_returns_the_modem_actions(store, evidence_types):
+    with store.transaction() as tx:
+        tx.put_binding(bound(iccid=OTHER_ICCID))
+    decision = evaluate(store, HERE, BindingPolicy(on_violation="detach", radio_gate=False))
+    assert decision.actions == ("detach",)
     assert evidence_types(store) == ["binding_violation"]
-    assert store.read().bindings() == []
+    assert [b.iccid for b in store.read().bindings()] == [OTHER_ICCID]
 
 
 def test_state_reset_then_first_use_follows_mode(tmp_path, make_clock, events):
