@@ -353,10 +353,6 @@ class Store:
             ).fetchall()
         return [OutboxRow(*row) for row in rows]
 
-    def outbox_ack(self, position: int) -> None:
-        with self._lock:
-            self._conn.execute("DELETE FROM outbox WHERE position = ?", (position,))
-
     def outbox_ack_many(self, positions: Iterable[int]) -> None:
         """Deletes acknowledged rows in one commit (one fsync for a whole batch)."""
         with self._lock:

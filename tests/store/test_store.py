@@ -76,7 +76,7 @@ def test_ack_removes_only_that_row(store):
     for i in range(3):
         store.record("sim_inserted", {"n": i})
     rows = store.outbox_pending(10)
-    store.outbox_ack(rows[1].position)
+    store.outbox_ack_many([rows[1].position])
     assert [r.position for r in store.outbox_pending(10)] == [rows[0].position, rows[2].position]
     assert store.outbox_pending(10, after_position=rows[0].position)[0].position == rows[2].position
 
