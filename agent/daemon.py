@@ -49,6 +49,9 @@ log = logging.getLogger("simagent")
 MODEM_RETRY_S = (1.0, 30.0)  # first and longest wait before looking for the modem again
 DISCOVERY_POLL_S = 5.0  # udev events wake us sooner; this covers a missed event
 PORT_SETTLE_S = 2.0  # how long a found modem may take to create the AT port of the wanted role
+# A modem still enumerating when the agent starts is not "lost": it is reported missing
+# only once this long has passed since start.
+MODEM_BOOT_GRACE_S = 5.0
 
 
 class Daemon:
@@ -80,6 +83,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        self._started_at = loop.time()
         cfg = self.config
         self.store = Store.open(
             cfg.device.state_dir, clock=self.clock,
@@ -219,7 +223,8 @@ class Daemon:
 
     def _waiting_for_modem(self, why: str) -> None:
         log.warning("waiting for the modem: %s", why)
-        if not self._modem_lost_recorded:  # e.g. missing at boot: the platform must hear it
+        since_start = asyncio.get_running_loop().time() - self._started_at
+        if not self._modem_lost_recorded and since_start >= MODEM_BOOT_GRACE_S:  # missing at boot
             self._record("modem_lost", {"port": self.config.modem.port, "reason": why})
             self._modem_lost_recorded = True
         self._announce(f"waiting for modem: {why}")
