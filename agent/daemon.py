@@ -1,7 +1,7 @@
 """`simagent run`: the daemon. One asyncio loop carries everything (SPEC §10, issue 5):
 
 - the modem session: find the AT port (explicit path/URL, or udev discovery and its
-  monitor), open it, initialise, and hand it to the `Enforcer` (radio gate, binding
+  monitor), open it and hand it to the `Enforcer` (radio gate first, then initialisation, binding
   decision, SIM hot-swap / polling); a lost modem is recorded (`modem_lost`) and
   looked for again, a found one (`modem_found`) gets a fresh binding check;
 - the MQTT `Reporter` (paho driven by this loop) with the platform command processor;
@@ -30,14 +30,14 @@ from agent.binding import BOUND, OK, BindingPolicy
 from agent.clock import Clock
 from agent.config import Config, ConfigError
 from agent.control import ControlError, ControlServer, Peer, at_op, daemon_op
-from agent.enforcer import Enforcer
+from agent.enforcer import Enforcer, GateRefused
 from agent.evidence import device_public_key, export_bundle, load_or_create_device_key, parse_since
 from agent.platform_commands import Command, CommandError, CommandProcessor
 from agent.reporter import Reporter
 from agent.sdnotify import LoopHealth, Notifier, Watchdog
 from agent.status import diag_facts, read_modem_status
 from agent.store import Caps, Store
-from agent import diag, fieldcli, tokens
+from agent import at_rules, diag, tokens
 from at_commands import discovery
 from at_commands.client import CommandError as ATCommandError
 from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound
@@ -171,14 +171,23 @@ class Daemon:
             await asyncio.sleep(wait)
 
     async def _modem_session(self, modem: Modem, port: str) -> None:
-        profile = await modem.initialise()
+        """The enforcer gates the radio before anything else is sent, then initialises
+        the module; `modem_found` is recorded once the module has told who it is."""
         self._modem_port = port
-        log.info("modem found on %s (profile %s)", port, profile.name)
-        self._record("modem_found", {"port": port, "profile": profile.name})
-        self._modem_lost_recorded = False
+        found = False
+
+        def on_identity(imei: str | None) -> None:
+            nonlocal found
+            if not found:
+                found = True
+                log.info("modem found on %s (profile %s)", port, modem.profile.name)
+                self._record("modem_found", {"port": port, "profile": modem.profile.name})
+                self._modem_lost_recorded = False
+            self._provision(imei)
+
         enforcer = Enforcer(
             modem, self.store, self._policy(), sim_poll_interval=self.config.modem.sim_poll_interval,
-            on_change=self._state_changed, on_identity=self._provision,
+            on_change=self._state_changed, on_identity=on_identity,
         )
         self.enforcer = enforcer
         decision = await enforcer.start()
@@ -316,7 +325,7 @@ class Daemon:
         device_id = self._device_id()
         processor = CommandProcessor(
             store=self.store, handlers=self._platform_handlers(), verify_token=self._verify_command_token,
-            is_query=fieldcli.is_query, is_imei_rewrite=fieldcli.is_imei_rewrite,
+            is_query=at_rules.is_query, is_imei_rewrite=at_rules.is_imei_rewrite,
         )
         self.reporter = Reporter(self.config.mqtt, self.store, device_id=device_id, on_command=processor.handle)
         self.reporter.publish_state(self.state_document())
@@ -380,18 +389,25 @@ class Daemon:
         key = load_or_create_device_key(self.config.device.state_dir)
         return export_bundle(self.store, key, parse_since(since) if since else None, device_id=self._device_id())
 
-    async def run_at(self, command: str, *, unsafe: bool) -> dict[str, Any]:
-        """One AT command line for a technician or the platform; the caller has checked
-        who may write, `fieldcli.check_command` checks what may be sent."""
+    async def run_at(self, command: str, *, unsafe: bool, who: dict[str, Any]) -> dict[str, Any]:
+        """One AT command line for a technician or the platform. The caller has checked
+        who may write (`unsafe`: root with --unsafe, or a verified token); `at_rules`
+        checks what may be sent and the enforcer's gate when."""
         enforcer = self.enforcer
         if enforcer is None:
             raise ControlError("unavailable", "no modem is connected")
         try:
-            return await fieldcli.run_at(enforcer.modem, command, unsafe)
-        except fieldcli.Refused as exc:
+            at_rules.check_command(command, unsafe)
+            response = await enforcer.user_command(command, write=not at_rules.is_query(command), who=who)
+        except at_rules.Refused as exc:
             raise ControlError(exc.code, str(exc)) from exc
+        except GateRefused as exc:
+            raise ControlError(exc.code, str(exc)) from exc
+        except sqlite3.Error as exc:  # an unsafe write that cannot be recorded is not sent
+            raise ControlError("store_unwritable", f"refused: the write could not be recorded as evidence ({exc})") from exc
         except (PortLost, CommandTimeout) as exc:
             raise ControlError("modem_error", str(exc) or type(exc).__name__) from exc
+        return at_rules.at_result(response)
 
     async def diagnose(self) -> dict[str, Any]:
         doc = await self.status_document()
@@ -410,7 +426,7 @@ class Daemon:
             return await self.diagnose()
 
         async def at(args: dict, peer: Peer) -> Any:
-            return await self.run_at(str(args["command"]), unsafe=bool(args.get("unsafe")))
+            return await self.run_at(str(args["command"]), unsafe=bool(args.get("unsafe")), who={"uid": peer.uid})
 
         async def bind_show(args: dict, peer: Peer) -> Any:
             from agent.bind_cli import binding_view
@@ -429,7 +445,7 @@ class Daemon:
         return [
             daemon_op("status", status),
             daemon_op("diag", run_diag),
-            at_op(at, lambda command: not fieldcli.is_query(command)),
+            at_op(at, lambda command: not at_rules.is_query(command)),
             daemon_op("bind_show", bind_show),
             daemon_op("bind_accept", bind_accept),
             daemon_op("bind_reset", bind_reset),
@@ -482,7 +498,8 @@ class Daemon:
             if command.token:  # a write: the processor verified the token, now it is used up
                 self._consume_command_token(command)
             try:
-                return await self.run_at(command.args["command"], unsafe=command.token is not None)
+                return await self.run_at(command.args["command"], unsafe=command.token is not None,
+                                         who={"command_id": command.id})
             except ControlError as exc:
                 raise CommandError(exc.code, exc.message) from exc
 

@@ -1,45 +1,56 @@
-"""Binding enforcement on the modem (SPEC §4, issue item 3): the imperative shell around
-`agent.binding`.
+"""Binding enforcement on the modem (SPEC §4): the imperative shell around `agent.gate`
+(when the radio may be on) and `agent.binding` (whether this card is allowed here).
 
-The enforcer gathers the facts (IMEI, SIM state, ICCID) from the modem, lets
-`binding.evaluate` decide and record, and carries the decision out: `+CFUN=4` (radio off,
-SIM still readable), `+CGATT=0` (detach), `+CFUN=1` (radio on). CFUN=0 is never used.
+The shell turns what happens into gate inputs and carries out the actions the gate
+returns; every rule about ordering lives in the gate's table. It has three workers:
 
-With `radio_gate` the radio is held at CFUN=4 at start, after a modem reboot and on any SIM
-change, until a decision allows it. The latency-critical path is a SIM-removal URC: its
-callback bumps the SIM *generation* and sends `+CFUN=4` at once, without waiting for the
-check in progress (the AT client queues the command behind the one on the wire). A check
-remembers the generation it read its facts under and never switches the radio on when the
-generation moved meanwhile: it reads the facts again instead.
+- the **radio worker** drives the module towards the level the gate last asked for
+  ("off" = ``+CFUN=4``, "on" = ``+CFUN=1``, "detached" = ``+CGATT=0``). Its commands go to
+  the AT client with ``priority``: they never wait behind a caller's commands, and an
+  abortable command in flight (a network scan) is aborted for them. A command that does
+  not go through is retried a few times (modules refuse CFUN while the SIM initialises;
+  ``+CFUN`` is idempotent, so a slow one is simply sent again), then reported to the
+  gate as ``RADIO_FAILED``. Each change the module made is an evidence entry
+  (``radio_blocked`` / ``radio_restored``). Only the latest wish counts: a radio-on that
+  was overtaken by a SIM change is never sent.
+- the **fact worker** runs the gate's reads in order (re-initialise after power-on, read
+  SIM state and ICCID), each only once the radio worker is idle, so the gate always goes
+  first. A finished read is fed back at once, and a ``DECIDE`` the gate returns is done
+  synchronously in the same step (`binding.evaluate`, one store transaction): nothing can
+  come between the facts and the decision taken on them.
+- the **poll timer** feeds ``RECHECK`` every ``sim_poll_interval`` for profiles that do
+  not announce SIM changes and reboots by URC; a poll also reads ``+CFUN?``: a level the
+  agent did not set means the module reset behind its back (``REBOOTED``).
 
-SIM changes come from the profile's hot-swap URCs where it has them (the modem layer
-enables them in `initialise()`), otherwise from polling `+CPIN?` and the ICCID every
-`sim_poll_interval`. A profile without boot URCs is polled too (a silent reset switches its
-hot-swap reporting off), and the poll reads `+CFUN?`: a module that reset and came back
-with its radio on while the agent held it off is re-gated.
+URCs are classified on arrival (in the AT reader): a SIM change or a reboot is fed to
+the gate at once, so its ``GATE`` reaches the radio worker within the same loop turn.
+``+CPIN: NOT READY`` printed within `NOT_READY_WINDOW` of the agent's own CFUN change is
+the module reacting to that change, not a removal; a ``+CPIN?`` read confirms it.
 
-Radio commands are retried while the module answers `+CME ERROR: 14` (busy), any other
-error or times out (modules refuse CFUN while the SIM initialises). `+CPIN: NOT READY`
-printed within `NOT_READY_WINDOW` of the agent's own CFUN change is the module reacting to
-that change, not a removal; a `+CPIN?` read confirms it either way.
+Callers' AT commands (`user_command`) go through here too: while the radio is held off,
+a write that could bring the card onto the network is refused to everyone, root
+included, and every accepted write is an evidence entry, after which the radio level is
+read again so the state document is never stale.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-import math
 import re
 import sqlite3
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent import tokens
+from agent import at_rules, tokens
 from agent.binding import (DETACH, IMEI_UNREADABLE, LAST_IMEI_KEY, RADIO_OFF, RADIO_ON, SIM_UNREADABLE,
                            BindingPolicy, Decision, Observation, evaluate, reset_bindings)
+from agent.gate import Action, Gate, GateState, Input
 from agent.store import Binding, Store
-from at_commands.client import CommandError, CommandTimeout, PortLost
+from at_commands.client import CommandError, CommandTimeout, PortLost, Response
+from at_commands.commands import is_abortable
 from at_commands.modem import (Identity, Modem, ModemEvent, ModemRebooted, NetworkTime, RegistrationChanged,
                                SimInserted, SimRemoved)
 from at_commands.parsers import ParseError
@@ -53,32 +64,70 @@ _NOT_READY = re.compile(r"^\+CPIN:\s*NOT READY$", re.IGNORECASE)
 _READY = re.compile(r"^\+CPIN:\s*READY$", re.IGNORECASE)
 # Boot URCs this close (seconds) to the previous one belong to the same boot.
 BOOT_BURST = 10.0
-# Radio commands: attempts and the delay step between them (busy SIM, module booting).
+# Radio commands: the wait for one answer, attempts, and the delay step between them.
+RADIO_TIMEOUT = 3.0
 RADIO_ATTEMPTS = 6
 RETRY_STEP = 0.2
-# A check that could not read the SIM or IMEI (or failed to switch the radio) is repeated.
-UNREADABLE_RETRY = 1.0
-_RETRY_STATUSES = (SIM_UNREADABLE, IMEI_UNREADABLE)
-# Errors a check survives (it is retried); PortLost and bugs leave run().
+# A check that failed (unreadable SIM/IMEI, modem error, store unwritable, radio command
+# refused) is tried again this much later.
+RETRY_DELAY = 1.0
+# Callers' AT commands: an answer is awaited this long; a network scan (abortable, so it
+# never delays the gate) up to SCAN_TIMEOUT.
+USER_TIMEOUT = 10.0
+SCAN_TIMEOUT = 180.0
+# Errors a read or a radio command survives (reported to the gate); PortLost and bugs
+# end the session.
 _MODEM_ERRORS = (CommandError, CommandTimeout, ParseError)
 # A check whose decision could not be recorded (disk full, I/O error): without evidence
 # there is no decision, so with radio_gate the radio is held off until one can be.
 STORE_UNWRITABLE = "store_unwritable"
+_RETRY_STATUSES = (SIM_UNREADABLE, IMEI_UNREADABLE, STORE_UNWRITABLE)
+
+
+class Radio(str, enum.Enum):
+    """The level the gate wants the module at."""
+
+    OFF = "off"
+    ON = "on"
+    DETACHED = "detached"
+
+
+class _Job(enum.Enum):
+    REINIT = "reinit"
+    READ_FACTS = "read_facts"
+    CONFIRM_REMOVAL = "confirm_removal"
+    READ_CFUN = "read_cfun"
+
+
+class GateRefused(Exception):
+    """A caller's AT write refused because the gate holds the radio off."""
+
+    code = "gate_holds_radio"
 
 
 @dataclass(frozen=True)
-class _ConfirmRemoval:
-    """A "+CPIN: NOT READY" during the agent's own radio change: to be confirmed."""
+class Facts:
+    sim_state: str
+    iccid: str | None
+    imsi: str | None
 
-    line: str
 
-
-class _Stale(Exception):
-    """The SIM changed while a check held facts about the previous one."""
+def verdict_for(decision: Decision) -> Input:
+    """The gate input a binding decision amounts to."""
+    if decision.status in _RETRY_STATUSES:
+        return Input.UNREADABLE
+    if RADIO_ON in decision.actions:
+        return Input.ALLOW
+    if RADIO_OFF in decision.actions:
+        return Input.DENY
+    if DETACH in decision.actions:
+        return Input.DETACH
+    return Input.LEAVE
 
 
 class Enforcer:
-    """One per modem connection. Call `start()` after `modem.initialise()`, then `run()`."""
+    """One per modem session. `await start()` (gates, initialises, first decision), then
+    `await run()` until the modem goes away (PortLost)."""
 
     def __init__(self, modem: Modem, store: Store, policy: BindingPolicy, *, sim_poll_interval: float = 5.0,
                  on_change: Callable[[], None] | None = None,
@@ -93,26 +142,31 @@ class Enforcer:
         self.sim_poll_interval = sim_poll_interval
         self._on_change = on_change
         self._on_identity = on_identity
-        self._check_lock = asyncio.Lock()
-        self._radio_lock = asyncio.Lock()
-        self._events: asyncio.Queue[ModemEvent | _ConfirmRemoval] = asyncio.Queue()
-        self._wake_poller = asyncio.Event()
-        self._generation = 0  # bumped by every SIM change and modem reboot
-        self._removal_seen = False  # a removal URC arrived since the last observation
+        self.gate = Gate()
+        # radio worker
+        self._target: Radio | None = None
+        self._target_why: dict = {}
+        self._radio_wake = asyncio.Event()
+        self._radio_idle = asyncio.Event()
+        self._radio_idle.set()
+        self._cfun: int | None = None  # the level last set or read; None = unknown
+        self._detached = False  # +CGATT=0 sent and not undone
+        self._radio_changed_at = float("-inf")
+        # fact worker
+        self._jobs: asyncio.Queue[tuple[_Job, str]] = asyncio.Queue()
+        self._reason = "start"  # why the next decision is taken (its records' trigger)
         self._identity: Identity | None = None
         self._sim: dict[str, Any] = {"state": "unknown", "iccid": None, "imsi": None}
         self._sim_known = False
+        self._removal_seen = False  # a removal was announced since the last observation
         self._decision: Decision | None = None
-        self._cfun: int | None = None  # as last set or read; None = unknown (e.g. after a reboot)
-        self._held_off = False  # the agent holds the radio off
-        self._detached = False  # the agent sent +CGATT=0 and has not re-attached yet
-        self._radio_changed_at = -math.inf
-        self._booted_at = -math.inf
-        self._retry_due = False
-        # Set while checks could not be recorded (disk full): what the evidence is missing.
-        self._evidence_gap: dict | None = None
+        self._decision_waiters: list[asyncio.Future] = []
+        self._booted_at = float("-inf")
+        self._evidence_gap: dict | None = None  # what the evidence misses while the store failed
+        self._retry: asyncio.TimerHandle | None = None
+        self._poll_wake = asyncio.Event()
         self._failure: asyncio.Future | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._workers: list[asyncio.Task] = []
         self._unsubscribe: Callable[[], None] | None = None
         self._published: dict | None = None
 
@@ -125,72 +179,72 @@ class Enforcer:
         profile = self.modem.profile
         return not ((profile.sim_removed_urcs or profile.sim_inserted_urcs) and profile.boot_urcs)
 
+    @property
+    def held_off(self) -> bool:
+        """The gate (or a violation) holds the radio off or detached."""
+        gating = self.policy.radio_gate and not self.gate.allowed
+        return self._target in (Radio.OFF, Radio.DETACHED) or gating
+
     async def start(self) -> Decision:
-        """Gates the radio first, reads the identity, then decides and acts."""
+        """Gates the radio first, initialises the module, reads the identity, then decides
+        and acts. Returns the first decision once the radio is where it says."""
         loop = asyncio.get_running_loop()
         self._failure = loop.create_future()
-        if self._unsubscribe is None:
-            self._unsubscribe = self.modem.subscribe(self._on_modem_event)
-        async with self._radio_lock:
-            self._cfun = await self._retrying("AT+CFUN?", self.modem.get_cfun)
-        if self.policy.radio_gate:
-            await self._set_radio(RADIO_OFF_CFUN, {"reason": "start"})
-        await self._read_identity()
-        return await self.check("start")
+        self._unsubscribe = self.modem.subscribe(self._on_modem_event)
+        self._workers = [loop.create_task(self._radio_worker(), name="gate-radio"),
+                         loop.create_task(self._fact_worker(), name="gate-facts"),
+                         loop.create_task(self._poll_timer(), name="gate-poll")]
+        for worker in self._workers:
+            worker.add_done_callback(self._worker_done)
+        first = self._next_decision()
+        self._feed(Input.OPENED, {"reason": "start"})
+        decision = await self._until(first)
+        await self._until(self._radio_settled())
+        return decision
 
     async def run(self) -> None:
-        """Handles modem events and polling until the modem goes away (PortLost)."""
+        """Until the modem goes away (raises PortLost) or a worker fails (re-raised)."""
         if self._failure is None:
             raise RuntimeError("Enforcer.run() before start()")
-        workers = [asyncio.create_task(self._consume_events(), name="enforcer-events"),
-                   asyncio.create_task(self._poll_loop(), name="enforcer-poll")]
-        lost = self.modem.client.lost
         try:
-            done, _ = await asyncio.wait([*workers, self._failure, lost], return_when=asyncio.FIRST_COMPLETED)
-            if lost in done:
-                raise PortLost(f"{self.modem.client.port}: {lost.result() or 'closed'}")
-            for finished in done:
-                finished.result()  # re-raises what ended it
+            await self._until(self._failure)
         finally:
-            for task in [*workers, *self._tasks]:
-                task.cancel()
-            await asyncio.gather(*workers, *self._tasks, return_exceptions=True)
-            if self._unsubscribe is not None:
-                self._unsubscribe()
-                self._unsubscribe = None
+            await self.close()
 
-    async def check(self, reason: str) -> Decision:
-        """One read-decide-act cycle. Facts gone stale during it (a SIM change) are read
-        again, so nothing is ever done on the previous card's account."""
-        async with self._check_lock:
-            while True:
-                generation = self._generation
-                try:
-                    decision = await self._check_once(reason, generation)
-                except _Stale:
-                    reason = "sim_changed_during_check"
-                    continue
-                except _MODEM_ERRORS as exc:
-                    log.warning("binding check (%s) failed: %s; retrying", reason, exc)
-                    self._schedule_retry()
-                    decision = self._decision or Decision(SIM_UNREADABLE, radio_allowed=False)
-                except sqlite3.Error as exc:
-                    log.error("binding check (%s) could not be recorded (%s): radio held off, retrying", reason, exc)
-                    self._note_evidence_gap(exc)
-                    decision = self._decision = Decision(STORE_UNWRITABLE, reason=str(exc), radio_allowed=False)
-                    if self.policy.radio_gate:
-                        await self._set_radio(RADIO_OFF_CFUN, {"reason": STORE_UNWRITABLE, "trigger": reason})
-                if generation == self._generation:
-                    break
-                reason = "sim_changed_during_check"
-        self._publish()
-        return decision
+    async def close(self) -> None:
+        if self.gate.state is not GateState.LOST:
+            self.gate.feed(Input.LOST)
+        if self._retry is not None:
+            self._retry.cancel()
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        for waiter in self._decision_waiters:
+            waiter.cancel()
+
+    async def check(self, reason: str, timeout: float = 15.0) -> Decision:
+        """Decides again (the bindings or the policy changed) and returns the decision,
+        or the standing one if the modem cannot be read within `timeout`."""
+        waiter = self._next_decision()
+        self._reason = reason
+        self._feed(Input.RECHECK)
+        try:
+            async with asyncio.timeout(timeout):
+                decision = await self._until(waiter)
+                await self._until(self._radio_settled())
+            return decision
+        except TimeoutError:
+            return self._decision or Decision(SIM_UNREADABLE, radio_allowed=False)
 
     def update_policy(self, policy: BindingPolicy) -> None:
         """A reloaded `[binding]` section (SIGHUP): applies it with a fresh check."""
         self.policy = policy
-        self._wake_poller.set()
-        self._spawn(self.check("policy_reloaded"))
+        self._poll_wake.set()
+        self._reason = "policy_reloaded"
+        self._feed(Input.RECHECK)
 
     async def accept_token(self, token: str, keys: Sequence[tokens.TrustedKey], *, source: str = "token",
                            actions: Sequence[str] = tokens.BINDING_ACTIONS) -> tokens.TokenResult:
@@ -206,6 +260,27 @@ class Enforcer:
         removed = reset_bindings(self.store, reason, uid)
         await self.check("bindings_reset")
         return removed
+
+    async def user_command(self, line: str, *, write: bool, who: dict[str, Any]) -> Response:
+        """A caller's AT command line; the caller has checked who may send it (`write`:
+        a root `--unsafe` or a platform token) and `at_rules.check_line` what it is.
+        Raises GateRefused, or the client's errors."""
+        if write:
+            if self.held_off and not at_rules.is_harmless_write(line):
+                raise GateRefused(
+                    f"refused: the binding gate holds the radio off ({self._gate_words()}) and {line.strip()} could "
+                    "bring the card onto the network; lift the gate with a rebind token (simagent bind accept TOKEN) "
+                    "or simagent bind reset --reason TEXT")
+            # Recorded before it is sent: a crash in between leaves the intent, not a gap.
+            self.store.record("at_write", {**who, "command": line.strip(), "gate": self.gate.state.value}, event=False)
+        timeout = SCAN_TIMEOUT if is_abortable(line) else USER_TIMEOUT
+        try:
+            return await self.modem.client.command(line.strip(), timeout, check=False, abortable=is_abortable(line))
+        finally:
+            if write:  # whatever it did to the radio, the state document must say so
+                self._cfun = None
+                self._jobs.put_nowait((_Job.READ_CFUN, "at_write"))
+                self._publish()
 
     def state(self) -> dict:
         """The SPEC §6 state-document parts this layer knows."""
@@ -233,126 +308,251 @@ class Enforcer:
                 "bound_imei": bound.imei if bound else None,
                 "since": bound.since if bound else None,
             },
-            "radio": {"cfun": self._cfun, "gated": self._held_off},
+            "radio": {"cfun": self._cfun, "gated": self._target is Radio.OFF and self._cfun == RADIO_OFF_CFUN},
+            "gate": self.gate.state.value,
         }
 
-    # -- one check --------------------------------------------------------------------
+    # -- the gate and its actions -------------------------------------------------------
 
-    async def _check_once(self, reason: str, generation: int) -> Decision:
-        if self._identity is None or self._identity.imei is None:
-            await self._read_identity()
-        sim_state = await self.modem.read_sim_state()
-        iccid = await self.modem.read_iccid() if sim_state in ("ready", "locked") else None
-        imsi = await self.modem.read_imsi() if sim_state == "ready" else None
-        if generation != self._generation:
-            raise _Stale
-        if self._evidence_gap is not None:
-            # Nothing is decided on top of a hole in the evidence: first say what is missing.
-            self.store.record("evidence_gap", {**self._evidence_gap, "until": self.store.clock.now().iso()}, event=False)
-            self._evidence_gap = None
-        self._note_sim(sim_state, iccid, imsi, reason)
-        decision = evaluate(self.store, Observation(self._imei(), sim_state, iccid), self.policy)
+    def _feed(self, inp: Input, why: dict | None = None, facts: Facts | None = None) -> None:
+        """Feeds one input and carries out what the gate answers, in order. `why` goes
+        into the evidence of radio actions; `facts` are a finished read's."""
+        for action in self.gate.feed(inp):
+            self._carry_out(action, why or {"reason": inp.value}, facts)
+        self._publish()
+
+    def _carry_out(self, action: Action, why: dict, facts: Facts | None) -> None:
+        if action is Action.GATE:
+            if self.policy.radio_gate:
+                self._want(Radio.OFF, why)
+        elif action is Action.RADIO_OFF:
+            self._want(Radio.OFF, why)
+        elif action is Action.DETACH:
+            self._want(Radio.DETACHED, why)
+        elif action is Action.RADIO_ON:
+            self._want(Radio.ON, why)
+        elif action is Action.REINIT:
+            self._jobs.put_nowait((_Job.REINIT, why.get("reason", "")))
+        elif action is Action.READ_FACTS:
+            self._jobs.put_nowait((_Job.READ_FACTS, why.get("reason", "")))
+        elif action is Action.DECIDE:
+            assert facts is not None, "the gate decides only on facts just read"
+            self._decide(facts)
+        elif action is Action.RETRY_LATER:
+            if self._retry is None:
+                self._retry = asyncio.get_running_loop().call_later(RETRY_DELAY, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry = None
+        self._reason = "retry"
+        self._feed(Input.RETRY_DUE, {"reason": "retry"})
+
+    def _decide(self, facts: Facts) -> None:
+        """Decides on facts just read and records it, in the same step as the read's input."""
+        reason = self._reason
+        try:
+            if self._evidence_gap is not None:
+                # Nothing is decided on top of a hole in the evidence: first say what is missing.
+                gap = {**self._evidence_gap, "until": self.store.clock.now().iso()}
+                self.store.record("evidence_gap", gap, event=False)
+                self._evidence_gap = None
+            self._note_sim(facts, reason)
+            decision = evaluate(self.store, Observation(self._imei(), facts.sim_state, facts.iccid), self.policy)
+        except sqlite3.Error as exc:
+            log.error("binding check (%s) could not be recorded (%s): radio held off, retrying", reason, exc)
+            self._note_evidence_gap(exc)
+            decision = Decision(STORE_UNWRITABLE, reason=str(exc), radio_allowed=False)
         self._decision = decision
-        self._retry_due = False
-        await self._carry_out(decision, reason, generation)
-        if decision.status in _RETRY_STATUSES:
-            self._schedule_retry()
-        return decision
+        self._reason = "retry"
+        for waiter in self._decision_waiters:
+            if not waiter.done():
+                waiter.set_result(decision)
+        self._decision_waiters.clear()
+        why = {"reason": decision.reason or decision.status, "trigger": reason,
+               "iccid": self._sim["iccid"], "imei": self._imei()}
+        self._feed(verdict_for(decision), why)
 
-    def _note_sim(self, sim_state: str, iccid: str | None, imsi: str | None, trigger: str) -> None:
+    def _note_sim(self, facts: Facts, trigger: str) -> None:
         """Records SIM removal/insertion seen by comparing with the last observation (or
         announced by a removal URC in between, e.g. the same card out and back in)."""
-        present = False if sim_state == "absent" else True if iccid is not None else None
+        present = False if facts.sim_state == "absent" else True if facts.iccid is not None else None
         if present is None:
-            self._sim["state"] = sim_state  # unreadable: nothing known about a change
+            self._sim["state"] = facts.sim_state  # unreadable: nothing known about a change
             return
         previous = self._sim["iccid"] if self._sim_known else None
-        changed = self._removal_seen or iccid != previous
+        changed = self._removal_seen or facts.iccid != previous
         with self.store.transaction() as tx:
             if previous is not None and changed:
                 tx.record("sim_removed", {"iccid": previous, "trigger": trigger})
             if self._sim_known and present and changed:
-                tx.record("sim_inserted", {"iccid": iccid, "imsi": imsi, "trigger": trigger})
-        self._sim = {"state": sim_state, "iccid": iccid, "imsi": imsi}
+                tx.record("sim_inserted", {"iccid": facts.iccid, "imsi": facts.imsi, "trigger": trigger})
+        self._sim = {"state": facts.sim_state, "iccid": facts.iccid, "imsi": facts.imsi}
         self._sim_known = True
         self._removal_seen = False
 
-    async def _carry_out(self, decision: Decision, trigger: str, generation: int) -> None:
-        why = {"reason": decision.reason or decision.status, "trigger": trigger,
-               "iccid": self._sim["iccid"], "imei": self._imei()}
-        for action in decision.actions:
-            if action == RADIO_OFF:
-                await self._set_radio(RADIO_OFF_CFUN, why)
-            elif action == DETACH:
-                await self._detach(why)
-            elif action == RADIO_ON:
-                await self._set_radio(RADIO_ON_CFUN, why, generation=generation)
-                if self._detached:
-                    await self._reattach(why, generation)
+    def _next_decision(self) -> asyncio.Future:
+        waiter = asyncio.get_running_loop().create_future()
+        self._decision_waiters.append(waiter)
+        return waiter
 
-    # -- modem actions ----------------------------------------------------------------
+    # -- radio worker -----------------------------------------------------------------
 
-    async def _set_radio(self, fun: int, why: dict, *, generation: int | None = None) -> bool:
-        """Switches the radio; records `radio_blocked`/`radio_restored` only when the
-        module really changed. With `generation`, refuses (raises _Stale) to act for a
-        check whose facts are out of date."""
-        async with self._radio_lock:
-            if generation is not None and generation != self._generation:
-                raise _Stale
-            if self._cfun is None:
-                self._cfun = await self._retrying("AT+CFUN?", self.modem.get_cfun)
-            if self._cfun == fun:
-                self._held_off = fun == RADIO_OFF_CFUN
-                return False
-            loop = asyncio.get_running_loop()
-            self._radio_changed_at = loop.time()
-            await self._retrying(f"AT+CFUN={fun}", lambda: self.modem.set_cfun(fun))
-            self._radio_changed_at = loop.time()
-            previous, self._cfun = self._cfun, fun
-            self._held_off = fun == RADIO_OFF_CFUN
-            kind = "radio_blocked" if fun == RADIO_OFF_CFUN else "radio_restored"
+    def _want(self, target: Radio, why: dict) -> None:
+        if target is not self._target:
+            self._target, self._target_why = target, why
+        self._radio_wake.set()
+
+    async def _radio_settled(self) -> None:
+        while self._radio_wake.is_set() or not self._radio_idle.is_set():
+            await self._radio_idle.wait()
+            await asyncio.sleep(0)
+
+    async def _radio_worker(self) -> None:
+        while True:
+            await self._radio_wake.wait()
+            self._radio_wake.clear()
+            self._radio_idle.clear()
+            target = self._target
             try:
-                self.store.record(kind, {**why, "command": f"+CFUN={fun}", "cfun_before": previous})
-            except sqlite3.Error as exc:  # the radio did change: the next check must record the gap
-                log.error("%s (%s) could not be recorded: %s", kind, why.get("reason"), exc)
-                self._note_evidence_gap(exc)
-        self._publish()
-        return True
-
-    async def _detach(self, why: dict) -> None:
-        async with self._radio_lock:
-            if self._detached:
-                return
-            await self._retrying("AT+CGATT=0", self.modem.detach)
-            self._detached = True
-            self.store.record("radio_blocked", {**why, "command": "+CGATT=0"})
-        self._publish()
-
-    async def _reattach(self, why: dict, generation: int) -> None:
-        """Undoes a detach once the card is allowed. Before the module has registered
-        this fails; a registration URC or the next check tries again."""
-        async with self._radio_lock:
-            if generation != self._generation:
-                raise _Stale
-            try:
-                await self.modem.client.command("AT+CGATT=1", max(self.modem.command_timeout, 15.0))
+                await self._drive(target)
             except _MODEM_ERRORS as exc:
-                log.info("re-attach deferred: %s", exc)
-                return
-            self._detached = False
-            self.store.record("radio_restored", {**why, "command": "+CGATT=1"})
-        self._publish()
+                self._cfun = None
+                if target is self._target and not self._radio_wake.is_set():
+                    log.warning("radio %s failed: %s; checking again", target.value, exc)
+                    self._feed(Input.RADIO_FAILED, {"reason": "radio_failed"})
+            finally:
+                self._radio_idle.set()
 
-    async def _retrying(self, what: str, command: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    async def _drive(self, target: Radio) -> None:
+        if target is Radio.OFF:
+            await self._set_cfun(RADIO_OFF_CFUN)
+        elif target is Radio.ON:
+            await self._set_cfun(RADIO_ON_CFUN)
+            if self._detached and self._target is Radio.ON:
+                await self._reattach()
+        elif target is Radio.DETACHED and not self._detached:
+            await self._radio_command("AT+CGATT=0", target)
+            self._detached = True
+            self._record_radio("radio_blocked", "+CGATT=0", None)
+
+    async def _set_cfun(self, fun: int) -> None:
+        if self._cfun == fun:
+            return
+        loop = asyncio.get_running_loop()
+        self._radio_changed_at = loop.time()
+        target = self._target
+        if not await self._radio_command(f"AT+CFUN={fun}", target):
+            return
+        self._radio_changed_at = loop.time()
+        previous, self._cfun = self._cfun, fun
+        self._record_radio("radio_blocked" if fun == RADIO_OFF_CFUN else "radio_restored", f"+CFUN={fun}", previous)
+
+    async def _reattach(self) -> None:
+        """Undoes a detach once the card is allowed. Before the module has registered
+        this fails; a registration URC tries again."""
+        try:
+            await self.modem.client.command("AT+CGATT=1", RADIO_TIMEOUT * 5, priority=True)
+        except _MODEM_ERRORS as exc:
+            log.info("re-attach deferred: %s", exc)
+            return
+        self._detached = False
+        self._record_radio("radio_restored", "+CGATT=1", None)
+
+    async def _radio_command(self, command: str, target: Radio | None) -> bool:
+        """Sends a radio command with priority, retrying; False when the wish changed meanwhile."""
         for attempt in range(1, RADIO_ATTEMPTS + 1):
+            if target is not self._target:
+                return False
             try:
-                return await command()
+                await self.modem.client.command(command, RADIO_TIMEOUT, priority=True)
+                return True
             except _MODEM_ERRORS as exc:
                 if attempt == RADIO_ATTEMPTS:
                     raise
-                log.info("%s failed (%s), attempt %d of %d", what, exc, attempt, RADIO_ATTEMPTS)
+                log.info("%s failed (%s), attempt %d of %d", command, exc, attempt, RADIO_ATTEMPTS)
             await asyncio.sleep(RETRY_STEP * attempt)
         raise AssertionError("unreachable")
+
+    def _record_radio(self, kind: str, command: str, cfun_before: int | None) -> None:
+        why = self._target_why
+        try:
+            self.store.record(kind, {**why, "command": command, "cfun_before": cfun_before})
+        except sqlite3.Error as exc:  # the radio did change: the next decision records the gap
+            log.error("%s (%s) could not be recorded: %s", kind, why.get("reason"), exc)
+            self._note_evidence_gap(exc)
+        self._publish()
+
+    # -- fact worker ------------------------------------------------------------------
+
+    async def _fact_worker(self) -> None:
+        while True:
+            job, reason = await self._jobs.get()
+            await self._radio_settled()  # the gate goes first
+            if job is _Job.REINIT:
+                await self._reinit()
+            elif job is _Job.READ_FACTS:
+                await self._read_facts()
+            elif job is _Job.CONFIRM_REMOVAL:
+                await self._confirm_removal(reason)
+            elif job is _Job.READ_CFUN:
+                await self._read_cfun()
+
+    async def _reinit(self) -> None:
+        """After power-on (or a new session): echo off, error codes, profile, URCs on."""
+        try:
+            await self.modem.initialise()
+            await self._read_identity()
+            if self._cfun is None and self._radio_idle.is_set() and not self._radio_wake.is_set():
+                self._cfun = await self.modem.get_cfun()  # a policy that never gates still shows it
+        except _MODEM_ERRORS as exc:  # the read that follows fails too, and is retried
+            log.warning("modem initialisation failed: %s", exc)
+
+    async def _read_facts(self) -> None:
+        try:
+            if self._identity is None or self._identity.imei is None:
+                await self._read_identity()
+            sim_state = await self.modem.read_sim_state()
+            iccid = await self.modem.read_iccid() if sim_state in ("ready", "locked") else None
+            imsi = await self.modem.read_imsi() if sim_state == "ready" else None
+            reset = False
+            if self.polling and self._cfun is not None:
+                # A level the agent did not set means the module reset; a radio change
+                # of the agent's own during the read proves nothing either way.
+                known, changed_at = self._cfun, self._radio_changed_at
+                cfun = await self.modem.get_cfun()
+                reset = cfun != known and self._cfun == known and changed_at == self._radio_changed_at
+        except _MODEM_ERRORS as exc:
+            log.warning("binding check (%s) failed: %s; retrying", self._reason, exc)
+            self._feed(Input.FACTS_FAILED, {"reason": "read_failed"})
+            return
+        if reset:  # the module reset behind the agent's back: these facts are void
+            self._rebooted(f"+CFUN: {cfun} (was {self._cfun}; module reset)")
+            self._feed(Input.FACTS_FAILED, {"reason": "modem_rebooted"})
+            return
+        facts = Facts(sim_state, iccid, imsi)
+        same = self._sim_known and not self._removal_seen and (sim_state, iccid) == (self._sim["state"], self._sim["iccid"])
+        why = {"reason": "sim_changed", "trigger": self._reason}
+        self._feed(Input.FACTS_SAME if same else Input.FACTS_NEW, why, facts)
+
+    async def _confirm_removal(self, line: str) -> None:
+        try:
+            state = await self.modem.read_sim_state()
+        except _MODEM_ERRORS:
+            state = "unknown"
+        if state == "ready":
+            log.debug("%r after the agent's radio change: SIM still ready", line)
+            return
+        self._sim_changed("sim_removed", line)
+
+    async def _read_cfun(self) -> None:
+        try:
+            self._cfun = await self.modem.get_cfun()
+        except _MODEM_ERRORS as exc:
+            log.info("+CFUN? after a caller's write failed: %s", exc)
+            return
+        self._publish()
+        if self._cfun == RADIO_ON_CFUN and self.held_off:
+            self._feed(Input.RADIO_FOUND_ON, {"reason": "radio_found_on", "trigger": "at_write"})
 
     async def _read_identity(self) -> None:
         identity = await self.modem.read_identity()
@@ -370,164 +570,103 @@ class Enforcer:
     def _imei(self) -> str | None:
         return self._identity.imei if self._identity else None
 
-    # -- events -----------------------------------------------------------------------
+    # -- URCs -------------------------------------------------------------------------
 
     def _on_modem_event(self, event: ModemEvent) -> None:
-        """URC callback (in the AT reader): bump the generation and gate at once; the rest
-        is done by the event consumer."""
+        """URC callback (in the AT reader): a change reaches the gate at once."""
         if isinstance(event, NetworkTime):
             network_time = event.time.time
             if network_time is not None and network_time.tzinfo is not None:
                 self.store.clock.set_network_time(network_time.timestamp())
             return
-        if isinstance(event, RegistrationChanged) and not self._detached:
+        if isinstance(event, RegistrationChanged):
+            if self._detached and self._target is Radio.ON:
+                self._radio_wake.set()  # the pending re-attach may work now
             return
         own_radio_change = asyncio.get_running_loop().time() - self._radio_changed_at < NOT_READY_WINDOW
         if isinstance(event, SimRemoved):
             if own_radio_change and _NOT_READY.match(event.line):
-                self._events.put_nowait(_ConfirmRemoval(event.line))
-                return
-            self._sim_removed(event.line)
+                self._jobs.put_nowait((_Job.CONFIRM_REMOVAL, event.line))
+            else:
+                self._sim_changed("sim_removed", event.line)
         elif isinstance(event, SimInserted):
-            # A card appeared without its removal being seen: gate it too. "+CPIN: READY"
-            # right after the agent's own CFUN change is the same card coming back to
-            # life; re-checking is enough (gating it would make the radio flap).
-            self._generation += 1
-            if self.policy.radio_gate and not (own_radio_change and _READY.match(event.line)):
-                self._spawn(self._set_radio(RADIO_OFF_CFUN, {"reason": "sim_inserted", "trigger": event.line}))
+            if own_radio_change and _READY.match(event.line):
+                # The same card coming back to life after the agent's CFUN change: check
+                # again; gating it would make the radio flap.
+                self._reason = "sim_inserted"
+                self._feed(Input.RECHECK)
+            else:
+                self._sim_changed("sim_inserted", event.line)
         elif isinstance(event, ModemRebooted):
-            if asyncio.get_running_loop().time() - self._booted_at < BOOT_BURST:
-                return  # the same boot announcing itself again (RDY ... PB DONE)
-            self._rebooted(event.line)
-        self._events.put_nowait(event)
+            if asyncio.get_running_loop().time() - self._booted_at >= BOOT_BURST:
+                self._rebooted(event.line)
 
-    def _sim_removed(self, line: str) -> None:
-        self._generation += 1
-        self._removal_seen = True
-        if self.policy.radio_gate:
-            self._spawn(self._set_radio(RADIO_OFF_CFUN, {"reason": "sim_removed", "trigger": line}))
+    def _sim_changed(self, reason: str, line: str) -> None:
+        if reason == "sim_removed":
+            self._removal_seen = True
+        self._reason = reason
+        self._feed(Input.SIM_CHANGED, {"reason": reason, "trigger": line})
 
     def _rebooted(self, line: str) -> None:
         self._booted_at = asyncio.get_running_loop().time()
-        self._generation += 1
         self._cfun = None  # a rebooted module is in its power-on state
         self._detached = False
-        self.store.record("modem_rebooted", {"trigger": line})
-        if self.policy.radio_gate:
-            self._spawn(self._set_radio(RADIO_OFF_CFUN, {"reason": "modem_rebooted", "trigger": line}))
+        try:
+            self.store.record("modem_rebooted", {"trigger": line})
+        except sqlite3.Error as exc:
+            self._note_evidence_gap(exc)
+        self._reason = "modem_rebooted"
+        self._feed(Input.REBOOTED, {"reason": "modem_rebooted", "trigger": line})
 
-    async def _consume_events(self) -> None:
+    # -- polling ----------------------------------------------------------------------
+
+    async def _poll_timer(self) -> None:
         while True:
-            events = [await self._events.get()]
-            while not self._events.empty():  # a burst (boot URCs, swap) makes one check
-                events.append(self._events.get_nowait())
-            reasons = []
-            for event in events:
-                try:
-                    reason = await self._handle(event)
-                except _MODEM_ERRORS as exc:
-                    log.warning("handling %s failed: %s; checking again", event, exc)
-                    reason = "retry"
-                if reason:
-                    reasons.append(reason)
-            if reasons:
-                await self.check(reasons[0])
-
-    async def _handle(self, event: ModemEvent | _ConfirmRemoval) -> str | None:
-        """Work an event needs before the check; returns the check's reason, or None."""
-        if isinstance(event, _ConfirmRemoval):
-            state = await self.modem.read_sim_state()
-            if state != "absent":
-                log.debug("%r after the agent's radio change: SIM still %s", event.line, state)
-                return None
-            self._sim_removed(event.line)
-            return "sim_removed"
-        if isinstance(event, ModemRebooted):
-            await self.modem.initialise()
-            if self.policy.radio_gate:  # re-gated by the URC callback; this covers a failure there
-                await self._set_radio(RADIO_OFF_CFUN, {"reason": "modem_rebooted", "trigger": event.line})
-            await self._read_identity()
-            return "modem_rebooted"
-        if isinstance(event, SimRemoved):
-            return "sim_removed"
-        if isinstance(event, SimInserted):
-            return "sim_inserted"
-        if isinstance(event, RegistrationChanged):
-            return "registration_changed"  # a detach is pending undo
-        return None
-
-    # -- polling and retries ----------------------------------------------------------
-
-    def _poll_delay(self) -> float | None:
-        delays = ([self.sim_poll_interval] if self.polling else []) + ([UNREADABLE_RETRY] if self._retry_due else [])
-        return min(delays, default=None)
-
-    async def _poll_loop(self) -> None:
-        while True:
-            self._wake_poller.clear()
+            self._poll_wake.clear()
             try:
-                await asyncio.wait_for(self._wake_poller.wait(), self._poll_delay())
+                await asyncio.wait_for(self._poll_wake.wait(), self.sim_poll_interval)
                 continue  # the schedule changed: compute it again
             except TimeoutError:
                 pass
-            try:
-                if self.polling:
-                    await self._poll_once()
-                else:
-                    await self.check("retry")
-            except _MODEM_ERRORS as exc:
-                log.warning("SIM poll failed: %s", exc)
-                self._schedule_retry()
+            if self.polling and not self.gate.read_under_way:
+                self._reason = "poll"
+                self._feed(Input.RECHECK)
 
-    async def _poll_once(self) -> None:
-        """+CPIN?, ICCID and +CFUN?: a changed SIM is gated and checked; a radio level
-        that changed behind the agent's back means the module reset."""
-        async with self._check_lock:
-            sim_state = await self.modem.read_sim_state()
-            iccid = await self.modem.read_iccid() if sim_state in ("ready", "locked") else None
-            changed = not self._sim_known or sim_state != self._sim["state"] or iccid != self._sim["iccid"]
-        async with self._radio_lock:
-            if self._cfun is not None:
-                cfun = await self.modem.get_cfun()
-                if cfun != self._cfun:
-                    self._rebooted(f"+CFUN: {cfun} (was {self._cfun}; module reset)")
-                    self._events.put_nowait(ModemRebooted(f"+CFUN: {cfun}"))
-                    return
-        if changed:
-            self._generation += 1
-            if self.policy.radio_gate and (sim_state == "absent" or iccid != self._sim["iccid"]):
-                await self._set_radio(RADIO_OFF_CFUN, {"reason": "sim_changed", "trigger": "poll"})
-            await self.check("poll")
-        elif self._retry_due:
-            await self.check("retry")
+    # -- plumbing ---------------------------------------------------------------------
 
     def _note_evidence_gap(self, exc: sqlite3.Error) -> None:
         if self._evidence_gap is None:
             self._evidence_gap = {"since": self.store.clock.now().iso(), "error": str(exc)}
-        self._schedule_retry()
 
-    def _schedule_retry(self) -> None:
-        self._retry_due = True
-        self._wake_poller.set()
+    def _gate_words(self) -> str:
+        decision = self._decision
+        if decision is None:
+            return f"gate {self.gate.state.value}"
+        return decision.status + (f": {decision.reason}" if decision.reason else "")
 
-    # -- plumbing ---------------------------------------------------------------------
+    async def _until(self, awaitable: Any) -> Any:
+        """Awaits `awaitable` (a future or a coroutine), but leaves with the session's
+        failure (PortLost, a bug)."""
+        future = asyncio.ensure_future(awaitable)
+        failure = self._failure
+        lost = self.modem.client.lost
+        waiting = [future, lost] + ([failure] if failure is not None and failure is not future else [])
+        try:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not future.done() and future is not failure:
+                future.cancel()
+        if future in done:
+            return future.result()
+        if lost in done:
+            raise PortLost(f"{self.modem.client.port}: {lost.result() or 'closed'}")
+        failure.result()  # re-raises what ended the session
+        raise AssertionError("unreachable")
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
+    def _worker_done(self, task: asyncio.Task) -> None:
         if task.cancelled():
             return
-        exc = task.exception()
-        if exc is None or isinstance(exc, _Stale):
-            return
-        if isinstance(exc, _MODEM_ERRORS):
-            log.warning("radio command failed: %s; checking again", exc)
-            self._schedule_retry()
-            return
+        exc = task.exception() or RuntimeError(f"{task.get_name()} ended")
         if self._failure is not None and not self._failure.done():
             self._failure.set_exception(exc)  # PortLost or a bug: out of run()
 

@@ -4,22 +4,8 @@ While the daemon runs it owns the AT port (TIOCEXCL), so both commands go throug
 control socket; otherwise they open the modem themselves (``--port``, else ``[modem]
 port``, "auto" = udev discovery). ``--port`` always means "open this port directly".
 
-Which AT commands may be sent (the same rule serves the daemon's `at` op and the
-platform's `at` command — import ``is_query`` / ``check_command`` / ``run_at``):
-
-* A command line may hold several commands joined by ``;`` (``AT+CSQ;+CREG?``); the line
-  is a *query* only when every one of them is.
-* Queries: ``AT`` alone; read forms ``AT+X?`` (also ``^ # $`` prefixes) and S-register
-  reads ``ATSn?``; test forms ``AT+X=?``; the action commands in ``READ_ONLY_ACTIONS``
-  (identity, IMSI, signal, ICCID, error report, configuration display) and every
-  profile's ICCID and extra signal commands (vendor knowledge is data); ``+CRSM`` with a
-  read instruction (176 READ BINARY, 178 READ RECORD, 192 GET RESPONSE, 242 STATUS);
-  ``+CGSN=<0..3>`` (serial number reads).
-* Everything else is a *write* and needs ``--unsafe``: any other set form (``=value``),
-  any other action (``ATZ``, ``AT&W``, ``ATD``, ``ATH``...) and unknown commands.
-* Commands that rewrite the IMEI (every profile's ``imei_rewrite_commands``) are refused
-  always, ``--unsafe`` or not, and so are lines with control characters (a Ctrl-Z would
-  turn a command into a payload).
+Which AT commands may be sent is `agent.at_rules`; this module applies it before any
+I/O, and the daemon applies it again (with the radio gate's rule) on its side.
 """
 
 from __future__ import annotations
@@ -28,133 +14,32 @@ import argparse
 import asyncio
 import contextlib
 import json
-import re
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from agent import config, exitcodes
+from agent.at_rules import Refused, at_result, check_command
 from agent.binding import BindingPolicy
 from agent.control import BlockingControlClient, ControlError
 from agent.status import format_status, read_binding, read_modem_status
 from at_commands import discovery, profiles
 from at_commands.client import CommandError, CommandTimeout, PortBusy, PortLost, PortNotFound, Response
-from at_commands.modem import ICCID_FALLBACKS, Modem
-from at_commands.protocol import FinalResult, ResultKind
+from at_commands.commands import is_abortable
+from at_commands.modem import Modem
 
 # Slow commands (an operator scan, AT+COPS=?) take minutes; same bound as the daemon's op.
 AT_TIMEOUT = 180.0
 DAEMON = "daemon"
-
-# 27.007 / V.250 action commands that only report (normalised: upper case, after "AT").
-_BASE_READ_ONLY = (
-    "I", "&V", "+CGMI", "+CGMM", "+CGMR", "+CGSN", "+GMI", "+GMM", "+GMR", "+GSN", "+CIMI",
-    "+CSQ", "+CESQ", "+CNUM", "+CEER", "+CLAC", "+CPAS",
-)
-_QUERY_FORMS = (
-    re.compile(r"I\d"),  # ATI0..ATI9: identification pages
-    re.compile(r"[+^#$%*][A-Z][A-Z0-9]*(\?|=\?)"),  # read and test forms
-    re.compile(r"S\d+\?"),  # S-register read
-    re.compile(r"\+CRSM=(176|178|192|242)(,.*)?"),  # SIM file reads
-    re.compile(r"\+CGSN=[0-3]"),  # serial number reads (IMEI, IMEISV, SVN)
-)
-
-
-class Refused(Exception):
-    """A command that must not be sent. ``code`` is the control-socket error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _normalise(line: str) -> str:
-    """Upper case and no blanks, except inside double quotes."""
-    parts = line.strip().split('"')
-    return '"'.join(p if i % 2 else re.sub(r"\s+", "", p).upper() for i, p in enumerate(parts))
-
-
-def _split_outside_quotes(text: str, sep: str) -> list[str]:
-    parts, current, quoted = [], [], False
-    for char in text:
-        if char == '"':
-            quoted = not quoted
-        if char == sep and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-def split_commands(line: str) -> list[str] | None:
-    """The commands of one line, each as ``AT...`` in normal form; None when the line is
-    not an AT command line."""
-    text = _normalise(line)
-    if not text.startswith("AT"):
-        return None
-    parts = [p for p in _split_outside_quotes(text[2:], ";") if p]
-    return ["AT" + p for p in parts] or ["AT"]
-
-
-def _profile_reads() -> frozenset[str]:
-    commands = [p.iccid_command for p in profiles.PROFILES.values() if p.iccid_command]
-    commands += [c for p in profiles.PROFILES.values() for c in p.extra_signal_commands]
-    commands += [c for c, _tag in ICCID_FALLBACKS]
-    return frozenset(_normalise(c)[2:] for c in commands)
-
-
-READ_ONLY_ACTIONS: frozenset[str] = frozenset(_BASE_READ_ONLY) | _profile_reads()
-
-
-def _is_query_command(body: str) -> bool:
-    return body == "" or body in READ_ONLY_ACTIONS or any(p.fullmatch(body) for p in _QUERY_FORMS)
-
-
-def is_query(command: str) -> bool:
-    """True when every command of the line only reads (the rule in the module docstring)."""
-    commands = split_commands(command)
-    return commands is not None and all(_is_query_command(c[2:]) for c in commands)
-
-
-def is_imei_rewrite(command: str) -> bool:
-    """True when any command of the line would rewrite the IMEI, in any profile's dialect."""
-    candidates = {command.strip(), *(split_commands(command) or ())}
-    return any(p.is_imei_rewrite(c) for p in profiles.PROFILES.values() for c in candidates)
-
-
-def check_command(command: str, unsafe: bool) -> None:
-    """Raises ``Refused`` unless ``command`` may be sent (with ``unsafe`` for writes)."""
-    if any(not 32 <= ord(c) < 127 for c in command.strip()):
-        raise Refused("bad_request", "refused: control or non-ASCII characters in the command")
-    if split_commands(command) is None:
-        raise Refused("bad_request", "refused: not an AT command (a command line starts with AT)")
-    if is_imei_rewrite(command):
-        raise Refused("imei_rewrite_refused", "refused: this command rewrites the IMEI; simagent never sends it")
-    if not unsafe and not is_query(command):
-        raise Refused("unsafe_required", "refused: this command changes the modem; repeat it with --unsafe")
-
-
-def final_line(final: FinalResult) -> str:
-    if final.kind is ResultKind.CME_ERROR:
-        return f"+CME ERROR: {final.text}"
-    if final.kind is ResultKind.CMS_ERROR:
-        return f"+CMS ERROR: {final.text}"
-    return final.text
-
-
-def at_result(response: Response) -> dict[str, Any]:
-    """The JSON result of one AT command (also the daemon's `at` op result)."""
-    return {"lines": list(response.lines), "final": final_line(response.final), "ok": response.final.ok}
 
 
 async def run_at(modem: Modem, command: str, unsafe: bool, timeout: float = AT_TIMEOUT) -> dict[str, Any]:
     """Checks and sends one command line; raises ``Refused``, ``CommandTimeout`` or
     ``PortLost``. The daemon's `at` op handler maps ``Refused.code`` to a ControlError."""
     check_command(command, unsafe)
-    return at_result(await modem.client.send_raw_line(command.strip(), timeout))
+    line = command.strip()
+    return at_result(await modem.client.command(line, timeout, check=False, abortable=is_abortable(line)))
 
 
 # -- reaching the modem --------------------------------------------------------------------

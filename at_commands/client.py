@@ -164,7 +164,8 @@ class ATClient:
 
         return unsubscribe
 
-    async def command(self, command: str, timeout: float = 5.0, *, check: bool = True) -> Response:
+    async def command(self, command: str, timeout: float = 5.0, *, check: bool = True, priority: bool = False,
+                      abortable: bool = False) -> Response:
         """Send one command; return its response, or raise ``CommandError`` (when
         ``check``), ``CommandTimeout`` or ``PortLost``."""
         async with self._lock:

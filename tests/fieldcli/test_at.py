@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from agent.control import at_op
-from agent.fieldcli import Refused, check_command, is_imei_rewrite, is_query
+from agent.at_rules import Refused, check_command, is_imei_rewrite, is_query
 from at_commands import profiles
 from at_commands.client import ATClient
 
