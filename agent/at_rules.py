@@ -152,7 +152,7 @@ def check_command(command: str, unsafe: bool) -> None:
         raise Refused("imei_rewrite_refused", "refused: this command rewrites the IMEI; simagent never sends it")
     if not unsafe and not is_query(command):
         what = "this network scan holds the modem for minutes" if is_network_scan(command) else "this command changes the modem"
-        raise Refused("unsafe_required", f"refused: {what}; repeat it with --unsafe (as root)")
+        raise Refused("unsafe_required", f"refused: {what}; repeat it with --unsafe")
 
 
 def final_line(final: FinalResult) -> str:

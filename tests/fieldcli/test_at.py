@@ -27,7 +27,7 @@ IMEI_REWRITES = [
     [
         ("AT", True), ("at", True), ("ATI", True), ("ATI3", True), ("AT+CGSN", True), ("AT+CIMI", True),
         ("AT+CSQ", True), ("AT+CESQ", True), ("AT+CGMI", True), ("AT&V", True), ("ATS3?", True),
-        ("AT+CFUN?", True), ("AT+CFUN=?", True), ("AT+COPS=?", True), ("AT^ICCID?", True), ("AT+CPIN?", True),
+        ("AT+CFUN?", True), ("AT+CFUN=?", True), ("AT+COPS=?", False), ("at + cops = ?", False), ("AT+CSQ;+COPS=?", False), ("AT^ICCID?", True), ("AT+CPIN?", True),
         ("AT+QCCID", True), ("AT+CICCID", True), ("AT#CCID", True), ("AT$MYCCID", True), ("AT+CCID", True),
         ('AT+QENG="servingcell"', True), ("AT#RFSTS", True), ("AT+CRSM=176,12258,0,0,10", True),
         ("AT+CGSN=1", True), ("AT+CSQ;+CREG?", True), (" at+csq ", True), ("AT+CSQ;", True),
