@@ -47,6 +47,7 @@ from at_commands.parsers import ParseError
 log = logging.getLogger("simagent")
 
 MODEM_RETRY_S = (1.0, 30.0)  # first and longest wait before looking for the modem again
+PORT_WATCH_S = 0.02  # how often a configured device path that is missing is looked for
 DISCOVERY_POLL_S = 5.0  # udev events wake us sooner; this covers a missed event
 PORT_SETTLE_S = 2.0  # how long a found modem may take to create the AT port of the wanted role
 # A modem still enumerating when the agent starts is not "lost": it is reported missing
@@ -149,11 +150,13 @@ class Daemon:
                 )
             except (PortNotFound, PortBusy, OSError) as exc:
                 self._waiting_for_modem(f"cannot open {port}: {exc}")
-                await asyncio.sleep(wait)
-                # A missing port is looked for again every MODEM_RETRY_S[0]: a module that
-                # comes back boots with RF on, so the radio gate must not be a long backoff
-                # away. A port that is there but cannot be opened (busy) backs off.
-                if not isinstance(exc, PortNotFound):
+                # A missing port is opened the moment it appears: a module that comes back
+                # boots with RF on, so the radio gate must not be a backoff away. A port that
+                # is there but cannot be opened (busy) backs off.
+                if isinstance(exc, PortNotFound):
+                    await self._port_appears(port, wait)
+                else:
+                    await asyncio.sleep(wait)
                     wait = min(wait * 2, MODEM_RETRY_S[1])
                 continue
             try:
@@ -193,6 +196,19 @@ class Daemon:
         decision = await enforcer.start()
         self._announce(f"binding {decision.status}" + (f" ({decision.reason})" if decision.reason else ""))
         await enforcer.run()
+
+    @staticmethod
+    async def _port_appears(port: str, timeout: float) -> None:
+        """Returns when the device path `port` exists (or after `timeout`). A stat every
+        PORT_WATCH_S costs nothing while the modem is away; udev discovery ("auto") is
+        woken by the udev monitor instead, and a URL is simply retried."""
+        if "://" in port or os.path.exists(port):  # not a missing path: waiting is all we can do
+            await asyncio.sleep(timeout)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not os.path.exists(port) and loop.time() < deadline:
+            await asyncio.sleep(PORT_WATCH_S)
 
     async def _find_port(self) -> str:
         """The configured port, or (port = "auto") the AT port udev knows, waiting for
