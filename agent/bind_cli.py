@@ -20,7 +20,7 @@ from agent import config as config_module
 from agent import exitcodes
 from agent.control import DEFAULT_SOCKET, BlockingControlClient, ControlError
 from agent.binding import LAST_DECISION_KEY, LAST_IMEI_KEY, VIOLATION, binding_rows, reset_bindings
-from agent.store import Store
+from agent.store import Store, StoreError
 from agent.tokens import accept_token, key_id, load_trusted_keys
 
 DEFAULT_STATE_DIR = "/var/lib/simagent"
@@ -114,6 +114,9 @@ def with_settings(command):
         except ControlError as exc:
             print(f"simagent: the daemon refused: {exc.message}", file=sys.stderr)
             return exitcodes.CHECK_FAILED
+        except StoreError as exc:  # locked, disk full, I/O error: nothing was changed
+            print(f"simagent: state store: {exc}", file=sys.stderr)
+            return exitcodes.TEMPFAIL
 
     return run
 
@@ -121,7 +124,11 @@ def with_settings(command):
 def show_command(args: argparse.Namespace, settings: CliSettings) -> int:
     view = daemon_call(settings, "bind_show")
     if view is None:
-        store = Store.open(settings.state_dir)
+        try:
+            store = Store.open_read_only(settings.state_dir)
+        except StoreError as exc:  # read-only: the daemon records the damage, `bind show` only says it
+            print(f"simagent bind show: {exc}", file=sys.stderr)
+            return exitcodes.CHECK_FAILED
         try:
             view = binding_view(store, settings.binding)
         except ValueError as exc:  # a trusted key in the configuration is unusable

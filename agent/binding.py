@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.store import Binding, Store, Transaction
+from agent.store import RESET_PENDING_KEY, Binding, Store, Transaction
 
 MODES = ("first-use", "provisioned", "observe")
 ON_VIOLATION = ("radio-off", "detach", "report")
@@ -43,6 +43,7 @@ ICCID_NOT_ALLOWED = "iccid_not_allowed"
 NOT_PROVISIONED = "not_provisioned"
 ICCID_MISMATCH = "iccid_mismatch"
 IMEI_MISMATCH = "imei_mismatch"
+STATE_RESET = "state_reset"  # the state was lost: nothing is bound until a token or `bind reset`
 
 # Modem actions, executed in order by the enforcement shell.
 RADIO_OFF = "radio-off"  # AT+CFUN=4
@@ -136,9 +137,12 @@ class Decision:
         return {"status": self.status, "reason": self.reason, "radio_allowed": self.radio_allowed, **observation.ids()}
 
 
-def decide(observation: Observation, bindings: Sequence[Binding], policy: BindingPolicy) -> Decision:
+def decide(observation: Observation, bindings: Sequence[Binding], policy: BindingPolicy, *,
+           reset_pending: bool = False) -> Decision:
     """The binding decision (SPEC §4 table). `bindings` are this terminal's stored
-    bindings; the terminal counts as bound as soon as it holds any."""
+    bindings; the terminal counts as bound as soon as it holds any. `reset_pending`: the
+    state was lost (`state_reset`) and no rebind token or `bind reset` has said since
+    which card belongs here, so no card is allowed or bound (fail closed)."""
     obs = observation
     if obs.sim_state == "absent":
         return _not_checkable(NO_SIM, obs, policy)
@@ -150,6 +154,8 @@ def decide(observation: Observation, bindings: Sequence[Binding], policy: Bindin
         return _not_checkable(SIM_UNREADABLE, obs, policy)
     if policy.iccid_prefixes and not obs.iccid.startswith(policy.iccid_prefixes):
         return _violation(ICCID_NOT_ALLOWED, obs, None, policy)
+    if reset_pending:
+        return _violation(STATE_RESET, obs, None, policy)
     card = next((b for b in bindings if b.iccid == obs.iccid), None)
     if card is not None:
         if card.imei == obs.imei:
@@ -214,7 +220,7 @@ def evaluate(store: Store, observation: Observation, policy: BindingPolicy) -> D
     token can change the bindings in between. Returns the decision; its `actions` are
     what the modem must do."""
     with store.transaction() as tx:
-        decision = decide(observation, tx.bindings(), policy)
+        decision = decide(observation, tx.bindings(), policy, reset_pending=tx.get_meta(RESET_PENDING_KEY) is not None)
         _apply(tx, observation, decision)
     return decision
 
@@ -248,6 +254,7 @@ def reset_bindings(store: Store, reason: str, uid: int) -> list[Binding]:
         removed = tx.bindings()
         tx.delete_all_bindings()
         tx.set_meta(LAST_DECISION_KEY, None)
+        tx.set_meta(RESET_PENDING_KEY, None)  # root says: the card in the tray is the one
         tx.record(
             "unbound",
             {

@@ -36,7 +36,7 @@ from agent.platform_commands import Command, CommandError, CommandProcessor
 from agent.reporter import Reporter
 from agent.sdnotify import LoopHealth, Notifier, Watchdog
 from agent.status import diag_facts, read_modem_status
-from agent.store import Caps, Store
+from agent.store import Caps, Store, StoreUnavailable
 from agent import at_rules, diag, tokens
 from at_commands import discovery
 from at_commands.client import CommandError as ATCommandError
@@ -86,10 +86,14 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         self._started_at = loop.time()
         cfg = self.config
-        self.store = Store.open(
-            cfg.device.state_dir, clock=self.clock,
-            caps=Caps(max_events=cfg.outbox.max_events, max_telemetry=cfg.outbox.max_telemetry),
-        )
+        try:
+            self.store = Store.open(
+                cfg.device.state_dir, clock=self.clock,
+                caps=Caps(max_events=cfg.outbox.max_events, max_telemetry=cfg.outbox.max_telemetry),
+            )
+        except StoreUnavailable as exc:  # not damage: left alone; systemd starts us again
+            log.error("state store unavailable, not touched: %s", exc)
+            return exitcodes.TEMPFAIL
         self.device_pubkey = device_public_key(cfg.device.state_dir)  # creates the key on first start
         self._record("agent_started", {"version": __version__, "pid": os.getpid(), "config": cfg.source})
         if self._device_id() is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.store import GENESIS_HASH, Store, canonical_json, entry_hash
+from agent.store import DEVICE_KEY_NAME, GENESIS_HASH, Store, canonical_json, entry_hash
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 # check a token. The public key it publishes comes from DEVICE_PUBKEY_NAME.
 
 BUNDLE_SCHEMA = "simagent/evidence-bundle/1"
-DEVICE_KEY_NAME = "device_key.pem"
 DEVICE_PUBKEY_NAME = "device_key.pub"  # base64 raw public key, written with the key
 
 

@@ -6,9 +6,24 @@ a state change, the evidence entry that records it and the event that reports it
 committed together or not at all (SPEC §7.1). `synchronous=FULL` makes a commit durable
 before it returns.
 
-A store that cannot be opened or fails its integrity check is moved aside (kept for
-forensics) and a fresh one is created; the first entry of the fresh store is
-`state_reset`, so lost state is never silently taken for a first start (SPEC §4).
+**The store knows it has lived** (SPEC §4). Lost state must never look like a first start,
+so a state directory keeps, beside the database, proof that an agent ran there (the
+`.initialised` marker, the device key) and an *anchor*: the sequence number and hash of
+the newest evidence entry, rewritten atomically at most once per `ANCHOR_INTERVAL` and at
+close. At open the database must contain the anchored entry. A database that is missing,
+empty (truncated to nothing, or a new file), damaged, of a newer schema, or rolled back
+(an older copy put back, a WAL deleted or truncated) in a directory that has lived is a
+*state reset*: the unusable file is moved aside (kept as evidence), a fresh store is
+created, its first entry is `state_reset` with what was found, and `reset_pending` is set
+so the binding fails closed (no card is bound by itself) until a signed rebind token or a
+root `bind reset` says which card belongs here (`agent.binding`). A rollback of less than
+`ANCHOR_INTERVAL` of history, or the whole state directory deleted with the key, cannot be
+told from the inside (the platform sees a new device key then).
+
+**Only damage is damage**: errors that mean the file is not a usable database (SQLite's
+CORRUPT and NOTADB codes, a failed integrity check, a schema newer than this agent) are
+answered as above. Locks, busy, I/O errors, a full disk or a read-only file raise
+`StoreUnavailable` and leave the file alone; the caller retries or reports.
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -25,13 +41,29 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from agent.clock import Clock, Stamp
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "state.db"
 # Written next to the database when it is first created: a missing database beside it
 # means state was lost, not that this is a first start.
 INITIALISED_MARKER = ".initialised"
+DEVICE_KEY_NAME = "device_key.pem"  # the device key (agent.evidence); its presence proves a start too
+ANCHOR_NAME = "evidence.anchor"  # {"seq", "hash"} of the newest anchored evidence entry
+ANCHOR_INTERVAL = 1.0  # seconds between anchor rewrites (each costs two fsyncs)
+# After a reset, event seq goes on from the anchored one plus this: more than the events
+# one ANCHOR_INTERVAL can commit, so a seq the platform has seen is never reused.
+EVENT_SEQ_GAP = 100_000
+# Files whose presence shows that an agent has run in a state directory.
+LIVED_FILES = (INITIALISED_MARKER, ANCHOR_NAME, DEVICE_KEY_NAME)
+# Meta key: set with `state_reset`, cleared by a rebind token or `bind reset`; while set,
+# no card is bound by itself (SPEC §4, fail closed).
+RESET_PENDING_KEY = "reset_pending"
+# SQLite primary result codes that mean the file is damaged, not merely unavailable.
+_DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 GENESIS_HASH = "0" * 64
 # Meta key: the latest wall time (epoch seconds) seen on a trusted stamp; never goes back.
 # Token expiry is judged against it while the clock is untrusted (e.g. 1970 after a cold boot).
@@ -93,6 +125,15 @@ class StoreError(Exception):
     pass
 
 
+class StoreDamaged(StoreError):
+    """The database file is not usable as it is (damaged, newer schema)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be used right now (locked, busy, I/O error, disk full,
+    read-only); it is left as it is."""
+
+
 @dataclass(frozen=True)
 class Binding:
     iccid: str
@@ -122,6 +163,7 @@ class Transaction:
         self._conn = conn
         self._store = store
         self.enqueued = False  # something was added to the outbox
+        self.appended = False  # something was added to the evidence chain
 
     # -- facts -------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
@@ -201,6 +243,7 @@ class Transaction:
             "boot_id": stamp.boot_id,
         }
         text = canonical_json(entry)
+        self.appended = True
         self._conn.execute(
             "INSERT INTO evidence (seq, entry, hash) VALUES (?, ?, ?)",
             (seq, text.decode(), hashlib.sha256(text).hexdigest()),  # = entry_hash(entry)
@@ -288,39 +331,85 @@ class Store:
         self.caps = caps
         # Why the previous state could not be used, when it could not (else None).
         self.reset_reason: str | None = None
+        self._anchored_at = float("-inf")
+        self._closed = False
+        self.read_only = False
         # Called (from the committing thread) after a commit that added to the outbox,
         # so the reporter sends at once; it must be cheap and must not raise.
         self.outbox_listener: Callable[[], None] | None = None
 
     @classmethod
-    def open(cls, state_dir: str | os.PathLike, *, clock: Clock | None = None, caps: Caps = Caps()) -> "Store":
+    def open(cls, state_dir: str | os.PathLike, *, clock: Clock | None = None, caps: Caps = Caps(),
+             busy_timeout: float = 10.0) -> "Store":
+        """Opens (or creates) the store; a lost state is recorded as `state_reset` (see the
+        module docstring). Raises StoreUnavailable when the file cannot be used now."""
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = state_dir / DB_NAME
-        marker = state_dir / INITIALISED_MARKER
+        lived = any((state_dir / name).exists() for name in LIVED_FILES)
         clock = clock or Clock()
-        reset_reason = None
-        if path.exists():
-            try:
-                conn = _connect(path)
-            except (sqlite3.DatabaseError, StoreError) as exc:
-                aside = _move_aside(path)
-                reset_reason = f"state database unreadable ({exc}); moved to {aside.name}"
-                conn = _connect(path)
-        else:
-            if marker.exists():
-                reset_reason = "state database missing"
-            conn = _connect(path)
-        marker.touch(exist_ok=True)
+        found: dict[str, Any] | None = None
+        existed = path.exists()
+        try:
+            conn, empty = _connect(path, busy_timeout)
+        except StoreDamaged as exc:
+            found = {"reason": "database_damaged", "detail": str(exc), "moved_to": _move_aside(path).name}
+            conn, empty = _connect(path, busy_timeout)
+        if found is None and lived and (not existed or empty):
+            found = {"reason": "database_missing" if not existed else "database_empty"}
+        if found is None and lived:
+            problem = _anchor_problem(conn, state_dir / ANCHOR_NAME)
+            if problem is not None:
+                conn.close()
+                found = {"reason": "database_rolled_back", "detail": problem, "moved_to": _move_aside(path).name}
+                conn, _ = _connect(path, busy_timeout)
+        (state_dir / INITIALISED_MARKER).touch(exist_ok=True)
         store = cls(conn, path, clock, caps)
-        if reset_reason:
-            store.reset_reason = reset_reason
+        if found is not None:
+            store.reset_reason = found["reason"]
+            log.error("state reset: %s", found)
             with store.transaction() as tx:
-                tx.record("state_reset", {"reason": reset_reason})
+                anchored_seq = _read_anchor(state_dir / ANCHOR_NAME).get("event_seq")
+                if isinstance(anchored_seq, int) and anchored_seq > 0:
+                    tx.set_meta("event_seq", anchored_seq + EVENT_SEQ_GAP)
+                tx.record("state_reset", found)
+                tx.set_meta(RESET_PENDING_KEY, {**found, "at": tx.now().iso()})
+            store.write_anchor()
+        return store
+
+    @classmethod
+    def open_read_only(cls, state_dir: str | os.PathLike, *, clock: Clock | None = None) -> "Store":
+        """The store for a command that only reads: nothing is created, migrated, moved,
+        recorded or anchored. Raises StoreDamaged when the database is missing, damaged,
+        of another schema or not the one the anchor saw (the daemon will record the
+        reset), StoreUnavailable when it cannot be read now."""
+        state_dir = Path(state_dir)
+        path = state_dir / DB_NAME
+        if not path.exists():
+            lived = any((state_dir / name).exists() for name in LIVED_FILES)
+            raise StoreDamaged(f"{path}: the state database is missing" + (" (state lost)" if lived else ""))
+        # Without a WAL beside it the file holds everything: reading it as immutable creates
+        # no -wal/-shm files. With one, SQLite needs them to read the WAL's commits.
+        wal = path.with_name(path.name + "-wal").exists()
+        try:
+            conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro{'' if wal else '&immutable=1'}", uri=True,
+                                   isolation_level=None, check_same_thread=False, timeout=5)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise _classified(exc, path) from exc
+        problem = None if version == len(MIGRATIONS) else f"schema version {version}, this agent reads {len(MIGRATIONS)}"
+        problem = problem or _anchor_problem(conn, state_dir / ANCHOR_NAME)
+        if problem is not None:
+            conn.close()
+            raise StoreDamaged(f"{path}: {problem}")
+        store = cls(conn, path, clock or Clock(), Caps())
+        store.read_only = True
         return store
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
+        if self.read_only:
+            raise StoreError("a read-only store cannot change")
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             tx = Transaction(self._conn, self)
@@ -333,6 +422,8 @@ class Store:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
+        if tx.appended and self._anchor_due():
+            self.write_anchor()
         if tx.enqueued and self.outbox_listener is not None:
             self.outbox_listener()
 
@@ -377,32 +468,112 @@ class Store:
             rows = self._conn.execute("SELECT entry, hash FROM evidence WHERE seq > ? ORDER BY seq", (since_seq,)).fetchall()
         return [(json.loads(entry), digest) for entry, digest in rows]
 
+    # -- the anchor -----------------------------------------------------------------
+    def _anchor_due(self) -> bool:
+        return time.monotonic() - self._anchored_at >= ANCHOR_INTERVAL
+
+    def write_anchor(self) -> None:
+        """Records the newest evidence entry beside the database (atomically). A failure
+        (disk full) is logged: the next write tries again."""
+        with self._lock:
+            head = self._conn.execute("SELECT seq, hash FROM evidence ORDER BY seq DESC LIMIT 1").fetchone()
+            event_seq = self.read().get_meta("event_seq", 0)
+            self._anchored_at = time.monotonic()
+            if head is None:
+                return
+            anchor = {"seq": head[0], "hash": head[1], "event_seq": event_seq}
+            try:
+                _write_atomically(self.path.with_name(ANCHOR_NAME), json.dumps(anchor).encode())
+            except OSError as exc:
+                log.error("evidence anchor not written: %s", exc)
+
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            if not self._closed:
+                self._closed = True
+                if not self.read_only:
+                    self.write_anchor()
+                self._conn.close()
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+def _connect(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, bool]:
+    """The database, checked and migrated, and whether it held no schema (new or emptied).
+    Raises StoreDamaged or StoreUnavailable."""
+    try:
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
+    except sqlite3.Error as exc:
+        raise _classified(exc, path) from exc
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
-            raise StoreError(f"integrity check: {check}")
+            raise StoreDamaged(f"integrity check: {check}")
+        empty = conn.execute("PRAGMA user_version").fetchone()[0] == 0
         _migrate(conn)
+        os.chmod(path, 0o600)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _classified(exc, path) from exc
     except BaseException:
         conn.close()
         raise
-    os.chmod(path, 0o600)
-    return conn
+    return conn, empty
+
+
+def _classified(exc: sqlite3.Error, path: Path) -> StoreError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _DAMAGE_CODES:
+        return StoreDamaged(str(exc))
+    return StoreUnavailable(f"{path}: {exc}")
+
+
+def _read_anchor(anchor_path: Path) -> dict:
+    """The anchor's content ({} when there is none or it cannot be read)."""
+    try:
+        anchor = json.loads(anchor_path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return anchor if isinstance(anchor, dict) else {}
+
+
+def _anchor_problem(conn: sqlite3.Connection, anchor_path: Path) -> str | None:
+    """Why the database is not the one the anchor saw (None when it is, or no anchor)."""
+    try:
+        anchor = json.loads(anchor_path.read_bytes())
+        seq, digest = int(anchor["seq"]), str(anchor["hash"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"the evidence anchor is unreadable ({exc})"
+    top = conn.execute("SELECT coalesce(max(seq), 0) FROM evidence").fetchone()[0]
+    row = conn.execute("SELECT hash FROM evidence WHERE seq = ?", (seq,)).fetchone()
+    if row is None:
+        return f"the evidence chain ends at entry {top}, the anchor saw entry {seq}"
+    if row[0] != digest:
+        return f"evidence entry {seq} is not the one the anchor saw"
+    return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
-        raise StoreError(f"schema version {version} is newer than this agent knows ({len(MIGRATIONS)})")
+        raise StoreDamaged(f"schema version {version} is newer than this agent knows ({len(MIGRATIONS)})")
     for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from agent.binding import LAST_DECISION_KEY
 from agent.clock import Stamp, format_utc
 from agent.evidence import parse_public_key, raw_public_key
-from agent.store import Binding, Store, Transaction
+from agent.store import RESET_PENDING_KEY, Binding, Store, Transaction
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -212,6 +212,7 @@ def _apply(tx: Transaction, claims: Claims, now: Stamp, source: str) -> None:
     # A token changes the bindings: the next decision is a new one, recorded afresh.
     tx.set_meta(LAST_DECISION_KEY, None)
     if claims.act == "rebind":
+        tx.set_meta(RESET_PENDING_KEY, None)  # the token says which card belongs here
         tx.delete_all_bindings()
         tx.put_binding(Binding(claims.iccid, claims.sub, now.iso(), source))
         replaced = [{"iccid": b.iccid, "imei": b.imei} for b in current if (b.iccid, b.imei) != (claims.iccid, claims.sub)]

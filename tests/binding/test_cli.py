@@ -133,3 +133,27 @@ def test_evidence_usage_errors(state, tmp_path):
     assert simagent("evidence", "verify", str(tmp_path / "junk.json")).returncode == 1
     (tmp_path / "b.json").write_text("{}")
     assert simagent("evidence", "verify", str(tmp_path / "b.json"), "--pubkey", "AAAA").returncode == 2
+
+
+@pytest.mark.parametrize("damage", ["garbage", "emptied", "deleted", "rolled back"])
+def test_bind_show_on_damaged_state_says_so_and_changes_nothing(state, tmp_path, damage):
+    db = state / "state.db"
+    if damage == "garbage":
+        db.write_bytes(b"not a database" * 500)
+    elif damage == "emptied":
+        db.write_bytes(b"")
+    elif damage == "deleted":
+        db.unlink()
+    else:
+        import shutil
+
+        shutil.copy(db, tmp_path / "old.db")
+        store = Store.open(state)
+        store.record("sim_removed", {})
+        store.close()
+        shutil.copy(tmp_path / "old.db", db)
+    before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in state.iterdir())
+    result = simagent("bind", "show", "--state-dir", str(state))
+    assert result.returncode != 0 and "bindings" not in result.stdout
+    assert result.stderr.startswith("simagent bind show: ") and "Traceback" not in result.stderr
+    assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in state.iterdir()) == before

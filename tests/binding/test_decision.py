@@ -202,7 +202,18 @@ def test_evaluate_records_a_violation_and_returns_the_modem_actions(store, evide
     assert [b.iccid for b in store.read().bindings()] == [OTHER_ICCID]
 
 
-def test_state_reset_then_first_use_follows_mode(tmp_path, make_clock, events):
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bindings", [[], [bound()], [bound(iccid=OTHER_ICCID)]], ids=["none", "same", "other"])
+def test_after_a_state_reset_no_card_is_allowed_or_bound(mode, bindings):
+    decision = decide(HERE, bindings, BindingPolicy(mode=mode), reset_pending=True)
+    assert (decision.status, decision.reason, decision.new_binding) == ("violation", "state_reset", None)
+    enforced = mode != "observe"
+    assert decision.radio_allowed is not enforced and decision.records[0].data["enforced"] is enforced
+    # what is not about the card still reads as before
+    assert decide(Observation(IMEI, "absent"), bindings, BindingPolicy(mode=mode), reset_pending=True).status == "no_sim"
+
+
+def test_lost_state_fails_closed_until_bind_reset(tmp_path, make_clock, events):
     from agent.store import Store
 
     state = tmp_path / "state"
@@ -212,8 +223,14 @@ def test_state_reset_then_first_use_follows_mode(tmp_path, make_clock, events):
     for f in state.glob("state.db*"):
         f.unlink()
     s = Store.open(state, clock=make_clock())
-    assert evaluate(s, Observation(IMEI, "ready", OTHER_ICCID), BindingPolicy(mode="provisioned")).reason == "not_provisioned"
-    assert [e["type"] for e in events(s)] == ["state_reset", "binding_violation"]
+    foreign = Observation(IMEI, "ready", OTHER_ICCID)
+    for mode in ("first-use", "provisioned"):
+        decision = evaluate(s, foreign, BindingPolicy(mode=mode))
+        assert (decision.reason, decision.actions) == ("state_reset", ("radio-off",))
+    assert s.read().bindings() == []
+    assert [e["type"] for e in events(s)][:2] == ["state_reset", "binding_violation"]
+    reset_bindings(s, "card swapped on site, ticket 17", uid=0)
+    assert evaluate(s, foreign, BindingPolicy()).status == "bound"
     s.close()
 
 

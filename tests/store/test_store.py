@@ -114,7 +114,7 @@ def test_corrupt_database_is_moved_aside_and_reported(tmp_path):
     for sidecar in ("state.db-wal", "state.db-shm"):
         (tmp_path / sidecar).unlink(missing_ok=True)
     s = Store.open(tmp_path, clock=FixedClock())
-    assert "unreadable" in s.reset_reason
+    assert s.reset_reason == "database_damaged"
     assert list(tmp_path.glob("state.db.corrupt-*"))
     assert [e["type"] for e in events(s)] == ["state_reset"]
     assert [e["type"] for e, _ in s.evidence_entries()] == ["state_reset"]
@@ -125,7 +125,7 @@ def test_missing_database_after_first_start_is_a_reset(tmp_path):
     for f in tmp_path.glob("state.db*"):
         f.unlink()
     s = Store.open(tmp_path, clock=FixedClock())
-    assert s.reset_reason == "state database missing"
+    assert s.reset_reason == "database_missing"
 
 
 def test_newer_schema_is_refused_not_overwritten(tmp_path):
@@ -135,7 +135,9 @@ def test_newer_schema_is_refused_not_overwritten(tmp_path):
     conn.commit()
     conn.close()
     s = Store.open(tmp_path, clock=FixedClock())
-    assert "newer" in s.reset_reason
+    assert s.reset_reason == "database_damaged"
+    (entry, _), = s.evidence_entries()
+    assert "newer" in entry["data"]["detail"]
     assert list(tmp_path.glob("state.db.corrupt-*"))
 
 

@@ -1,0 +1,74 @@
+"""A state directory emptied by hand can no longer bind a new card: the real daemon
+records `state_reset`, holds the radio off for the card in the tray and binds nothing by
+itself until root's `bind reset` (or a rebind token) says which card belongs here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import (FOREIGN_ICCID, HOME_ICCID, TIMEOUT, events, sign_token, swap_to, trusted_key, wait_event,
+                       wait_modem)
+from ..conftest import wait_until
+
+
+def bindings(agent) -> list[str]:
+    view = json.loads(agent.cli("bind", "show", "--json").stdout)
+    return [row["iccid"] for row in view["bindings"]]
+
+
+@pytest.mark.parametrize("how", ["emptied", "deleted"])
+def test_emptied_state_fails_closed_until_root_resets(home_modem, agent_process, subscriber, mosquitto, how):
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto)
+    wait_event(platform, "radio_restored")
+    swap_to(home_modem, FOREIGN_ICCID)  # blocked, so the radio is off when the agent stops
+    wait_event(platform, "binding_violation")
+    wait_modem(home_modem, lambda s: s["cfun"] == 4, "the foreign card held off")
+    agent.stop()
+
+    db = agent.state_dir / "state.db"
+    for sidecar in ("state.db-wal", "state.db-shm"):
+        (agent.state_dir / sidecar).unlink(missing_ok=True)
+    if how == "emptied":
+        db.write_bytes(b"")  # `: > state.db`
+    else:
+        db.unlink()
+    attaches_before = len(home_modem.state()["attaches"])
+    agent.restart()
+
+    mark = max(e["seq"] for e in events(platform))
+    reset = wait_event(platform, "state_reset", timeout=TIMEOUT)
+    assert reset["seq"] > mark, "event seq goes on across a reset (the anchor keeps it)"
+    assert reset["data"]["reason"] == ("database_empty" if how == "emptied" else "database_missing")
+    violation = wait_event(platform, "binding_violation", after=reset["seq"], timeout=TIMEOUT)
+    assert violation["data"]["reason"] == "state_reset"
+    wait_modem(home_modem, lambda s: s["cfun"] == 4, "radio held off after the reset")
+    wait_until(lambda: json.loads(agent.cli("status", "--json").stdout)["binding"]["reason"] == "state_reset",
+               TIMEOUT, what="status shows the reset")
+    assert bindings(agent) == []
+    assert not [a for a in home_modem.state()["attaches"][attaches_before:] if a["iccid"] == FOREIGN_ICCID]
+
+    result = agent.cli("bind", "reset", "--reason", "card replaced on site, ticket 31")
+    assert result.returncode == 0, result.stderr
+    wait_modem(home_modem, lambda s: s["cfun"] == 1, "the card in the tray bound by root's reset")
+    assert bindings(agent) == [FOREIGN_ICCID]
+
+
+def test_a_rebind_token_lifts_the_reset(home_modem, agent_process, subscriber, mosquitto):
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto, binding={"trusted_keys": [trusted_key()]})
+    wait_event(platform, "radio_restored")
+    agent.stop()
+    (agent.state_dir / "state.db").write_bytes(b"")
+    for sidecar in ("state.db-wal", "state.db-shm"):
+        (agent.state_dir / sidecar).unlink(missing_ok=True)
+    agent.restart()
+    wait_event(platform, "state_reset")
+    wait_modem(home_modem, lambda s: s["cfun"] == 4, "held off after the reset, even for the right card")
+    result = agent.cli("bind", "accept", sign_token("rebind", HOME_ICCID))
+    assert result.returncode == 0, result.stderr
+    wait_modem(home_modem, lambda s: s["cfun"] == 1, "radio back for the card the token names")
+    assert bindings(agent) == [HOME_ICCID]
+    assert "state_reset" in [e["type"] for e in events(platform)]
