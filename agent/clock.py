@@ -4,6 +4,16 @@ Terminals often have no RTC: after a cold boot the wall clock may read 1970 unti
 or the network sets it. Every stamp therefore carries the wall time, whether it was
 trustworthy (SPEC §5), the monotonic time since boot and the boot id, so a reader can
 order entries within a boot even when the wall clock was wrong.
+
+Network time (+CTZE/+CTZEU/+CCLK) is input from outside: a rogue cell can send any date.
+`offer_network_time` takes it only inside a plausibility window: never before the build
+date or the trusted floor, and never further than `MAX_DRIFT` from the time the agent
+already trusts in this boot (an NTP-synchronised kernel clock, or network time accepted
+earlier, carried forward by the monotonic clock); the first network time of a boot
+without NTP may be at most `MAX_OFFLINE` past the floor. A stamp is *agreed* when two
+sources say the same within `AGREE_SLACK` (the NTP-synchronised kernel clock and network
+time; a verified token's `iat` corroborates in `agent.tokens`): only agreed time ratchets
+the trusted floor that token expiry falls back on (`agent.store`).
 """
 
 from __future__ import annotations
@@ -16,8 +26,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import BUILD_DATE
+
 _TIME_ERROR = 5  # adjtimex() result while STA_UNSYNC (or STA_CLOCKERR) is set
 _BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+BUILD_EPOCH = dt.datetime.fromisoformat(BUILD_DATE).replace(tzinfo=dt.timezone.utc).timestamp()
+AGREE_SLACK = 120.0  # seconds two sources may differ and still agree (NITZ has second resolution, cells lag)
+MAX_DRIFT = 300.0  # how far network time may move the trusted time of this boot
+MAX_OFFLINE = 400 * 86_400.0  # how far past the floor the first network time of a boot may be
+MAX_FLOOR_AHEAD = 15 * 365 * 86_400.0  # a floor further past the build date was poisoned
 
 
 @dataclass(frozen=True)
@@ -26,6 +43,7 @@ class Stamp:
     trusted: bool  # wall time came from a synchronised clock
     mono: float  # CLOCK_BOOTTIME seconds: uptime, including suspend
     boot_id: str
+    agreed: bool = False  # two sources said this time (it may raise the trusted floor)
 
     def iso(self) -> str:
         return format_utc(self.wall)
@@ -60,12 +78,12 @@ def read_boot_id() -> str:
 
 
 class Clock:
-    """Produces stamps. Network time from the modem (+CTZE/+CCLK) makes the wall time
-    trustworthy without touching the system clock: it is kept as an offset to the
-    monotonic clock."""
+    """Produces stamps. Network time from the modem makes the wall time trustworthy
+    without touching the system clock: it is kept as an offset to the monotonic clock."""
 
-    def __init__(self, *, kernel_synchronised=kernel_clock_synchronised) -> None:
+    def __init__(self, *, kernel_synchronised=kernel_clock_synchronised, build_epoch: float = BUILD_EPOCH) -> None:
         self._kernel_synchronised = kernel_synchronised
+        self.build_epoch = build_epoch
         self._network_offset: float | None = None
         self.boot_id = read_boot_id()
 
@@ -73,13 +91,49 @@ class Clock:
     def monotonic() -> float:
         return time.clock_gettime(time.CLOCK_BOOTTIME)
 
+    def offer_network_time(self, utc_epoch: float, floor: float | None) -> str | None:
+        """Takes network time when it is plausible; returns None, or why it was rejected."""
+        mono = self.monotonic()
+        lower = max(self.build_epoch, floor or 0.0)
+        if utc_epoch < lower - AGREE_SLACK:
+            which = "trusted floor" if floor is not None and floor > self.build_epoch else "build date"
+            return f"{format_utc(utc_epoch)} is before the {which} {format_utc(lower)}"
+        trusted = self._trusted_wall(mono)
+        if trusted is not None and abs(utc_epoch - trusted) > MAX_DRIFT:
+            return f"{format_utc(utc_epoch)} is {utc_epoch - trusted:+.0f} s from the trusted time {format_utc(trusted)}"
+        if trusted is None and utc_epoch > lower + mono + MAX_OFFLINE:
+            return f"{format_utc(utc_epoch)} is too far past the trusted floor {format_utc(lower)}"
+        self._network_offset = utc_epoch - mono
+        return None
+
     def set_network_time(self, utc_epoch: float) -> None:
+        """Takes network time unchecked (tests and tools; the agent uses offer_network_time)."""
         self._network_offset = utc_epoch - self.monotonic()
+
+    def _trusted_wall(self, mono: float) -> float | None:
+        if self._kernel_synchronised():
+            return time.time()
+        if self._network_offset is not None:
+            return mono + self._network_offset
+        return None
 
     def now(self) -> Stamp:
         mono = self.monotonic()
+        network = None if self._network_offset is None else mono + self._network_offset
         if self._kernel_synchronised():
-            return Stamp(time.time(), True, mono, self.boot_id)
-        if self._network_offset is not None:
-            return Stamp(mono + self._network_offset, True, mono, self.boot_id)
+            wall = time.time()
+            return Stamp(wall, True, mono, self.boot_id, network is not None and abs(network - wall) <= AGREE_SLACK)
+        if network is not None:
+            return Stamp(network, True, mono, self.boot_id)
         return Stamp(time.time(), False, mono, self.boot_id)
+
+    def floor_repair(self, floor: float | None) -> float | None:
+        """A trusted floor no rule of this version could have set (an earlier version
+        ratcheted it on one forged network time): the value to put in its place, or None
+        when it is plausible."""
+        if floor is None:
+            return None
+        upper = time.time() + AGREE_SLACK if self._kernel_synchronised() else self.build_epoch + MAX_FLOOR_AHEAD
+        if floor <= upper:
+            return None
+        return max(self.build_epoch, upper if self._kernel_synchronised() else self.build_epoch)

@@ -162,6 +162,7 @@ class Enforcer:
         self._decision: Decision | None = None
         self._decision_waiters: list[asyncio.Future] = []
         self._booted_at = float("-inf")
+        self._rejected_time_line: str | None = None
         self._evidence_gap: dict | None = None  # what the evidence misses while the store failed
         self._retry: asyncio.TimerHandle | None = None
         self._poll_wake = asyncio.Event()
@@ -575,9 +576,7 @@ class Enforcer:
     def _on_modem_event(self, event: ModemEvent) -> None:
         """URC callback (in the AT reader): a change reaches the gate at once."""
         if isinstance(event, NetworkTime):
-            network_time = event.time.time
-            if network_time is not None and network_time.tzinfo is not None:
-                self.store.clock.set_network_time(network_time.timestamp())
+            self._network_time(event)
             return
         if isinstance(event, RegistrationChanged):
             if self._detached and self._target is Radio.ON:
@@ -600,6 +599,22 @@ class Enforcer:
         elif isinstance(event, ModemRebooted):
             if asyncio.get_running_loop().time() - self._booted_at >= BOOT_BURST:
                 self._rebooted(event.line)
+
+    def _network_time(self, event: NetworkTime) -> None:
+        """Network time is outside input: the clock takes it only when plausible, and a
+        rejection is evidence (once per distinct line: a rogue cell may repeat it)."""
+        network_time = event.time.time
+        if network_time is None or network_time.tzinfo is None:
+            return
+        rejected = self.store.clock.offer_network_time(network_time.timestamp(), self.store.read().time_floor())
+        if rejected is None or event.line == self._rejected_time_line:
+            return
+        self._rejected_time_line = event.line
+        log.warning("network time rejected: %s (%s)", rejected, event.line)
+        try:
+            self.store.record("network_time_rejected", {"line": event.line, "why": rejected}, event=False)
+        except sqlite3.Error as exc:
+            self._note_evidence_gap(exc)
 
     def _sim_changed(self, reason: str, line: str) -> None:
         if reason == "sim_removed":

@@ -186,8 +186,9 @@ class Transaction:
         return self.get_meta(TIME_FLOOR_KEY)
 
     def raise_time_floor(self, stamp: Stamp) -> None:
-        """Remembers a trusted wall time; an earlier one never lowers the floor."""
-        if stamp.trusted:
+        """Remembers a wall time two sources agreed on; an earlier one never lowers the
+        floor, and time from one source alone (a forged network time) never raises it."""
+        if stamp.trusted and stamp.agreed:
             self._conn.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
                 " WHERE CAST(meta.value AS REAL) < CAST(excluded.value AS REAL)",
@@ -365,6 +366,7 @@ class Store:
                 conn, _ = _connect(path, busy_timeout)
         (state_dir / INITIALISED_MARKER).touch(exist_ok=True)
         store = cls(conn, path, clock, caps)
+        store._repair_time_floor()
         if found is not None:
             store.reset_reason = found["reason"]
             log.error("state reset: %s", found)
@@ -376,6 +378,17 @@ class Store:
                 tx.set_meta(RESET_PENDING_KEY, {**found, "at": tx.now().iso()})
             store.write_anchor()
         return store
+
+    def _repair_time_floor(self) -> None:
+        """A floor an earlier version ratcheted on one forged network time is put back
+        by the rule that guards it now (`Clock.floor_repair`), and the repair recorded."""
+        floor = self.read().time_floor()
+        repaired = self.clock.floor_repair(floor)
+        if repaired is None:
+            return
+        with self.transaction() as tx:
+            tx.set_meta(TIME_FLOOR_KEY, repaired)
+            tx.record("time_floor_repaired", {"was": floor, "now": repaired}, event=False)
 
     @classmethod
     def open_read_only(cls, state_dir: str | os.PathLike, *, clock: Clock | None = None) -> "Store":

@@ -18,6 +18,7 @@ Each `jti` is accepted once (persisted). A refused token changes nothing but the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Iterable
@@ -180,6 +181,10 @@ def _claims(payload: Any) -> Claims:
     )
 
 
+# A verified token's `iat` this close before our trusted time corroborates it (SPEC §5).
+IAT_AGREEMENT = 900.0
+
+
 def accept_token(store: Store, token: str, keys: list[TrustedKey], device_imei: str | None, *,
                  source: str = "token", actions: Iterable[str] = BINDING_ACTIONS) -> TokenResult:
     """Verifies and applies a token in one transaction. Accepted: the binding change (for
@@ -189,6 +194,9 @@ def accept_token(store: Store, token: str, keys: list[TrustedKey], device_imei: 
         try:
             claims = verify_token(token, keys, device_imei, now, tx.time_floor(), actions=actions)
             _apply(tx, claims, now, source)
+            if claims.iat is not None and now.trusted and 0 <= now.wall - claims.iat <= IAT_AGREEMENT:
+                # The platform's signed issue time and our trusted clock agree: two sources.
+                tx.raise_time_floor(dataclasses.replace(now, agreed=True))
         except TokenError as refusal:
             tx.record("token_refused", {"code": refusal.code, "message": refusal.message, "source": source, **_identity(token)})
             return TokenResult(False, refusal.code, refusal.message)

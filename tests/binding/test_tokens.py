@@ -238,3 +238,23 @@ def _trusted_stamp():
     from agent.clock import Stamp
 
     return Stamp(NOW, True, 1.0, "boot")
+
+
+def test_a_fresh_tokens_iat_corroborates_network_time_and_raises_the_floor(tmp_path):
+    """Network time alone never raises the floor; a verified token issued moments before
+    our trusted (network) time is the second source that agrees."""
+    from agent.clock import Clock
+    from agent.store import Store
+
+    clock = Clock(kernel_synchronised=lambda: False, build_epoch=NOW - 86_400)
+    clock.set_network_time(NOW)
+    s = Store.open(tmp_path, clock=clock)
+    s.record("agent_started", {})
+    assert s.read().time_floor() is None
+    stale_iat = token(iat=NOW - 3 * 3600, exp=NOW + 3600, jti="old-iat")
+    assert accept_token(s, stale_iat, KEYS, IMEI).accepted
+    assert s.read().time_floor() is None  # issued hours ago: proves nothing about now
+    fresh = token(iat=NOW - 60, exp=NOW + 3600, jti="fresh-iat")
+    assert accept_token(s, fresh, KEYS, IMEI).accepted
+    assert s.read().time_floor() == pytest.approx(NOW, abs=5)
+    s.close()

@@ -1,0 +1,77 @@
+"""Trusted time with bounds (SPEC §5): network time only inside a plausibility window,
+the floor only from time two sources agree on, a poisoned floor repaired at open."""
+
+import time
+
+import pytest
+
+from agent.clock import AGREE_SLACK, BUILD_EPOCH, MAX_DRIFT, Clock
+from agent.store import TIME_FLOOR_KEY, Store
+
+YEAR = 365 * 86_400.0
+NOW = time.time()
+
+
+def no_ntp() -> Clock:
+    return Clock(kernel_synchronised=lambda: False)
+
+
+def test_network_time_before_the_build_date_or_the_floor_is_rejected():
+    clock = no_ntp()
+    assert "before the build date" in clock.offer_network_time(BUILD_EPOCH - 86_400, None)
+    assert "before the trusted floor" in clock.offer_network_time(NOW - 3600, NOW)
+    assert not clock.now().trusted
+
+
+def test_the_first_network_time_of_a_boot_may_not_leap_years_past_the_floor():
+    clock = no_ntp()
+    assert "too far past" in clock.offer_network_time(BUILD_EPOCH + 73 * YEAR, None)  # 2099
+    assert clock.offer_network_time(NOW, None) is None
+    assert clock.now().trusted and abs(clock.now().wall - NOW) < 5
+
+
+def test_once_trusted_network_time_moves_it_only_a_little():
+    clock = no_ntp()
+    assert clock.offer_network_time(NOW, None) is None
+    assert "from the trusted time" in clock.offer_network_time(NOW + 86_400, None)
+    assert clock.offer_network_time(NOW + MAX_DRIFT / 2, None) is None
+
+
+def test_ntp_wins_and_agreement_makes_a_stamp_agreed():
+    clock = Clock(kernel_synchronised=lambda: True)
+    assert not clock.now().agreed  # one source
+    assert "from the trusted time" in clock.offer_network_time(time.time() + 3600, None)
+    assert not clock.now().agreed
+    assert clock.offer_network_time(time.time() + AGREE_SLACK / 2, None) is None
+    assert clock.now().agreed and clock.now().trusted
+
+
+def test_only_agreed_time_raises_the_floor(tmp_path):
+    clock = no_ntp()
+    clock.offer_network_time(NOW, None)
+    store = Store.open(tmp_path, clock=clock)
+    store.record("agent_started", {})
+    assert store.read().time_floor() is None  # network time alone
+    synced = Clock(kernel_synchronised=lambda: True)
+    synced.offer_network_time(time.time(), None)
+    store.clock = synced
+    store.record("agent_started", {})
+    assert store.read().time_floor() == pytest.approx(time.time(), abs=5)
+    store.close()
+
+
+@pytest.mark.parametrize("ntp", [False, True])
+def test_a_poisoned_floor_is_repaired_at_open(tmp_path, ntp):
+    store = Store.open(tmp_path, clock=no_ntp())
+    with store.transaction() as tx:
+        tx.set_meta(TIME_FLOOR_KEY, BUILD_EPOCH + 73 * YEAR)  # what one forged +CTZE did before
+    store.close()
+    store = Store.open(tmp_path, clock=Clock(kernel_synchronised=lambda: ntp))
+    floor = store.read().time_floor()
+    assert floor == (pytest.approx(time.time(), abs=AGREE_SLACK + 5) if ntp else BUILD_EPOCH)
+    (repair,) = [e["data"] for e, _ in store.evidence_entries() if e["type"] == "time_floor_repaired"]
+    assert repair["was"] == BUILD_EPOCH + 73 * YEAR
+    store.close()
+    store = Store.open(tmp_path, clock=no_ntp())  # a plausible floor is left alone
+    assert [e["type"] for e, _ in store.evidence_entries()].count("time_floor_repaired") == 1
+    store.close()
