@@ -213,3 +213,73 @@ def test_fuzz_no_exception_and_bounded_buffer(parts, chunk, timed_out):
         conn2.command_timed_out()
         conn2.send_probe()
     assert feed_all(conn2, [data]) == events
+
+
+def test_aborted_command_that_had_already_finished_still_ends_as_aborted():
+    """The scan's OK crossed the abort byte on the wire: the OK ends it (as Aborted) and
+    the CR reaches the modem as an empty line, which it ignores."""
+    conn = fresh("AT+COPS=?")
+    conn.abort()
+    events = feed_all(conn, [b'\r\n+COPS: (2,"A","A","46000",7),,(0,1),(0,2)\r\n\r\nOK\r\n'])
+    assert events == [Line('+COPS: (2,"A","A","46000",7),,(0,1),(0,2)'), Aborted(OK)]
+    conn.send_command("AT+CFUN=4")
+    assert feed_all(conn, [b"\r\nOK\r\n"]) == [OK]
+
+
+# Caller actions in every state: what the table allows, and where it leads.
+CALLER_ACTIONS = {
+    State.IDLE: {"send": State.AWAITING},
+    State.AWAITING: {"timeout": State.DESYNC, "abort": State.ABORTING},
+    State.ABORTING: {"timeout": State.DESYNC},
+    State.DESYNC: {"timeout": State.DESYNC, "probe": State.PROBING},
+    State.PROBING: {"timeout": State.DESYNC, "probe": State.PROBING},
+    State.PROBE_ANSWERED: {"timeout": State.DESYNC, "probe": State.PROBING},
+}
+
+
+def connection_in(state: State) -> Connection:
+    conn = Connection()
+    if state is State.IDLE:
+        return conn
+    conn.send_command("AT+COPS=?")
+    if state is State.ABORTING:
+        conn.abort()
+    elif state is not State.AWAITING:
+        conn.command_timed_out()
+        if state is not State.DESYNC:
+            conn.send_probe()
+        if state is State.PROBE_ANSWERED:
+            conn.receive_data(b"\r\n013\r\n")
+    assert conn.state is state
+    return conn
+
+
+@pytest.mark.parametrize("state", list(State), ids=lambda s: s.value)
+@pytest.mark.parametrize("action", ["send", "timeout", "probe", "abort"])
+def test_caller_actions_in_every_state(state, action):
+    conn = connection_in(state)
+    do = {"send": lambda: conn.send_command("AT"), "timeout": conn.command_timed_out,
+          "probe": conn.send_probe, "abort": conn.abort}[action]
+    target = CALLER_ACTIONS[state].get(action)
+    if target is None:
+        with pytest.raises(LocalProtocolError):
+            do()
+        assert conn.state is state
+    else:
+        do()
+        assert conn.state is target
+
+
+@pytest.mark.parametrize("state", list(State), ids=lambda s: s.value)
+def test_line_inputs_in_every_state(state):
+    """A final result, a text line, a URC and an echo in each state (one table row each)."""
+    expected = {
+        State.IDLE: [Urc("hello"), Urc("RING"), Discarded("stray", "OK")],
+        State.AWAITING: [Line("hello"), Urc("RING"), OK],
+        State.ABORTING: [Line("hello"), Urc("RING"), Aborted(OK)],
+        State.DESYNC: [Discarded("stale", "hello"), Urc("RING"), Discarded("stale", "OK")],
+        State.PROBING: [Discarded("stale", "hello"), Urc("RING"), Discarded("stale", "OK")],
+        State.PROBE_ANSWERED: [Discarded("stale", "hello"), Urc("RING"), Resynchronised()],
+    }[state]
+    conn = connection_in(state)
+    assert feed_all(conn, [b"AT+COPS=?\r\r\nhello\r\nRING\r\nOK\r\n"])[-3:] == expected
