@@ -4,6 +4,20 @@ It owns the port exclusively (TIOCEXCL on a tty, as ModemManager does), reads wi
 ``loop.add_reader`` + ``os.read``/``recv`` (no polling), runs one command at a time and
 turns final results into return values or typed exceptions. When the port goes away
 (EOF, EIO, unplug) every waiter gets ``PortLost``; nothing hangs.
+
+The channel (who sends next) is a small scheduler: ``priority=True`` callers (the radio
+gate) go before every other waiter, FIFO within a class, and a non-priority caller that
+is about to send steps back when a priority caller is waiting. A priority caller that
+finds an abortable non-priority command in flight aborts it (one ``ABORT_BYTE``); that
+caller gets ``CommandAborted``. If the aborted command's final result does not come
+within ``abort_grace`` it is given up like a timeout.
+
+A caller that leaves (timeout or cancellation, while queued, writing, waiting or
+resynchronising) leaves the core desynchronised, never wedged: the next command probes
+first. ``max_failures`` consecutive timeouts (commands or probes) close the port, as
+ModemManager does: ``lost`` resolves with "unresponsive: N consecutive timeouts" and
+every waiter gets ``PortLost``; whoever owns the port reopens it. Any answer resets the
+count.
 """
 
 from __future__ import annotations
@@ -16,13 +30,15 @@ import os
 import socket
 import struct
 import termios
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import serial
 
-from .protocol import (Connection, Discarded, FinalResult, Line, Prompt, ResultKind, Resynchronised,
-                       Urc, NEED_DATA)
+from .commands import is_abortable
+from .protocol import (Aborted, Connection, Discarded, FinalResult, Line, Prompt, ResultKind,
+                       Resynchronised, State, Urc, NEED_DATA)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +47,8 @@ log = logging.getLogger(__name__)
 # another program owns.
 TIOCGEXCL = 0x80045440
 
-__all__ = ["ATClient", "Response", "ATError", "CommandError", "CommandTimeout", "PortLost",
-           "PortBusy", "PortNotFound"]
+__all__ = ["ATClient", "Response", "ATError", "CommandError", "CommandTimeout", "CommandAborted",
+           "PortLost", "PortBusy", "PortNotFound"]
 
 
 class ATError(Exception):
@@ -56,6 +72,17 @@ class CommandTimeout(ATError):
         super().__init__(f"{command}: no final result within {timeout:g}s")
         self.command = command
         self.timeout = timeout
+
+
+class CommandAborted(ATError):
+    """The command was aborted for a priority command. ``response`` holds the final
+    result that ended it (None if none came within the grace)."""
+
+    def __init__(self, command: str, response: "Response | None"):
+        ended = response.final.text if response is not None else "no final result"
+        super().__init__(f"{command}: aborted for a priority command ({ended})")
+        self.command = command
+        self.response = response
 
 
 class CommandError(ATError):
@@ -84,6 +111,64 @@ class Response:
 
 
 UrcCallback = Callable[[str], None]
+
+
+class _Channel:
+    """Who uses the AT channel next: priority waiters first, FIFO within a class.
+
+    Cancellation-safe: a waiter cancelled while queued leaves the queue; one cancelled
+    after it was granted the channel passes it on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queues: tuple[deque, deque] = (deque(), deque())  # priority, normal
+        self.busy = False
+
+    def priority_waiting(self) -> bool:
+        return any(not f.done() for f in self._queues[0])
+
+    async def acquire(self, priority: bool, *, front: bool = False) -> None:
+        if not self.busy and not any(self._queues):
+            self.busy = True
+            return
+        queue = self._queues[0 if priority else 1]
+        granted = self._loop.create_future()
+        queue.appendleft(granted) if front else queue.append(granted)
+        try:
+            await granted
+        except BaseException:
+            if granted.done() and not granted.cancelled():
+                self.release()  # granted, then cancelled before it ran
+            else:
+                try:
+                    queue.remove(granted)
+                except ValueError:
+                    pass
+            raise
+
+    def release(self) -> None:
+        for queue in self._queues:
+            while queue:
+                granted = queue.popleft()
+                if not granted.done():
+                    granted.set_result(None)  # handed over: stays busy
+                    return
+        self.busy = False
+
+
+@dataclass
+class _InFlight:
+    """The exchange on the wire: what a priority caller needs to abort it."""
+
+    waiter: asyncio.Future
+    abortable: bool
+    priority: bool
+    timer: asyncio.TimerHandle | None = None
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def _open_serial(port: str, baudrate: int) -> serial.SerialBase:
@@ -126,7 +211,7 @@ class ATClient:
     """One exclusive AT port. Create with ``await ATClient.open(port)``."""
 
     def __init__(self, ser: serial.SerialBase, urc_patterns: Iterable[str] = (), *,
-                 resync_timeout: float = 1.0):
+                 resync_timeout: float = 1.0, max_failures: int = 3, abort_grace: float = 1.0):
         self._serial = ser
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = getattr(ser, "_socket", None)
@@ -134,20 +219,26 @@ class ATClient:
         if self._sock is None:
             os.set_blocking(self._fd, False)
         self._conn = Connection(urc_patterns=urc_patterns)
-        self._lock = asyncio.Lock()
+        self._channel = _Channel(self._loop)
         self._lines: list[str] = []
-        self._waiter: asyncio.Future | None = None  # FinalResult / Resynchronised / Prompt
+        self._waiter: asyncio.Future | None = None  # FinalResult / Aborted / Resynchronised / Prompt
+        self._inflight: _InFlight | None = None
+        self._line_dirty = False  # a cancelled write may have left half a command line
+        self._failures = 0  # consecutive timeouts (commands and probes)
         self._subscribers: list[UrcCallback] = []
         self.resync_timeout = resync_timeout
+        self.max_failures = max_failures
+        self.abort_grace = abort_grace
         self.lost: asyncio.Future = self._loop.create_future()  # result: the cause or None
         self.port = getattr(ser, "portstr", None) or getattr(ser, "port", "")
         self._loop.add_reader(self._fd, self._on_readable)
 
     @classmethod
     async def open(cls, port: str, *, baudrate: int = 115200, urc_patterns: Iterable[str] = (),
-                   resync_timeout: float = 1.0) -> "ATClient":
+                   resync_timeout: float = 1.0, max_failures: int = 3, abort_grace: float = 1.0) -> "ATClient":
         ser = _open_serial(port, baudrate)
-        return cls(ser, urc_patterns, resync_timeout=resync_timeout)
+        return cls(ser, urc_patterns, resync_timeout=resync_timeout, max_failures=max_failures,
+                   abort_grace=abort_grace)
 
     # -- public API -------------------------------------------------------------------
 
@@ -164,39 +255,32 @@ class ATClient:
 
         return unsubscribe
 
-    async def command(self, command: str, timeout: float = 5.0, *, check: bool = True, priority: bool = False,
-                      abortable: bool = False) -> Response:
+    async def command(self, command: str, timeout: float = 5.0, *, check: bool = True,
+                      priority: bool = False, abortable: bool = False) -> Response:
         """Send one command; return its response, or raise ``CommandError`` (when
-        ``check``), ``CommandTimeout`` or ``PortLost``."""
-        async with self._lock:
-            self._ensure_alive()
-            if self._conn.needs_resync:
-                await self._resync()
-            self._lines = []
-            response = await self._exchange(self._conn.send_command(command), command, timeout)
+        ``check``), ``CommandTimeout``, ``CommandAborted`` or ``PortLost``.
+
+        ``priority``: the radio gate's command; it goes as soon as the command in flight
+        ends, and aborts that command if it is ``abortable`` (and not itself priority).
+        ``abortable``: V.250 lets the DTE abort this command while it executes
+        (``commands.is_abortable``)."""
+        response = await self._run(command, timeout, priority=priority, abortable=abortable)
         if check and not response.final.ok:
             raise CommandError(command, response)
         return response
 
-    async def command_with_payload(self, command: str, payload: bytes, timeout: float = 5.0) -> Response:
+    async def command_with_payload(self, command: str, payload: bytes, timeout: float = 5.0, *,
+                                   priority: bool = False) -> Response:
         """A command that answers ``> `` and then takes ``payload`` (Ctrl-Z appended)."""
-        async with self._lock:
-            self._ensure_alive()
-            if self._conn.needs_resync:
-                await self._resync()
-            self._lines = []
-            prompt = await self._exchange(self._conn.send_command(command, expect_prompt=True), command, timeout)
-            if isinstance(prompt, Response):  # answered without a prompt
-                response = prompt
-            else:
-                response = await self._exchange(self._conn.send_payload(payload), command, timeout)
+        response = await self._run(command, timeout, priority=priority, abortable=False, payload=payload)
         if not response.final.ok:
             raise CommandError(command, response)
         return response
 
-    async def send_raw_line(self, line: str, timeout: float = 10.0) -> Response:
-        """For the interactive console: any final result is returned, not raised."""
-        return await self.command(line, timeout, check=False)
+    async def send_raw_line(self, line: str, timeout: float = 10.0, *, priority: bool = False) -> Response:
+        """For the interactive console: any final result is returned, not raised. A line
+        that V.250 lets the DTE abort (a network scan) is sent abortable."""
+        return await self.command(line, timeout, check=False, priority=priority, abortable=is_abortable(line))
 
     def close(self) -> None:
         self._shutdown(None)
@@ -211,24 +295,100 @@ class ATClient:
             cause = self.lost.result()
             raise PortLost(f"{self.port}: {cause or 'closed'}")
 
-    async def _exchange(self, data: bytes, command: str, timeout: float) -> Response | Prompt:
+    async def _run(self, command: str, timeout: float, *, priority: bool, abortable: bool,
+                   payload: bytes | None = None) -> Response:
+        self._ensure_alive()
+        if priority:
+            self._preempt()
+        await self._channel.acquire(priority)
+        try:
+            try:
+                self._ensure_alive()
+                if self._conn.needs_resync:
+                    await self._resync()
+                while not priority and self._channel.priority_waiting():
+                    # A priority caller came while we queued or resynchronised: it goes first.
+                    self._channel.release()
+                    await self._channel.acquire(False, front=True)
+                    self._ensure_alive()
+                    if self._conn.needs_resync:
+                        await self._resync()
+                self._lines = []
+                data = self._conn.send_command(command, expect_prompt=payload is not None)
+                result = await self._exchange(data, command, timeout, abortable=abortable, priority=priority)
+                if payload is not None and isinstance(result, Prompt):
+                    result = await self._exchange(self._conn.send_payload(payload), command, timeout,
+                                                  abortable=False, priority=priority)
+            except BaseException:
+                # Whatever made us leave (timeout, cancellation, lost port), the core must
+                # not stay AWAITING / ABORTING / PROBING: the next caller resynchronises.
+                self._conn.give_up()
+                raise
+        finally:
+            self._channel.release()
+        return result  # a Response: a Prompt was answered with the payload
+
+    def _preempt(self) -> None:
+        """A priority caller arrived: abort the command in flight if V.250 allows it."""
+        flight = self._inflight
+        if (flight is None or not flight.abortable or flight.priority or self.lost.done()
+                or self._conn.state is not State.AWAITING):
+            return
+        data = self._conn.abort()
+        try:
+            if self._sock is not None:
+                self._sock.send(data)
+            else:
+                os.write(self._fd, data)
+        except (BlockingIOError, InterruptedError):
+            pass  # not written: the grace below ends it as a timeout
+        except OSError as exc:
+            self._shutdown(exc)
+            return
+        log.info("%s: aborting %r for a priority command", self.port, self._conn.pending)
+        if flight.timer is not None:
+            flight.timer.cancel()
+        flight.timer = self._loop.call_later(self.abort_grace, _expire, flight.waiter)
+
+    async def _exchange(self, data: bytes, command: str, timeout: float, *, abortable: bool,
+                        priority: bool) -> Response | Prompt:
         waiter = self._waiter = self._loop.create_future()
+        flight = self._inflight = _InFlight(waiter, abortable, priority)
         try:
             # A short command fits the tty's buffer at once: no coroutine for the write on
             # the hot path of every round trip; `_write` waits for room when it does not.
             rest = data if self._sock is not None else self._write_now(data)
             if rest:
                 await self._write(rest)
+            if flight.timer is None:  # (an abort during the write has set the grace)
+                flight.timer = self._loop.call_later(timeout, _expire, waiter)
             try:
-                result = await self._wait(waiter, timeout)
+                result = await waiter
             except TimeoutError:
+                aborting = self._conn.state is State.ABORTING
                 self._conn.command_timed_out()
+                self._timed_out()
+                if aborting:
+                    raise CommandAborted(command, None) from None
                 raise CommandTimeout(command, timeout) from None
         finally:
+            if flight.timer is not None:
+                flight.timer.cancel()
             self._waiter = None
+            self._inflight = None
+        self._failures = 0
         if isinstance(result, Prompt):
             return result
+        if isinstance(result, Aborted):
+            raise CommandAborted(command, Response(self._lines, result.final))
         return Response(self._lines, result)
+
+    def _timed_out(self) -> None:
+        """One more consecutive timeout; at ``max_failures`` the port is closed."""
+        self._failures += 1
+        if self._failures >= self.max_failures:
+            self._shutdown(TimeoutError(f"unresponsive: {self._failures} consecutive timeouts"))
+            self._ensure_alive()  # raises PortLost
 
     def _write_now(self, data: bytes) -> bytes:
         """Writes what the tty takes without waiting; returns the rest."""
@@ -241,35 +401,34 @@ class ATClient:
             self._ensure_alive()  # raises PortLost
             raise
 
-    async def _wait(self, waiter: asyncio.Future, timeout: float):
-        # A timer on the future instead of asyncio.wait_for: no extra task per command
-        # (this is the hot path of every AT round trip).
-        def expire() -> None:
-            if not waiter.done():
-                waiter.set_exception(TimeoutError())
-
-        timer = self._loop.call_later(timeout, expire)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-
     async def _resync(self) -> None:
-        for attempt in range(3):
+        """Probe until the line is in step (each probe distinguishable from the older
+        ones); every unanswered probe counts towards ``max_failures``."""
+        while True:
+            self._ensure_alive()
             waiter = self._waiter = self._loop.create_future()
+            flight = self._inflight = _InFlight(waiter, False, False)
             try:
-                await self._write(self._conn.send_probe())
-                await self._wait(waiter, self.resync_timeout)
-                log.debug("%s: resynchronised after %d probe(s)", self.port, attempt + 1)
-                return
+                data = self._conn.send_probe()
+                if self._line_dirty:
+                    # End the half-written line a cancelled caller left behind, so that
+                    # the probe is a line of its own.
+                    data = b"\r" + data
+                    self._line_dirty = False
+                await self._write(data)
+                flight.timer = self._loop.call_later(self.resync_timeout, _expire, waiter)
+                await waiter
             except TimeoutError:
-                self._ensure_alive()
-                self._conn.command_timed_out()
+                log.debug("%s: probe %r unanswered", self.port, self._conn.pending)
+                self._timed_out()
+                continue
             finally:
+                if flight.timer is not None:
+                    flight.timer.cancel()
                 self._waiter = None
-        # The modem never answered ATS3? with 013: carry on rather than wedge the port.
-        log.warning("%s: AT probe unanswered; continuing without resynchronisation", self.port)
-        self._conn.abandon_resync()
+                self._inflight = None
+            self._failures = 0
+            return
 
     async def _write(self, data: bytes) -> None:
         try:
@@ -288,6 +447,9 @@ class ATClient:
                         await ready
                     finally:
                         self._loop.remove_writer(self._fd)
+        except asyncio.CancelledError:
+            self._line_dirty = True  # part of the line may be out
+            raise
         except OSError as exc:
             self._shutdown(exc)
         self._ensure_alive()
@@ -310,7 +472,7 @@ class ATClient:
     def _dispatch(self, event) -> None:
         if isinstance(event, Line):
             self._lines.append(event.text)
-        elif isinstance(event, (FinalResult, Resynchronised, Prompt)):
+        elif isinstance(event, (FinalResult, Aborted, Resynchronised, Prompt)):
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(event)
         elif isinstance(event, Urc):

@@ -113,6 +113,16 @@ REG_NAMES = {REG_IDLE: "idle", REG_HOME: "home", REG_SEARCHING: "searching", REG
              REG_UNKNOWN: "unknown", REG_ROAMING: "roaming"}
 
 FAULT_KINDS = ("delay", "drop", "garbage", "error", "busy", "hang", "late-reply")
+# V.250 S-registers the fake answers (reads only), with V.250's defaults: the client's
+# resynchronisation probes read 3, 4 and 5.
+S_REGISTERS = {3: 13, 4: 10, 5: 8}
+DEFAULT_SCAN_SECONDS = 3.0  # AT+COPS=? (real modules take 10-180 s; tests set their own)
+# What an aborted command answers. V.250 says an aborted command ends with a result code
+# but names none for commands other than dialling (NO CARRIER); the vendor manuals we
+# could find (Huawei MU509/EM770W "Abort attribute": any character after 125 ms aborts,
+# no result code named; Quectel/SIMCom: nothing found) do not name one either, so the
+# fake answers plain ERROR, the generic failure every client must handle.
+ABORTED_REPLY = "ERROR"
 # What a confused module puts on the line: NULs, high bytes, half a line.
 GARBAGE = b"\x00\x00\xfe\xff\x13~#@!\r\n+CSQ: 1\x00"
 
@@ -160,6 +170,7 @@ class FakeModemState:
     register_delay: float = 0.3
     operator: str = "CHINA MOBILE"
     tz_quarters: int = 32  # UTC+8
+    scan_seconds: float = DEFAULT_SCAN_SECONDS  # AT+COPS=? runs this long (abortable)
     clock: Callable[[], float] = time.monotonic
     wallclock: Callable[[], float] = time.time
 
@@ -190,13 +201,20 @@ class FakeModemState:
     _held: list[_Timer] = field(init=False, default_factory=list)
     # URCs a command causes, written right after its final result code
     _pending_urcs: list[bytes] = field(init=False, default_factory=list)
+    # The busy channel: the command still executing (a scan, a delayed reply), whether
+    # input aborts it, and the command lines that arrived meanwhile (answered in order).
+    _executing: _Timer | None = field(init=False, default=None)
+    _executing_abortable: bool = field(init=False, default=False)
+    _queued: list[str] = field(init=False, default_factory=list)
+    _scan_requested: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         check_imei(self.imei)
         if self.iccid is not None:
             self.iccid = check_iccid(self.iccid)
         check_imsi(self.imsi)
-        self.counters = {"commands": 0, "reboots": 0, "imei_rewrite_attempts": 0, "unknown_commands": 0}
+        self.counters = {"commands": 0, "reboots": 0, "imei_rewrite_attempts": 0, "unknown_commands": 0,
+                         "aborted": 0}
         self._power_on()
 
     # ---- derived state -----------------------------------------------------------
@@ -241,6 +259,8 @@ class FakeModemState:
             "cmee": self.cmee,
             "hotswap_active": self.hotswap_active,
             "hung": self.hung,
+            "executing": self._executing is not None,
+            "scan_seconds": self.scan_seconds,
             "faults": [f.kind for f in self.faults],
             "counters": dict(self.counters),
             "commands": dict(self.commands),
@@ -269,6 +289,9 @@ class FakeModemState:
                 self._held.remove(timer)
             if timer.action == "emit":
                 out.append(timer.payload)
+            elif timer.action == "finish":  # the executing command ends
+                out.append(timer.payload)
+                out += self._end_execution()
             elif timer.action == "register":
                 out += self._set_registration(self._reachable_stat())
         return out
@@ -292,6 +315,9 @@ class FakeModemState:
         self.hung = False
         self._timers = []
         self._held = []
+        self._executing = None
+        self._executing_abortable = False
+        self._queued = []
         self.boot_time = self.clock()
         self._start_registration()
 
@@ -397,6 +423,7 @@ class FakeModemState:
             "imsi": lambda v: check_imsi(str(v)),
             "operator": str,
             "register_delay": float,
+            "scan_seconds": lambda v: _non_negative(float(v)),
             "pin": lambda v: None if v in (None, "", "none") else str(v),
         }
         parsed = {}
@@ -435,9 +462,45 @@ class FakeModemState:
 
     # ---- the AT interpreter ----------------------------------------------------------
 
+    # ---- the busy channel --------------------------------------------------------------
+
+    @property
+    def abortable_running(self) -> bool:
+        """An abortable command (a network scan) is executing: any input aborts it."""
+        return self._executing is not None and self._executing_abortable
+
+    def abort(self) -> list[bytes]:
+        """A character arrived while an abortable command executes (V.250): it stops at
+        once and answers ``ABORTED_REPLY``; the character is consumed."""
+        if not self.abortable_running:
+            return []
+        assert self._executing is not None
+        self._timers.remove(self._executing)
+        self.counters["aborted"] += 1
+        return [_frame(ABORTED_REPLY)] + self._end_execution()
+
+    def _start_execution(self, seconds: float, reply: bytes, *, abortable: bool) -> None:
+        self._executing = self._schedule(seconds, "finish", reply)
+        self._executing_abortable = abortable
+
+    def _end_execution(self) -> list[bytes]:
+        """The channel is free again: answer the lines that waited, in order."""
+        self._executing = None
+        self._executing_abortable = False
+        queued, self._queued = self._queued, []
+        out: list[bytes] = []
+        for line in queued:  # a line that starts another long command queues the rest again
+            out += self.handle_line(line)
+        return out
+
+    # ---- the AT interpreter ----------------------------------------------------------
+
     def handle_line(self, raw: str) -> list[bytes]:
         """One command line (without its terminating CR) in, the modem's bytes out."""
         if self.hung:
+            return []
+        if self._executing is not None:  # busy: the line waits for the command to finish
+            self._queued.append(raw)
             return []
         out: list[bytes] = [(raw + "\r").encode("latin-1", "replace")] if self.echo else []
         line = raw.strip()
@@ -448,9 +511,14 @@ class FakeModemState:
             self._timers.remove(timer)
             self._held.remove(timer)
             out.append(timer.payload)
+        self._scan_requested = False
         reply = self._execute(line)
+        scan, self._scan_requested = self._scan_requested, False
         fault = self._take_fault()
         if fault is None:
+            if scan:  # the network search takes scan_seconds; input aborts it
+                self._start_execution(self.scan_seconds, reply, abortable=True)
+                return out
             return out + [reply]
         if fault.kind == "drop":
             return out
@@ -460,9 +528,11 @@ class FakeModemState:
             return out + [_frame(self._error_text(14))]
         if fault.kind == "garbage":
             return out + [GARBAGE + reply]
-        timer = self._schedule(fault.seconds, "emit", reply)
-        if fault.kind == "late-reply":
-            self._held.append(timer)
+        if fault.kind == "delay":  # still executing: later lines wait (a busy channel)
+            self._start_execution(fault.seconds + (self.scan_seconds if scan else 0.0), reply, abortable=scan)
+            return out
+        # late-reply: the module has moved on; the old reply goes out before the next answer
+        self._held.append(self._schedule(fault.seconds, "emit", reply))
         return out
 
     def _take_fault(self) -> Fault | None:
@@ -475,8 +545,10 @@ class FakeModemState:
         return fault
 
     def _execute(self, line: str) -> bytes:
-        if not line[:2].upper() == "AT":
+        prefix = line.upper().find("AT")  # V.250: characters before the AT prefix are ignored
+        if prefix < 0:
             return _frame("ERROR")
+        line = line[prefix:]
         self.counters["commands"] += 1
         key = _norm(line)
         self.commands[key] = self.commands.get(key, 0) + 1
@@ -521,6 +593,11 @@ class FakeModemState:
             return []
         if re.fullmatch(r"(Z0?|&F0?|&W0?|V1|Q0|&C1|&D[0-2])", upper):
             return []
+        m = re.fullmatch(r"S(\d+)\?", upper)
+        if m:
+            if int(m.group(1)) not in S_REGISTERS:
+                raise CommandError(None)
+            return [f"{S_REGISTERS[int(m.group(1))]:03d}"]
         if upper in ("I", "I0"):
             p = self.profile
             return [p.sample_manufacturer, p.sample_model, f"Revision: {p.sample_revision}"]
@@ -534,11 +611,23 @@ class FakeModemState:
             self.counters["unknown_commands"] += 1
             raise CommandError(None)
         if suffix == "=?":
+            if name == "+COPS":  # a network search: runs scan_seconds (see handle_line)
+                self._scan_requested = True
+                return [self._operator_list()]
             return []
         mode = "read" if suffix == "?" else "set" if suffix.startswith("=") else "exec"
         return handler(self, name, mode, _args(arg) if arg is not None else [])
 
     # ---- command handlers --------------------------------------------------------
+
+    def _operator_list(self) -> str:
+        """The 27.007 +COPS=? answer: (stat,long,short,numeric,AcT) per network found,
+        then the supported modes and formats."""
+        if self.cfun != 1:
+            return "+COPS: ,,(0,1,2,3,4),(0,1,2)"
+        own = 2 if self.reg_stat in (REG_HOME, REG_ROAMING) else 1
+        return (f'+COPS: ({own},"{self.operator}","{self.operator[:8]}","46000",7),'
+                '(1,"CHN-UNICOM","UNICOM","46001",7),(3,"CHN-CT","CT","46011",7),,(0,1,2,3,4),(0,1,2)')
 
     def _read_iccid(self) -> str:
         self._need_sim(pin=False)
@@ -713,6 +802,12 @@ class FakeModemState:
         "+CTZR": _h_ctz,
         "+CCLK": _h_cclk,
     }
+
+
+def _non_negative(value: float) -> float:
+    if value < 0:
+        raise ValueError(f"expected a number >= 0, got {value}")
+    return value
 
 
 def _norm(command: str) -> str:
@@ -1047,6 +1142,12 @@ class FakeModem:
             return
         except OSError:  # EIO: no process has the slave open (we hold it, so rare)
             return
+        if data and self.state.abortable_running:
+            # V.250: a character received while an abortable command executes aborts it;
+            # that character is consumed, the rest is the next command line.
+            self.transcript.add("abort", repr(data[:1]))
+            self._write(b"".join(self.state.abort()))
+            data = data[1:]
         for line in self._assembler.feed(data):
             self.transcript.add("in", line)
             self._write(b"".join(self.state.handle_line(line)))
@@ -1192,13 +1293,15 @@ def _serve_main(argv: list[str]) -> int:
     parser.add_argument("--imsi", default=DEFAULT_IMSI)
     parser.add_argument("--pin", help="SIM PIN the card asks for (default: none)")
     parser.add_argument("--register-delay", type=float, default=0.3, help="seconds from CFUN=1 to registered")
+    parser.add_argument("--scan-seconds", type=float, default=DEFAULT_SCAN_SECONDS,
+                        help="how long AT+COPS=? searches (abortable by any input)")
     parser.add_argument("--control", help="Unix socket for JSON-lines control")
     parser.add_argument("--transcript", help="append every line in/out as JSON lines")
     args = parser.parse_args(argv)
     try:
         state = FakeModemState(
             profile=profiles.get(args.profile), imei=args.imei, iccid=None if args.no_sim else args.iccid,
-            imsi=args.imsi, pin=args.pin, register_delay=args.register_delay,
+            imsi=args.imsi, pin=args.pin, register_delay=args.register_delay, scan_seconds=args.scan_seconds,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -14,7 +14,7 @@ from typing import Any
 
 from at_commands import fakemodem, profiles
 
-MODEM_KEYWORDS = ("profile", "imei", "iccid", "no_sim", "imsi", "pin", "register_delay")
+MODEM_KEYWORDS = ("profile", "imei", "iccid", "no_sim", "imsi", "pin", "register_delay", "scan_seconds")
 
 
 def _check_keywords(kwargs: dict[str, Any]) -> None:

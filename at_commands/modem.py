@@ -15,8 +15,10 @@ from typing import Any, Callable, Iterable, Union
 
 from . import parsers, profiles
 from .client import ATClient, CommandError, CommandTimeout, Response
+from .commands import is_abortable
 from .parsers import Cesq, Csq, ParseError, RegistrationInfo
 from .profiles import Profile
+from .protocol import FinalResult
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,19 @@ ICCID_FALLBACKS: tuple[tuple[str, str], ...] = (
 CRSM_READ_ICCID = "AT+CRSM=176,12258,0,0,10"
 # 27.007 SIM states that end the ICCID search at once (no card, card failure).
 _NO_CARD_CME = (10, 13)
+# Waits between retries of a SIM read answered "SIM busy" (+CME ERROR: 14 or its text),
+# as ModemManager retries SIM reads while the card initialises: 3 s in all, then the
+# value is reported unreadable.
+SIM_BUSY_BACKOFF: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8, 1.5)
+
+
+class SimBusy(CommandError):
+    """A SIM read still answered "SIM busy" after every retry: the value is unreadable
+    now (not "unsupported": no other command is tried in its place)."""
+
+
+def is_sim_busy(final: FinalResult) -> bool:
+    return final.kind.value == "cme_error" and parsers.sim_state_from_cme(final.code, final.text) == "busy"
 
 # Generic 27.007 SIM URCs, recognised whatever the profile.
 GENERIC_SIM_INSERTED = (r"^\+CPIN:\s*READY$",)
@@ -107,8 +122,10 @@ def known_urc_patterns() -> tuple[str, ...]:
 
 
 class Modem:
-    def __init__(self, client: ATClient, profile: Profile | str = "auto", *, command_timeout: float = 5.0):
+    def __init__(self, client: ATClient, profile: Profile | str = "auto", *, command_timeout: float = 5.0,
+                 sim_busy_backoff: tuple[float, ...] = SIM_BUSY_BACKOFF):
         self.client = client
+        self.sim_busy_backoff = sim_busy_backoff
         self._auto = profile == "auto"
         self.profile: Profile = profiles.GENERIC if self._auto else (
             profile if isinstance(profile, Profile) else profiles.get(profile))
@@ -128,8 +145,28 @@ class Modem:
 
     # -- commands -----------------------------------------------------------------------
 
-    async def _cmd(self, command: str, timeout: float | None = None) -> Response:
-        return await self.client.command(command, timeout or self.command_timeout)
+    async def _cmd(self, command: str, timeout: float | None = None, *, priority: bool = False) -> Response:
+        return await self.client.command(command, timeout or self.command_timeout, priority=priority)
+
+    async def send_line(self, line: str, timeout: float, *, priority: bool = False) -> Response:
+        """One raw command line (the console, ``simagent at``): any final result is
+        returned, not raised; a line V.250 lets the DTE abort is sent abortable."""
+        return await self.client.command(line, timeout, check=False, priority=priority,
+                                         abortable=is_abortable(line))
+
+    async def _sim_read(self, command: str) -> Response:
+        """A SIM read: its response whatever the final result, with "SIM busy" retried
+        after each wait of ``sim_busy_backoff``. Raises ``CommandTimeout``, or ``SimBusy``
+        when the card stayed busy. The one place SIM reads retry."""
+        for wait in (*self.sim_busy_backoff, None):
+            response = await self.client.command(command, self.command_timeout, check=False)
+            if not is_sim_busy(response.final):
+                return response
+            if wait is None:
+                raise SimBusy(command, response)
+            log.debug("%s: SIM busy, retrying in %gs", command, wait)
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
 
     async def _try(self, command: str, timeout: float | None = None) -> Response | None:
         """A command whose failure (error or timeout) is an answer, not an exception."""
@@ -196,29 +233,27 @@ class Modem:
             log.warning("IMEI %s fails the Luhn check", imei.imei)
         return Identity(vendor, model, revision, imei.imei if imei else None, imei.luhn_ok if imei else None)
 
-    async def read_sim_state(self, *, busy_retries: int = 5, busy_delay: float = 0.3) -> str:
-        for attempt in range(busy_retries + 1):
+    async def read_sim_state(self) -> str:
+        try:
+            response = await self._sim_read("AT+CPIN?")
+        except (CommandTimeout, SimBusy):
+            return "unknown"
+        final = response.final
+        if final.ok:
             try:
-                response = await self.client.command("AT+CPIN?", self.command_timeout, check=False)
-            except CommandTimeout:
+                return parsers.parse_cpin(response.lines).state
+            except ParseError:
                 return "unknown"
-            final = response.final
-            if final.ok:
-                try:
-                    state = parsers.parse_cpin(response.lines).state
-                except ParseError:
-                    return "unknown"
-            elif final.kind.value == "cme_error":
-                state = parsers.sim_state_from_cme(final.code, final.text)
-            else:
-                return "unknown"
-            if state != "busy":
-                return state
-            if attempt < busy_retries:
-                await asyncio.sleep(busy_delay)
+        if final.kind.value == "cme_error":
+            state = parsers.sim_state_from_cme(final.code, final.text)
+            return "unknown" if state == "busy" else state
         return "unknown"
 
     async def read_iccid(self) -> str | None:
+        """The profile's ICCID command, the generic ones, then +CRSM. A command that
+        fails or times out is taken as unsupported (the next one is tried); "SIM busy"
+        is retried and, if it persists, the ICCID is unreadable (None) without trying
+        other commands; no card (CME 10/13) ends the search."""
         candidates: list[tuple[str, str | None]] = []
         if self.profile.iccid_command:
             own = self.profile.iccid_command
@@ -226,19 +261,25 @@ class Modem:
         candidates += [c for c in ICCID_FALLBACKS if c[0] not in {x[0] for x in candidates}]
         for command, tag in candidates:
             try:
-                response = await self._cmd(command)
+                response = await self._sim_read(command)
+            except SimBusy:
+                return None
             except CommandTimeout:
                 continue
-            except CommandError as exc:
-                if exc.cme and exc.cme[0] in _NO_CARD_CME:
+            final = response.final
+            if not final.ok:
+                if final.kind.value == "cme_error" and final.code in _NO_CARD_CME:
                     return None
                 continue
             try:
                 return parsers.parse_iccid(response.lines, tag)
             except ParseError as exc:
                 log.warning("%s: %s", command, exc)
-        response = await self._try(CRSM_READ_ICCID)
-        if response is not None:
+        try:
+            response = await self._sim_read(CRSM_READ_ICCID)
+        except (SimBusy, CommandTimeout):
+            return None
+        if response.final.ok:
             try:
                 return parsers.parse_crsm_iccid(response.lines)
             except ParseError as exc:
@@ -246,8 +287,11 @@ class Modem:
         return None
 
     async def read_imsi(self) -> str | None:
-        response = await self._try("AT+CIMI")
-        if response is None:
+        try:
+            response = await self._sim_read("AT+CIMI")
+        except (SimBusy, CommandTimeout):
+            return None
+        if not response.final.ok:
             return None
         try:
             return parsers.parse_imsi(response.lines)
@@ -306,20 +350,21 @@ class Modem:
             dbm = cesq.rssi_dbm if cesq.rssi_dbm is not None else cesq.rsrp_dbm
         return Signal(dbm, csq, cesq)
 
-    async def get_cfun(self) -> int:
-        return parsers.parse_cfun((await self._cmd("AT+CFUN?")).lines)
+    async def get_cfun(self, *, priority: bool = False, timeout: float | None = None) -> int:
+        return parsers.parse_cfun((await self._cmd("AT+CFUN?", timeout, priority=priority)).lines)
 
-    async def set_cfun(self, fun: int) -> None:
+    async def set_cfun(self, fun: int, *, priority: bool = False, timeout: float | None = None) -> None:
+        """``priority``: the radio gate's command (goes first, aborts an abortable scan)."""
         if fun == 0:
             # CFUN=0 powers the SIM down on many modules and fakes a removal; gating
             # uses 4 (RF off, SIM readable).
             raise ValueError("CFUN=0 is never used: use 4 to switch the radio off")
         if fun not in (1, 4):
             raise ValueError(f"unsupported CFUN level {fun} (1 = on, 4 = radio off)")
-        await self._cmd(f"AT+CFUN={fun}", max(self.command_timeout, 15.0))
+        await self._cmd(f"AT+CFUN={fun}", timeout or max(self.command_timeout, 15.0), priority=priority)
 
-    async def detach(self) -> None:
-        await self._cmd("AT+CGATT=0", max(self.command_timeout, 15.0))
+    async def detach(self, *, priority: bool = False, timeout: float | None = None) -> None:
+        await self._cmd("AT+CGATT=0", timeout or max(self.command_timeout, 15.0), priority=priority)
 
     def is_imei_rewrite(self, command: str) -> bool:
         """True for commands that would rewrite the IMEI (refused, whoever asks). Every

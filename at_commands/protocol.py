@@ -10,12 +10,24 @@ bytes and leading junk (anything outside printable ASCII) are stripped from each
 A line longer than ``max_line`` bytes is dropped while it streams in (the buffer never
 holds more than ``max_line`` bytes of one line) and reported once it ends.
 
-Timeouts: after ``command_timed_out()`` the reply of the abandoned command may still be
-on its way. The connection then discards every non-URC line until the caller sends
-``send_probe()`` (``ATS3?``, V.250's mandatory query of the command-line terminator,
-answered ``013``) and the probe's marker line and final result have both come back. The
-modem answers commands in order, so anything before that marker belongs to the old
+Giving up: after ``command_timed_out()`` (the caller timed out *or* was cancelled, at
+any point after the command or probe was sent) the reply of the abandoned command may
+still be on its way. The connection then discards every non-URC line until the caller
+sends ``send_probe()`` and the probe's marker line and final result have both come back.
+The modem answers commands in order, so anything before that marker belongs to the old
 command and is never handed to the next one. URCs keep flowing while resynchronising.
+
+Probes are distinguishable: each ``send_probe()`` reads the next of V.250's mandatory
+S-registers whose defaults are fixed (``ATS3?`` -> ``013`` command-line terminator,
+``ATS4?`` -> ``010`` response formatting character, ``ATS5?`` -> ``008`` command-line
+editing character), so a new probe may be sent while an older one is unanswered
+(PROBING / PROBE_ANSWERED) and the older probe's late answer is stale, never the marker.
+
+Abort: V.250 ("aborting commands") lets the DTE abort a command that is still executing by sending any
+character; 27.007 lists ``+COPS=?`` as abortable. ``abort()`` (AWAITING -> ABORTING)
+returns that byte; the aborted command's final result, whatever it is, then ends it as an
+``Aborted`` event (ABORTING -> IDLE). If none comes the caller gives up as on a timeout
+(ABORTING -> DESYNC) and resynchronises.
 """
 
 from __future__ import annotations
@@ -30,8 +42,8 @@ from .parsers import registration_is_unsolicited
 
 __all__ = [
     "NEED_DATA", "Line", "FinalResult", "ResultKind", "Urc", "Prompt", "Discarded",
-    "Resynchronised", "Event", "Connection", "State", "LocalProtocolError",
-    "PROBE_COMMAND", "URC_PREFIXES",
+    "Resynchronised", "Aborted", "Event", "Connection", "State", "Input", "LocalProtocolError",
+    "PROBES", "PROBE_COMMAND", "ABORT_BYTE", "URC_PREFIXES",
 ]
 
 
@@ -95,7 +107,14 @@ class Resynchronised:
     """The probe came back: the line is in step again, the next command may be sent."""
 
 
-Event = Union[Line, FinalResult, Urc, Prompt, Discarded, Resynchronised]
+@dataclass(frozen=True)
+class Aborted:
+    """The final result that ended an aborted command (whatever it says)."""
+
+    final: FinalResult
+
+
+Event = Union[Line, FinalResult, Urc, Prompt, Discarded, Resynchronised, Aborted]
 
 
 class LocalProtocolError(RuntimeError):
@@ -105,7 +124,8 @@ class LocalProtocolError(RuntimeError):
 class State(enum.Enum):
     IDLE = "idle"  # no command pending
     AWAITING = "awaiting"  # a command was sent, its final result has not come
-    DESYNC = "desync"  # a command timed out; no probe sent yet
+    ABORTING = "aborting"  # the abort byte was sent; the command's final result has not come
+    DESYNC = "desync"  # the caller gave up on a command or probe; no new probe sent yet
     PROBING = "probing"  # probe sent, its marker line has not come
     PROBE_ANSWERED = "probe-answered"  # marker seen, waiting for the probe's final result
 
@@ -113,14 +133,14 @@ class State(enum.Enum):
 class Input(enum.Enum):
     # Caller actions
     SEND = "send"
-    TIMEOUT = "timeout"
+    TIMEOUT = "timeout"  # the caller gave up: timed out or cancelled
     PROBE = "probe"
-    ABANDON = "abandon"  # caller gives up resynchronising (probe never answered)
+    ABORT = "abort"
     # Line classes
     ECHO = "echo"
     URC = "urc"
     FINAL = "final"
-    MARKER = "marker"
+    MARKER = "marker"  # the current probe's answer (an older probe's answer is TEXT)
     TEXT = "text"
 
 
@@ -128,10 +148,11 @@ class Action(enum.Enum):
     START = "start"  # -> AWAITING
     START_PROBE = "start-probe"  # -> PROBING
     DESYNC = "desync"  # -> DESYNC
-    RESET = "reset"  # drop buffered input -> IDLE
     EMIT_URC = "emit-urc"
     EMIT_LINE = "emit-line"
     FINISH = "finish"  # emit the final result -> IDLE
+    START_ABORT = "start-abort"  # -> ABORTING
+    FINISH_ABORTED = "finish-aborted"  # emit Aborted(final) -> IDLE
     DROP = "drop"  # silently (echo)
     DISCARD_STALE = "discard-stale"
     DISCARD_STRAY = "discard-stray"
@@ -148,56 +169,79 @@ TRANSITIONS: dict[tuple[State, Input], Action] = {
     (S.IDLE, I.SEND): A.START,
     (S.IDLE, I.TIMEOUT): A.REFUSE,
     (S.IDLE, I.PROBE): A.REFUSE,
-    (S.IDLE, I.ABANDON): A.REFUSE,
+    (S.IDLE, I.ABORT): A.REFUSE,  # nothing to abort: the shell checks before writing
     (S.IDLE, I.ECHO): A.EMIT_URC,  # unreachable: echo needs a pending command
     (S.IDLE, I.URC): A.EMIT_URC,
     (S.IDLE, I.TEXT): A.EMIT_URC,  # with nothing pending every line is unsolicited
-    (S.IDLE, I.MARKER): A.EMIT_URC,
+    (S.IDLE, I.MARKER): A.EMIT_URC,  # unreachable: a marker needs a pending probe
     (S.IDLE, I.FINAL): A.DISCARD_STRAY,
 
     (S.AWAITING, I.SEND): A.REFUSE,
     (S.AWAITING, I.TIMEOUT): A.DESYNC,
     (S.AWAITING, I.PROBE): A.REFUSE,
-    (S.AWAITING, I.ABANDON): A.REFUSE,
+    (S.AWAITING, I.ABORT): A.START_ABORT,
     (S.AWAITING, I.ECHO): A.DROP,
     (S.AWAITING, I.URC): A.EMIT_URC,
     (S.AWAITING, I.TEXT): A.EMIT_LINE,
-    (S.AWAITING, I.MARKER): A.EMIT_LINE,
+    (S.AWAITING, I.MARKER): A.EMIT_LINE,  # unreachable: a marker needs a pending probe
     (S.AWAITING, I.FINAL): A.FINISH,
+
+    (S.ABORTING, I.SEND): A.REFUSE,
+    (S.ABORTING, I.TIMEOUT): A.DESYNC,  # no final result within the grace: resynchronise
+    (S.ABORTING, I.PROBE): A.REFUSE,
+    (S.ABORTING, I.ABORT): A.REFUSE,  # one abort byte per command
+    (S.ABORTING, I.ECHO): A.DROP,
+    (S.ABORTING, I.URC): A.EMIT_URC,
+    (S.ABORTING, I.TEXT): A.EMIT_LINE,  # what the command printed before it stopped
+    (S.ABORTING, I.MARKER): A.EMIT_LINE,  # unreachable: a marker needs a pending probe
+    (S.ABORTING, I.FINAL): A.FINISH_ABORTED,
 
     (S.DESYNC, I.SEND): A.REFUSE,
     (S.DESYNC, I.TIMEOUT): A.DESYNC,
     (S.DESYNC, I.PROBE): A.START_PROBE,
-    (S.DESYNC, I.ABANDON): A.RESET,
+    (S.DESYNC, I.ABORT): A.REFUSE,
     (S.DESYNC, I.ECHO): A.DISCARD_STALE,
     (S.DESYNC, I.URC): A.EMIT_URC,
     (S.DESYNC, I.TEXT): A.DISCARD_STALE,
-    (S.DESYNC, I.MARKER): A.DISCARD_STALE,
+    (S.DESYNC, I.MARKER): A.DISCARD_STALE,  # the answer of a probe given up on
     (S.DESYNC, I.FINAL): A.DISCARD_STALE,
 
     (S.PROBING, I.SEND): A.REFUSE,
     (S.PROBING, I.TIMEOUT): A.DESYNC,
-    (S.PROBING, I.PROBE): A.REFUSE,
-    (S.PROBING, I.ABANDON): A.RESET,
+    (S.PROBING, I.PROBE): A.START_PROBE,  # a new, distinguishable probe
+    (S.PROBING, I.ABORT): A.REFUSE,
     (S.PROBING, I.ECHO): A.DISCARD_STALE,
     (S.PROBING, I.URC): A.EMIT_URC,
-    (S.PROBING, I.TEXT): A.DISCARD_STALE,
+    (S.PROBING, I.TEXT): A.DISCARD_STALE,  # the old command's lines, or an old probe's
     (S.PROBING, I.MARKER): A.MARK,
-    (S.PROBING, I.FINAL): A.DISCARD_STALE,  # the old command's final result
+    (S.PROBING, I.FINAL): A.DISCARD_STALE,  # the old command's (or an old probe's) final result
 
     (S.PROBE_ANSWERED, I.SEND): A.REFUSE,
     (S.PROBE_ANSWERED, I.TIMEOUT): A.DESYNC,
-    (S.PROBE_ANSWERED, I.PROBE): A.REFUSE,
-    (S.PROBE_ANSWERED, I.ABANDON): A.RESET,
+    (S.PROBE_ANSWERED, I.PROBE): A.START_PROBE,
+    (S.PROBE_ANSWERED, I.ABORT): A.REFUSE,
     (S.PROBE_ANSWERED, I.ECHO): A.DISCARD_STALE,
     (S.PROBE_ANSWERED, I.URC): A.EMIT_URC,
     (S.PROBE_ANSWERED, I.TEXT): A.DISCARD_STALE,
-    (S.PROBE_ANSWERED, I.MARKER): A.DISCARD_STALE,
+    (S.PROBE_ANSWERED, I.MARKER): A.DISCARD_STALE,  # unreachable: the modem answers once
     (S.PROBE_ANSWERED, I.FINAL): A.RESYNCED,
 }
 
-PROBE_COMMAND = "ATS3?"
-_MARKER_RE = re.compile(r"0*13")
+# V.250 mandatory S-registers with fixed defaults: (probe command, its answer). The
+# parameter is read, never written, so a probe changes nothing on the module.
+PROBES: tuple[tuple[str, "re.Pattern[str]"], ...] = (
+    ("ATS3?", re.compile(r"0*13")),  # command-line termination character (CR)
+    ("ATS4?", re.compile(r"0*10")),  # response formatting character (LF)
+    ("ATS5?", re.compile(r"0*8")),  # command-line editing character (BS)
+)
+PROBE_COMMAND = PROBES[0][0]  # the first probe of a session
+# The abort byte is a bare CR (S3). Any character aborts an abortable command (V.250,
+# aborting commands); CR is the one that is harmless if the command has finished before
+# it arrives: it ends an empty command line, which the DCE ignores (no "AT" prefix; V.250
+# ignores characters before the prefix), and unlike a printable byte it cannot become
+# part of the next command line (a stray "A" then "/..." would be A/, repeat last line).
+ABORT_BYTE = b"\r"
+
 
 # Lines that are unsolicited whatever is pending, unless the pending command queries
 # the same tag (then the line is its answer). Bare words are matched whole.
@@ -254,6 +298,8 @@ class Connection:
     # when their tag looks like a URC (a late "+CPIN: READY" is not a SIM insertion).
     _stale: str = field(default="", init=False)
     _expect_prompt: bool = field(default=False, init=False)
+    _probes_sent: int = field(default=0, init=False)  # which probe is current (rotates)
+    _marker: Pattern[str] | None = field(default=None, init=False)  # the current probe's answer
 
     def __post_init__(self) -> None:
         self._patterns = tuple(
@@ -279,21 +325,37 @@ class Connection:
         return payload + terminator
 
     def command_timed_out(self) -> None:
-        """The caller gave up waiting; discard its reply until resynchronised."""
+        """The caller gave up waiting (timeout or cancellation) on the command, the
+        abort or the probe; discard its reply until resynchronised."""
         self._step(Input.TIMEOUT)
 
-    def send_probe(self) -> bytes:
-        """Start resynchronising; returns the probe bytes to write."""
-        self._step(Input.PROBE)
-        return PROBE_COMMAND.encode() + b"\r"
+    def give_up(self) -> None:
+        """``command_timed_out()`` unless nothing is pending (idle): for a caller that
+        leaves at any point, whether or not its exchange had started."""
+        if self.state is not State.IDLE:
+            self._step(Input.TIMEOUT)
 
-    def abandon_resync(self) -> None:
-        """The probe went unanswered: drop buffered input and carry on regardless."""
-        self._step(Input.ABANDON)
+    def send_probe(self) -> bytes:
+        """Start (or restart) resynchronising; returns the probe bytes to write. Each
+        probe reads the next S-register of ``PROBES``, so an older probe's late answer
+        is never taken for this one's."""
+        self._step(Input.PROBE)
+        return self._pending.encode() + b"\r"
+
+    def abort(self) -> bytes:
+        """Abort the pending command (V.250: any character aborts an abortable command);
+        returns the byte to write. Its final result then comes as ``Aborted``."""
+        self._step(Input.ABORT)
+        return ABORT_BYTE
 
     @property
     def needs_resync(self) -> bool:
         return self.state in (State.DESYNC, State.PROBING, State.PROBE_ANSWERED)
+
+    @property
+    def pending(self) -> str:
+        """The command (or probe) whose answer is awaited, "" when idle."""
+        return self._pending if self.state is not State.IDLE else ""
 
     @property
     def buffered(self) -> int:
@@ -323,18 +385,20 @@ class Connection:
         if action is A.START:
             self.state = State.AWAITING
         elif action is A.START_PROBE:
-            self._pending = PROBE_COMMAND
+            self._pending, self._marker = PROBES[self._probes_sent % len(PROBES)]
+            self._probes_sent += 1
             self.state = State.PROBING
         elif action is A.DESYNC:
-            if self.state is State.AWAITING:
+            if self.state in (State.AWAITING, State.ABORTING):
                 self._stale = self._pending
             self._expect_prompt = False
             self.state = State.DESYNC
-        elif action is A.RESET:
-            self._buf.clear()
-            self._overlong = 0
-            self._stale = ""
+        elif action is A.START_ABORT:
+            self._expect_prompt = False
+            self.state = State.ABORTING
+        elif action is A.FINISH_ABORTED:
             self.state = State.IDLE
+            self._events.append(Aborted(final))
         elif action is A.EMIT_URC:
             self._events.append(Urc(text))
         elif action is A.EMIT_LINE:
@@ -351,6 +415,7 @@ class Connection:
             self.state = State.PROBE_ANSWERED
         elif action is A.RESYNCED:
             self._stale = ""
+            self._marker = None
             self.state = State.IDLE
             self._events.append(Resynchronised())
         # A.DROP: nothing
@@ -364,7 +429,7 @@ class Connection:
             return Input.FINAL, final
         if self._is_urc(text, pending):
             return Input.URC, None
-        if _MARKER_RE.fullmatch(text):
+        if self._marker is not None and self._marker.fullmatch(text):
             return Input.MARKER, None
         return Input.TEXT, None
 

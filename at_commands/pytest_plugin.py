@@ -2,7 +2,7 @@
 
 Fixtures:
   fake_modem           one in-process fake (background thread), configured by
-                       ``@pytest.mark.fake_modem(profile=..., imei=..., iccid=..., no_sim=...,
+                       ``@pytest.mark.fake_modem(profile=..., imei=..., iccid=..., no_sim=..., scan_seconds=...,
                        imsi=..., pin=..., register_delay=...)``
   fake_modem_factory   ``factory(**same keywords)`` for several modems in one test
   fake_modem_process   ``start(**same keywords)`` runs the real ``simagent-fakemodem``
@@ -33,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "fake_modem(profile='generic', imei=..., iccid=..., no_sim=False, imsi=..., pin=None, "
-        "register_delay=0.3): configure the fake_modem fixture",
+        "register_delay=0.3, scan_seconds=3.0): configure the fake_modem fixture",
     )
 
 

@@ -169,3 +169,18 @@ def test_control_errors_are_reported_not_raised_in_the_modem(fake_modem):
         fake_modem.register("moon")
     assert fake_modem.state()["sim_present"]
 
+
+
+def test_any_byte_aborts_a_running_scan_on_the_pty(fake_modem_factory, open_port):
+    fm = fake_modem_factory(scan_seconds=10)
+    port = open_port(fm.port)
+    port.command("ATE0")
+    port.send("AT+COPS=?")
+    assert wait_for(lambda: fm.state()["executing"], 2)
+    started = time.monotonic()
+    port.ser.write(b"\rAT+CFUN=4\r")  # the abort byte is consumed; the rest is a command
+    assert port.read_until("ERROR|OK", 2) == ["ERROR"]
+    assert port.read_until("OK", 2) == ["OK"]
+    assert time.monotonic() - started < 1
+    state = fm.state()
+    assert state["counters"]["aborted"] == 1 and state["cfun"] == 4

@@ -332,3 +332,61 @@ def test_set_is_all_or_nothing():
         s.set_values(colour="red")
     s.set_values(signal="-60", operator="CHN-UNICOM", register_delay="0.1")
     assert (s.signal_dbm, s.operator, s.register_delay) == (-60, "CHN-UNICOM", 0.1)
+
+
+def test_s_register_probes_answer_v250_defaults():
+    s, _ = make()
+    s.handle_line("ATE0")
+    assert [run(s, f"ATS{n}?") for n in (3, 4, 5)] == [["013", "OK"], ["010", "OK"], ["008", "OK"]]
+    assert run(s, "ATS99?") == ["ERROR"]
+
+
+def test_characters_before_the_at_prefix_are_ignored():
+    s, _ = make()
+    s.handle_line("ATE0")
+    assert run(s, "\x1b  AT+CFUN?") == ["+CFUN: 1", "OK"]
+    assert run(s, "") == []  # a bare CR (a late abort byte) is an empty line: nothing
+    assert run(s, "hello") == ["ERROR"]
+
+
+def test_network_scan_takes_scan_seconds_and_lines_wait_for_it():
+    s, clock = make(scan_seconds=2.0)
+    s.handle_line("ATE0")
+    assert run(s, "AT+COPS=?") == []
+    assert s.snapshot()["executing"] and s.abortable_running
+    assert run(s, "AT+CSQ") == []  # a busy channel: answered after the scan, in order
+    assert advance(s, clock, 1.0) == []
+    out = advance(s, clock, 1.1)
+    assert out[0].startswith('+COPS: (1,"CHINA MOBILE"') and out[1:] == ["OK", "+CSQ: 14,99", "OK"]
+    assert not s.snapshot()["executing"]
+
+
+def test_abort_stops_a_scan_with_error_and_counts():
+    s, clock = make(scan_seconds=10.0)
+    s.handle_line("ATE0")
+    run(s, "AT+COPS=?")
+    assert lines(s.abort()) == ["ERROR"]
+    assert s.counters["aborted"] == 1 and not s.abortable_running
+    assert advance(s, clock, 20) == []  # the scan's answer never comes
+    assert lines(s.abort()) == []  # nothing to abort
+    assert run(s, "AT+CFUN?") == ["+CFUN: 1", "OK"]
+
+
+def test_a_delayed_reply_holds_the_channel_but_is_not_abortable():
+    s, clock = make()
+    s.handle_line("ATE0")
+    s.fault("delay", 0.5)
+    assert run(s, "AT+CGMI") == []
+    assert not s.abortable_running
+    assert run(s, "AT+CFUN?") == []
+    assert advance(s, clock, 0.6) == ["Generic", "OK", "+CFUN: 1", "OK"]
+
+
+def test_scan_seconds_is_settable():
+    s, _ = make()
+    assert s.scan_seconds == fakemodem.DEFAULT_SCAN_SECONDS
+    s.set_values(scan_seconds="7.5")
+    assert s.snapshot()["scan_seconds"] == 7.5
+    with pytest.raises(ValueError, match="scan_seconds"):
+        s.set_values(scan_seconds="-1")
+    assert fakemodem.parse_ctl_words("set", ["scan_seconds=4"]) == {"op": "set", "scan_seconds": "4"}

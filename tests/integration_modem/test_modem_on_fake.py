@@ -223,9 +223,10 @@ def test_sim_busy_is_retried(tmp_path, busy, expected):
 
     async def scenario():
         modem = await Modem.open(str(fm.link))
+        modem.sim_busy_backoff = (0.02, 0.02, 0.02)
         try:
             await modem.initialise()
-            return await modem.read_sim_state(busy_retries=3, busy_delay=0.02)
+            return await modem.read_sim_state()
         finally:
             modem.close()
 

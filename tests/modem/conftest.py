@@ -28,6 +28,8 @@ CANNED = {
     "AT": ok(),
     "ATE0": ok(),
     "ATS3?": ok("013"),
+    "ATS4?": ok("010"),
+    "ATS5?": ok("008"),
     "AT+CMEE=1": ok(),
     "AT+CSQ": ok("+CSQ: 20,99"),
     "AT+CPIN?": ok("+CPIN: READY"),

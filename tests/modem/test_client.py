@@ -123,11 +123,11 @@ def test_late_reply_is_never_given_to_the_next_command(pty_responder, late_after
     assert responder.received[:3] == ["AT+SLOW", "ATS3?", "AT+CSQ"]
 
 
-def test_unanswered_probe_does_not_wedge_the_port(pty_responder, replies):
-    silent = {"on": True}
-
+def test_unanswered_probes_close_the_port_as_unresponsive(pty_responder, replies):
+    """A command timeout then two unanswered probes: 3 consecutive timeouts close the
+    port (ModemManager's policy); the caller and every waiter get PortLost."""
     def handler(command):
-        if silent["on"] and command in ("AT+HANG", "ATS3?"):
+        if command in ("AT+HANG", "ATS3?", "ATS4?"):
             return None
         return replies.canned(command)
 
@@ -135,15 +135,43 @@ def test_unanswered_probe_does_not_wedge_the_port(pty_responder, replies):
 
     async def main():
         client = await ATClient.open(responder.path, resync_timeout=0.05)
+        with pytest.raises(CommandTimeout):
+            await client.command("AT+HANG", timeout=0.05)
+        queued = asyncio.ensure_future(client.command("AT+CPIN?", timeout=2))
+        with pytest.raises(PortLost, match="unresponsive: 3 consecutive timeouts"):
+            await client.command("AT+CSQ", timeout=2)
+        with pytest.raises(PortLost):
+            await queued
+        assert client.lost.done() and "unresponsive" in str(client.lost.result())
+        again = await ATClient.open(responder.path, resync_timeout=0.05)  # the port was released
         try:
-            with pytest.raises(CommandTimeout):
-                await client.command("AT+HANG", timeout=0.05)
-            assert (await client.command("AT+CSQ", timeout=2)).lines == ["+CSQ: 20,99"]
+            assert (await again.command("AT+CSQ", timeout=2)).lines == ["+CSQ: 20,99"]
+        finally:
+            again.close()
+
+    run(main())
+    assert responder.received[:3] == ["AT+HANG", "ATS3?", "ATS4?"]
+    assert "AT+CPIN?" not in responder.received
+
+
+def test_a_success_resets_the_failure_count(pty_responder, replies):
+    def handler(command):
+        return None if command == "AT+HANG" else replies.canned(command)
+
+    responder = pty_responder(handler)
+
+    async def main():
+        client = await ATClient.open(responder.path)
+        try:
+            for _ in range(5):  # timeout, then a probe and a command that succeed
+                with pytest.raises(CommandTimeout):
+                    await client.command("AT+HANG", timeout=0.05)
+                assert (await client.command("AT+CSQ", timeout=2)).final.ok
+            assert not client.is_lost
         finally:
             client.close()
 
     run(main())
-    assert responder.received.count("ATS3?") == 3
 
 
 def test_unplug_mid_command_raises_port_lost_for_every_waiter(pty_responder, replies):

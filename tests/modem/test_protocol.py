@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from at_commands.protocol import (NEED_DATA, TRANSITIONS, Connection, Discarded, FinalResult,
+from at_commands.protocol import (NEED_DATA, TRANSITIONS, Aborted, Connection, Discarded, FinalResult,
                                   Input, Line, LocalProtocolError, Prompt, ResultKind,
                                   Resynchronised, State, Urc)
 
@@ -108,15 +108,77 @@ def test_timeout_then_late_reply_then_probe():
     assert feed_all(conn, [b"\r\n+CSQ: 9,9\r\nOK\r\n"]) == [Line("+CSQ: 9,9"), OK]
 
 
-def test_probe_timeout_and_abandon():
+def test_probes_rotate_and_an_old_probes_answer_is_stale():
     conn = fresh("AT+X")
     conn.command_timed_out()
+    assert conn.send_probe() == b"ATS3?\r"
+    assert conn.send_probe() == b"ATS4?\r"  # re-probe from PROBING: a different register
+    # The first probe's answer comes late: stale, not the marker of the second.
+    events = feed_all(conn, [b"ATS3?\r\r\n013\r\n\r\nOK\r\n"])
+    assert all(isinstance(e, Discarded) for e in events) and conn.state is State.PROBING
+    conn.receive_data(b"\r\n010\r\n")
+    assert conn.state is State.PROBE_ANSWERED
+    assert conn.send_probe() == b"ATS5?\r"  # re-probe from PROBE_ANSWERED too
+    events = feed_all(conn, [b"\r\nOK\r\n\r\n008\r\n\r\nOK\r\n"])
+    assert events[-1] == Resynchronised() and conn.state is State.IDLE
+    conn.send_command("AT")  # in step again
+
+
+def test_give_up_from_every_pending_state_leaves_a_recoverable_core():
+    for setup in ("awaiting", "aborting", "probing", "probe-answered", "desync", "idle"):
+        conn = Connection()
+        if setup != "idle":
+            conn.send_command("AT+COPS=?")
+        if setup == "aborting":
+            conn.abort()
+        if setup in ("probing", "probe-answered", "desync"):
+            conn.command_timed_out()
+        if setup in ("probing", "probe-answered"):
+            conn.send_probe()
+        if setup == "probe-answered":
+            conn.receive_data(b"\r\n013\r\n")
+        assert conn.state.value == setup
+        conn.give_up()
+        assert conn.state is (State.IDLE if setup == "idle" else State.DESYNC)
+        if conn.needs_resync:
+            probe = conn.send_probe()
+            marker = {b"ATS3?\r": b"013", b"ATS4?\r": b"010"}[probe]
+            feed_all(conn, [b"\r\n" + marker + b"\r\nOK\r\n"])
+        assert conn.state is State.IDLE, setup
+
+
+def test_abort_ends_with_the_commands_final_result_as_aborted():
+    conn = fresh("AT+COPS=?")
+    assert conn.abort() == b"\r"
+    assert conn.state is State.ABORTING
+    with pytest.raises(LocalProtocolError):
+        conn.abort()  # one abort per command
+    with pytest.raises(LocalProtocolError):
+        conn.send_command("AT+CFUN=4")
+    events = feed_all(conn, [b"\r\n+CREG: 0\r\n\r\nERROR\r\n"])
+    assert events == [Urc("+CREG: 0"), Aborted(FinalResult(ResultKind.ERROR, None, "ERROR"))]
+    assert conn.state is State.IDLE
+    conn.send_command("AT+CFUN=4")
+
+
+def test_abort_without_final_result_desyncs():
+    conn = fresh("AT+COPS=?")
+    conn.abort()
+    conn.command_timed_out()  # the grace ran out
+    assert conn.state is State.DESYNC
+    # The scan's late answer is stale while resynchronising.
     conn.send_probe()
-    conn.command_timed_out()
-    conn.send_probe()
-    conn.receive_data(b"\r\npartial")
-    conn.abandon_resync()
-    assert conn.state is State.IDLE and conn.buffered == 0
+    events = feed_all(conn, [b'\r\n+COPS: (2,"A","A","46000",7)\r\nOK\r\n\r\n013\r\nOK\r\n'])
+    assert events[:2] == [Discarded("stale", '+COPS: (2,"A","A","46000",7)'), Discarded("stale", "OK")]
+    assert events[-1] == Resynchronised()
+
+
+def test_abort_is_refused_when_nothing_is_executing():
+    for conn in (Connection(), fresh("AT")):
+        if conn.state is State.AWAITING:
+            conn.command_timed_out()
+        with pytest.raises(LocalProtocolError):
+            conn.abort()
 
 
 def test_prompt_and_payload():
@@ -151,3 +213,73 @@ def test_fuzz_no_exception_and_bounded_buffer(parts, chunk, timed_out):
         conn2.command_timed_out()
         conn2.send_probe()
     assert feed_all(conn2, [data]) == events
+
+
+def test_aborted_command_that_had_already_finished_still_ends_as_aborted():
+    """The scan's OK crossed the abort byte on the wire: the OK ends it (as Aborted) and
+    the CR reaches the modem as an empty line, which it ignores."""
+    conn = fresh("AT+COPS=?")
+    conn.abort()
+    events = feed_all(conn, [b'\r\n+COPS: (2,"A","A","46000",7),,(0,1),(0,2)\r\n\r\nOK\r\n'])
+    assert events == [Line('+COPS: (2,"A","A","46000",7),,(0,1),(0,2)'), Aborted(OK)]
+    conn.send_command("AT+CFUN=4")
+    assert feed_all(conn, [b"\r\nOK\r\n"]) == [OK]
+
+
+# Caller actions in every state: what the table allows, and where it leads.
+CALLER_ACTIONS = {
+    State.IDLE: {"send": State.AWAITING},
+    State.AWAITING: {"timeout": State.DESYNC, "abort": State.ABORTING},
+    State.ABORTING: {"timeout": State.DESYNC},
+    State.DESYNC: {"timeout": State.DESYNC, "probe": State.PROBING},
+    State.PROBING: {"timeout": State.DESYNC, "probe": State.PROBING},
+    State.PROBE_ANSWERED: {"timeout": State.DESYNC, "probe": State.PROBING},
+}
+
+
+def connection_in(state: State) -> Connection:
+    conn = Connection()
+    if state is State.IDLE:
+        return conn
+    conn.send_command("AT+COPS=?")
+    if state is State.ABORTING:
+        conn.abort()
+    elif state is not State.AWAITING:
+        conn.command_timed_out()
+        if state is not State.DESYNC:
+            conn.send_probe()
+        if state is State.PROBE_ANSWERED:
+            conn.receive_data(b"\r\n013\r\n")
+    assert conn.state is state
+    return conn
+
+
+@pytest.mark.parametrize("state", list(State), ids=lambda s: s.value)
+@pytest.mark.parametrize("action", ["send", "timeout", "probe", "abort"])
+def test_caller_actions_in_every_state(state, action):
+    conn = connection_in(state)
+    do = {"send": lambda: conn.send_command("AT"), "timeout": conn.command_timed_out,
+          "probe": conn.send_probe, "abort": conn.abort}[action]
+    target = CALLER_ACTIONS[state].get(action)
+    if target is None:
+        with pytest.raises(LocalProtocolError):
+            do()
+        assert conn.state is state
+    else:
+        do()
+        assert conn.state is target
+
+
+@pytest.mark.parametrize("state", list(State), ids=lambda s: s.value)
+def test_line_inputs_in_every_state(state):
+    """A final result, a text line, a URC and an echo in each state (one table row each)."""
+    expected = {
+        State.IDLE: [Urc("hello"), Urc("RING"), Discarded("stray", "OK")],
+        State.AWAITING: [Line("hello"), Urc("RING"), OK],
+        State.ABORTING: [Line("hello"), Urc("RING"), Aborted(OK)],
+        State.DESYNC: [Discarded("stale", "hello"), Urc("RING"), Discarded("stale", "OK")],
+        State.PROBING: [Discarded("stale", "hello"), Urc("RING"), Discarded("stale", "OK")],
+        State.PROBE_ANSWERED: [Discarded("stale", "hello"), Urc("RING"), Resynchronised()],
+    }[state]
+    conn = connection_in(state)
+    assert feed_all(conn, [b"AT+COPS=?\r\r\nhello\r\nRING\r\nOK\r\n"])[-3:] == expected
