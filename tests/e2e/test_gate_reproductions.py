@@ -304,6 +304,17 @@ def arm_busy_at(modem, lines: list[dict], target: str, count: int) -> None:
     modem.fault("busy", count=count)
 
 
+def busy_hit(modem, mark: int) -> str | None:
+    """The command the first SIM-busy answer from `mark` on went to."""
+    last_command = None
+    for entry in modem.transcript[mark:]:
+        if entry["dir"] == "in" and entry["line"].strip():
+            last_command = norm(entry["line"])
+        elif entry["dir"] == "out" and entry["line"] in ("+CME ERROR: 14", "+CME ERROR: SIM busy"):
+            return last_command
+    return None
+
+
 def ready_without_iccid(document) -> list[dict]:
     return find_dicts(document, lambda d: "iccid" in d and d["iccid"] is None
                       and "ready" in (d.get("state"), d.get("sim_state")))
@@ -324,29 +335,42 @@ def test_5a_sim_busy_direct_status(fake_modem_process, agent_process, mosquitto)
     clean, lines = direct_status()
     assert clean["sim"] == {"state": "ready", "iccid": HOME_ICCID, "imsi": modem.state()["imsi"]}
 
+    mark = len(modem.transcript)
     busy_iccid, _ = direct_status(lambda: arm_busy_at(modem, lines, "AT+QCCID", ICCID_READS))
+    assert busy_hit(modem, mark) == "AT+QCCID", "rig: SIM busy did not land on the ICCID read"
     assert modem.state()["faults"] == [], "the armed faults were not all used: the command sequence changed"
     assert busy_iccid["sim"]["iccid"] == HOME_ICCID, (
         f"SIM busy on the ICCID read: direct status shows {busy_iccid['sim']}")
 
+    mark = len(modem.transcript)
     busy_imsi, _ = direct_status(lambda: arm_busy_at(modem, lines, "AT+CIMI", 2))
+    assert busy_hit(modem, mark) == "AT+CIMI", "rig: SIM busy did not land on the IMSI read"
     assert busy_imsi["sim"]["imsi"] == modem.state()["imsi"], f"SIM busy on +CIMI: direct status shows {busy_imsi['sim']}"
 
 
 def test_5b_sim_busy_daemon_status(fake_modem_process, agent_process, subscriber, mosquitto):
     modem = fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID, register_delay=0.2)
     agent = agent_process(modem, mosquitto, start=False)
-    # A dry run: the commands from the daemon's start to its first ICCID read.
-    mark = len(modem.transcript)
-    agent.start()
-    agent.wait_ready()
-    wait_for(lambda: any(norm(e["line"]) == "AT+QCCID" for e in sent_lines(modem.transcript, mark)), TIMEOUT,
-             "the daemon's ICCID read")
-    assert agent.stop() == 0
-    lines = sent_lines(modem.transcript, mark)
+
+    def start_and_stop() -> list[dict]:
+        """The commands from the daemon's start to its first ICCID read."""
+        mark = len(modem.transcript)
+        if agent.exit_codes:
+            agent.restart()
+        else:
+            agent.start().wait_ready()
+        wait_for(lambda: any(norm(e["line"]) == "AT+QCCID" for e in sent_lines(modem.transcript, mark)), TIMEOUT,
+                 "the daemon's ICCID read")
+        wait_for(lambda: modem.state()["cfun"] == 1, TIMEOUT, "the bound card's radio on")
+        assert agent.stop() == 0
+        return sent_lines(modem.transcript, mark)
+
+    start_and_stop()  # the first start binds the card
+    lines = start_and_stop()  # a dry run of a start with the card bound
     checked_before = len(evidence_entries(agent.state_dir))
 
     platform = subscriber(mosquitto, "simagent/#")
+    mark = len(modem.transcript)
     arm_busy_at(modem, lines, "AT+QCCID", ICCID_READS)
     agent.restart()
     seen = []
@@ -355,6 +379,7 @@ def test_5b_sim_busy_daemon_status(fake_modem_process, agent_process, subscriber
         answer = agent.cli("status", "--json", timeout=30)
         if answer.returncode == 0:
             seen.append(json.loads(answer.stdout)["sim"])
+    assert busy_hit(modem, mark) == "AT+QCCID", "rig: SIM busy did not land on the ICCID read"
     assert modem.state()["faults"] == [], "the armed faults were not all used: the command sequence changed"
     published = [d["sim"] for d in platform.documents(f"{P}/state")]
     recorded = evidence_entries(agent.state_dir)[checked_before:]
