@@ -27,7 +27,7 @@ from agent.store import Store
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, TIMEOUT, wait_event
 from .gate_rig import (ForkedCall, cfun4_after, control_call, evidence_entries, find_dicts, foreign_attaches, norm,
-                       sent_lines, share_control_socket, wait_for)
+                       sent_lines, share_control_socket, transcript, wait_for)
 
 P = f"simagent/{IMEI}"
 # Seconds from radio on (with a usable card) to registered: a gate that is later attaches.
@@ -46,7 +46,7 @@ class Gate:
     def swap_in_foreign(self) -> tuple[int, float]:
         """(transcript mark, monotonic time) of a foreign card pushed into the tray
         (`ctl sim-insert`: the removal and insertion URCs go out at once)."""
-        mark = len(self.modem.transcript)
+        mark = len(transcript(self.modem))
         self.modem.sim_insert(FOREIGN_ICCID)
         return mark, time.monotonic()
 
@@ -56,7 +56,7 @@ class Gate:
         the wait). Returns (latency in s or None, the fake's state then)."""
         deadline = inserted + wait
         while True:
-            t0, off = cfun4_after(self.modem.transcript, mark)
+            t0, off = cfun4_after(transcript(self.modem), mark)
             if off is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
@@ -122,7 +122,7 @@ def arm_slow_scan(modem, how: str) -> None:
 
 
 def scan_on_the_wire(modem, mark: int) -> bool:
-    return any(norm(e["line"]) == "AT+COPS=?" for e in sent_lines(modem.transcript, mark))
+    return any(norm(e["line"]) == "AT+COPS=?" for e in sent_lines(transcript(modem), mark))
 
 
 @pytest.mark.parametrize("how", ["scan_seconds", "fault_delay"])
@@ -130,7 +130,7 @@ def test_2a_a_group_members_scan_does_not_hold_off_the_gate(gate, how):
     modem, agent = gate.modem, gate.agent
     share_control_socket(agent)
     arm_slow_scan(modem, how)
-    mark = len(modem.transcript)
+    mark = len(transcript(modem))
     scan = ForkedCall.as_nobody(agent.control_socket, "at", timeout=SCAN_S + 30, command="AT+COPS=?")
     try:
         # Either the scan runs (it is on the wire) or the daemon refused it to a non-root caller.
@@ -150,7 +150,7 @@ def test_2a_a_group_members_scan_does_not_hold_off_the_gate(gate, how):
 def test_2b_a_platform_scan_without_token_does_not_hold_off_the_gate(gate, how):
     modem, platform = gate.modem, gate.platform
     arm_slow_scan(modem, how)
-    mark = len(modem.transcript)
+    mark = len(transcript(modem))
     platform.publish(f"{P}/cmd", json.dumps({"id": "scan-1", "name": "at", "args": {"command": "AT+COPS=?"}}))
 
     def reply(sub):
@@ -171,10 +171,11 @@ def test_2b_a_platform_scan_without_token_does_not_hold_off_the_gate(gate, how):
 # -- 3. work on the event loop delays the gate ---------------------------------------------------------
 EVIDENCE_ENTRIES = 10_000
 EXPORTERS = 8
-# SPEC's target is 50 ms; this bound leaves room for a loaded 2-core CI machine and still
-# catches an export on the loop (the issue measured 2.05 s with 8 exports).
-EXPORT_LOAD_BOUND_S = 0.25
-SWAPS_UNDER_EXPORTS = 3
+# SPEC's target is 50 ms p99; this bound leaves room for a loaded 2-core CI machine and
+# still catches exports on the loop: there a swap waits for the export in progress (up to
+# about 0.5 s here; the issue measured 2.05 s), so one of five swaps lands early in one.
+EXPORT_LOAD_BOUND_S = 0.15
+SWAPS_UNDER_EXPORTS = 5
 
 
 def test_3_parallel_evidence_exports_do_not_delay_the_gate(fake_modem_process, agent_process, subscriber, mosquitto):
@@ -218,9 +219,11 @@ def test_3_parallel_evidence_exports_do_not_delay_the_gate(fake_modem_process, a
         assert done[0] >= EVIDENCE_ENTRIES
         results = []
         for _ in range(SWAPS_UNDER_EXPORTS):  # the swap lands at another phase of the exports each time
+            attached_before = len(foreign_attaches(modem, FOREIGN_ICCID))
             mark, inserted = gate.swap_in_foreign()
             latency, state = gate.outcome(mark, inserted, wait=5.0)
-            results.append((latency, bool([a for a in state["attaches"] if a["iccid"] == FOREIGN_ICCID]), state["cfun"]))
+            attached = len([a for a in state["attaches"] if a["iccid"] == FOREIGN_ICCID]) > attached_before
+            results.append((latency, attached, state["cfun"]))
             modem.sim_insert(HOME_ICCID)
             wait_for(lambda: modem.state()["cfun"] == 1, TIMEOUT, "the home card's radio back on")
     finally:
@@ -244,14 +247,14 @@ def test_4a_root_cannot_switch_a_held_off_card_on(gate):
     mark, inserted = gate.swap_in_foreign()
     gate.assert_gated(mark, inserted, within=1.0, what="foreign SIM (before the bypass attempts)")
     for command in BRINGS_THE_CARD_ONLINE:
-        mark = len(modem.transcript)
+        mark = len(transcript(modem))
         sent = time.monotonic()
         answer = agent.cli("at", "--unsafe", command, timeout=60)
         while time.monotonic() < sent + ATTACH_S + 0.5:  # long enough for the card to register
             time.sleep(0.05)
         state = modem.state()
         attached = foreign_attaches(modem, FOREIGN_ICCID)
-        on_wire = [e["line"] for e in sent_lines(modem.transcript, mark) if norm(e["line"]) == norm(command)]
+        on_wire = [e["line"] for e in sent_lines(transcript(modem), mark) if norm(e["line"]) == norm(command)]
         said = (answer.stdout + answer.stderr).strip()
         assert answer.returncode != 0 and not attached and not on_wire and state["cfun"] == 4, (
             f"`simagent at --unsafe {command}` as root with the foreign card held off: exit {answer.returncode} "
@@ -307,7 +310,7 @@ def arm_busy_at(modem, lines: list[dict], target: str, count: int) -> None:
 def busy_hit(modem, mark: int) -> str | None:
     """The command the first SIM-busy answer from `mark` on went to."""
     last_command = None
-    for entry in modem.transcript[mark:]:
+    for entry in transcript(modem)[mark:]:
         if entry["dir"] == "in" and entry["line"].strip():
             last_command = norm(entry["line"])
         elif entry["dir"] == "out" and entry["line"] in ("+CME ERROR: 14", "+CME ERROR: SIM busy"):
@@ -325,24 +328,24 @@ def test_5a_sim_busy_direct_status(fake_modem_process, agent_process, mosquitto)
     agent = agent_process(modem, mosquitto, start=False)  # never started: direct access to the port
 
     def direct_status(arm=None) -> tuple[dict, list[dict]]:
-        mark = len(modem.transcript)
+        mark = len(transcript(modem))
         if arm:
             arm()
         answer = agent.cli("status", "--json", "--port", modem.port, timeout=60)
         assert answer.returncode == 0, answer.stderr
-        return json.loads(answer.stdout), sent_lines(modem.transcript, mark)
+        return json.loads(answer.stdout), sent_lines(transcript(modem), mark)
 
     clean, lines = direct_status()
     assert clean["sim"] == {"state": "ready", "iccid": HOME_ICCID, "imsi": modem.state()["imsi"]}
 
-    mark = len(modem.transcript)
+    mark = len(transcript(modem))
     busy_iccid, _ = direct_status(lambda: arm_busy_at(modem, lines, "AT+QCCID", ICCID_READS))
     assert busy_hit(modem, mark) == "AT+QCCID", "rig: SIM busy did not land on the ICCID read"
     assert modem.state()["faults"] == [], "the armed faults were not all used: the command sequence changed"
     assert busy_iccid["sim"]["iccid"] == HOME_ICCID, (
         f"SIM busy on the ICCID read: direct status shows {busy_iccid['sim']}")
 
-    mark = len(modem.transcript)
+    mark = len(transcript(modem))
     busy_imsi, _ = direct_status(lambda: arm_busy_at(modem, lines, "AT+CIMI", 2))
     assert busy_hit(modem, mark) == "AT+CIMI", "rig: SIM busy did not land on the IMSI read"
     assert busy_imsi["sim"]["imsi"] == modem.state()["imsi"], f"SIM busy on +CIMI: direct status shows {busy_imsi['sim']}"
@@ -354,23 +357,23 @@ def test_5b_sim_busy_daemon_status(fake_modem_process, agent_process, subscriber
 
     def start_and_stop() -> list[dict]:
         """The commands from the daemon's start to its first ICCID read."""
-        mark = len(modem.transcript)
+        mark = len(transcript(modem))
         if agent.exit_codes:
             agent.restart()
         else:
             agent.start().wait_ready()
-        wait_for(lambda: any(norm(e["line"]) == "AT+QCCID" for e in sent_lines(modem.transcript, mark)), TIMEOUT,
+        wait_for(lambda: any(norm(e["line"]) == "AT+QCCID" for e in sent_lines(transcript(modem), mark)), TIMEOUT,
                  "the daemon's ICCID read")
         wait_for(lambda: modem.state()["cfun"] == 1, TIMEOUT, "the bound card's radio on")
         assert agent.stop() == 0
-        return sent_lines(modem.transcript, mark)
+        return sent_lines(transcript(modem), mark)
 
     start_and_stop()  # the first start binds the card
     lines = start_and_stop()  # a dry run of a start with the card bound
     checked_before = len(evidence_entries(agent.state_dir))
 
     platform = subscriber(mosquitto, "simagent/#")
-    mark = len(modem.transcript)
+    mark = len(transcript(modem))
     arm_busy_at(modem, lines, "AT+QCCID", ICCID_READS)
     agent.restart()
     seen = []
