@@ -7,7 +7,8 @@ thread): the trigger leaving or entering the fake, and `AT+CFUN=4` arriving on t
   (from the `+QSIMSTAT: 1,0` URC leaving the fake to `AT+CFUN=4`) while threads keep
   calling `status`, `at AT+CSQ`, `at AT+COPS=?` and `evidence_export` (of a
   `EXPORT_ENTRIES`-entry log) on the control socket; the bound card goes back in
-  between swaps.
+  between swaps. Where the fake supports `set scan_seconds` the scan takes `SCAN_S` s
+  (`swap_under_load_scan_s`; null: the fake answers it at once).
 - `hang_recovery_s` (target ≤ 5): the modem hangs (`fault hang`), a foreign card goes in
   meanwhile (the agent notices: its radio command goes unanswered), the fault clears;
   from `fault clear` to the next binding decision in the evidence log. Median of
@@ -53,6 +54,7 @@ REPLUG_REGISTER_DELAY = 1.0
 ROUND_CAP_S = 15.0  # any other wait in a round
 DECISIONS = ("binding_violation", "binding_checked", "bound", "radio_blocked", "radio_restored")
 REMOVED = profiles.QUECTEL.sim_removed_sample
+SCAN_S = 3.0  # how long the fake's AT+COPS=? takes, where it can (`set scan_seconds`)
 
 
 def _norm(line: str) -> str:
@@ -188,6 +190,11 @@ class _Load:
 def _swap_under_load(rig: Rig, transcript: _Transcript) -> dict:
     latencies: list[float] = []
     missed = 0
+    try:  # a scan that takes seconds, as on a real module (a fake feature issue 9 asks for)
+        rig.modem.set(scan_seconds=SCAN_S)
+        scan_s: float | None = SCAN_S
+    except ValueError:  # an older fake answers AT+COPS=? at once
+        scan_s = None
     with _Load(rig.control_socket) as load:
         deadline = time.monotonic() + 60
         while load.counts["export"] == 0 and time.monotonic() < deadline:  # the load is on
@@ -209,6 +216,7 @@ def _swap_under_load(rig: Rig, transcript: _Transcript) -> dict:
         "swap_to_radio_off_under_load_max_ms": round(max(latencies) * 1000, 1) if latencies else None,
         "swap_to_radio_off_under_load_count": len(latencies),
         "swap_to_radio_off_under_load_missed": missed,
+        "swap_under_load_scan_s": scan_s,
         "swap_under_load_calls": dict(load.counts),
         "swap_under_load_call_errors": dict(load.errors),
     }
