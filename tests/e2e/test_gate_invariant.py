@@ -56,12 +56,17 @@ read-only from the state DB):
    - Each counted command needs its own evidence entry (one entry answers one command,
      matched earliest first) whose `data.command` names it (`+CFUN=4`, `AT+CFUN=1` ...;
      the gate writes `radio_blocked`/`radio_restored`, an accepted unsafe write an entry
-     of its own) and whose `mono` (CLOCK_BOOTTIME) lies within [t - 0.05 s, t + GRACE_S]
+     of its own) and whose `mono` (CLOCK_BOOTTIME) lies within [t - 0.01 s, t + GRACE_S]
      of the command's transcript time t: the agent writes after the reply, which a delay
      fault and the retries behind it can hold back.
-   - A command the daemon sent less than GRACE_S before it was killed (kill -9 step) and
-     had not recorded yet is exempt (logged as such): no process can record after
-     SIGKILL; the restart re-reads CFUN and gates again, which check 1 watches.
+   - An entry written after a later counted command of the same kind belongs to that
+     later one (so a missing entry is blamed on the right command).
+   - Exempt (and logged as such) when no entry came: a command the daemon sent less than
+     GRACE_S before it was killed (no process records after SIGKILL; the restart reads
+     CFUN and gates again), and a command that got no `OK` (its reply dropped, an error
+     answered, the fake executes it all the same) when the module rebooted or was
+     unplugged within GRACE_S after it: the agent could not learn what it did, and the
+     boot puts the radio back to its power-on level, which the gate then handles.
 3. The gate cannot be bypassed: root's `at --unsafe AT+CFUN=1` is refused while a foreign
    card is in the tray (SPEC §4); an accepted one fails at once.
 The daemon must keep running (it is only ever stopped by the kill -9 step).
@@ -151,11 +156,16 @@ def control_call(path: Path, op: str, args: dict[str, Any], timeout: float = CAL
 _RADIO = re.compile(r"^AT\+(CFUN|CGATT)=(\d)(?:,(\d))?$")
 
 
-@dataclass
+_FINAL = re.compile(r"^(OK|ERROR|\+CM[ES] ERROR:.*|NO CARRIER|COMMAND NOT SUPPORT)$")
+
+
+@dataclass(eq=False)
 class RadioCommand:
     t: float  # CLOCK_BOOTTIME seconds
     command: str  # normalised: "+CFUN=4"
     step: int
+    until: float  # its entry is looked for up to here
+    acknowledged: bool = False  # the modem answered OK (not an error, nothing lost)
 
 
 class TranscriptModel:
@@ -173,6 +183,13 @@ class TranscriptModel:
         self.hung = False
         self.cfun_at_last_state: int | None = None
         self.lines_in = 0
+        self.disruptions: list[float] = []  # boots and unplugs (CLOCK_BOOTTIME)
+        self._awaiting: RadioCommand | None = None  # the last radio command, until its final result
+        self._last: dict[str, RadioCommand] = {}
+
+    def _disrupted(self, t: float) -> None:
+        self.disruptions.append(t + self.offset)
+        self._awaiting = None
 
     def _power_on(self) -> None:
         self.cfun, self.ps_wanted, self.hung = self.boot_cfun, True, False
@@ -196,6 +213,9 @@ class TranscriptModel:
                 op, _, rest = line.partition(" ")
                 if op in ("plugged", "reboot"):
                     self._power_on()
+                    self._disrupted(entry["t"])
+                elif op == "unplugged":
+                    self._disrupted(entry["t"])
                 elif op == "fault":
                     kind = json.loads(rest).get("kind")
                     if kind == "hang":
@@ -204,8 +224,13 @@ class TranscriptModel:
                         self.hung = False
                 elif op == "state":
                     self.cfun_at_last_state = self.cfun
+            elif direction == "out":
+                if self._awaiting is not None and _FINAL.match(line.strip()):
+                    self._awaiting.acknowledged = line.strip() == "OK"
+                    self._awaiting = None
             elif direction == "in":
                 self.lines_in += 1
+                self._awaiting = None  # a reply still to come is not attributed
                 if self.hung:
                     continue
                 m = _RADIO.match(re.sub(r"\s+", "", line).upper())
@@ -217,6 +242,7 @@ class TranscriptModel:
                 if name == "CFUN" and extra == "1" and value == 1:  # reset: boots again
                     effective = True
                     self._power_on()
+                    self._disrupted(entry["t"])
                 elif name == "CFUN" and value in (0, 1, 4):
                     effective = value != self.cfun
                     self.cfun = value
@@ -224,7 +250,14 @@ class TranscriptModel:
                     effective = self.ps_wanted != bool(value)
                     self.ps_wanted = bool(value)
                 if effective:
-                    changed.append(RadioCommand(entry["t"] + self.offset, command, step))
+                    t = entry["t"] + self.offset
+                    radio = RadioCommand(t, command, step, until=t + GRACE_S)
+                    previous = self._last.get(command)
+                    if previous is not None:  # an entry after this command is this command's
+                        previous.until = min(previous.until, t)
+                    self._last[command] = radio
+                    self._awaiting = radio
+                    changed.append(radio)
         return changed
 
 
@@ -361,7 +394,7 @@ class InvariantRun:
             entry = next((e for e in self.evidence.entries
                           if e["seq"] not in self.used_entries
                           and _norm_command((e.get("data") or {}).get("command")) == command.command
-                          and command.t - 0.05 <= e.get("mono", -1) <= command.t + GRACE_S), None)
+                          and command.t - 0.01 <= e.get("mono", -1) <= command.until), None)
             if entry is not None:
                 self.used_entries.add(entry["seq"])
                 self.matched += 1
@@ -375,13 +408,21 @@ class InvariantRun:
                 self.note(f"exempt: AT{command.command} (step {command.step}) had no entry when the daemon "
                           f"was killed {killed[0] - command.t:.2f} s later")
                 continue
+            overtaken = [d for d in self.transcript.disruptions if command.t <= d <= command.t + GRACE_S]
+            if overtaken and not command.acknowledged:
+                self.exempt += 1
+                self.note(f"exempt: AT{command.command} (step {command.step}) got no OK and the module rebooted "
+                          f"or went away {overtaken[0] - command.t:.2f} s later")
+                continue
             if now <= command.t + GRACE_S:  # final: wait for it
                 still.append(command)
                 continue
             near = [(e["seq"], e["type"], (e.get("data") or {}).get("command"), round(e.get("mono", 0) - command.t, 2))
                     for e in self.evidence.entries if abs(e.get("mono", 0) - command.t) < 15]
             self.fail(f"check 2: AT{command.command} changed the radio (sent at step {command.step}, "
-                      f"{now - command.t:.1f} s ago) and has no evidence entry naming it within {GRACE_S} s; "
+                      f"{now - command.t:.1f} s ago, transcript t {command.t - self.transcript.offset:.3f}, "
+                      f"{'answered OK' if command.acknowledged else 'no OK'}) and has no evidence entry naming it "
+                      f"within {command.until - command.t:.2f} s; "
                       f"entries near it (seq, type, command, s after): {near}")
         self.pending = still
 
