@@ -316,10 +316,11 @@ class Daemon:
         return {
             "device_id": self._device_id(),
             "agent_version": __version__,
-            "modem": known.get("modem") or dict.fromkeys(("vendor", "model", "revision", "imei", "imei_luhn_ok")),
-            "sim": known.get("sim") or {"state": "unknown", "iccid": None, "imsi": None},
+            # Copies: `status` adds its own keys to the document it is handed.
+            "modem": dict(known.get("modem") or dict.fromkeys(("vendor", "model", "revision", "imei", "imei_luhn_ok"))),
+            "sim": dict(known.get("sim") or {"state": "unknown", "iccid": None, "imsi": None}),
             "binding": binding,
-            "radio": known.get("radio") or {"cfun": None, "gated": False},  # nothing is held off without a modem
+            "radio": dict(known.get("radio") or {"cfun": None, "gated": False}),  # nothing is held off without a modem
             "device_pubkey": self.device_pubkey,
             "modem_present": self.enforcer is not None,
         }
