@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from agent.clock import Clock, Stamp
 
@@ -380,6 +381,16 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def connect_read_only(path: str | os.PathLike) -> sqlite3.Connection:
+    """The state database at `path` opened read-only, for readers that must never create,
+    migrate or repair it (diag, evidence exports). Transactions are explicit; one
+    connection per thread (never the daemon's)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no state database at {path}")
+    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10, isolation_level=None)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
