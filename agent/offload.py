@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
-MAX_WAITING = 4  # requests that may wait while one runs; more are refused with `busy`
+MAX_WAITING = 8  # requests that may wait while one runs; more are refused with `busy`
 CHUNK = 256 * 1024  # bytes relayed from the child at a time
 HEADER_LIMIT = 64 * 1024  # the child's header line
 # Variables meant for the daemon alone: a child must not talk to systemd in its name.
