@@ -16,7 +16,7 @@ from agent import exitcodes
 from agent.bind_cli import CliSettings, add_state_dir_argument, daemon_call, with_settings
 from agent.binding import LAST_IMEI_KEY
 from agent.clock import Clock
-from agent.evidence import EvidenceError, load_or_create_device_key, parse_public_key, parse_since, verify_bundle, write_bundle
+from agent.evidence import EvidenceError, load_device_key, parse_public_key, parse_since, verify_bundle, write_bundle
 from agent.store import DB_NAME, connect_read_only
 
 
@@ -45,7 +45,7 @@ def export_command(args: argparse.Namespace, settings: CliSettings) -> int:
     bundle = daemon_call(settings, "evidence_export", since=args.since)
     if bundle is None:  # no daemon: read the state directly, read-only
         try:
-            key = load_or_create_device_key(settings.state_dir)
+            key = load_device_key(settings.state_dir)  # an export is a read: it creates no key
             bundle = _export_directly(settings, key, since)
         except (EvidenceError, OSError, sqlite3.Error) as exc:
             print(f"simagent: {exc}", file=sys.stderr)
