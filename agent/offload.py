@@ -82,8 +82,8 @@ class Offloader:
 
     async def _take_turn(self, what: str) -> None:
         if self._slot.locked() and self._waiting >= self.max_waiting:
-            raise OffloadError("busy", f"{what} refused for now: one heavy request runs and {self._waiting} "
-                                       "wait their turn; try again in a moment")
+            raise OffloadError("busy", f"the daemon is busy with another heavy request and {self._waiting} more "
+                                       f"wait their turn: try the {what} again in a moment")
         self._waiting += 1
         try:
             await self._slot.acquire()
@@ -113,7 +113,7 @@ class Offloader:
         must `close()` what it gets (that ends the child and frees the slot)."""
         job = {"state_dir": os.fspath(state_dir), "since": since, "device_id": device_id, "exported_at": exported_at,
                "exported_at_trusted": exported_at_trusted, "max_bytes": max_bytes}
-        await self._take_turn("an evidence export")
+        await self._take_turn("evidence export")
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-P", "-m", "agent.offload", "export", json.dumps(job),

@@ -41,7 +41,7 @@ def test_one_job_at_a_time_a_bounded_queue_then_busy():
         return refused.value, done, peak
 
     refused, done, peak = asyncio.run(scenario())
-    assert refused.code == "busy" and "try again" in refused.message
+    assert refused.code == "busy" and "try the job again in a moment" in refused.message
     assert done == [0, 1, 2] and max(peak) == 1
 
 
