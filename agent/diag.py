@@ -16,6 +16,7 @@ check SKIP with a hint, never a guess. Fact keys:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import importlib.metadata
 import io
@@ -324,13 +325,13 @@ def _read_only_db(state_dir: str | os.PathLike) -> sqlite3.Connection:
 
 
 def outbox_depth(state_dir: str | os.PathLike) -> dict[str, int]:
-    with _read_only_db(state_dir) as conn:
+    with contextlib.closing(_read_only_db(state_dir)) as conn:
         rows = conn.execute("SELECT kind, count(*) FROM outbox GROUP BY kind").fetchall()
     return {"event": 0, "telemetry": 0, **dict(rows)}
 
 
 def evidence_tail(state_dir: str | os.PathLike, count: int = EVIDENCE_TAIL) -> list[dict]:
-    with _read_only_db(state_dir) as conn:
+    with contextlib.closing(_read_only_db(state_dir)) as conn:
         rows = conn.execute("SELECT entry FROM evidence ORDER BY seq DESC LIMIT ?", (count,)).fetchall()
     return [json.loads(entry) for (entry,) in reversed(rows)]
 
