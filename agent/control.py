@@ -26,7 +26,7 @@ import socket
 import stat
 import struct
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,19 @@ class Peer:
 
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class StreamedResult:
+    """A result too large to hold in memory (an evidence bundle), returned by a handler:
+    `chunks` yields the bytes of one JSON value (with no newline in them). The server
+    writes the reply line around them as they come, within `timeout` seconds, and awaits
+    `close()` whatever happens. A failure half-way cannot become an error reply any more:
+    the connection is cut, and the client sees a reply without its end of line."""
+
+    chunks: AsyncIterable[bytes]
+    close: Callable[[], Awaitable[None]]
+    timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -203,7 +216,12 @@ class ControlServer:
                     if not line:
                         return  # end of stream
                     continue
-                await _send(writer, await self._answer(line, peer))
+                reply = await self._answer(line, peer)
+                if isinstance(reply.get("result"), StreamedResult):
+                    if not await _send_streamed(writer, reply):
+                        return
+                else:
+                    await _send(writer, reply)
         except ConnectionError:
             pass  # the client went away; nothing to answer
         finally:
@@ -231,7 +249,8 @@ class ControlServer:
                     raise ControlError("timeout", f"{op.name} took longer than {op.timeout:g} s") from None
                 raise
             reply: dict[str, Any] = {"ok": True, "result": result}
-            _encode(reply)  # fails here, inside the error handling, if not serialisable
+            if not isinstance(result, StreamedResult):
+                _encode(reply)  # fails here, inside the error handling, if not serialisable
         except ControlError as exc:
             reply = _error_reply(exc)
         except Exception as exc:
@@ -282,6 +301,8 @@ class ControlClient:
             line = await self._reader.readline()
             if not line:
                 raise ConnectionError("the daemon closed the control connection")
+            if not line.endswith(b"\n"):
+                raise ConnectionError("the daemon's reply was cut short")
             reply = json.loads(line)
             if reply.get("id") not in (request_id, None):
                 raise ConnectionError(f"reply to request {reply.get('id')} while waiting for {request_id}")
@@ -365,6 +386,29 @@ def _encode(message: dict[str, Any]) -> bytes:
 async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
     writer.write(_encode(message))
     await writer.drain()
+
+
+async def _send_streamed(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> bool:
+    """Writes a reply whose result is a StreamedResult; False when it had to be cut
+    short (the connection is then unusable and is aborted)."""
+    result: StreamedResult = reply["result"]
+    head = {key: value for key, value in reply.items() if key != "result"}
+    try:
+        async with asyncio.timeout(result.timeout):
+            writer.write(_encode(head)[:-2] + b',"result":')  # the head without its closing "}\n"
+            async for chunk in result.chunks:
+                writer.write(chunk)
+                await writer.drain()
+            writer.write(b"}\n")
+            await writer.drain()
+        return True
+    except Exception as exc:  # a timeout, the worker failing, the client gone
+        if not isinstance(exc, ConnectionError):
+            log.warning("control: streamed reply cut short: %s", exc)
+        writer.transport.abort()
+        return False
+    finally:
+        await result.close()
 
 
 async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: ControlError) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -29,10 +30,11 @@ from agent import config as config_module
 from agent.binding import BOUND, OK, BindingPolicy
 from agent.clock import Clock
 from agent.config import Config, ConfigError
-from agent.control import ControlError, ControlServer, Peer, at_op, daemon_op
+from agent.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, at_op, daemon_op
 from agent.enforcer import Enforcer, GateRefused
-from agent.evidence import device_public_key, export_bundle, load_or_create_device_key, parse_since
-from agent.platform_commands import Command, CommandError, CommandProcessor
+from agent.evidence import device_public_key, parse_since
+from agent.offload import ChildOutput, OffloadError, Offloader
+from agent.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
 from agent.reporter import Reporter
 from agent.sdnotify import LoopHealth, Notifier, Watchdog
 from agent.status import diag_facts, read_modem_status
@@ -77,6 +79,7 @@ class Daemon:
         self._last_modem_state: dict[str, Any] = {}
         self._tasks: list[asyncio.Task] = []
         self._modem_task: asyncio.Task | None = None
+        self.offload = Offloader()  # exports and diag's facts: off the loop, one at a time
 
     # -- life cycle -------------------------------------------------------------------
     async def run(self) -> int:
@@ -127,6 +130,7 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.control is not None:
             await self.control.close()
+        self.offload.close()
         self.store.close()
 
     def _record(self, type_: str, data: dict) -> None:
@@ -338,7 +342,8 @@ class Daemon:
         doc.setdefault("network", {"registration": "unknown", "operator": None, "access_tech": "unknown", "signal_dbm": None})
         doc["modem"]["port"] = self._modem_port
         doc["mqtt"] = self.reporter.link_status() if self.reporter else {"connected": False, "last_error": "waiting for the device id"}
-        doc["outbox"] = self.store.outbox_depth()
+        # Counting a full outbox (110k rows) takes milliseconds: in a thread, on a read-only connection.
+        doc["outbox"] = await asyncio.to_thread(diag.outbox_depth, self.config.device.state_dir)
         return doc
 
     async def _reporting(self) -> None:
@@ -406,9 +411,17 @@ class Daemon:
             self._state_changed()
         return {"removed": [b.iccid for b in removed]}
 
-    def export_evidence(self, since: str | None) -> dict[str, Any]:
-        key = load_or_create_device_key(self.config.device.state_dir)
-        return export_bundle(self.store, key, parse_since(since) if since else None, device_id=self._device_id())
+    async def export_evidence(self, since: str | None, *, max_bytes: int) -> ChildOutput:
+        """The signed bundle from `since` on, built off the loop (agent.offload); the caller
+        closes what it gets. Raises ValueError for a bad `since`, OffloadError (busy,
+        too_large past `max_bytes`, ...) when refused."""
+        if since is not None:
+            parse_since(str(since))
+        stamp = self.clock.now()  # the daemon's clock: it may hold network time
+        return await self.offload.export_evidence(
+            self.config.device.state_dir, since=None if since is None else str(since), device_id=self._device_id(),
+            exported_at=stamp.iso(), exported_at_trusted=stamp.trusted, max_bytes=max_bytes,
+        )
 
     async def run_at(self, command: str, *, unsafe: bool, who: dict[str, Any]) -> dict[str, Any]:
         """One AT command line for a technician or the platform. The caller has checked
@@ -432,8 +445,8 @@ class Daemon:
 
     async def diagnose(self) -> dict[str, Any]:
         doc = await self.status_document()
-        facts = await asyncio.to_thread(
-            diag.gather_facts, state_dir=self.config.device.state_dir, broker=diag.broker_target(self.config.mqtt),
+        facts = await self.offload.run_thread(
+            "diag", diag.gather_facts, state_dir=self.config.device.state_dir, broker=diag.broker_target(self.config.mqtt),
         )
         facts.update(diag_facts(doc) if self.enforcer is not None else {"modem_found": False, "modem_port": self.config.modem.port})
         return diag.report_json(diag.run_checks(facts))
@@ -461,7 +474,13 @@ class Daemon:
             return await self.reset_binding(str(args["reason"]), peer.uid)
 
         async def evidence_export(args: dict, peer: Peer) -> Any:
-            return self.export_evidence(args.get("since"))
+            try:  # the reply line carries the bundle; the client reads up to MAX_REPLY
+                output = await self.export_evidence(args.get("since"), max_bytes=MAX_REPLY - 4096)
+            except ValueError as exc:
+                raise ControlError("bad_request", str(exc)) from exc
+            except OffloadError as exc:
+                raise ControlError(exc.code, exc.message) from exc
+            return StreamedResult(output, output.close)
 
         return [
             daemon_op("status", status),
@@ -508,7 +527,14 @@ class Daemon:
             return result
 
         async def export_evidence(command: Command) -> dict:
-            return self.export_evidence(command.args.get("since"))
+            try:  # one MQTT reply carries it: bounded (ask with a later `since` past the bound)
+                output = await self.export_evidence(command.args.get("since"), max_bytes=MAX_EXPORT_REPLY_BYTES)
+                bundle = await output.read_all()
+            except ValueError as exc:
+                raise CommandError("bad_args", f"export_evidence: {exc}") from exc
+            except OffloadError as exc:
+                raise CommandError(exc.code, exc.message) from exc
+            return json.loads(bundle)
 
         async def modem_reset(command: Command) -> dict:
             self._consume_command_token(command)

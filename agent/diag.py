@@ -16,6 +16,7 @@ check SKIP with a hint, never a guess. Fact keys:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import importlib.metadata
 import io
@@ -33,11 +34,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from agent import __version__, exitcodes
 from agent.clock import kernel_clock_synchronised
-from agent.store import DB_NAME, Caps
+from agent.store import DB_NAME, Caps, connect_read_only
 
 MiB = 1 << 20
 DISK_FAIL_BELOW = 8 * MiB  # SQLite needs room to commit; below this events get lost
@@ -321,17 +321,17 @@ def _read_only_db(state_dir: str | os.PathLike) -> sqlite3.Connection:
     path = Path(state_dir) / DB_NAME
     if not path.exists():
         raise FileNotFoundError(f"no state database in {state_dir}")
-    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5)
+    return connect_read_only(path)
 
 
 def outbox_depth(state_dir: str | os.PathLike) -> dict[str, int]:
-    with _read_only_db(state_dir) as conn:
+    with contextlib.closing(_read_only_db(state_dir)) as conn:
         rows = conn.execute("SELECT kind, count(*) FROM outbox GROUP BY kind").fetchall()
     return {"event": 0, "telemetry": 0, **dict(rows)}
 
 
 def evidence_tail(state_dir: str | os.PathLike, count: int = EVIDENCE_TAIL) -> list[dict]:
-    with _read_only_db(state_dir) as conn:
+    with contextlib.closing(_read_only_db(state_dir)) as conn:
         rows = conn.execute("SELECT entry FROM evidence ORDER BY seq DESC LIMIT ?", (count,)).fetchall()
     return [json.loads(entry) for (entry,) in reversed(rows)]
 

@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
+import io
+import json
+import mmap
 import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from agent.store import DEVICE_KEY_NAME, GENESIS_HASH, Store, canonical_json, entry_hash
+from agent.store import DEVICE_KEY_NAME, GENESIS_HASH, Store, canonical_json, connect_read_only, entry_hash
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -34,6 +42,10 @@ if TYPE_CHECKING:
 
 BUNDLE_SCHEMA = "simagent/evidence-bundle/1"
 DEVICE_PUBKEY_NAME = "device_key.pub"  # base64 raw public key, written with the key
+
+
+PAGE_ROWS = 500  # evidence rows read from SQLite at a time by an export
+COPY_CHUNK = 1 << 20
 
 
 class EvidenceError(Exception):
@@ -71,15 +83,28 @@ def load_or_create_device_key(state_dir: str | os.PathLike) -> Ed25519PrivateKey
         finally:
             temporary.unlink(missing_ok=True)
         _fsync_dir(state_dir)
+    key = load_device_key(state_dir)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+    _write_public_key(state_dir, device_public_key_b64(key))
+    return key
+
+
+def load_device_key(state_dir: str | os.PathLike) -> Ed25519PrivateKey:
+    """The device's signing key as it is: nothing is created, repaired or rewritten (an
+    export signs with it and is a read)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = Path(state_dir) / DEVICE_KEY_NAME
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise EvidenceError(f"{path}: no device key (the daemon creates it on first start)") from None
     except ValueError as exc:
         raise EvidenceError(f"{path}: not a usable private key ({exc}); move it aside to create a new one") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise EvidenceError(f"{path}: not an Ed25519 key")
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o600)
-    _write_public_key(state_dir, device_public_key_b64(key))
     return key
 
 
@@ -170,33 +195,106 @@ def parse_since(text: str) -> int | dt.datetime:
 
 def export_bundle(store: Store, key: Ed25519PrivateKey, since: int | dt.datetime | None = None,
                   device_id: str | None = None) -> dict:
-    """A signed bundle of the evidence from `since` on: a seq (inclusive), or a time - then
-    the bundle starts at the first entry stamped at or after it and includes everything
-    later, so entries stamped by a wrong (untrusted) clock inside the range are kept and
-    the chain stays contiguous."""
-    rows = store.evidence_entries(since - 1 if isinstance(since, int) and since > 0 else 0)
-    if isinstance(since, dt.datetime):
-        start = next((i for i, (entry, _) in enumerate(rows) if _parse_wall(entry["wall"]) >= since), len(rows))
-        rows = rows[start:]
-    if rows:
-        first_seq, head = rows[0][0]["seq"], rows[-1][1]
-    else:  # nothing to export: anchor on the newest entry, if any
-        newest = store.evidence_entries(0)[-1:]
-        first_seq, head = (newest[0][0]["seq"] + 1, newest[0][1]) if newest else (1, GENESIS_HASH)
+    """A signed bundle of the evidence from `since` on (see `write_bundle`), as an object;
+    for callers that want one in memory (tests, small tools). The daemon streams instead."""
     stamp = store.clock.now()
-    bundle: dict[str, Any] = {
-        "schema": BUNDLE_SCHEMA,
-        "device_id": device_id,
-        "device_pubkey": device_public_key_b64(key),
-        "exported_at": stamp.iso(),
-        "exported_at_trusted": stamp.trusted,
-        "first_seq": first_seq,
-        "entries": [entry for entry, _ in rows],
-        "hashes": [digest for _, digest in rows],
-        "head": head,
-    }
-    bundle["signature"] = base64.b64encode(key.sign(canonical_json(bundle))).decode()
-    return bundle
+    buffer = io.BytesIO()
+    with contextlib.closing(connect_read_only(store.path)) as conn:
+        write_bundle(conn, key, buffer, since=since, device_id=device_id,
+                     exported_at=stamp.iso(), exported_at_trusted=stamp.trusted)
+    return json.loads(buffer.getvalue())
+
+
+class BundleTooLarge(EvidenceError):
+    def __init__(self, size: int, limit: int, entries: int) -> None:
+        super().__init__(f"the bundle would be {size} bytes ({entries} entries), over the {limit} bytes this "
+                         "channel carries: ask for fewer entries with since")
+        self.size, self.limit, self.entries = size, limit, entries
+
+
+_SIGNATURE_OPEN = b',"signature":"'
+_SIGNATURE_CLOSE = b'"}'
+SIGNATURE_B64_LEN = 88  # an Ed25519 signature is 64 bytes
+
+
+def write_bundle(conn: sqlite3.Connection, key: Ed25519PrivateKey, out: BinaryIO, *,
+                 since: int | dt.datetime | None = None, device_id: str | None = None,
+                 exported_at: str, exported_at_trusted: bool, max_bytes: int | None = None) -> int:
+    """Writes the signed bundle of the evidence from `since` on to `out` and returns its
+    number of entries. `since` is a seq (inclusive), or a time: then the bundle starts at
+    the first entry stamped at or after it and includes everything later, so entries
+    stamped by a wrong (untrusted) clock inside the range are kept and the chain stays
+    contiguous.
+
+    What is written is the canonical JSON of the whole bundle, "signature" (the last key
+    in sort order) included, on one line. Memory stays flat however long the log is:
+    entries are read PAGE_ROWS at a time inside one read transaction of `conn` (one
+    consistent snapshot, never a write lock), and the text the signature covers is built
+    in an unnamed temporary file, signed through mmap (Ed25519 hashes the whole message
+    twice, so it cannot be fed in pieces) and then copied to `out`. A bundle longer than
+    `max_bytes` raises BundleTooLarge before anything is written."""
+    with tempfile.TemporaryFile() as message, tempfile.TemporaryFile() as hashes:
+        message.write(b'{"device_id":' + canonical_json(device_id)
+                      + b',"device_pubkey":' + canonical_json(device_public_key_b64(key)) + b',"entries":[')
+        conn.execute("BEGIN")
+        try:
+            count, first_seq, head = 0, 1, GENESIS_HASH
+            for entry, digest in _evidence_from(conn, since):
+                if count:
+                    message.write(b",")
+                    hashes.write(b",")
+                else:
+                    first_seq = entry["seq"]
+                message.write(canonical_json(entry))
+                hashes.write(b'"' + digest.encode() + b'"')
+                head = digest
+                count += 1
+            if not count:  # nothing to export: anchor on the newest entry, if any
+                newest = conn.execute("SELECT seq, hash FROM evidence ORDER BY seq DESC LIMIT 1").fetchone()
+                if newest:
+                    first_seq, head = newest[0] + 1, newest[1]
+        finally:
+            conn.execute("ROLLBACK")
+        message.write(b'],"exported_at":' + canonical_json(exported_at)
+                      + b',"exported_at_trusted":' + canonical_json(exported_at_trusted)
+                      + b',"first_seq":' + canonical_json(first_seq) + b',"hashes":[')
+        hashes.seek(0)
+        shutil.copyfileobj(hashes, message)
+        message.write(b'],"head":' + canonical_json(head) + b',"schema":' + canonical_json(BUNDLE_SCHEMA) + b"}")
+        message.flush()
+        unsigned = message.tell()
+        size = unsigned - 1 + len(_SIGNATURE_OPEN) + SIGNATURE_B64_LEN + len(_SIGNATURE_CLOSE)
+        if max_bytes is not None and size > max_bytes:
+            raise BundleTooLarge(size, max_bytes, count)
+        with mmap.mmap(message.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            signature = base64.b64encode(key.sign(view))
+        message.seek(0)
+        remaining = unsigned - 1  # the closing brace comes after the signature
+        while remaining:
+            chunk = message.read(min(remaining, COPY_CHUNK))
+            out.write(chunk)
+            remaining -= len(chunk)
+        out.write(_SIGNATURE_OPEN + signature + _SIGNATURE_CLOSE)
+    return count
+
+
+def _evidence_from(conn: sqlite3.Connection, since: int | dt.datetime | None) -> Iterator[tuple[dict, str]]:
+    """(entry, hash) from `since` on, in seq order, read a page at a time."""
+    after = since - 1 if isinstance(since, int) and since > 0 else 0
+    waiting_for_time = since if isinstance(since, dt.datetime) else None
+    while True:
+        rows = conn.execute("SELECT seq, entry, hash FROM evidence WHERE seq > ? ORDER BY seq LIMIT ?",
+                            (after, PAGE_ROWS)).fetchall()
+        if not rows:
+            return
+        for _, text, digest in rows:
+            entry = json.loads(text)
+            if waiting_for_time is not None:
+                if _parse_wall(entry["wall"]) < waiting_for_time:
+                    continue
+                waiting_for_time = None
+            yield entry, digest
+        after = rows[-1][0]
 
 
 def _parse_wall(text: str) -> dt.datetime:

@@ -4,16 +4,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
 from agent import exitcodes
 from agent.bind_cli import CliSettings, add_state_dir_argument, daemon_call, with_settings
 from agent.binding import LAST_IMEI_KEY
-from agent.evidence import EvidenceError, export_bundle, load_or_create_device_key, parse_public_key, parse_since, verify_bundle
-from agent.store import Store
+from agent.clock import Clock
+from agent.evidence import EvidenceError, load_device_key, parse_public_key, parse_since, verify_bundle, write_bundle
+from agent.store import DB_NAME, connect_read_only
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -39,18 +43,13 @@ def export_command(args: argparse.Namespace, settings: CliSettings) -> int:
         print(f"simagent: {exc}", file=sys.stderr)
         return exitcodes.USAGE
     bundle = daemon_call(settings, "evidence_export", since=args.since)
-    if bundle is None:
+    if bundle is None:  # no daemon: read the state directly, read-only
         try:
-            key = load_or_create_device_key(settings.state_dir)
-        except EvidenceError as exc:
+            key = load_device_key(settings.state_dir)  # an export is a read: it creates no key
+            bundle = _export_directly(settings, key, since)
+        except (EvidenceError, OSError, sqlite3.Error) as exc:
             print(f"simagent: {exc}", file=sys.stderr)
             return exitcodes.CHECK_FAILED
-        store = Store.open(settings.state_dir)
-        try:
-            device_id = settings.device_id or store.read().get_meta(LAST_IMEI_KEY)
-            bundle = export_bundle(store, key, since, device_id)
-        finally:
-            store.close()
     text = json.dumps(bundle, indent=1, ensure_ascii=False) + "\n"
     if args.out:
         _write_atomically(Path(args.out), text.encode())
@@ -58,6 +57,18 @@ def export_command(args: argparse.Namespace, settings: CliSettings) -> int:
     else:
         sys.stdout.write(text)
     return exitcodes.OK
+
+
+def _export_directly(settings: CliSettings, key, since) -> dict:
+    """The bundle from the state database opened read-only: an export never creates,
+    migrates or repairs the store (Store.open would)."""
+    with contextlib.closing(connect_read_only(settings.state_dir / DB_NAME)) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (LAST_IMEI_KEY,)).fetchone()
+        device_id = settings.device_id or (json.loads(row[0]) if row else None)
+        buffer = io.BytesIO()
+        write_bundle(conn, key, buffer, since=since, device_id=device_id,
+                     exported_at=(stamp := Clock().now()).iso(), exported_at_trusted=stamp.trusted)
+    return json.loads(buffer.getvalue())
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

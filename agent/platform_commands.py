@@ -26,6 +26,11 @@ from agent.store import Store
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_BYTES = 64 * 1024
+# `export_evidence` answers in one MQTT message: a bundle longer than this is refused
+# (`too_large`) and the platform asks again with a later `since`. 256 KiB (about 700
+# entries) stays under the packet limits brokers commonly set; the whole log goes
+# through `simagent evidence export` on the device.
+MAX_EXPORT_REPLY_BYTES = 256 * 1024
 COMMAND_SCHEMA = "simagent/command/1"
 RESULT_SCHEMA = "simagent/cmd_result/1"
 MAX_ID_LENGTH = 128

@@ -401,12 +401,8 @@ class Store:
         if not path.exists():
             lived = any((state_dir / name).exists() for name in LIVED_FILES)
             raise StoreDamaged(f"{path}: the state database is missing" + (" (state lost)" if lived else ""))
-        # Without a WAL beside it the file holds everything: reading it as immutable creates
-        # no -wal/-shm files. With one, SQLite needs them to read the WAL's commits.
-        wal = path.with_name(path.name + "-wal").exists()
         try:
-            conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro{'' if wal else '&immutable=1'}", uri=True,
-                                   isolation_level=None, check_same_thread=False, timeout=5)
+            conn = connect_read_only(path)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
             raise _classified(exc, path) from exc
@@ -507,6 +503,20 @@ class Store:
                 if not self.read_only:
                     self.write_anchor()
                 self._conn.close()
+
+
+def connect_read_only(path: str | os.PathLike) -> sqlite3.Connection:
+    """The state database at `path` opened read-only, for readers that must never create,
+    migrate or repair it (diag, evidence exports, `bind show`). Transactions are explicit;
+    one connection per thread (never the daemon's). Without a WAL beside it the file holds
+    everything: it is read as immutable, which creates no -wal/-shm files; with one,
+    SQLite needs them to read the WAL's commits."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no state database at {path}")
+    wal = path.with_name(path.name + "-wal").exists()
+    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro{'' if wal else '&immutable=1'}", uri=True, timeout=10,
+                           isolation_level=None, check_same_thread=False)
 
 
 def _connect(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, bool]:

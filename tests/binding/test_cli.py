@@ -32,6 +32,7 @@ def state(tmp_path, make_clock):
     evaluate(store, Observation(IMEI, "ready", ICCID), BindingPolicy())
     evaluate(store, Observation(IMEI, "ready", OTHER_ICCID), BindingPolicy())
     store.close()
+    load_or_create_device_key(directory)  # as the daemon does on its first start
     return directory
 
 
@@ -124,6 +125,22 @@ def test_evidence_export_to_stdout_with_since(state):
     assert result.returncode == 0
     bundle = json.loads(result.stdout)
     assert [e["seq"] for e in bundle["entries"]] == [2] and bundle["device_id"] == IMEI
+
+
+def test_evidence_export_is_a_read(state, tmp_path):
+    """Without a daemon the export reads the store read-only: a state directory without a
+    device key gets an error, not a new key; a missing database is not created."""
+    (state / "device_key.pem").unlink()
+    before = sorted(p.name for p in state.iterdir())
+    result = simagent("evidence", "export", "--state-dir", str(state))
+    assert result.returncode == 1 and "no device key" in result.stderr and not result.stdout
+    assert sorted(p.name for p in state.iterdir()) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    load_or_create_device_key(empty)
+    result = simagent("evidence", "export", "--state-dir", str(empty))
+    assert result.returncode == 1 and "no state database" in result.stderr
+    assert not (empty / "state.db").exists()
 
 
 def test_evidence_usage_errors(state, tmp_path):

@@ -1,0 +1,248 @@
+"""Heavy work the daemon does for a caller, kept off its event loop, one job at a time.
+
+The loop carries the radio gate (SIM swap -> `AT+CFUN=4` within 50 ms, SPEC §11), so a
+request whose cost grows with the state (an evidence export reads the whole log; diag's
+fact gathering counts the outbox and probes the broker) never runs on it.
+
+Where the work runs. An evidence export runs in a child process
+(`python -m agent.offload export JOB`), not in a thread:
+- the GIL: building and signing a bundle is CPU work inside C calls (json, SHA-256,
+  Ed25519 over the whole message) that hold the GIL for milliseconds up to tens of
+  milliseconds each; run from a thread they would still stall the loop. A child shares
+  no lock with it.
+- cancellation: a caller that gives up (timeout, closed connection, shutdown) gets its
+  child killed and the slot is free at once. A thread cannot be stopped: it would keep the
+  slot, or, released early, break "one at a time".
+- memory: what the child needs (cryptography's 9 MB native module, page buffers, the
+  spool) goes back to the system when it exits; in a thread the daemon would keep its peak
+  in pymalloc arenas (README: idle RSS <= 40 MB).
+Its cost, an interpreter start (about 0.2 s) per export, is small for a rare request.
+Diag's fact gathering is I/O on objects of the daemon (configuration, broker target): it
+runs in one dedicated worker thread, through the same slot.
+
+One at a time, a short queue. One job runs; up to MAX_WAITING requests wait their turn
+(in arrival order) and any request beyond that is refused at once with `busy`. A waiting
+request costs one coroutine, no thread and no buffer, so a flood (16 control connections,
+MQTT commands) cannot pile up threads or memory. Waiting counts against the caller's own
+timeout.
+
+The child. The job is its one argument (JSON). On stdout it writes one header line,
+`{"ok": true}` followed by the bundle (one line of canonical JSON, see
+`evidence.write_bundle`, written only once it is built and signed) or
+`{"ok": false, "error": {"code", "message"}}`. Its stderr is the daemon's (journald). It
+opens the state database read-only and the device key as it is: an export creates,
+moves and records nothing. The daemon relays the bundle in CHUNK pieces; the pipe's and
+the socket's flow control bound what is buffered on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import sqlite3
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+MAX_WAITING = 8  # requests that may wait while one runs; more are refused with `busy`
+CHUNK = 256 * 1024  # bytes relayed from the child at a time
+HEADER_LIMIT = 64 * 1024  # the child's header line
+# Variables meant for the daemon alone: a child must not talk to systemd in its name.
+_NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+
+T = TypeVar("T")
+
+
+class OffloadError(Exception):
+    """A refusal or failure of offloaded work: `code` for machines (busy, too_large,
+    bad_request, unavailable, internal), the message for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Offloader:
+    """The daemon's one slot for heavy work. Use from the event loop."""
+
+    def __init__(self, max_waiting: int = MAX_WAITING) -> None:
+        self.max_waiting = max_waiting
+        self._slot = asyncio.Lock()  # FIFO: the longest waiter goes next
+        self._waiting = 0
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simagent-offload")
+
+    async def _take_turn(self, what: str) -> None:
+        if self._slot.locked() and self._waiting >= self.max_waiting:
+            raise OffloadError("busy", f"the daemon is busy with another heavy request and {self._waiting} more "
+                                       f"wait their turn: try the {what} again in a moment")
+        self._waiting += 1
+        try:
+            await self._slot.acquire()
+        finally:
+            self._waiting -= 1
+
+    def _release(self) -> None:
+        self._slot.release()
+
+    async def run_thread(self, what: str, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """`function(*args, **kwargs)` in the worker thread, in its turn. A caller that is
+        cancelled stops waiting, but the slot stays taken until the function returns."""
+        await self._take_turn(what)
+        future = asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(function, *args, **kwargs))
+        future.add_done_callback(self._thread_done)
+        return await asyncio.shield(future)
+
+    def _thread_done(self, future: asyncio.Future) -> None:
+        self._release()
+        if not future.cancelled():
+            future.exception()  # retrieved: a caller that gave up must not leave a "never retrieved" warning
+
+    async def export_evidence(self, state_dir: str | os.PathLike, *, since: str | None, device_id: str | None,
+                              exported_at: str, exported_at_trusted: bool, max_bytes: int) -> "ChildOutput":
+        """Starts an export in its turn and returns its output once the bundle is built
+        and signed; refusals and failures up to that point raise OffloadError. The caller
+        must `close()` what it gets (that ends the child and frees the slot)."""
+        job = {"state_dir": os.fspath(state_dir), "since": since, "device_id": device_id, "exported_at": exported_at,
+               "exported_at_trusted": exported_at_trusted, "max_bytes": max_bytes}
+        await self._take_turn("evidence export")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-P", "-m", "agent.offload", "export", json.dumps(job),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, limit=HEADER_LIMIT,
+                env={k: v for k, v in os.environ.items() if k not in _NOT_INHERITED},
+            )
+        except BaseException:
+            self._release()
+            raise
+        output = ChildOutput(proc, self._release)
+        try:
+            await output.read_header()
+        except BaseException:
+            await output.close()
+            raise
+        return output
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+class ChildOutput:
+    """What an export child writes after its header, as an async iterator of byte chunks.
+    Holds the slot until `close()`, which also kills the child if it still runs."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, release: Callable[[], None]) -> None:
+        self._proc = proc
+        self._release = release
+        self._closed = False
+
+    async def read_header(self) -> None:
+        try:
+            line = await self._proc.stdout.readline()
+        except ValueError:  # longer than HEADER_LIMIT
+            line = b""
+        try:
+            header = json.loads(line) if line else None
+        except ValueError:
+            header = None
+        if not isinstance(header, dict):
+            code = await self._proc.wait()
+            raise OffloadError("internal", f"the export worker failed (exit status {code}); see the daemon's log")
+        if not header.get("ok"):
+            error = header.get("error") or {}
+            raise OffloadError(str(error.get("code", "internal")), str(error.get("message", "export failed")))
+
+    def __aiter__(self) -> "ChildOutput":
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._proc.stdout.read(CHUNK)
+        if chunk:
+            return chunk
+        code = await self._proc.wait()
+        if code != 0:
+            raise OffloadError("internal", f"the export worker stopped half-way (exit status {code})")
+        raise StopAsyncIteration
+
+    async def read_all(self) -> bytes:
+        """Everything (for a channel that needs the whole reply; bound it with max_bytes)."""
+        try:
+            return b"".join([chunk async for chunk in self])
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
+            await self._proc.wait()
+        finally:
+            self._release()
+
+
+# -- the child ---------------------------------------------------------------------------
+
+
+class _HeaderFirst:
+    """`out` for write_bundle: the success header goes out just before the first byte."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.started = False
+
+    def write(self, data: bytes) -> None:
+        if not self.started:
+            self.raw.write(b'{"ok": true}\n')
+            self.started = True
+        self.raw.write(data)
+
+
+def export_child(job: dict[str, Any], raw) -> int:
+    from agent.evidence import BundleTooLarge, EvidenceError, load_device_key, parse_since, write_bundle
+    from agent.store import DB_NAME, connect_read_only
+
+    out = _HeaderFirst(raw)
+    try:
+        since = parse_since(job["since"]) if job.get("since") else None
+        key = load_device_key(job["state_dir"])
+        with contextlib.closing(connect_read_only(Path(job["state_dir"]) / DB_NAME)) as conn:
+            write_bundle(conn, key, out, since=since, device_id=job.get("device_id"), exported_at=job["exported_at"],
+                         exported_at_trusted=bool(job["exported_at_trusted"]), max_bytes=job.get("max_bytes"))
+    except BundleTooLarge as exc:
+        error = ("too_large", str(exc))
+    except ValueError as exc:  # a bad `since`
+        error = ("bad_request", str(exc))
+    except (EvidenceError, OSError, sqlite3.Error) as exc:
+        if out.started:
+            raise
+        error = ("unavailable", f"evidence export failed: {exc}")
+    else:
+        raw.flush()
+        return 0
+    raw.write(json.dumps({"ok": False, "error": {"code": error[0], "message": error[1]}}).encode() + b"\n")
+    raw.flush()
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "export":
+        print("usage: python -m agent.offload export JOB (the daemon runs this)", file=sys.stderr)
+        return 2
+    return export_child(json.loads(argv[1]), sys.stdout.buffer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
