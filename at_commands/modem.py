@@ -31,9 +31,9 @@ CRSM_READ_ICCID = "AT+CRSM=176,12258,0,0,10"
 # 27.007 SIM states that end the ICCID search at once (no card, card failure).
 _NO_CARD_CME = (10, 13)
 # Waits between retries of a SIM read answered "SIM busy" (+CME ERROR: 14 or its text),
-# as ModemManager retries SIM reads while the card initialises: 3 s in all, then the
-# value is reported unreadable.
-SIM_BUSY_BACKOFF: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8, 1.5)
+# as ModemManager retries SIM reads while the card initialises: 5.5 s in all (a card
+# can take seconds after +CPIN: READY), then the value is reported unreadable.
+SIM_BUSY_BACKOFF: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0)
 
 
 class SimBusy(CommandError):
