@@ -172,6 +172,19 @@ class ControlServer:
         self._server = await asyncio.start_unix_server(self._serve_client, sock=sock, limit=self.max_request)
         log.info("control socket listening on %s", self.path)
 
+    async def serve(self) -> None:
+        """Serves until closed (started first when it is not); supervised by the daemon,
+        so a server that failed is closed and started again."""
+        try:
+            if self._server is None:
+                await self.start()
+            await self._server.serve_forever()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            await self.close()
+            raise
+
     async def close(self) -> None:
         if self._server is None:
             return

@@ -39,6 +39,7 @@ from agent.reporter import Reporter
 from agent.sdnotify import LoopHealth, Notifier, Watchdog
 from agent.status import diag_facts, read_modem_status
 from agent.store import Caps, Store, StoreUnavailable
+from agent.supervise import Supervisor
 from agent import at_rules, diag, tokens
 from at_commands import discovery
 from at_commands.client import CommandError as ATCommandError
@@ -78,7 +79,7 @@ class Daemon:
         self._modem_lost_recorded = False  # since the modem was last found (or since start)
         self._last_modem_state: dict[str, Any] = {}
         self._tasks: list[asyncio.Task] = []
-        self._modem_task: asyncio.Task | None = None
+        self.supervisor: Supervisor | None = None
         self.offload = Offloader()  # exports and diag's facts: off the loop, one at a time
 
     # -- life cycle -------------------------------------------------------------------
@@ -107,10 +108,13 @@ class Daemon:
 
         health = LoopHealth()
         health.start()
-        self._modem_task = self._spawn(self._modem_supervisor(), "modem")
-        health.watch("modem", self._modem_task)
-        self._spawn(self._reporting(), "reporting")
-        self._spawn(self._telemetry(), "telemetry")
+        # Every long-lived task is supervised: a failure is logged and the task started
+        # again; one that keeps failing stops the watchdog pings (agent.supervise).
+        self.supervisor = Supervisor(watch=health.watch)
+        self.supervisor.start("modem", self._modem_supervisor)
+        self.supervisor.start("control", self.control.serve)
+        self.supervisor.start("reporting", self._reporting)
+        self.supervisor.start("telemetry", self._telemetry)
         if watchdog := Watchdog.from_env(self.notifier, health):
             self._tasks.append(watchdog.start())
 
@@ -125,6 +129,8 @@ class Daemon:
         if self.reporter is not None:
             self.reporter.notify_outbox()
             await self.reporter.stop()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -353,9 +359,14 @@ class Daemon:
             store=self.store, handlers=self._platform_handlers(), verify_token=self._verify_command_token,
             is_query=at_rules.is_query, is_imei_rewrite=at_rules.is_imei_rewrite,
         )
-        self.reporter = Reporter(self.config.mqtt, self.store, device_id=device_id, on_command=processor.handle)
-        self.reporter.publish_state(self.state_document())
-        await self.reporter.start()
+        reporter = self.reporter = Reporter(self.config.mqtt, self.store, device_id=device_id, on_command=processor.handle)
+        try:
+            reporter.publish_state(self.state_document())
+            await reporter.run()
+        finally:
+            if self.reporter is reporter:
+                self.reporter = None
+            await reporter.stop()
 
     async def _telemetry(self) -> None:
         while True:
@@ -560,9 +571,8 @@ class Daemon:
         """A soft modem reset: the session is closed and opened again, which re-gates the
         radio and re-checks the binding (a hardware reset via +CFUN=1,1 would let the
         module boot with RF on before the agent could gate it)."""
-        if self._modem_task is not None:
-            self._modem_task.cancel()
-        self._modem_task = self._spawn(self._modem_supervisor(), "modem")
+        if self.supervisor is not None:
+            self.supervisor.restart("modem")
 
     # -- SIGHUP ------------------------------------------------------------------------------
     async def reload(self) -> None:
@@ -587,10 +597,8 @@ class Daemon:
             self._telemetry_changed.set()
         if "modem" in changed:
             self._restart_modem_session()
-        if "mqtt" in changed and self.reporter is not None:
-            await self.reporter.stop()
-            self.reporter = None
-            self._spawn(self._reporting(), "reporting")
+        if "mqtt" in changed and self.supervisor is not None:
+            self.supervisor.restart("reporting")  # the running reporter stops, a new one connects
         log.info("configuration reloaded (%s)", ", ".join(changed) or "no change")
         self.notifier.ready()
 

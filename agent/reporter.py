@@ -250,6 +250,15 @@ class Reporter:
             self._command_worker = self._loop.create_task(self._serve_commands(), name="mqtt-commands")
         return self._task
 
+    async def run(self) -> None:
+        """`start()`, then until `stop()`; raises what killed the connection loop or the
+        command worker, so the daemon's supervisor sees it."""
+        tasks = [self.start()] + ([self._command_worker] if self._command_worker is not None else [])
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+
     def notify_outbox(self) -> None:
         """New rows were committed: send them now. Safe from any thread."""
         loop = self._loop
@@ -565,18 +574,27 @@ class Reporter:
             payload, properties = await self._commands.get()
             try:
                 reply = await self._on_command(payload)
+                body = json.dumps(reply)
+                self._publish(self.topics.cmd_result, body, qos=1)
+                self._reply_to_response_topic(properties, body)
             except Exception:  # the command layer replies to bad input itself; this is a bug
                 log.exception("MQTT command handling failed")
-                continue
-            body = json.dumps(reply)
-            self._publish(self.topics.cmd_result, body, qos=1)
-            response_topic = getattr(properties, "ResponseTopic", None) if self._v5 else None
-            if response_topic:
-                reply_properties = Properties(PacketTypes.PUBLISH)
-                correlation = getattr(properties, "CorrelationData", None)
-                if correlation is not None:
-                    reply_properties.CorrelationData = correlation
-                self._publish(response_topic, body, qos=1, properties=reply_properties)
+
+    def _reply_to_response_topic(self, properties: Any, body: str) -> None:
+        """MQTT 5: the reply also goes to the request's response topic, when that is a
+        topic this agent may publish to (SPEC §6: validated, never trusted)."""
+        response_topic = getattr(properties, "ResponseTopic", None) if self._v5 else None
+        if not response_topic:
+            return
+        problem = response_topic_problem(response_topic, self.topics)
+        if problem is not None:
+            log.warning("command response topic %r ignored: %s", str(response_topic)[:80], problem)
+            return
+        reply_properties = Properties(PacketTypes.PUBLISH)
+        correlation = getattr(properties, "CorrelationData", None)
+        if isinstance(correlation, (bytes, bytearray)) and len(correlation) <= MAX_CORRELATION_BYTES:
+            reply_properties.CorrelationData = bytes(correlation)
+        self._publish(response_topic, body, qos=1, properties=reply_properties)
 
     # -- helpers -------------------------------------------------------------------------
     def _status(self, online: bool) -> dict[str, Any]:
@@ -598,6 +616,25 @@ class Reporter:
         level = logging.DEBUG if cause == self._logged_cause else logging.WARNING
         self._logged_cause = cause
         log.log(level, "MQTT %s:%s: %s; retrying in %.1f s", self.settings.host, self.settings.port, cause, delay)
+
+
+MAX_RESPONSE_TOPIC_BYTES = 256
+MAX_CORRELATION_BYTES = 256
+
+
+def response_topic_problem(topic: Any, topics: Any) -> str | None:
+    """Why a platform-chosen response topic must not be published to, or None."""
+    if not isinstance(topic, str) or not topic:
+        return "not a topic name"
+    if len(topic.encode("utf-8", "replace")) > MAX_RESPONSE_TOPIC_BYTES:
+        return f"longer than {MAX_RESPONSE_TOPIC_BYTES} bytes"
+    if any(c in topic for c in "+#") or any(ord(c) < 32 or ord(c) == 127 for c in topic):
+        return "wildcards or control characters"
+    if topic.startswith("$"):
+        return "a broker topic ($...)"
+    if topic == topics.cmd:
+        return "the agent's own command topic (a reply would come back as a command)"
+    return None
 
 
 async def _wait(awaitable: Awaitable[Any], timeout: float) -> None:
