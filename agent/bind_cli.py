@@ -114,6 +114,9 @@ def with_settings(command):
         except ControlError as exc:
             print(f"simagent: the daemon refused: {exc.message}", file=sys.stderr)
             return exitcodes.CHECK_FAILED
+        except ConnectionError as exc:  # the daemon went away, or cut a streamed reply short
+            print(f"simagent: {exc}", file=sys.stderr)
+            return exitcodes.UNAVAILABLE
 
     return run
 
