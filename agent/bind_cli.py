@@ -117,6 +117,9 @@ def with_settings(command):
         except StoreError as exc:  # locked, disk full, I/O error: nothing was changed
             print(f"simagent: state store: {exc}", file=sys.stderr)
             return exitcodes.TEMPFAIL
+        except ConnectionError as exc:  # the daemon went away, or cut a streamed reply short
+            print(f"simagent: {exc}", file=sys.stderr)
+            return exitcodes.UNAVAILABLE
 
     return run
 

@@ -307,3 +307,49 @@ def test_an_op_cannot_be_registered_twice(recorder):
     server = ControlServer("/nonexistent/x.sock", [daemon_op("status", recorder.handler("status"))])
     with pytest.raises(ValueError):
         server.register(daemon_op("status", recorder.handler("status")))
+
+
+class Pieces:
+    """A StreamedResult source: JSON in pieces, optionally failing after the first."""
+
+    def __init__(self, pieces: list[bytes], fail: bool = False) -> None:
+        self.pieces, self.fail, self.closed = list(pieces), fail, 0
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.pieces:
+            if self.fail:
+                raise RuntimeError("worker died")
+            raise StopAsyncIteration
+        return self.pieces.pop(0)
+
+    async def close(self) -> None:
+        self.closed += 1
+
+
+def test_a_streamed_result_is_one_reply_line_and_a_broken_one_is_cut(short_dir):
+    from agent.control import StreamedResult
+
+    made = []
+
+    def op(name):
+        async def handler(args, peer):
+            source = Pieces([b'{"entries": [1,', b" 2, 3]", b', "x": "\\u00e9"}']) if name == "whole" \
+                else Pieces([b'{"entries": ['], fail=True)
+            made.append(source)
+            return StreamedResult(source, source.close)
+        return Op(name, handler)
+
+    server = ServerThread(short_dir / "control.sock", [op("whole"), op("broken")])
+    try:
+        with BlockingControlClient.connect(server.server.path) as client:
+            assert client.call("whole") == {"entries": [1, 2, 3], "x": "é"}
+            assert client.call("whole")["entries"] == [1, 2, 3]  # the connection goes on after a streamed reply
+        with BlockingControlClient.connect(server.server.path) as client:
+            with pytest.raises(ConnectionError, match="cut short|closed"):
+                client.call("broken")
+    finally:
+        server.stop()
+    assert [source.closed for source in made] == [1, 1, 1]  # closed once each, whatever happened
