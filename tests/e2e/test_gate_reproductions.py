@@ -26,7 +26,7 @@ import pytest
 from agent.store import Store
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, TIMEOUT, wait_event
-from .gate_rig import (ForkedCall, cfun4_after, control_call, evidence_entries, find_dicts, foreign_attaches, norm,
+from .gate_rig import (ForkedCall, cfun4_after, control_call_bytes, evidence_entries, find_dicts, foreign_attaches, norm,
                        sent_lines, share_control_socket, transcript, wait_for)
 
 P = f"simagent/{IMEI}"
@@ -212,14 +212,18 @@ def test_3_parallel_evidence_exports_do_not_delay_the_gate(fake_modem_process, a
     def export_forever() -> None:
         while not stop.is_set():
             try:
-                reply = control_call(agent.control_socket, "evidence_export", timeout=120)
+                data = control_call_bytes(agent.control_socket, "evidence_export", timeout=120)
             except OSError as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
                 return
-            if not reply.get("ok"):
-                failures.append(str(reply.get("error")))
-                return
-            done.append(len(reply["result"]["entries"]))
+            if len(data) < 1 << 20 or not done:  # an error, or the first bundle: read it
+                reply = json.loads(data) if data else {"ok": False, "error": "connection closed"}
+                if not reply.get("ok"):
+                    failures.append(str(reply.get("error")))
+                    return
+                done.append(len(reply["result"]["entries"]))
+            else:
+                done.append(done[0])
 
     exporters = [threading.Thread(target=export_forever, daemon=True) for _ in range(EXPORTERS)]
     for thread in exporters:
