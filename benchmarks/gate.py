@@ -54,6 +54,7 @@ REPLUG_REGISTER_DELAY = 1.0
 ROUND_CAP_S = 15.0  # any other wait in a round
 DECISIONS = ("binding_violation", "binding_checked", "bound", "radio_blocked", "radio_restored")
 REMOVED = profiles.QUECTEL.sim_removed_sample
+_OK = re.compile(rb'"ok"\s*:\s*true')
 SCAN_S = 3.0  # how long the fake's AT+COPS=? takes, where it can (`set scan_seconds`)
 
 
@@ -116,7 +117,7 @@ def _control_call(path: Path, op: str, timeout: float = 120.0, **args: Any) -> d
         return {"ok": False, "error": {"code": "closed"}}
     if len(data) < 1 << 16:
         return json.loads(data)
-    return {"ok": b'"ok":true' in data[:256] or b'"ok":true' in data[-256:]}
+    return {"ok": bool(_OK.search(data[:256]) or _OK.search(data[-256:]))}
 
 
 def _evidence(state_dir: Path, after_seq: int = 0) -> list[dict]:
