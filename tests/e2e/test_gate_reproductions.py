@@ -287,24 +287,33 @@ def test_4b_an_accepted_unsafe_write_is_evidence_and_status_shows_the_real_radio
         before = len(evidence_entries(agent.state_dir))
         answer = agent.cli("at", "--unsafe", command, timeout=60)
         assert answer.returncode == 0, f"{command} refused: {answer.stderr.strip()}"
-        fresh = evidence_entries(agent.state_dir)[before:]
-        naming = [e for e in fresh if norm(command) in norm(json.dumps(e))
-                  and find_dicts(e, lambda d: d.get("uid") == 0)]
-        assert naming, (f"no evidence entry names uid 0 and {command} after root sent it with --unsafe; "
-                        f"new entries: {[e.get('type') for e in fresh]}")
+
+        def naming() -> list[dict]:  # "+CREG=2" with or without its "AT"; uid 0: root sent it
+            fresh = evidence_entries(agent.state_dir)[before:]
+            return [e for e in fresh if norm(command)[2:] in norm(json.dumps(e))
+                    and find_dicts(e, lambda d: d.get("uid") == 0)]
+
+        deadline = time.monotonic() + 2.0
+        while not naming():
+            assert time.monotonic() < deadline, (
+                f"no evidence entry names uid 0 and {command} after root sent it with --unsafe; new entries: "
+                f"{[e.get('type') for e in evidence_entries(agent.state_dir)[before:]]}")
+            time.sleep(0.05)
 
     # The module's radio is what the daemon reports, whatever the gate does next.
-    def agrees() -> tuple | None:
-        fake_before = modem.state()["cfun"]
+    seen: list[tuple] = []
+
+    def agrees() -> bool:
+        module_before = modem.state()["cfun"]
         shown = json.loads(agent.cli("status", "--json", check=True, timeout=30).stdout)["radio"]["cfun"]
-        fake_after = modem.state()["cfun"]
-        return (shown, fake_after) if fake_before == fake_after == shown else None
+        module_after = modem.state()["cfun"]
+        seen.append((shown, module_before, module_after))
+        return module_before == module_after == shown
 
     deadline = time.monotonic() + 5.0
-    seen = []
-    while (found := agrees()) is None:
-        seen.append((json.loads(agent.cli("status", "--json", timeout=30).stdout)["radio"]["cfun"], modem.state()["cfun"]))
-        assert time.monotonic() < deadline, f"status shows a stale radio after AT+CFUN=4: (status cfun, module cfun) {seen[-3:]}"
+    while not agrees():
+        assert time.monotonic() < deadline, (
+            f"status shows a stale radio after AT+CFUN=4: (status cfun, module cfun before, after) {seen[-3:]}")
         time.sleep(0.3)
 
 
