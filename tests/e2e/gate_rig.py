@@ -78,6 +78,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 # -- the control socket, raw -------------------------------------------------------------------
 def control_call(path: str | os.PathLike, op: str, timeout: float = 60.0, **args: Any) -> dict:
     """One request on a fresh connection; the raw reply {"ok", "result"|"error"}."""
+    data = control_call_bytes(path, op, timeout, **args)
+    if not data:
+        raise ConnectionError(f"{op}: the daemon closed the connection without a reply")
+    return json.loads(data)
+
+
+def control_call_bytes(path: str | os.PathLike, op: str, timeout: float = 60.0, **args: Any) -> bytes:
+    """The reply line unparsed (parsing megabytes of JSON would load the machine the
+    latencies are measured on)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
@@ -90,10 +99,7 @@ def control_call(path: str | os.PathLike, op: str, timeout: float = 60.0, **args
             chunks.append(chunk)
             if chunk.endswith(b"\n"):
                 break
-    data = b"".join(chunks)
-    if not data:
-        raise ConnectionError(f"{op}: the daemon closed the connection without a reply")
-    return json.loads(data)
+    return b"".join(chunks)
 
 
 def share_control_socket(agent) -> None:
