@@ -185,7 +185,7 @@ class Daemon:
                 self.enforcer = None
                 self._modem_port = None
                 self._state_changed()
-            await asyncio.sleep(wait)
+            await self._port_appears(port, wait)  # a replugged module is gated the moment it is back
 
     async def _modem_session(self, modem: Modem, port: str) -> None:
         """The enforcer gates the radio before anything else is sent, then initialises
