@@ -211,14 +211,17 @@ class ATClient:
     """One exclusive AT port. Create with ``await ATClient.open(port)``."""
 
     def __init__(self, ser: serial.SerialBase, urc_patterns: Iterable[str] = (), *,
-                 resync_timeout: float = 1.0, max_failures: int = 3, abort_grace: float = 1.0):
+                 resync_timeout: float = 1.0, max_failures: int = 3, abort_grace: float = 1.0,
+                 resync_first: bool = False):
         self._serial = ser
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = getattr(ser, "_socket", None)
         self._fd = self._sock.fileno() if self._sock is not None else ser.fd
         if self._sock is None:
             os.set_blocking(self._fd, False)
-        self._conn = Connection(urc_patterns=urc_patterns)
+        # resync_first: a port reopened after a failure may still carry the old session's
+        # answers; the first command then probes before it is sent.
+        self._conn = Connection(urc_patterns=urc_patterns, state=State.DESYNC if resync_first else State.IDLE)
         self._channel = _Channel(self._loop)
         self._lines: list[str] = []
         self._waiter: asyncio.Future | None = None  # FinalResult / Aborted / Resynchronised / Prompt
@@ -235,10 +238,11 @@ class ATClient:
 
     @classmethod
     async def open(cls, port: str, *, baudrate: int = 115200, urc_patterns: Iterable[str] = (),
-                   resync_timeout: float = 1.0, max_failures: int = 3, abort_grace: float = 1.0) -> "ATClient":
+                   resync_timeout: float = 1.0, max_failures: int = 3, abort_grace: float = 1.0,
+                   resync_first: bool = False) -> "ATClient":
         ser = _open_serial(port, baudrate)
         return cls(ser, urc_patterns, resync_timeout=resync_timeout, max_failures=max_failures,
-                   abort_grace=abort_grace)
+                   abort_grace=abort_grace, resync_first=resync_first)
 
     # -- public API -------------------------------------------------------------------
 
