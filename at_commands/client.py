@@ -163,7 +163,8 @@ class _InFlight:
     waiter: asyncio.Future
     abortable: bool
     priority: bool
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.TimerHandle | None = None  # set once the line is written
+    abort_wanted: bool = False  # a priority caller came while the line was being written
 
 
 def _expire(waiter: asyncio.Future) -> None:
@@ -338,6 +339,14 @@ class ATClient:
         if (flight is None or not flight.abortable or flight.priority or self.lost.done()
                 or self._conn.state is not State.AWAITING):
             return
+        if flight.timer is None:
+            # Still writing the line: a CR now would cut it in two (and the tail would
+            # answer the next command). Abort as soon as the line is out.
+            flight.abort_wanted = True
+            return
+        self._abort(flight)
+
+    def _abort(self, flight: _InFlight) -> None:
         data = self._conn.abort()
         try:
             if self._sock is not None:
@@ -364,8 +373,9 @@ class ATClient:
             rest = data if self._sock is not None else self._write_now(data)
             if rest:
                 await self._write(rest)
-            if flight.timer is None:  # (an abort during the write has set the grace)
-                flight.timer = self._loop.call_later(timeout, _expire, waiter)
+            flight.timer = self._loop.call_later(timeout, _expire, waiter)
+            if flight.abort_wanted and self._conn.state is State.AWAITING:
+                self._abort(flight)
             try:
                 result = await waiter
             except TimeoutError:
