@@ -165,6 +165,7 @@ class _InFlight:
     priority: bool
     timer: asyncio.TimerHandle | None = None  # set once the line is written
     abort_wanted: bool = False  # a priority caller came while the line was being written
+    aborted: bool = False
 
 
 def _expire(waiter: asyncio.Future) -> None:
@@ -358,6 +359,7 @@ class ATClient:
         except OSError as exc:
             self._shutdown(exc)
             return
+        flight.aborted = True
         log.info("%s: aborting %r for a priority command", self.port, self._conn.pending)
         if flight.timer is not None:
             flight.timer.cancel()
@@ -379,10 +381,12 @@ class ATClient:
             try:
                 result = await waiter
             except TimeoutError:
-                aborting = self._conn.state is State.ABORTING
-                self._conn.command_timed_out()
-                self._timed_out()
-                if aborting:
+                if self._conn.state is not State.IDLE:
+                    self._conn.command_timed_out()
+                    self._timed_out()
+                # else the final result was read in the same loop turn as the timer
+                # fired: the line is in step and the modem did answer (not a failure).
+                if flight.aborted:
                     raise CommandAborted(command, None) from None
                 raise CommandTimeout(command, timeout) from None
         finally:
@@ -433,6 +437,9 @@ class ATClient:
                 flight.timer = self._loop.call_later(self.resync_timeout, _expire, waiter)
                 await waiter
             except TimeoutError:
+                if self._conn.state is State.IDLE:  # answered in the same loop turn
+                    self._failures = 0
+                    return
                 log.debug("%s: probe %r unanswered", self.port, self._conn.pending)
                 self._timed_out()
                 continue
