@@ -163,7 +163,9 @@ class _InFlight:
     waiter: asyncio.Future
     abortable: bool
     priority: bool
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.TimerHandle | None = None  # set once the line is written
+    abort_wanted: bool = False  # a priority caller came while the line was being written
+    aborted: bool = False
 
 
 def _expire(waiter: asyncio.Future) -> None:
@@ -211,14 +213,17 @@ class ATClient:
     """One exclusive AT port. Create with ``await ATClient.open(port)``."""
 
     def __init__(self, ser: serial.SerialBase, urc_patterns: Iterable[str] = (), *,
-                 resync_timeout: float = 1.0, max_failures: int = 3, abort_grace: float = 1.0):
+                 resync_timeout: float = 1.0, max_failures: int = 3, abort_grace: float = 1.0,
+                 resync_first: bool = False):
         self._serial = ser
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = getattr(ser, "_socket", None)
         self._fd = self._sock.fileno() if self._sock is not None else ser.fd
         if self._sock is None:
             os.set_blocking(self._fd, False)
-        self._conn = Connection(urc_patterns=urc_patterns)
+        # resync_first: a port reopened after a failure may still carry the old session's
+        # answers; the first command then probes before it is sent.
+        self._conn = Connection(urc_patterns=urc_patterns, state=State.DESYNC if resync_first else State.IDLE)
         self._channel = _Channel(self._loop)
         self._lines: list[str] = []
         self._waiter: asyncio.Future | None = None  # FinalResult / Aborted / Resynchronised / Prompt
@@ -235,10 +240,11 @@ class ATClient:
 
     @classmethod
     async def open(cls, port: str, *, baudrate: int = 115200, urc_patterns: Iterable[str] = (),
-                   resync_timeout: float = 1.0, max_failures: int = 3, abort_grace: float = 1.0) -> "ATClient":
+                   resync_timeout: float = 1.0, max_failures: int = 3, abort_grace: float = 1.0,
+                   resync_first: bool = False) -> "ATClient":
         ser = _open_serial(port, baudrate)
         return cls(ser, urc_patterns, resync_timeout=resync_timeout, max_failures=max_failures,
-                   abort_grace=abort_grace)
+                   abort_grace=abort_grace, resync_first=resync_first)
 
     # -- public API -------------------------------------------------------------------
 
@@ -334,6 +340,14 @@ class ATClient:
         if (flight is None or not flight.abortable or flight.priority or self.lost.done()
                 or self._conn.state is not State.AWAITING):
             return
+        if flight.timer is None:
+            # Still writing the line: a CR now would cut it in two (and the tail would
+            # answer the next command). Abort as soon as the line is out.
+            flight.abort_wanted = True
+            return
+        self._abort(flight)
+
+    def _abort(self, flight: _InFlight) -> None:
         data = self._conn.abort()
         try:
             if self._sock is not None:
@@ -345,6 +359,7 @@ class ATClient:
         except OSError as exc:
             self._shutdown(exc)
             return
+        flight.aborted = True
         log.info("%s: aborting %r for a priority command", self.port, self._conn.pending)
         if flight.timer is not None:
             flight.timer.cancel()
@@ -360,15 +375,18 @@ class ATClient:
             rest = data if self._sock is not None else self._write_now(data)
             if rest:
                 await self._write(rest)
-            if flight.timer is None:  # (an abort during the write has set the grace)
-                flight.timer = self._loop.call_later(timeout, _expire, waiter)
+            flight.timer = self._loop.call_later(timeout, _expire, waiter)
+            if flight.abort_wanted and self._conn.state is State.AWAITING:
+                self._abort(flight)
             try:
                 result = await waiter
             except TimeoutError:
-                aborting = self._conn.state is State.ABORTING
-                self._conn.command_timed_out()
-                self._timed_out()
-                if aborting:
+                if self._conn.state is not State.IDLE:
+                    self._conn.command_timed_out()
+                    self._timed_out()
+                # else the final result was read in the same loop turn as the timer
+                # fired: the line is in step and the modem did answer (not a failure).
+                if flight.aborted:
                     raise CommandAborted(command, None) from None
                 raise CommandTimeout(command, timeout) from None
         finally:
@@ -419,6 +437,9 @@ class ATClient:
                 flight.timer = self._loop.call_later(self.resync_timeout, _expire, waiter)
                 await waiter
             except TimeoutError:
+                if self._conn.state is State.IDLE:  # answered in the same loop turn
+                    self._failures = 0
+                    return
                 log.debug("%s: probe %r unanswered", self.port, self._conn.pending)
                 self._timed_out()
                 continue

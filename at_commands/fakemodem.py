@@ -466,8 +466,9 @@ class FakeModemState:
 
     @property
     def abortable_running(self) -> bool:
-        """An abortable command (a network scan) is executing: any input aborts it."""
-        return self._executing is not None and self._executing_abortable
+        """An abortable command (a network scan) is executing: any input aborts it
+        (unless the module hangs: then it ignores input altogether)."""
+        return self._executing is not None and self._executing_abortable and not self.hung
 
     def abort(self) -> list[bytes]:
         """A character arrived while an abortable command executes (V.250): it stops at

@@ -134,10 +134,13 @@ class Modem:
 
     @classmethod
     async def open(cls, port: str, profile: Profile | str = "auto", *, baudrate: int = 115200,
-                   command_timeout: float = 5.0) -> "Modem":
+                   command_timeout: float = 5.0, resync_first: bool = False) -> "Modem":
+        """``resync_first``: the port is reopened after a failure; probe before the first
+        command (the old session's answers may still arrive)."""
         if isinstance(profile, str) and profile != "auto":
             profiles.get(profile)  # unknown names fail before the port is taken
-        client = await ATClient.open(port, baudrate=baudrate, urc_patterns=known_urc_patterns())
+        client = await ATClient.open(port, baudrate=baudrate, urc_patterns=known_urc_patterns(),
+                                     resync_first=resync_first)
         return cls(client, profile, command_timeout=command_timeout)
 
     def close(self) -> None:

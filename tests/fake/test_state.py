@@ -370,6 +370,9 @@ def test_abort_stops_a_scan_with_error_and_counts():
     assert advance(s, clock, 20) == []  # the scan's answer never comes
     assert lines(s.abort()) == []  # nothing to abort
     assert run(s, "AT+CFUN?") == ["+CFUN: 1", "OK"]
+    run(s, "AT+COPS=?")
+    s.fault("hang")
+    assert lines(s.abort()) == [] and s.counters["aborted"] == 1  # a hung module ignores input
 
 
 def test_a_delayed_reply_holds_the_channel_but_is_not_abortable():

@@ -266,3 +266,28 @@ def test_socket_url(socket_responder):
             client.close()
 
     run(main())
+
+
+def test_timer_and_answer_in_the_same_loop_turn_is_not_a_protocol_error(pty_responder, replies):
+    """The timer fires and the final result is read before the caller resumes (one loop
+    turn): the caller gets CommandTimeout, the core is in step, nothing is refused."""
+    responder = pty_responder(lambda c: None if c == "AT+SLOW" else replies.canned(c))
+
+    async def main():
+        client = await ATClient.open(responder.path)
+        try:
+            caller = asyncio.ensure_future(client.command("AT+SLOW", timeout=10))
+            while "AT+SLOW" not in responder.received:
+                await asyncio.sleep(0.005)
+            # The same loop turn, in this order: the timer, then the reader.
+            responder.write(replies.ok("+SLOW: 1"))
+            client._waiter.set_exception(TimeoutError())
+            client._on_readable()
+            with pytest.raises(CommandTimeout):
+                await caller
+            assert (await client.command("AT+CSQ", timeout=2)).lines == ["+CSQ: 20,99"]
+        finally:
+            client.close()
+
+    run(main())
+    assert "ATS3?" not in responder.received  # in step: no probe was needed

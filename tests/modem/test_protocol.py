@@ -283,3 +283,34 @@ def test_line_inputs_in_every_state(state):
     }[state]
     conn = connection_in(state)
     assert feed_all(conn, [b"AT+COPS=?\r\r\nhello\r\nRING\r\nOK\r\n"])[-3:] == expected
+
+
+def _aborting() -> Connection:
+    conn = fresh("AT+COPS=?")
+    conn.abort()
+    return conn
+
+
+def _second_probe() -> Connection:
+    conn = fresh("AT+CPIN?")
+    conn.command_timed_out()
+    conn.send_probe()
+    conn.send_probe()
+    return conn
+
+
+NEW_STATE_CASES = [
+    ("aborting", _aborting, b'AT+COPS=?\r\r\n+COPS: (1,"A","A","46000",7)\r\n+CREG: 0\r\n\r\nERROR\r\n',
+     [Line('+COPS: (1,"A","A","46000",7)'), Urc("+CREG: 0"), Aborted(FinalResult(ResultKind.ERROR, None, "ERROR"))]),
+    ("old probe answer then new", _second_probe,
+     b"\r\n+CPIN: READY\r\nOK\r\nATS3?\r\r\n013\r\n\r\nOK\r\nATS4?\r\r\n010\r\n\r\nOK\r\n",
+     [Discarded("stale", "+CPIN: READY"), Discarded("stale", "OK"), Discarded("stale", "ATS3?"),
+      Discarded("stale", "013"), Discarded("stale", "OK"), Discarded("stale", "ATS4?"), Resynchronised()]),
+]
+
+
+@pytest.mark.parametrize("name,make,data,expected", NEW_STATE_CASES, ids=[c[0] for c in NEW_STATE_CASES])
+def test_every_split_in_the_new_states(name, make, data, expected):
+    for i in range(len(data) + 1):
+        assert feed_all(make(), [data[:i], data[i:]]) == expected, f"split at {i}"
+    assert feed_all(make(), [data[i:i + 1] for i in range(len(data))]) == expected
