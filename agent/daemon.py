@@ -155,12 +155,17 @@ class Daemon:
     # -- modem --------------------------------------------------------------------------
     async def _modem_supervisor(self) -> None:
         wait = MODEM_RETRY_S[0]
+        # A port reopened after a session ended without the device going away (the
+        # module stopped answering, a soft reset) may still carry the old session's late
+        # answers: the first command then resynchronises first, so a stale OK is never
+        # taken for the gate's +CFUN=4. A module that was just plugged in has none.
+        stale_answers = False
         while True:
             port = await self._find_port()
             try:
                 modem = await Modem.open(
                     port, self.config.modem.profile, baudrate=self.config.modem.baudrate,
-                    command_timeout=self.config.modem.command_timeout,
+                    command_timeout=self.config.modem.command_timeout, resync_first=stale_answers,
                 )
             except (PortNotFound, PortBusy, OSError) as exc:
                 self._waiting_for_modem(f"cannot open {port}: {exc}")
@@ -185,7 +190,8 @@ class Daemon:
                 self.enforcer = None
                 self._modem_port = None
                 self._state_changed()
-            await self._port_appears(port, wait)  # a replugged module is gated the moment it is back
+            # A replugged module is gated the moment it is back.
+            stale_answers = not await self._port_appears(port, wait)
 
     async def _modem_session(self, modem: Modem, port: str) -> None:
         """The enforcer gates the radio before anything else is sent, then initialises
@@ -212,17 +218,19 @@ class Daemon:
         await enforcer.run()
 
     @staticmethod
-    async def _port_appears(port: str, timeout: float) -> None:
-        """Returns when the device path `port` exists (or after `timeout`). A stat every
-        PORT_WATCH_S costs nothing while the modem is away; udev discovery ("auto") is
-        woken by the udev monitor instead, and a URL is simply retried."""
+    async def _port_appears(port: str, timeout: float) -> bool:
+        """Returns when the device path `port` exists (or after `timeout`); True when it
+        was missing (the device went away). A stat every PORT_WATCH_S costs nothing while
+        the modem is away; udev discovery ("auto") is woken by the udev monitor instead,
+        and a URL is simply retried."""
         if "://" in port or os.path.exists(port):  # not a missing path: waiting is all we can do
             await asyncio.sleep(timeout)
-            return
+            return False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not os.path.exists(port) and loop.time() < deadline:
             await asyncio.sleep(PORT_WATCH_S)
+        return True
 
     async def _find_port(self) -> str:
         """The configured port, or (port = "auto") the AT port udev knows, waiting for

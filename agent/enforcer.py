@@ -49,7 +49,7 @@ from agent.binding import (DETACH, IMEI_UNREADABLE, LAST_IMEI_KEY, RADIO_OFF, RA
                            BindingPolicy, Decision, Observation, evaluate, reset_bindings)
 from agent.gate import Action, Gate, GateState, Input
 from agent.store import Binding, Store
-from at_commands.client import CommandError, CommandTimeout, PortLost, Response
+from at_commands.client import GATE_PRIORITY, CommandError, CommandTimeout, PortLost, Response
 from at_commands.commands import is_abortable
 from at_commands.modem import (Identity, Modem, ModemEvent, ModemRebooted, NetworkTime, RegistrationChanged,
                                SimInserted, SimRemoved)
@@ -409,6 +409,7 @@ class Enforcer:
             await asyncio.sleep(0)
 
     async def _radio_worker(self) -> None:
+        GATE_PRIORITY.set(True)  # this task's context only
         while True:
             await self._radio_wake.wait()
             self._radio_wake.clear()
@@ -486,6 +487,9 @@ class Enforcer:
     # -- fact worker ------------------------------------------------------------------
 
     async def _fact_worker(self) -> None:
+        # The gate's reads go first too: a caller's scan never stands between a changed
+        # tray and its decision (and the radio coming back for an allowed card).
+        GATE_PRIORITY.set(True)
         while True:
             job, reason = await self._jobs.get()
             await self._radio_settled()  # the gate goes first

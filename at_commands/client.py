@@ -23,6 +23,7 @@ count.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import fcntl
 import logging
@@ -49,6 +50,10 @@ TIOCGEXCL = 0x80045440
 
 __all__ = ["ATClient", "Response", "ATError", "CommandError", "CommandTimeout", "CommandAborted",
            "PortLost", "PortBusy", "PortNotFound"]
+
+
+# Set (per task) by the radio gate's tasks: all their commands have priority.
+GATE_PRIORITY: contextvars.ContextVar[bool] = contextvars.ContextVar("at_gate_priority", default=False)
 
 
 class ATError(Exception):
@@ -268,8 +273,11 @@ class ATClient:
 
         ``priority``: the radio gate's command; it goes as soon as the command in flight
         ends, and aborts that command if it is ``abortable`` (and not itself priority).
+        Every command a task sends after ``GATE_PRIORITY.set(True)`` has priority (the
+        gate's own tasks: their reads go through the typed modem API).
         ``abortable``: V.250 lets the DTE abort this command while it executes
         (``commands.is_abortable``)."""
+        priority = priority or GATE_PRIORITY.get()
         response = await self._run(command, timeout, priority=priority, abortable=abortable)
         if check and not response.final.ok:
             raise CommandError(command, response)
