@@ -15,8 +15,10 @@ entry) and changes nothing else. The work itself is done by handlers the daemon 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,10 @@ from agent.store import Store
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_BYTES = 64 * 1024
+# A flood of hostile commands: the first refusals of each window are recorded one by one,
+# the rest of the burst as one summary (SPEC §12: rate-limited before they cost a fsync).
+REFUSAL_WINDOW = 10.0
+REFUSALS_RECORDED = 20
 # `export_evidence` answers in one MQTT message: a bundle longer than this is refused
 # (`too_large`) and the platform asks again with a later `since`. 256 KiB (about 700
 # entries) stays under the packet limits brokers commonly set; the whole log goes
@@ -119,6 +125,10 @@ class CommandProcessor:
     is_imei_rewrite: Callable[[str], bool]
     telemetry_range: tuple[int, int] = TELEMETRY_INTERVAL_RANGE
     _args: dict[str, dict[str, Arg]] = field(init=False, repr=False)
+    # Refusals recorded one by one in the current window, and those only counted since.
+    _recorded: int = field(default=0, init=False, repr=False)
+    _window_ends: float = field(default=0.0, init=False, repr=False)
+    _unrecorded: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._args = command_args(self.telemetry_range)
@@ -199,10 +209,36 @@ class CommandProcessor:
             raise CommandError(getattr(exc, "code", None) or "token_invalid", f"token refused: {exc}") from exc
 
     def _refuse(self, request_id: str | None, name: str | None, code: str, message: str) -> dict[str, Any]:
-        log.warning("command %s (id %s) refused: %s: %s", name, request_id, code, message)
-        # The token is never copied into the record: it is a credential.
-        self.store.record("command_refused", {"command_id": request_id, "name": name, "code": code, "reason": message})
+        """An error reply always; a `command_refused` record (a durable commit) for the
+        first REFUSALS_RECORDED refusals of each REFUSAL_WINDOW, and one summary record
+        with the counts per code for the rest of a burst: a flood costs no fsync each."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self._window_ends:
+            self._flush_refusals()
+            self._recorded, self._window_ends = 0, now + REFUSAL_WINDOW
+        if self._recorded < REFUSALS_RECORDED:
+            self._recorded += 1
+            log.warning("command %s (id %s) refused: %s: %s", name, request_id, code, message)
+            # The token is never copied into the record: it is a credential.
+            self.store.record("command_refused", {"command_id": request_id, "name": name, "code": code, "reason": message})
+        else:
+            if not self._unrecorded:
+                loop.call_at(self._window_ends, self._flush_refusals)
+            self._unrecorded[code] = self._unrecorded.get(code, 0) + 1
         return reply_error(request_id, code, message)
+
+    def _flush_refusals(self) -> None:
+        """The summary of a burst's refusals that were only counted."""
+        if not self._unrecorded:
+            return
+        counts, self._unrecorded = self._unrecorded, {}
+        total = sum(counts.values())
+        log.warning("%d more commands refused in %g s: %s", total, REFUSAL_WINDOW, counts)
+        try:
+            self.store.record("command_refused", {"burst": True, "count": total, "codes": counts, "window_s": REFUSAL_WINDOW})
+        except sqlite3.Error as exc:
+            log.error("refusal summary not recorded: %s", exc)
 
 
 def _decode(payload: bytes) -> dict[str, Any]:

@@ -238,8 +238,11 @@ class Reporter:
         self._pump_scheduled = False
         self._refused_until: float | None = None  # loop time before which no row is sent
         self._control_pending: dict[int, asyncio.Future[bool]] = {}  # mids of status waits
-        self._commands: asyncio.Queue[tuple[bytes, Any]] = asyncio.Queue(maxsize=64)
+        # (payload, properties, client, mid, qos); a command is acknowledged (PUBACK) only
+        # once it has been handled, so none is lost to a full queue: see _on_message.
+        self._commands: asyncio.Queue[tuple[bytes, Any, mqtt.Client, int, int]] = asyncio.Queue(maxsize=COMMAND_QUEUE)
         self._command_worker: asyncio.Task | None = None
+        self._read_paused: mqtt.Client | None = None  # reading stopped while the command queue is full
 
     # -- public API, on the loop ------------------------------------------------------
     def start(self) -> asyncio.Task:
@@ -358,6 +361,7 @@ class Reporter:
         if self._v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = SESSION_EXPIRY_S
+            properties.ReceiveMaximum = COMMAND_QUEUE  # the broker never has more commands in flight to us
             client.connect(settings.host, settings.port, settings.keepalive, clean_start=False, properties=properties)
         else:
             client.connect(settings.host, settings.port, settings.keepalive)
@@ -374,6 +378,7 @@ class Reporter:
         client.connect_timeout = self._connect_timeout
         client.max_inflight_messages_set(0)  # the reporter bounds its own window
         client.max_queued_messages_set(0)
+        client.manual_ack_set(True)  # a command is PUBACKed once handled, not on arrival
         if self.settings.username:
             client.username_pw_set(self.settings.username, self._password)
         if self._tls_context is not None:
@@ -440,7 +445,21 @@ class Reporter:
             self._loop.remove_writer(sock)
 
     def _readable(self, client: mqtt.Client) -> None:
+        if self._commands.full():
+            # Backpressure: with the command queue full, stop reading the socket (the
+            # broker's sends then wait in TCP) until the command worker takes one.
+            sock = client.socket()
+            if sock is not None:
+                self._loop.remove_reader(sock)
+                self._read_paused = client
+            return
         client.loop_read()
+
+    def _resume_reading(self) -> None:
+        client, self._read_paused = self._read_paused, None
+        sock = client.socket() if client is not None else None
+        if sock is not None and client is self._client and self._attached:
+            self._loop.add_reader(sock, self._readable, client)
 
     def _writable(self, client: mqtt.Client) -> None:
         client.loop_write()
@@ -514,12 +533,18 @@ class Reporter:
         self._schedule_pump()
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        """Commands are acknowledged after they were handled (manual acks), and the
+        socket is not read while the queue is full (`_readable`), so no command is lost
+        after its PUBACK; MQTT 5 also tells the broker our Receive Maximum (the queue's
+        size). Should one arrive with the queue full anyway, it is not acknowledged and
+        comes again with the next session."""
         if message.topic != self.topics.cmd or self._on_command is None:
+            client.ack(message.mid, message.qos)
             return
         try:
-            self._commands.put_nowait((message.payload, message.properties))
+            self._commands.put_nowait((message.payload, message.properties, client, message.mid, message.qos))
         except asyncio.QueueFull:
-            log.warning("MQTT command queue full: command dropped")
+            log.warning("MQTT command queue full: command left unacknowledged, the broker sends it again")
 
     # -- outbox --------------------------------------------------------------------------
     def _schedule_pump(self) -> None:
@@ -571,7 +596,9 @@ class Reporter:
     # -- commands ------------------------------------------------------------------------
     async def _serve_commands(self) -> None:
         while True:
-            payload, properties = await self._commands.get()
+            payload, properties, client, mid, qos = await self._commands.get()
+            if self._read_paused is not None:
+                self._resume_reading()
             try:
                 reply = await self._on_command(payload)
                 body = json.dumps(reply)
@@ -579,6 +606,8 @@ class Reporter:
                 self._reply_to_response_topic(properties, body)
             except Exception:  # the command layer replies to bad input itself; this is a bug
                 log.exception("MQTT command handling failed")
+            if client is self._client and self.connected:
+                client.ack(mid, qos)
 
     def _reply_to_response_topic(self, properties: Any, body: str) -> None:
         """MQTT 5: the reply also goes to the request's response topic, when that is a
@@ -618,6 +647,7 @@ class Reporter:
         log.log(level, "MQTT %s:%s: %s; retrying in %.1f s", self.settings.host, self.settings.port, cause, delay)
 
 
+COMMAND_QUEUE = 64  # commands received and not yet handled (and so not yet acknowledged)
 MAX_RESPONSE_TOPIC_BYTES = 256
 MAX_CORRELATION_BYTES = 256
 

@@ -242,3 +242,33 @@ def test_hostile_commands_over_mqtt(mosquitto, subscriber, store, mq):
     assert replies[4] == {"schema": "simagent/cmd_result/1", "id": "p", "ok": True, "result": {"pong": True}}
     assert [e["type"] for e in sub.documents("/events")] == ["command_refused"] * 4
     assert calls == ["ping"]
+
+
+def test_a_flood_is_summarised_and_no_genuine_command_is_lost(mosquitto, subscriber, store, mq):
+    """3,000 hostile commands with 30 pings among them, as fast as a client can publish:
+    every ping gets its reply (commands are PUBACKed only once handled, so none is dropped
+    after its PUBACK), and the refusals cost a bounded number of durable records."""
+    from agent.platform_commands import REFUSALS_RECORDED
+
+    sub = subscriber(mosquitto, f"{mq.PREFIX}/#")
+    processor, calls = make_processor(store)
+    flood, pings = 3000, 30
+
+    async def scenario():
+        reporter = Reporter(mq.reporter_settings(mosquitto), store, device_id=mq.DEVICE_ID, on_command=processor.handle)
+        async with mq.running(reporter):
+            await mq.wait_sub(sub, lambda s: s.messages("/status"))
+            await asyncio.sleep(0.1)
+            for n in range(flood):
+                sub.publish(f"{mq.PREFIX}/cmd", b'{"id":"x%d","name":"self_destruct"}' % n)
+                if n % (flood // pings) == 0:
+                    sub.publish(f"{mq.PREFIX}/cmd", b'{"id":"p%d","name":"ping"}' % n)
+            await mq.wait_sub(sub, lambda s: len(s.messages("/cmd/result")) == flood + pings, timeout=60)
+
+    asyncio.run(scenario())
+    replies = sub.documents("/cmd/result")
+    assert sum(1 for r in replies if r["ok"]) == pings and calls == ["ping"] * pings
+    records = [e for e, _ in store.evidence_entries() if e["type"] == "command_refused"]
+    assert REFUSALS_RECORDED <= len(records) <= REFUSALS_RECORDED * 4, len(records)
+    summarised = sum(e["data"].get("count", 0) for e in records if e["data"].get("burst"))
+    assert summarised + sum(1 for e in records if not e["data"].get("burst")) == flood
