@@ -32,7 +32,9 @@ What the test does not ask of the agent (out of any agent's reach, so never gene
 a card that the module cannot announce going in while its radio is on - the module hung
 or unplugged (the fake models a USB drop, its radio keeps running), just rebooted before
 the agent re-enabled hot-swap reporting, or a profile without hot-swap URCs (polled);
-such an insert waits until the radio is off (the step becomes a pause). Nor a hang, unplug
+such an insert waits until the radio is off (the step becomes a pause; with a polled
+profile the card is pulled first and the insert waits up to 3 s for the agent to switch
+the radio off). Nor a hang, unplug
 or kill -9 within GATE_S = 0.3 s of a swap or boot (six times the gate's 50 ms target):
 the step waits that long first. A module that
 (re)boots does so with RF on and registers after `BOOT_REGISTER_DELAY` = 1.0 s (issue 9
@@ -515,6 +517,15 @@ class InvariantRun:
         wait = 0.0 if r[2] < 0.5 else r[2] * 2.0  # wait for the call up to 2 s, or not at all
         if kind in ("own", "foreign"):
             iccid = HOME_ICCID if kind == "own" else FOREIGN_ICCID
+            if (kind == "foreign" and state["cfun"] != 4 and self.polling and state["plugged"] and not state["hung"]
+                    and state["iccid"] is not None):
+                # A polled module: the technician pulls the card and waits for the agent to
+                # see the empty tray (radio off) before pushing the other card in.
+                self.modem.sim_remove()
+                world.tray, world.last_change = None, time.monotonic()
+                deadline = time.monotonic() + 3.0
+                while (state := self.modem.state())["cfun"] != 4 and time.monotonic() < deadline:
+                    time.sleep(0.05)
             if kind == "foreign" and state["cfun"] != 4 and not self.can_insert_while_radio_on(state):
                 self.note(f"foreign card deferred: radio on (cfun {state['cfun']}) and the module cannot announce "
                           f"it (plugged {state['plugged']}, hung {state['hung']}, hot-swap {state['hotswap_active']}, "
@@ -622,6 +633,8 @@ class InvariantRun:
     def unsafe_cfun1(self, state: dict, use_cli: bool) -> None:
         """Root's `at --unsafe AT+CFUN=1`, waited for (check 3 needs its answer)."""
         foreign_in = state["iccid"] == FOREIGN_ICCID and self.world.tray == FOREIGN_ICCID
+        if foreign_in:
+            self.let_the_gate_act()  # the gate has seen the card: it holds the radio off now
         if use_cli:
             proc = self.agent.cli("at", "--unsafe", "AT+CFUN=1", timeout=CALL_TIMEOUT)
             accepted = proc.returncode == 0 and proc.stdout.strip().endswith("OK")
