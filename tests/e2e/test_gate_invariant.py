@@ -305,6 +305,7 @@ class Call:
     error: str | None = None
     finished: float | None = None
     reported: bool = False
+    judge: Callable[["Call"], None] | None = None  # looks at the answer once it came
 
     @property
     def done(self) -> bool:
@@ -435,15 +436,18 @@ class InvariantRun:
                 outcome = call.error or _short(call.result)
                 self.note(f"  <- #{call.number} {call.what} (step {call.step}) after "
                           f"{call.finished - call.started:.2f} s: {outcome}")
+                if call.judge is not None:
+                    call.judge(call)
 
     # -- background calls -----------------------------------------------------------------
-    def background(self, what: str, fn: Callable[[], Any], *, wait: float = 0.0) -> Call | None:
+    def background(self, what: str, fn: Callable[[], Any], *, wait: float = 0.0,
+                   judge: Callable[[Call], None] | None = None) -> Call | None:
         running = [c for c in self.calls if not c.done]
         if len(running) >= MAX_BACKGROUND:
             self.note(f"{what}: {len(running)} calls in flight, pausing instead")
             time.sleep(PAUSE_S)
             return None
-        call = Call(len(self.calls) + 1, what, self.step, time.monotonic())
+        call = Call(len(self.calls) + 1, what, self.step, time.monotonic(), judge=judge)
 
         def run() -> None:
             try:
@@ -631,26 +635,27 @@ class InvariantRun:
             raise AssertionError(kind)
 
     def unsafe_cfun1(self, state: dict, use_cli: bool) -> None:
-        """Root's `at --unsafe AT+CFUN=1`, waited for (check 3 needs its answer)."""
+        """Root's `at --unsafe AT+CFUN=1`, in the background; check 3 judges its answer when
+        it comes (the step waits up to 2 s for it)."""
         foreign_in = state["iccid"] == FOREIGN_ICCID and self.world.tray == FOREIGN_ICCID
         if foreign_in:
             self.let_the_gate_act()  # the gate has seen the card: it holds the radio off now
-        if use_cli:
-            proc = self.agent.cli("at", "--unsafe", "AT+CFUN=1", timeout=CALL_TIMEOUT)
-            accepted = proc.returncode == 0 and proc.stdout.strip().endswith("OK")
-            outcome = f"exit {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-160:]}"
-        else:
-            try:
-                reply = control_call(self.agent.control_socket, "at", {"command": "AT+CFUN=1", "unsafe": True})
-            except OSError as exc:
-                reply = {"ok": False, "error": {"code": type(exc).__name__, "message": str(exc)}}
-            accepted = bool(reply.get("ok") and reply["result"].get("ok"))
-            outcome = _short(reply)
-        self.note(f"root at --unsafe AT+CFUN=1 via {'cli' if use_cli else 'socket'} "
-                  f"(foreign card in: {foreign_in}): {outcome}")
-        if accepted and foreign_in:
-            self.fail("check 3: root's `at --unsafe AT+CFUN=1` was accepted while the gate holds a foreign "
-                      f"card off: {outcome}")
+
+        def fn() -> dict[str, Any]:
+            if use_cli:
+                proc = self.agent.cli("at", "--unsafe", "AT+CFUN=1", timeout=CALL_TIMEOUT)
+                return {"accepted": proc.returncode == 0 and proc.stdout.strip().endswith("OK"),
+                        "answer": f"exit {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-160:]}"}
+            reply = control_call(self.agent.control_socket, "at", {"command": "AT+CFUN=1", "unsafe": True})
+            return {"accepted": bool(reply.get("ok") and reply["result"].get("ok")), "answer": _short(reply)}
+
+        def judge(call: Call) -> None:
+            if foreign_in and call.result and call.result["accepted"]:
+                self.fail(f"check 3: root's `at --unsafe AT+CFUN=1` (#{call.number}, step {call.step}) was accepted "
+                          f"while the gate holds a foreign card off: {call.result['answer']}")
+
+        self.background(f"root at --unsafe AT+CFUN=1 via {'cli' if use_cli else 'socket'} (foreign card in: {foreign_in})",
+                        fn, wait=2.0, judge=judge)
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> None:
