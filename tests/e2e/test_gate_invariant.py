@@ -36,7 +36,8 @@ such an insert waits until the radio is off (the step becomes a pause; with a po
 profile the card is pulled first and the insert waits up to 3 s for the agent to switch
 the radio off). Nor a hang, unplug
 or kill -9 within GATE_S = 0.3 s of a swap or boot (six times the gate's 50 ms target):
-the step waits that long first. A module that
+the step waits that long first. Nor reboots closer than BOOT_GAP_S = 1.5 s to each other
+(the fake boots instantly, a module takes seconds). A module that
 (re)boots does so with RF on and registers after `BOOT_REGISTER_DELAY` = 1.0 s (issue 9
 item 8: "with register_delay=1.0 a foreign card never attaches").
 
@@ -113,6 +114,7 @@ SKIP = {s.strip() for s in os.environ.get("SIMAGENT_INVARIANT_SKIP", "").split("
 REGISTER_DELAY = 0.5  # s from radio on (usable card) to registered: a pause lets it happen
 BOOT_REGISTER_DELAY = 1.0  # the same after a (re)boot with RF on (issue 9 item 8)
 PAUSE_S = REGISTER_DELAY + 0.3
+BOOT_GAP_S = 1.5  # a module takes seconds to boot: reboots come at least this far apart
 GATE_S = 0.3  # the gate's time to act on a change before a hang, unplug or kill -9 takes it away (target: 50 ms)
 GRACE_S = 8.0  # a radio command's evidence entry may come this long after the command
 RECOVERY_S = 20.0
@@ -320,6 +322,7 @@ class World:
     plugged: bool = True
     unplugged_at_step: int = 0
     last_change: float = 0.0  # monotonic time of the last tray change or boot
+    last_boot: float = 0.0  # monotonic time of the last reboot or replug
     kills: list[float] = field(default_factory=list)  # CLOCK_BOOTTIME of each kill -9
 
 
@@ -489,12 +492,15 @@ class InvariantRun:
         return (state["plugged"] and not state["hung"] and not self.polling and state["hotswap_active"])
 
     def boot(self, op: Callable[[], Any]) -> None:
+        wait = self.world.last_boot + BOOT_GAP_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
         self.modem.set(register_delay=BOOT_REGISTER_DELAY)
         try:
             op()
         finally:
             self.modem.set(register_delay=REGISTER_DELAY)
-            self.world.last_change = time.monotonic()
+            self.world.last_change = self.world.last_boot = time.monotonic()
 
     def let_the_gate_act(self) -> None:
         """A hang, unplug or kill -9 right on the heels of a swap would take the modem away
