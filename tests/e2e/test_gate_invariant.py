@@ -173,30 +173,113 @@ class RadioCommand:
 
 
 class TranscriptModel:
-    """Reads the fake's JSON-lines transcript incrementally and yields the radio commands
-    that changed the radio (see the module docstring)."""
+    """Reads the fake's JSON-lines transcript incrementally and replays it through a model
+    of the fake's sequencing (see the module docstring); returns the radio commands that
+    changed the radio.
+
+    It mirrors `FakeModemState.handle_line`: a line received while hung is lost; faults are
+    taken in order by the lines executed; every executed line runs its command (a fault only
+    spoils the reply). With a busy channel (a fake that knows `scan_seconds`), a `delay`
+    fault or an `AT+COPS=?` scan keeps the command executing: lines received meanwhile wait
+    and run, in order, when it finishes or is aborted (`abort` entry); a power-on drops them.
+    """
 
     def __init__(self, path: str, boot_cfun: int, clock_offset: float) -> None:
         self.path = path
         self.boot_cfun = boot_cfun
         self.offset = clock_offset  # CLOCK_BOOTTIME - CLOCK_MONOTONIC
+        self.busy_channel = False  # set when the fake has `scan_seconds`
+        self.scan_seconds = 0.0
         self._pos = 0
         self._partial = b""
         self.cfun = boot_cfun
         self.ps_wanted = True
         self.hung = False
+        self.faults: list[list] = []  # [kind, seconds, count], as the fake keeps them
+        self.executing_until: float | None = None
+        self.executing_abortable = False
+        self.queued: list[str] = []
         self.cfun_at_last_state: int | None = None
         self.lines_in = 0
         self.disruptions: list[float] = []  # boots and unplugs (CLOCK_BOOTTIME)
         self._awaiting: RadioCommand | None = None  # the last radio command, until its final result
         self._last: dict[str, RadioCommand] = {}
+        self._changed: list[RadioCommand] = []
+        self._step = 0
 
     def _disrupted(self, t: float) -> None:
         self.disruptions.append(t + self.offset)
         self._awaiting = None
 
-    def _power_on(self) -> None:
+    def _power_on(self, t: float) -> None:
         self.cfun, self.ps_wanted, self.hung = self.boot_cfun, True, False
+        self.faults, self.queued, self.executing_until = [], [], None
+        self._disrupted(t)
+
+    def _take_fault(self) -> list | None:
+        if not self.faults:
+            return None
+        fault = self.faults[0]
+        fault[2] -= 1
+        if fault[2] <= 0:
+            self.faults.pop(0)
+        return fault
+
+    def _end_execution(self, t: float) -> None:
+        self.executing_until, self.executing_abortable = None, False
+        queued, self.queued = self.queued, []
+        for line in queued:
+            self._handle_line(line, t)
+
+    def _handle_line(self, line: str, t: float) -> None:
+        if self.hung:
+            return
+        if self.executing_until is not None:
+            self.queued.append(line)
+            return
+        text = re.sub(r"\s+", "", line).upper()
+        if not text:
+            return
+        at = text.find("AT")  # V.250: characters before the AT prefix are ignored
+        text = text[at:] if at >= 0 else ""
+        self._awaiting = None  # a reply still to come is not attributed
+        self._execute(text, t)
+        scan = text == "AT+COPS=?"
+        fault = self._take_fault()  # taken by any non-empty line, an ERROR one too
+        if not self.busy_channel:
+            return
+        if fault is None and scan:
+            self.executing_until, self.executing_abortable = t + self.scan_seconds, True
+        elif fault is not None and fault[0] == "delay":
+            self.executing_until = t + fault[1] + (self.scan_seconds if scan else 0.0)
+            self.executing_abortable = scan
+
+    def _execute(self, text: str, t: float) -> None:
+        m = _RADIO.match(text)
+        if not m:
+            return
+        name, value, extra = m.group(1), int(m.group(2)), m.group(3)
+        command = f"+{name}={value}" + (f",{extra}" if extra is not None else "")
+        effective = False
+        if name == "CFUN" and extra == "1" and value == 1:  # reset: boots again
+            self._power_on(t)
+            effective = True
+        elif name == "CFUN" and value in (0, 1, 4):
+            effective = value != self.cfun
+            self.cfun = value
+        elif name == "CGATT" and value in (0, 1):
+            effective = self.ps_wanted != bool(value)
+            self.ps_wanted = bool(value)
+        if not effective:
+            return
+        t += self.offset
+        radio = RadioCommand(t, command, self._step, until=t + GRACE_S)
+        previous = self._last.get(command)
+        if previous is not None:  # an entry after this command is this command's
+            previous.until = min(previous.until, t)
+        self._last[command] = radio
+        self._awaiting = radio
+        self._changed.append(radio)
 
     def read(self, step: int) -> list[RadioCommand]:
         with open(self.path, "rb") as f:
@@ -205,64 +288,52 @@ class TranscriptModel:
         self._pos += len(data)
         data = self._partial + data
         *lines, self._partial = data.split(b"\n")
-        changed: list[RadioCommand] = []
+        self._step = step
+        self._changed = []
         for raw in lines:
-            if not raw.strip():
-                continue
-            entry = json.loads(raw)
-            direction, line = entry["dir"], entry["line"]
-            if direction == "ctl":
-                if "-> error:" in line:
-                    continue
-                op, _, rest = line.partition(" ")
-                if op in ("plugged", "reboot"):
-                    self._power_on()
-                    self._disrupted(entry["t"])
-                elif op == "unplugged":
-                    self._disrupted(entry["t"])
-                elif op == "fault":
-                    kind = json.loads(rest).get("kind")
-                    if kind == "hang":
-                        self.hung = True
-                    elif kind == "clear":
-                        self.hung = False
-                elif op == "state":
-                    self.cfun_at_last_state = self.cfun
-            elif direction == "out":
-                if self._awaiting is not None and _FINAL.match(line.strip()):
-                    self._awaiting.acknowledged = line.strip() == "OK"
-                    self._awaiting = None
-            elif direction == "in":
-                self.lines_in += 1
-                self._awaiting = None  # a reply still to come is not attributed
-                if self.hung:
-                    continue
-                m = _RADIO.match(re.sub(r"\s+", "", line).upper())
-                if not m:
-                    continue
-                name, value, extra = m.group(1), int(m.group(2)), m.group(3)
-                command = f"+{name}={value}" + (f",{extra}" if extra is not None else "")
-                effective = False
-                if name == "CFUN" and extra == "1" and value == 1:  # reset: boots again
-                    effective = True
-                    self._power_on()
-                    self._disrupted(entry["t"])
-                elif name == "CFUN" and value in (0, 1, 4):
-                    effective = value != self.cfun
-                    self.cfun = value
-                elif name == "CGATT" and value in (0, 1):
-                    effective = self.ps_wanted != bool(value)
-                    self.ps_wanted = bool(value)
-                if effective:
-                    t = entry["t"] + self.offset
-                    radio = RadioCommand(t, command, step, until=t + GRACE_S)
-                    previous = self._last.get(command)
-                    if previous is not None:  # an entry after this command is this command's
-                        previous.until = min(previous.until, t)
-                    self._last[command] = radio
-                    self._awaiting = radio
-                    changed.append(radio)
-        return changed
+            if raw.strip():
+                self._entry(json.loads(raw))
+        return self._changed
+
+    def _entry(self, entry: dict) -> None:
+        t, direction, line = entry["t"], entry["dir"], entry["line"]
+        while self.executing_until is not None and t >= self.executing_until:  # the command finished
+            self._end_execution(self.executing_until)
+        if direction == "ctl":
+            if "-> error:" in line:
+                return
+            op, _, rest = line.partition(" ")
+            if op in ("plugged", "reboot"):
+                self._power_on(t)
+            elif op == "unplugged":
+                self._disrupted(t)
+            elif op == "fault":
+                args = json.loads(rest)
+                kind = args.get("kind")
+                if kind == "clear":
+                    self.faults, self.hung = [], False
+                elif kind == "hang":
+                    self.hung = True
+                else:
+                    default = {"delay": 1.0, "late-reply": 1.0}.get(kind, 0.0)
+                    seconds = args.get("seconds")
+                    self.faults.append([kind, default if seconds is None else float(seconds), int(args.get("count", 1))])
+            elif op == "set":
+                args = json.loads(rest)
+                if "scan_seconds" in args:
+                    self.scan_seconds = float(args["scan_seconds"])
+            elif op == "state":
+                self.cfun_at_last_state = self.cfun
+        elif direction == "abort":
+            if self.executing_until is not None and self.executing_abortable:
+                self._end_execution(t)
+        elif direction == "out":
+            if self._awaiting is not None and _FINAL.match(line.strip()):
+                self._awaiting.acknowledged = line.strip() == "OK"
+                self._awaiting = None
+        elif direction == "in":
+            self.lines_in += 1
+            self._handle_line(line, t)
 
 
 def _norm_command(value: Any) -> str | None:
@@ -747,7 +818,7 @@ def test_no_foreign_card_ever_attaches(profile, fake_modem_process, agent_proces
 
     run = InvariantRun(profile, modem, agent, platform, tmp_path / "steps.log")
     probe = modem.control("set", scan_seconds=2)  # a `+COPS=?` that takes 2 s, where the fake has it
-    run.scan_supported = bool(probe.get("ok"))
+    run.scan_supported = run.transcript.busy_channel = bool(probe.get("ok"))
     try:
         run.run()
     finally:
