@@ -92,8 +92,6 @@ import random
 import re
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -321,7 +319,8 @@ class TranscriptModel:
                 else:
                     default = {"delay": 1.0, "late-reply": 1.0}.get(kind, 0.0)
                     seconds = args.get("seconds")
-                    self.faults.append([kind, default if seconds is None else float(seconds), int(args.get("count", 1))])
+                    seconds = default if seconds is None else float(seconds)
+                    self.faults.append([kind, seconds, int(args.get("count", 1))])
             elif op == "set":
                 args = json.loads(rest)
                 if "scan_seconds" in args:
@@ -360,7 +359,8 @@ class EvidenceReader:
             return []
         try:
             with closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)) as conn:
-                rows = conn.execute("SELECT seq, entry FROM evidence WHERE seq > ? ORDER BY seq", (self.last_seq,)).fetchall()
+                rows = conn.execute("SELECT seq, entry FROM evidence WHERE seq > ? ORDER BY seq",
+                                    (self.last_seq,)).fetchall()
         except sqlite3.OperationalError:  # mid-checkpoint or locked: next time
             return []
         new = [json.loads(entry) for _, entry in rows]
@@ -408,7 +408,8 @@ def boottime() -> float:
 class InvariantRun:
     def __init__(self, profile: str, modem, agent, platform, log_path: Path) -> None:
         self.profile = profile
-        self.polling = profile != "quectel" and not (profiles.get(profile).sim_removed_urcs and profiles.get(profile).boot_urcs)
+        spec = profiles.get(profile)  # polled unless it announces SIM changes and boots (as the Enforcer decides)
+        self.polling = not ((spec.sim_removed_urcs or spec.sim_inserted_urcs) and spec.boot_urcs)
         self.modem = modem
         self.agent = agent
         self.platform = platform
@@ -735,8 +736,9 @@ class InvariantRun:
                 self.fail(f"check 3: root's `at --unsafe AT+CFUN=1` (#{call.number}, step {call.step}) was accepted "
                           f"while the gate holds a foreign card off: {call.result['answer']}")
 
-        self.background(f"root at --unsafe AT+CFUN=1 via {'cli' if use_cli else 'socket'} (foreign card in: {foreign_in})",
-                        fn, wait=2.0, judge=judge)
+        via = "cli" if use_cli else "socket"
+        self.background(f"root at --unsafe AT+CFUN=1 via {via} (foreign card in: {foreign_in})", fn, wait=2.0,
+                        judge=judge)
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -811,9 +813,7 @@ def test_no_foreign_card_ever_attaches(profile, fake_modem_process, agent_proces
     started = time.monotonic()
     modem = fake_modem_process(profile=profile, imei=IMEI, iccid=HOME_ICCID, register_delay=REGISTER_DELAY)
     platform = subscriber(mosquitto, f"{P}/#")
-    modem_section: dict[str, Any] = {"profile": profile}
-    if profile != "quectel":
-        modem_section["sim_poll_interval"] = 0.5
+    modem_section: dict[str, Any] = {"profile": profile, "sim_poll_interval": 0.5}  # (a polled profile's pace)
     agent = agent_process(modem, mosquitto, start=False,
                           binding={"mode": "first-use", "radio_gate": True, "on_violation": "radio-off"})
     agent.reconfigure(modem=modem_section)  # ("modem" is also agent_process's first parameter)
