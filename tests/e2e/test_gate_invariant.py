@@ -12,8 +12,11 @@ Run (CI default: 200 steps, seed 9009, profile quectel; 200 steps take 40-75 s o
     SIMAGENT_INVARIANT_PROFILES=quectel,generic ...   # also a polling profile (no hot-swap URCs)
     SIMAGENT_INVARIANT_SKIP=unsafe_cfun1,hang ...     # leave step kinds out (names in STEP_WEIGHTS)
 
-A failure prints the seed, the step it failed after, the message and the step log (the
-whole log is also written to `steps.log` in the test's tmp_path).
+A failure prints the seed, the step it failed after, the message (for an attach, the
+fake's transcript before it) and the step log (the whole log is also written to
+`steps.log` in the test's tmp_path). The seed fixes the steps and their parameters, not
+the timing of four processes: a replay walks the same steps and usually, not always,
+fails at the same one.
 
 Start state: a first-use terminal with `radio_gate = true` whose own card (HOME_ICCID)
 got bound on the first start; the fake registers `REGISTER_DELAY` s after the radio comes
@@ -105,6 +108,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from at_commands import profiles
+from at_commands.fakemodem import read_transcript
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, wait_event
 
@@ -120,6 +124,7 @@ BOOT_GAP_S = 1.5  # a module takes seconds to boot: reboots come at least this f
 GATE_S = 0.3  # the gate's time to act on a change before a hang, unplug or kill -9 takes it away (target: 50 ms)
 GRACE_S = 8.0  # a radio command's evidence entry may come this long after the command
 RECOVERY_S = 20.0
+BEFORE_ATTACH_S = 2.0  # how much of the transcript a check-1 failure shows
 MAX_BACKGROUND = 6  # calls in flight at once; more become pauses
 CALL_TIMEOUT = 40.0  # a background call gives up after this (the daemon's own op timeout is 30 s)
 P = f"simagent/{IMEI}"
@@ -455,7 +460,9 @@ class InvariantRun:
             if attach["iccid"] != HOME_ICCID or attach["imei"] != IMEI:
                 self.fail(f"check 1: a card the binding does not allow attached: {attach}; "
                           f"all attaches: {state['attaches']}; fake state: cfun={state['cfun']} "
-                          f"iccid={state['iccid']} hung={state['hung']} faults={state['faults']}")
+                          f"iccid={state['iccid']} hung={state['hung']} faults={state['faults']}\n"
+                          f"the fake's transcript in the {BEFORE_ATTACH_S:g} s before the attach:\n"
+                          + self.transcript_excerpt(attach["t"] - BEFORE_ATTACH_S, attach["t"] + 0.01))
         changed = self.transcript.read(self.step)
         if self.transcript.cfun_at_last_state is not None and self.transcript.cfun_at_last_state != state["cfun"]:
             raise RigError(f"transcript model says CFUN {self.transcript.cfun_at_last_state}, "
@@ -467,6 +474,13 @@ class InvariantRun:
             self.fail(f"the daemon exited by itself (code {code}); log tail:\n{self.agent.log[-3000:]}")
         self._report_calls()
         return state
+
+    def transcript_excerpt(self, since: float, until: float) -> str:
+        """The fake's transcript between two of its (monotonic) times, without `state` polls."""
+        lines = [f"  {e['t']:.3f} {e['dir']:>5} {e['line'][:100]}"
+                 for e in read_transcript(self.modem.transcript_path)
+                 if since <= e["t"] <= until and e["line"] != "state"]
+        return "\n".join(lines[-80:])
 
     def _match_evidence(self, *, final: bool) -> None:
         self.evidence.read()
