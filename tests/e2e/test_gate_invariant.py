@@ -213,6 +213,8 @@ class TranscriptModel:
         # The radio command whose final result is next (a retry that changed nothing stands
         # for the command it repeats), until that result comes.
         self._awaiting: RadioCommand | None = None
+        self._exec_awaiting: RadioCommand | None = None  # the same, for the command executing
+        self._finals_owed: list[tuple[RadioCommand | None, bool]] = []  # ended executions' replies, in order
         self._last: dict[str, RadioCommand] = {}
         self._changed: list[RadioCommand] = []
         self._step = 0
@@ -224,6 +226,7 @@ class TranscriptModel:
     def _power_on(self, t: float) -> None:
         self.cfun, self.ps_wanted, self.hung = self.boot_cfun, True, False
         self.faults, self.queued, self.executing_until = [], [], None
+        self._finals_owed = []
         self._last = {}  # a retry after a boot repeats nothing from before it
         self._disrupted(t)
 
@@ -236,8 +239,10 @@ class TranscriptModel:
             self.faults.pop(0)
         return fault
 
-    def _end_execution(self, t: float) -> None:
-        self.executing_until, self.executing_abortable = None, False
+    def _end_execution(self, t: float, *, aborted: bool = False) -> None:
+        # Its reply (ERROR when aborted) goes out before the waiting lines are answered.
+        self._finals_owed.append((self._exec_awaiting, aborted))
+        self.executing_until, self.executing_abortable, self._exec_awaiting = None, False, None
         queued, self.queued = self.queued, []
         for line in queued:
             self._handle_line(line, t)
@@ -264,6 +269,8 @@ class TranscriptModel:
         elif fault is not None and fault[0] == "delay":
             self.executing_until = t + fault[1] + (self.scan_seconds if scan else 0.0)
             self.executing_abortable = scan
+        if self.executing_until is not None:  # its reply comes when it ends
+            self._exec_awaiting, self._awaiting = self._awaiting, None
 
     def _execute(self, text: str, t: float) -> None:
         m = _RADIO.match(text)
@@ -341,9 +348,13 @@ class TranscriptModel:
                 self.cfun_at_last_state = self.cfun
         elif direction == "abort":
             if self.executing_until is not None and self.executing_abortable:
-                self._end_execution(t)
+                self._end_execution(t, aborted=True)
         elif direction == "out":
-            if self._awaiting is not None and _FINAL.match(line.strip()):
+            if self._finals_owed and _FINAL.match(line.strip()):
+                owner, aborted = self._finals_owed.pop(0)
+                if owner is not None:
+                    owner.acknowledged |= line.strip() == "OK" and not aborted
+            elif self._awaiting is not None and _FINAL.match(line.strip()):
                 self._awaiting.acknowledged |= line.strip() == "OK"
                 self._awaiting = None
         elif direction == "in":
