@@ -800,6 +800,7 @@ class InvariantRun:
         if stuck:
             self.note(f"{len(stuck)} call(s) still unanswered 10 s after the end: "
                       + ", ".join(f"#{c.number} {c.what} (step {c.step})" for c in stuck))
+        self.settle_evidence()  # the radio commands sent so far get their entries (or fail) first
         tray = self.modem.state()["iccid"]
         expected = {HOME_ICCID: ("ok", "bound"), FOREIGN_ICCID: ("violation",), None: ("no_sim",)}[tray]
         deadline = time.monotonic() + RECOVERY_S
@@ -826,12 +827,16 @@ class InvariantRun:
             time.sleep(0.1)
         self.note(f"recovered: status {last}")
         time.sleep(PAUSE_S)
+        self.settle_evidence()
         self.check(final=True)
+
+    def settle_evidence(self) -> None:
+        """Checks until every radio command seen so far has its entry or its GRACE_S is over."""
         deadline = time.monotonic() + GRACE_S + 1
+        self.check()
         while self.pending and time.monotonic() < deadline:
             time.sleep(0.25)
-            self.check(final=True)
-        self.check(final=True)
+            self.check()
 
 
 def _short(value: Any) -> str:
