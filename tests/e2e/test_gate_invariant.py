@@ -38,8 +38,9 @@ or unplugged (the fake models a USB drop, its radio keeps running), just reboote
 the agent re-enabled hot-swap reporting, or a profile without hot-swap URCs (polled);
 such an insert waits until the radio is off (the step becomes a pause; with a polled
 profile the card is pulled first and the insert waits up to 3 s for the agent to switch
-the radio off). Nor a hang, unplug or kill -9 within GATE_S = 0.3 s of a swap or boot (six
-times the gate's 50 ms target): the step waits that long first. Nor reboots closer than
+the radio off). Nor a hang, unplug or kill -9 within GATE_S = 0.3 s of a swap (six times
+the gate's 50 ms target) or GATE_AFTER_BOOT_S = 0.8 s of a boot (the replug target is
+300 ms): the step waits that long first. Nor reboots closer than
 BOOT_GAP_S = 1.5 s to each other (the fake boots instantly, a module takes seconds). A
 module that (re)boots does so with RF on and registers after `BOOT_REGISTER_DELAY` = 1.0 s
 (issue 9 item 8: "with register_delay=1.0 a foreign card never attaches").
@@ -122,6 +123,7 @@ REGISTER_DELAY = 0.5  # s from radio on (usable card) to registered: a pause let
 BOOT_REGISTER_DELAY = 1.0  # the same after a (re)boot with RF on (issue 9 item 8)
 PAUSE_S = REGISTER_DELAY + 0.3
 BOOT_GAP_S = 1.5  # a module takes seconds to boot: reboots come at least this far apart
+GATE_AFTER_BOOT_S = 0.8  # the same after a boot (target: replug to CFUN=4 in 300 ms; registers at 1.0 s)
 GATE_S = 0.3  # the gate's time to act on a change before a hang, unplug or kill -9 takes it away (target: 50 ms)
 GRACE_S = 8.0  # a radio command's evidence entry may come this long after the command
 RECOVERY_S = 20.0
@@ -610,9 +612,10 @@ class InvariantRun:
             self.world.last_change = self.world.last_boot = time.monotonic()
 
     def let_the_gate_act(self) -> None:
-        """A hang, unplug or kill -9 right on the heels of a swap would take the modem away
-        before any gate could act: they come GATE_S after the last change at the earliest."""
-        wait = self.world.last_change + GATE_S - time.monotonic()
+        """A hang, unplug or kill -9 right on the heels of a swap or boot would take the
+        modem away before any gate could act: they come GATE_S after the last change, and
+        GATE_AFTER_BOOT_S after the last boot, at the earliest."""
+        wait = max(self.world.last_change + GATE_S, self.world.last_boot + GATE_AFTER_BOOT_S) - time.monotonic()
         if wait > 0:
             time.sleep(wait)
 
