@@ -3,7 +3,8 @@ the real `simagent run`, the real `simagent-fakemodem` (a subprocess on a pty) a
 mosquitto, random steps interleave SIM swaps, modem faults, local and platform callers,
 reloads and kill -9; after every step the fake modem's own records are checked.
 
-Run (CI default: 200 steps, seed 9009, profile quectel):
+Run (CI default: 200 steps, seed 9009, profile quectel; 200 steps take 40-75 s on a
+2-core VM, plus a few seconds of set-up):
 
     .venv/bin/python -m pytest tests/e2e/test_gate_invariant.py
     SIMAGENT_INVARIANT_STEPS=3000 .venv/bin/python -m pytest tests/e2e/test_gate_invariant.py   # the long run
@@ -11,8 +12,11 @@ Run (CI default: 200 steps, seed 9009, profile quectel):
     SIMAGENT_INVARIANT_PROFILES=quectel,generic ...   # also a polling profile (no hot-swap URCs)
     SIMAGENT_INVARIANT_SKIP=unsafe_cfun1,hang ...     # leave step kinds out (names in STEP_WEIGHTS)
 
-A failure prints the seed, the step it failed after, the message and the step log (the
-whole log is also written to `steps.log` in the test's tmp_path).
+A failure prints the seed, the step it failed after, the message (for an attach, the
+fake's transcript before it) and the step log (the whole log is also written to
+`steps.log` in the test's tmp_path). The seed fixes the steps and their parameters, not
+the timing of four processes: a replay walks the same steps and usually, not always,
+fails at the same one.
 
 Start state: a first-use terminal with `radio_gate = true` whose own card (HOME_ICCID)
 got bound on the first start; the fake registers `REGISTER_DELAY` s after the radio comes
@@ -32,11 +36,14 @@ What the test does not ask of the agent (out of any agent's reach, so never gene
 a card that the module cannot announce going in while its radio is on - the module hung
 or unplugged (the fake models a USB drop, its radio keeps running), just rebooted before
 the agent re-enabled hot-swap reporting, or a profile without hot-swap URCs (polled);
-such an insert waits until the radio is off (the step becomes a pause). Nor a hang, unplug
-or kill -9 within GATE_S = 0.3 s of a swap or boot (six times the gate's 50 ms target):
-the step waits that long first. A module that
-(re)boots does so with RF on and registers after `BOOT_REGISTER_DELAY` = 1.0 s (issue 9
-item 8: "with register_delay=1.0 a foreign card never attaches").
+such an insert waits until the radio is off (the step becomes a pause; with a polled
+profile the card is pulled first and the insert waits up to 3 s for the agent to switch
+the radio off). Nor a hang, unplug or kill -9 within GATE_S = 0.3 s of a swap (six times
+the gate's 50 ms target) or GATE_AFTER_BOOT_S = 0.8 s of a boot (the replug target is
+300 ms): the step waits that long first. Nor reboots closer than
+BOOT_GAP_S = 1.5 s to each other (the fake boots instantly, a module takes seconds). A
+module that (re)boots does so with RF on and registers after `BOOT_REGISTER_DELAY` = 1.0 s
+(issue 9 item 8: "with register_delay=1.0 a foreign card never attaches").
 
 Checks after every step (`ctl state`, the fake's `--transcript`, the evidence table read
 read-only from the state DB):
@@ -47,26 +54,31 @@ read-only from the state DB):
    - The radio commands are the lines the fake received (`dir` "in") that are `AT+CFUN=<n>`
      or `AT+CGATT=<n>`, whoever sent them (the gate, or root through `at --unsafe`).
    - A command counts only when it changed the radio. The test replays the transcript
-     through a model of the fake: CFUN starts at the profile's boot level at every
-     `plugged`/`reboot` (and `AT+CFUN=1,1`), a command received while the fake is hung
-     (`fault hang` .. `fault clear`/reboot) is not executed, every other command is
-     (delay, late-reply, garbage, busy, drop and error faults only spoil the reply). So a
-     `CFUN=4` sent while the radio was already at 4 needs no entry, nor does one lost to a
-     hang. The model is checked against the fake's own `cfun` at every `ctl state`.
+     through a model of the fake (`TranscriptModel`, mirroring `FakeModemState`): CFUN
+     starts at the profile's boot level at every `plugged`/`reboot` (and `AT+CFUN=1,1`);
+     a line received while the fake is hung (`fault hang` .. `fault clear`/reboot) is not
+     executed; every other line is (delay, late-reply, garbage, busy, drop and error
+     faults only spoil the reply), and with a fake that has a busy channel (it knows
+     `scan_seconds`) a line received while a delayed command or a scan executes runs when
+     that ends or is aborted, unless a power-on drops it first. So a `CFUN=4` sent while
+     the radio was already at 4 needs no entry, nor does one lost to a hang. The model is
+     checked against the fake's own `cfun` at every `ctl state` (a mismatch is a
+     RigError: the model needs updating, the product is not blamed).
    - Each counted command needs its own evidence entry (one entry answers one command,
      matched earliest first) whose `data.command` names it (`+CFUN=4`, `AT+CFUN=1` ...;
      the gate writes `radio_blocked`/`radio_restored`, an accepted unsafe write an entry
      of its own) and whose `mono` (CLOCK_BOOTTIME) lies within [t - 0.01 s, t + GRACE_S]
-     of the command's transcript time t: the agent writes after the reply, which a delay
-     fault and the retries behind it can hold back.
+     of the time t the fake executed the command: the agent writes after the reply,
+     which a delay fault and the retries behind it can hold back.
    - An entry written after a later counted command of the same kind belongs to that
      later one (so a missing entry is blamed on the right command).
    - Exempt (and logged as such) when no entry came: a command the daemon sent less than
      GRACE_S before it was killed (no process records after SIGKILL; the restart reads
-     CFUN and gates again), and a command that got no `OK` (its reply dropped, an error
-     answered, the fake executes it all the same) when the module rebooted or was
-     unplugged within GRACE_S after it: the agent could not learn what it did, and the
-     boot puts the radio back to its power-on level, which the gate then handles.
+     CFUN and gates again), and a command the modem answered no `OK` to - its reply
+     dropped or lost to a hang or boot, an error answered (the fake executes the command
+     whatever fault spoils the reply) - unless a retry of it (the same command, changing
+     nothing now) got its `OK` within GRACE_S: the agent was never told it took effect.
+     Check 1 still watches what such a command did.
 3. The gate cannot be bypassed: root's `at --unsafe AT+CFUN=1` is refused while a foreign
    card is in the tray (SPEC §4); an accepted one fails at once.
 The daemon must keep running (it is only ever stopped by the kill -9 step).
@@ -85,8 +97,6 @@ import random
 import re
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -100,6 +110,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from at_commands import profiles
+from at_commands.fakemodem import read_transcript
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, wait_event
 
@@ -111,9 +122,12 @@ SKIP = {s.strip() for s in os.environ.get("SIMAGENT_INVARIANT_SKIP", "").split("
 REGISTER_DELAY = 0.5  # s from radio on (usable card) to registered: a pause lets it happen
 BOOT_REGISTER_DELAY = 1.0  # the same after a (re)boot with RF on (issue 9 item 8)
 PAUSE_S = REGISTER_DELAY + 0.3
+BOOT_GAP_S = 1.5  # a module takes seconds to boot: reboots come at least this far apart
+GATE_AFTER_BOOT_S = 0.8  # the same after a boot (target: replug to CFUN=4 in 300 ms; registers at 1.0 s)
 GATE_S = 0.3  # the gate's time to act on a change before a hang, unplug or kill -9 takes it away (target: 50 ms)
 GRACE_S = 8.0  # a radio command's evidence entry may come this long after the command
 RECOVERY_S = 20.0
+BEFORE_ATTACH_S = 2.0  # how much of the transcript a check-1 failure shows
 MAX_BACKGROUND = 6  # calls in flight at once; more become pauses
 CALL_TIMEOUT = 40.0  # a background call gives up after this (the daemon's own op timeout is 30 s)
 P = f"simagent/{IMEI}"
@@ -165,34 +179,130 @@ class RadioCommand:
     command: str  # normalised: "+CFUN=4"
     step: int
     until: float  # its entry is looked for up to here
-    acknowledged: bool = False  # the modem answered OK (not an error, nothing lost)
+    acknowledged: bool = False  # the modem answered OK to it, or to a retry of it
 
 
 class TranscriptModel:
-    """Reads the fake's JSON-lines transcript incrementally and yields the radio commands
-    that changed the radio (see the module docstring)."""
+    """Reads the fake's JSON-lines transcript incrementally and replays it through a model
+    of the fake's sequencing (see the module docstring); returns the radio commands that
+    changed the radio.
+
+    It mirrors `FakeModemState.handle_line`: a line received while hung is lost; faults are
+    taken in order by the lines executed; every executed line runs its command (a fault only
+    spoils the reply). With a busy channel (a fake that knows `scan_seconds`), a `delay`
+    fault or an `AT+COPS=?` scan keeps the command executing: lines received meanwhile wait
+    and run, in order, when it finishes or is aborted (`abort` entry); a power-on drops them.
+    """
 
     def __init__(self, path: str, boot_cfun: int, clock_offset: float) -> None:
         self.path = path
         self.boot_cfun = boot_cfun
         self.offset = clock_offset  # CLOCK_BOOTTIME - CLOCK_MONOTONIC
+        self.busy_channel = False  # set when the fake has `scan_seconds`
+        self.scan_seconds = 0.0
         self._pos = 0
         self._partial = b""
         self.cfun = boot_cfun
         self.ps_wanted = True
         self.hung = False
+        self.faults: list[list] = []  # [kind, seconds, count], as the fake keeps them
+        self.executing_until: float | None = None
+        self.executing_abortable = False
+        self.queued: list[str] = []
         self.cfun_at_last_state: int | None = None
         self.lines_in = 0
         self.disruptions: list[float] = []  # boots and unplugs (CLOCK_BOOTTIME)
-        self._awaiting: RadioCommand | None = None  # the last radio command, until its final result
+        # The radio command whose final result is next (a retry that changed nothing stands
+        # for the command it repeats), until that result comes.
+        self._awaiting: RadioCommand | None = None
+        self._exec_awaiting: RadioCommand | None = None  # the same, for the command executing
+        self._finals_owed: list[tuple[RadioCommand | None, bool]] = []  # ended executions' replies, in order
         self._last: dict[str, RadioCommand] = {}
+        self._changed: list[RadioCommand] = []
+        self._step = 0
 
     def _disrupted(self, t: float) -> None:
         self.disruptions.append(t + self.offset)
         self._awaiting = None
 
-    def _power_on(self) -> None:
+    def _power_on(self, t: float) -> None:
         self.cfun, self.ps_wanted, self.hung = self.boot_cfun, True, False
+        self.faults, self.queued, self.executing_until = [], [], None
+        self._finals_owed = []
+        self._last = {}  # a retry after a boot repeats nothing from before it
+        self._disrupted(t)
+
+    def _take_fault(self) -> list | None:
+        if not self.faults:
+            return None
+        fault = self.faults[0]
+        fault[2] -= 1
+        if fault[2] <= 0:
+            self.faults.pop(0)
+        return fault
+
+    def _end_execution(self, t: float, *, aborted: bool = False) -> None:
+        # Its reply (ERROR when aborted) goes out before the waiting lines are answered.
+        self._finals_owed.append((self._exec_awaiting, aborted))
+        self.executing_until, self.executing_abortable, self._exec_awaiting = None, False, None
+        queued, self.queued = self.queued, []
+        for line in queued:
+            self._handle_line(line, t)
+
+    def _handle_line(self, line: str, t: float) -> None:
+        if self.hung:
+            return
+        if self.executing_until is not None:
+            self.queued.append(line)
+            return
+        text = re.sub(r"\s+", "", line).upper()
+        if not text:
+            return
+        at = text.find("AT")  # V.250: characters before the AT prefix are ignored
+        text = text[at:] if at >= 0 else ""
+        self._awaiting = None  # a reply still to come is not attributed
+        self._execute(text, t)
+        scan = text == "AT+COPS=?"
+        fault = self._take_fault()  # taken by any non-empty line, an ERROR one too
+        if not self.busy_channel:
+            return
+        if fault is None and scan:
+            self.executing_until, self.executing_abortable = t + self.scan_seconds, True
+        elif fault is not None and fault[0] == "delay":
+            self.executing_until = t + fault[1] + (self.scan_seconds if scan else 0.0)
+            self.executing_abortable = scan
+        if self.executing_until is not None:  # its reply comes when it ends
+            self._exec_awaiting, self._awaiting = self._awaiting, None
+
+    def _execute(self, text: str, t: float) -> None:
+        m = _RADIO.match(text)
+        if not m:
+            return
+        name, value, extra = m.group(1), int(m.group(2)), m.group(3)
+        command = f"+{name}={value}" + (f",{extra}" if extra is not None else "")
+        effective = False
+        if name == "CFUN" and extra == "1" and value == 1:  # reset: boots again
+            self._power_on(t)
+            effective = True
+        elif name == "CFUN" and value in (0, 1, 4):
+            effective = value != self.cfun
+            self.cfun = value
+        elif name == "CGATT" and value in (0, 1):
+            effective = self.ps_wanted != bool(value)
+            self.ps_wanted = bool(value)
+        if not effective:
+            retried = self._last.get(command)  # a retry: its OK tells the agent the first one took
+            if retried is not None and not retried.acknowledged and t + self.offset - retried.t <= GRACE_S:
+                self._awaiting = retried
+            return
+        t += self.offset
+        radio = RadioCommand(t, command, self._step, until=t + GRACE_S)
+        previous = self._last.get(command)
+        if previous is not None:  # an entry after this command is this command's
+            previous.until = min(previous.until, t)
+        self._last[command] = radio
+        self._awaiting = radio
+        self._changed.append(radio)
 
     def read(self, step: int) -> list[RadioCommand]:
         with open(self.path, "rb") as f:
@@ -201,64 +311,57 @@ class TranscriptModel:
         self._pos += len(data)
         data = self._partial + data
         *lines, self._partial = data.split(b"\n")
-        changed: list[RadioCommand] = []
+        self._step = step
+        self._changed = []
         for raw in lines:
-            if not raw.strip():
-                continue
-            entry = json.loads(raw)
-            direction, line = entry["dir"], entry["line"]
-            if direction == "ctl":
-                if "-> error:" in line:
-                    continue
-                op, _, rest = line.partition(" ")
-                if op in ("plugged", "reboot"):
-                    self._power_on()
-                    self._disrupted(entry["t"])
-                elif op == "unplugged":
-                    self._disrupted(entry["t"])
-                elif op == "fault":
-                    kind = json.loads(rest).get("kind")
-                    if kind == "hang":
-                        self.hung = True
-                    elif kind == "clear":
-                        self.hung = False
-                elif op == "state":
-                    self.cfun_at_last_state = self.cfun
-            elif direction == "out":
-                if self._awaiting is not None and _FINAL.match(line.strip()):
-                    self._awaiting.acknowledged = line.strip() == "OK"
-                    self._awaiting = None
-            elif direction == "in":
-                self.lines_in += 1
-                self._awaiting = None  # a reply still to come is not attributed
-                if self.hung:
-                    continue
-                m = _RADIO.match(re.sub(r"\s+", "", line).upper())
-                if not m:
-                    continue
-                name, value, extra = m.group(1), int(m.group(2)), m.group(3)
-                command = f"+{name}={value}" + (f",{extra}" if extra is not None else "")
-                effective = False
-                if name == "CFUN" and extra == "1" and value == 1:  # reset: boots again
-                    effective = True
-                    self._power_on()
-                    self._disrupted(entry["t"])
-                elif name == "CFUN" and value in (0, 1, 4):
-                    effective = value != self.cfun
-                    self.cfun = value
-                elif name == "CGATT" and value in (0, 1):
-                    effective = self.ps_wanted != bool(value)
-                    self.ps_wanted = bool(value)
-                if effective:
-                    t = entry["t"] + self.offset
-                    radio = RadioCommand(t, command, step, until=t + GRACE_S)
-                    previous = self._last.get(command)
-                    if previous is not None:  # an entry after this command is this command's
-                        previous.until = min(previous.until, t)
-                    self._last[command] = radio
-                    self._awaiting = radio
-                    changed.append(radio)
-        return changed
+            if raw.strip():
+                self._entry(json.loads(raw))
+        return self._changed
+
+    def _entry(self, entry: dict) -> None:
+        t, direction, line = entry["t"], entry["dir"], entry["line"]
+        while self.executing_until is not None and t >= self.executing_until:  # the command finished
+            self._end_execution(self.executing_until)
+        if direction == "ctl":
+            if "-> error:" in line:
+                return
+            op, _, rest = line.partition(" ")
+            if op in ("plugged", "reboot"):
+                self._power_on(t)
+            elif op == "unplugged":
+                self._disrupted(t)
+            elif op == "fault":
+                args = json.loads(rest)
+                kind = args.get("kind")
+                if kind == "clear":
+                    self.faults, self.hung = [], False
+                elif kind == "hang":
+                    self.hung = True
+                else:
+                    default = {"delay": 1.0, "late-reply": 1.0}.get(kind, 0.0)
+                    seconds = args.get("seconds")
+                    seconds = default if seconds is None else float(seconds)
+                    self.faults.append([kind, seconds, int(args.get("count", 1))])
+            elif op == "set":
+                args = json.loads(rest)
+                if "scan_seconds" in args:
+                    self.scan_seconds = float(args["scan_seconds"])
+            elif op == "state":
+                self.cfun_at_last_state = self.cfun
+        elif direction == "abort":
+            if self.executing_until is not None and self.executing_abortable:
+                self._end_execution(t, aborted=True)
+        elif direction == "out":
+            if self._finals_owed and _FINAL.match(line.strip()):
+                owner, aborted = self._finals_owed.pop(0)
+                if owner is not None:
+                    owner.acknowledged |= line.strip() == "OK" and not aborted
+            elif self._awaiting is not None and _FINAL.match(line.strip()):
+                self._awaiting.acknowledged |= line.strip() == "OK"
+                self._awaiting = None
+        elif direction == "in":
+            self.lines_in += 1
+            self._handle_line(line, t)
 
 
 def _norm_command(value: Any) -> str | None:
@@ -281,7 +384,8 @@ class EvidenceReader:
             return []
         try:
             with closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)) as conn:
-                rows = conn.execute("SELECT seq, entry FROM evidence WHERE seq > ? ORDER BY seq", (self.last_seq,)).fetchall()
+                rows = conn.execute("SELECT seq, entry FROM evidence WHERE seq > ? ORDER BY seq",
+                                    (self.last_seq,)).fetchall()
         except sqlite3.OperationalError:  # mid-checkpoint or locked: next time
             return []
         new = [json.loads(entry) for _, entry in rows]
@@ -303,6 +407,7 @@ class Call:
     error: str | None = None
     finished: float | None = None
     reported: bool = False
+    judge: Callable[["Call"], None] | None = None  # looks at the answer once it came
 
     @property
     def done(self) -> bool:
@@ -317,6 +422,7 @@ class World:
     plugged: bool = True
     unplugged_at_step: int = 0
     last_change: float = 0.0  # monotonic time of the last tray change or boot
+    last_boot: float = 0.0  # monotonic time of the last reboot or replug
     kills: list[float] = field(default_factory=list)  # CLOCK_BOOTTIME of each kill -9
 
 
@@ -327,7 +433,8 @@ def boottime() -> float:
 class InvariantRun:
     def __init__(self, profile: str, modem, agent, platform, log_path: Path) -> None:
         self.profile = profile
-        self.polling = profile != "quectel" and not (profiles.get(profile).sim_removed_urcs and profiles.get(profile).boot_urcs)
+        spec = profiles.get(profile)  # polled unless it announces SIM changes and boots (as the Enforcer decides)
+        self.polling = not ((spec.sim_removed_urcs or spec.sim_inserted_urcs) and spec.boot_urcs)
         self.modem = modem
         self.agent = agent
         self.platform = platform
@@ -373,7 +480,9 @@ class InvariantRun:
             if attach["iccid"] != HOME_ICCID or attach["imei"] != IMEI:
                 self.fail(f"check 1: a card the binding does not allow attached: {attach}; "
                           f"all attaches: {state['attaches']}; fake state: cfun={state['cfun']} "
-                          f"iccid={state['iccid']} hung={state['hung']} faults={state['faults']}")
+                          f"iccid={state['iccid']} hung={state['hung']} faults={state['faults']}\n"
+                          f"the fake's transcript in the {BEFORE_ATTACH_S:g} s before the attach:\n"
+                          + self.transcript_excerpt(attach["t"] - BEFORE_ATTACH_S, attach["t"] + 0.01))
         changed = self.transcript.read(self.step)
         if self.transcript.cfun_at_last_state is not None and self.transcript.cfun_at_last_state != state["cfun"]:
             raise RigError(f"transcript model says CFUN {self.transcript.cfun_at_last_state}, "
@@ -385,6 +494,13 @@ class InvariantRun:
             self.fail(f"the daemon exited by itself (code {code}); log tail:\n{self.agent.log[-3000:]}")
         self._report_calls()
         return state
+
+    def transcript_excerpt(self, since: float, until: float) -> str:
+        """The fake's transcript between two of its (monotonic) times, without `state` polls."""
+        lines = [f"  {e['t']:.3f} {e['dir']:>5} {e['line'][:100]}"
+                 for e in read_transcript(self.modem.transcript_path)
+                 if since <= e["t"] <= until and e["line"] != "state"]
+        return "\n".join(lines[-80:])
 
     def _match_evidence(self, *, final: bool) -> None:
         self.evidence.read()
@@ -408,11 +524,10 @@ class InvariantRun:
                 self.note(f"exempt: AT{command.command} (step {command.step}) had no entry when the daemon "
                           f"was killed {killed[0] - command.t:.2f} s later")
                 continue
-            overtaken = [d for d in self.transcript.disruptions if command.t <= d <= command.t + GRACE_S]
-            if overtaken and not command.acknowledged:
+            if not command.acknowledged:
                 self.exempt += 1
-                self.note(f"exempt: AT{command.command} (step {command.step}) got no OK and the module rebooted "
-                          f"or went away {overtaken[0] - command.t:.2f} s later")
+                self.note(f"exempt: AT{command.command} (step {command.step}) changed the radio but the modem "
+                          f"answered no OK to it or to a retry: the agent was never told it took effect")
                 continue
             if now <= command.t + GRACE_S:  # final: wait for it
                 still.append(command)
@@ -433,15 +548,18 @@ class InvariantRun:
                 outcome = call.error or _short(call.result)
                 self.note(f"  <- #{call.number} {call.what} (step {call.step}) after "
                           f"{call.finished - call.started:.2f} s: {outcome}")
+                if call.judge is not None:
+                    call.judge(call)
 
     # -- background calls -----------------------------------------------------------------
-    def background(self, what: str, fn: Callable[[], Any], *, wait: float = 0.0) -> Call | None:
+    def background(self, what: str, fn: Callable[[], Any], *, wait: float = 0.0,
+                   judge: Callable[[Call], None] | None = None) -> Call | None:
         running = [c for c in self.calls if not c.done]
         if len(running) >= MAX_BACKGROUND:
             self.note(f"{what}: {len(running)} calls in flight, pausing instead")
             time.sleep(PAUSE_S)
             return None
-        call = Call(len(self.calls) + 1, what, self.step, time.monotonic())
+        call = Call(len(self.calls) + 1, what, self.step, time.monotonic(), judge=judge)
 
         def run() -> None:
             try:
@@ -483,17 +601,21 @@ class InvariantRun:
         return (state["plugged"] and not state["hung"] and not self.polling and state["hotswap_active"])
 
     def boot(self, op: Callable[[], Any]) -> None:
+        wait = self.world.last_boot + BOOT_GAP_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
         self.modem.set(register_delay=BOOT_REGISTER_DELAY)
         try:
             op()
         finally:
             self.modem.set(register_delay=REGISTER_DELAY)
-            self.world.last_change = time.monotonic()
+            self.world.last_change = self.world.last_boot = time.monotonic()
 
     def let_the_gate_act(self) -> None:
-        """A hang, unplug or kill -9 right on the heels of a swap would take the modem away
-        before any gate could act: they come GATE_S after the last change at the earliest."""
-        wait = self.world.last_change + GATE_S - time.monotonic()
+        """A hang, unplug or kill -9 right on the heels of a swap or boot would take the
+        modem away before any gate could act: they come GATE_S after the last change, and
+        GATE_AFTER_BOOT_S after the last boot, at the earliest."""
+        wait = max(self.world.last_change + GATE_S, self.world.last_boot + GATE_AFTER_BOOT_S) - time.monotonic()
         if wait > 0:
             time.sleep(wait)
 
@@ -515,6 +637,15 @@ class InvariantRun:
         wait = 0.0 if r[2] < 0.5 else r[2] * 2.0  # wait for the call up to 2 s, or not at all
         if kind in ("own", "foreign"):
             iccid = HOME_ICCID if kind == "own" else FOREIGN_ICCID
+            if (kind == "foreign" and state["cfun"] != 4 and self.polling and state["plugged"] and not state["hung"]
+                    and state["iccid"] is not None):
+                # A polled module: the technician pulls the card and waits for the agent to
+                # see the empty tray (radio off) before pushing the other card in.
+                self.modem.sim_remove()
+                world.tray, world.last_change = None, time.monotonic()
+                deadline = time.monotonic() + 3.0
+                while (state := self.modem.state())["cfun"] != 4 and time.monotonic() < deadline:
+                    time.sleep(0.05)
             if kind == "foreign" and state["cfun"] != 4 and not self.can_insert_while_radio_on(state):
                 self.note(f"foreign card deferred: radio on (cfun {state['cfun']}) and the module cannot announce "
                           f"it (plugged {state['plugged']}, hung {state['hung']}, hot-swap {state['hotswap_active']}, "
@@ -620,24 +751,28 @@ class InvariantRun:
             raise AssertionError(kind)
 
     def unsafe_cfun1(self, state: dict, use_cli: bool) -> None:
-        """Root's `at --unsafe AT+CFUN=1`, waited for (check 3 needs its answer)."""
+        """Root's `at --unsafe AT+CFUN=1`, in the background; check 3 judges its answer when
+        it comes (the step waits up to 2 s for it)."""
         foreign_in = state["iccid"] == FOREIGN_ICCID and self.world.tray == FOREIGN_ICCID
-        if use_cli:
-            proc = self.agent.cli("at", "--unsafe", "AT+CFUN=1", timeout=CALL_TIMEOUT)
-            accepted = proc.returncode == 0 and proc.stdout.strip().endswith("OK")
-            outcome = f"exit {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-160:]}"
-        else:
-            try:
-                reply = control_call(self.agent.control_socket, "at", {"command": "AT+CFUN=1", "unsafe": True})
-            except OSError as exc:
-                reply = {"ok": False, "error": {"code": type(exc).__name__, "message": str(exc)}}
-            accepted = bool(reply.get("ok") and reply["result"].get("ok"))
-            outcome = _short(reply)
-        self.note(f"root at --unsafe AT+CFUN=1 via {'cli' if use_cli else 'socket'} "
-                  f"(foreign card in: {foreign_in}): {outcome}")
-        if accepted and foreign_in:
-            self.fail("check 3: root's `at --unsafe AT+CFUN=1` was accepted while the gate holds a foreign "
-                      f"card off: {outcome}")
+        if foreign_in:
+            self.let_the_gate_act()  # the gate has seen the card: it holds the radio off now
+
+        def fn() -> dict[str, Any]:
+            if use_cli:
+                proc = self.agent.cli("at", "--unsafe", "AT+CFUN=1", timeout=CALL_TIMEOUT)
+                return {"accepted": proc.returncode == 0 and proc.stdout.strip().endswith("OK"),
+                        "answer": f"exit {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-160:]}"}
+            reply = control_call(self.agent.control_socket, "at", {"command": "AT+CFUN=1", "unsafe": True})
+            return {"accepted": bool(reply.get("ok") and reply["result"].get("ok")), "answer": _short(reply)}
+
+        def judge(call: Call) -> None:
+            if foreign_in and call.result and call.result["accepted"]:
+                self.fail(f"check 3: root's `at --unsafe AT+CFUN=1` (#{call.number}, step {call.step}) was accepted "
+                          f"while the gate holds a foreign card off: {call.result['answer']}")
+
+        via = "cli" if use_cli else "socket"
+        self.background(f"root at --unsafe AT+CFUN=1 via {via} (foreign card in: {foreign_in})", fn, wait=2.0,
+                        judge=judge)
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -668,6 +803,7 @@ class InvariantRun:
         if stuck:
             self.note(f"{len(stuck)} call(s) still unanswered 10 s after the end: "
                       + ", ".join(f"#{c.number} {c.what} (step {c.step})" for c in stuck))
+        self.settle_evidence()  # the radio commands sent so far get their entries (or fail) first
         tray = self.modem.state()["iccid"]
         expected = {HOME_ICCID: ("ok", "bound"), FOREIGN_ICCID: ("violation",), None: ("no_sim",)}[tray]
         deadline = time.monotonic() + RECOVERY_S
@@ -694,12 +830,16 @@ class InvariantRun:
             time.sleep(0.1)
         self.note(f"recovered: status {last}")
         time.sleep(PAUSE_S)
+        self.settle_evidence()
         self.check(final=True)
+
+    def settle_evidence(self) -> None:
+        """Checks until every radio command seen so far has its entry or its GRACE_S is over."""
         deadline = time.monotonic() + GRACE_S + 1
+        self.check()
         while self.pending and time.monotonic() < deadline:
             time.sleep(0.25)
-            self.check(final=True)
-        self.check(final=True)
+            self.check()
 
 
 def _short(value: Any) -> str:
@@ -712,9 +852,7 @@ def test_no_foreign_card_ever_attaches(profile, fake_modem_process, agent_proces
     started = time.monotonic()
     modem = fake_modem_process(profile=profile, imei=IMEI, iccid=HOME_ICCID, register_delay=REGISTER_DELAY)
     platform = subscriber(mosquitto, f"{P}/#")
-    modem_section: dict[str, Any] = {"profile": profile}
-    if profile != "quectel":
-        modem_section["sim_poll_interval"] = 0.5
+    modem_section: dict[str, Any] = {"profile": profile, "sim_poll_interval": 0.5}  # (a polled profile's pace)
     agent = agent_process(modem, mosquitto, start=False,
                           binding={"mode": "first-use", "radio_gate": True, "on_violation": "radio-off"})
     agent.reconfigure(modem=modem_section)  # ("modem" is also agent_process's first parameter)
@@ -723,7 +861,7 @@ def test_no_foreign_card_ever_attaches(profile, fake_modem_process, agent_proces
 
     run = InvariantRun(profile, modem, agent, platform, tmp_path / "steps.log")
     probe = modem.control("set", scan_seconds=2)  # a `+COPS=?` that takes 2 s, where the fake has it
-    run.scan_supported = bool(probe.get("ok"))
+    run.scan_supported = run.transcript.busy_channel = bool(probe.get("ok"))
     try:
         run.run()
     finally:
