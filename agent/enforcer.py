@@ -62,7 +62,7 @@ RADIO_ON_CFUN, RADIO_OFF_CFUN = 1, 4
 NOT_READY_WINDOW = 3.0
 _NOT_READY = re.compile(r"^\+CPIN:\s*NOT READY$", re.IGNORECASE)
 _READY = re.compile(r"^\+CPIN:\s*READY$", re.IGNORECASE)
-# Boot URCs this close (seconds) to the previous one belong to the same boot.
+# Boot URCs this close (seconds) to the previous boot belong to it, unless they repeat one.
 BOOT_BURST = 10.0
 # Radio commands: the wait for one answer, attempts, and the delay step between them.
 RADIO_TIMEOUT = 3.0
@@ -163,6 +163,7 @@ class Enforcer:
         self._decision_waiters: list[asyncio.Future] = []
         self._booted_at = float("-inf")
         self._rejected_time_line: str | None = None
+        self._boot_lines: set[str] = set()  # boot URCs printed since the current boot began
         self._evidence_gap: dict | None = None  # what the evidence misses while the store failed
         self._retry: asyncio.TimerHandle | None = None
         self._poll_wake = asyncio.Event()
@@ -601,8 +602,12 @@ class Enforcer:
             else:
                 self._sim_changed("sim_inserted", event.line)
         elif isinstance(event, ModemRebooted):
-            if asyncio.get_running_loop().time() - self._booted_at >= BOOT_BURST:
+            # One boot prints several boot URCs (RDY ... PB DONE): the first starts it.
+            # A line this boot already printed, or a URC after the burst, is a new boot.
+            burst_over = asyncio.get_running_loop().time() - self._booted_at >= BOOT_BURST
+            if burst_over or event.line in self._boot_lines:
                 self._rebooted(event.line)
+            self._boot_lines.add(event.line)
 
     def _network_time(self, event: NetworkTime) -> None:
         """Network time is outside input: the clock takes it only when plausible, and a
@@ -628,6 +633,10 @@ class Enforcer:
 
     def _rebooted(self, line: str) -> None:
         self._booted_at = asyncio.get_running_loop().time()
+        self._boot_lines = set()
+        # The module restarted: a command on the wire will never be answered; the gate's
+        # +CFUN=4 must not wait for its timeout.
+        self.modem.client.interrupt("modem rebooted")
         self._cfun = None  # a rebooted module is in its power-on state
         self._detached = False
         try:

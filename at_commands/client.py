@@ -171,6 +171,7 @@ class _InFlight:
     timer: asyncio.TimerHandle | None = None  # set once the line is written
     abort_wanted: bool = False  # a priority caller came while the line was being written
     aborted: bool = False
+    interrupted: bool = False  # the module restarted: no answer will come (see interrupt())
 
 
 def _expire(waiter: asyncio.Future) -> None:
@@ -296,6 +297,21 @@ class ATClient:
         that V.250 lets the DTE abort (a network scan) is sent abortable."""
         return await self.command(line, timeout, check=False, priority=priority, abortable=is_abortable(line))
 
+    def interrupt(self, reason: str) -> None:
+        """The module restarted (a boot URC): the command on the wire will never be
+        answered, and nothing sent before the restart can still arrive (the boot URC came
+        after it on the line). Its caller gets CommandTimeout now (not counted towards
+        ``max_failures``) and the line is idle at once, so whoever is waiting - the radio
+        gate above all - gets the channel without a timeout or a probe."""
+        if self._conn.state is State.IDLE:
+            return
+        log.info("%s: %s: the command in flight will not be answered", self.port, reason)
+        self._conn.module_restarted()
+        flight = self._inflight
+        if flight is not None and not flight.waiter.done():
+            flight.interrupted = True
+            _expire(flight.waiter)
+
     def close(self) -> None:
         self._shutdown(None)
 
@@ -391,7 +407,8 @@ class ATClient:
             except TimeoutError:
                 if self._conn.state is not State.IDLE:
                     self._conn.command_timed_out()
-                    self._timed_out()
+                    if not flight.interrupted:
+                        self._timed_out()
                 # else the final result was read in the same loop turn as the timer
                 # fired: the line is in step and the modem did answer (not a failure).
                 if flight.aborted:
@@ -449,7 +466,8 @@ class ATClient:
                     self._failures = 0
                     return
                 log.debug("%s: probe %r unanswered", self.port, self._conn.pending)
-                self._timed_out()
+                if not flight.interrupted:
+                    self._timed_out()
                 continue
             finally:
                 if flight.timer is not None:

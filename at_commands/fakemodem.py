@@ -260,6 +260,7 @@ class FakeModemState:
             "hotswap_active": self.hotswap_active,
             "hung": self.hung,
             "executing": self._executing is not None,
+            "executing_abortable": self._executing is not None and self._executing_abortable,
             "scan_seconds": self.scan_seconds,
             "faults": [f.kind for f in self.faults],
             "counters": dict(self.counters),

@@ -136,6 +136,7 @@ class Input(enum.Enum):
     TIMEOUT = "timeout"  # the caller gave up: timed out or cancelled
     PROBE = "probe"
     ABORT = "abort"
+    RESTART = "restart"  # the module restarted: nothing sent before it can still be answered
     # Line classes
     ECHO = "echo"
     URC = "urc"
@@ -158,6 +159,7 @@ class Action(enum.Enum):
     DISCARD_STRAY = "discard-stray"
     MARK = "mark"  # -> PROBE_ANSWERED
     RESYNCED = "resynced"  # emit Resynchronised -> IDLE
+    RESET = "reset"  # forget the pending command or probe -> IDLE
     REFUSE = "refuse"  # LocalProtocolError
 
 
@@ -167,6 +169,7 @@ S, I, A = State, Input, Action
 # is listed; tests check the table is complete.
 TRANSITIONS: dict[tuple[State, Input], Action] = {
     (S.IDLE, I.SEND): A.START,
+    (S.IDLE, I.RESTART): A.RESET,
     (S.IDLE, I.TIMEOUT): A.REFUSE,
     (S.IDLE, I.PROBE): A.REFUSE,
     (S.IDLE, I.ABORT): A.REFUSE,  # nothing to abort: the shell checks before writing
@@ -177,6 +180,7 @@ TRANSITIONS: dict[tuple[State, Input], Action] = {
     (S.IDLE, I.FINAL): A.DISCARD_STRAY,
 
     (S.AWAITING, I.SEND): A.REFUSE,
+    (S.AWAITING, I.RESTART): A.RESET,
     (S.AWAITING, I.TIMEOUT): A.DESYNC,
     (S.AWAITING, I.PROBE): A.REFUSE,
     (S.AWAITING, I.ABORT): A.START_ABORT,
@@ -187,6 +191,7 @@ TRANSITIONS: dict[tuple[State, Input], Action] = {
     (S.AWAITING, I.FINAL): A.FINISH,
 
     (S.ABORTING, I.SEND): A.REFUSE,
+    (S.ABORTING, I.RESTART): A.RESET,
     (S.ABORTING, I.TIMEOUT): A.DESYNC,  # no final result within the grace: resynchronise
     (S.ABORTING, I.PROBE): A.REFUSE,
     (S.ABORTING, I.ABORT): A.REFUSE,  # one abort byte per command
@@ -197,6 +202,7 @@ TRANSITIONS: dict[tuple[State, Input], Action] = {
     (S.ABORTING, I.FINAL): A.FINISH_ABORTED,
 
     (S.DESYNC, I.SEND): A.REFUSE,
+    (S.DESYNC, I.RESTART): A.RESET,
     (S.DESYNC, I.TIMEOUT): A.DESYNC,
     (S.DESYNC, I.PROBE): A.START_PROBE,
     (S.DESYNC, I.ABORT): A.REFUSE,
@@ -207,6 +213,7 @@ TRANSITIONS: dict[tuple[State, Input], Action] = {
     (S.DESYNC, I.FINAL): A.DISCARD_STALE,
 
     (S.PROBING, I.SEND): A.REFUSE,
+    (S.PROBING, I.RESTART): A.RESET,
     (S.PROBING, I.TIMEOUT): A.DESYNC,
     (S.PROBING, I.PROBE): A.START_PROBE,  # a new, distinguishable probe
     (S.PROBING, I.ABORT): A.REFUSE,
@@ -217,6 +224,7 @@ TRANSITIONS: dict[tuple[State, Input], Action] = {
     (S.PROBING, I.FINAL): A.DISCARD_STALE,  # the old command's (or an old probe's) final result
 
     (S.PROBE_ANSWERED, I.SEND): A.REFUSE,
+    (S.PROBE_ANSWERED, I.RESTART): A.RESET,
     (S.PROBE_ANSWERED, I.TIMEOUT): A.DESYNC,
     (S.PROBE_ANSWERED, I.PROBE): A.START_PROBE,
     (S.PROBE_ANSWERED, I.ABORT): A.REFUSE,
@@ -329,6 +337,12 @@ class Connection:
         abort or the probe; discard its reply until resynchronised."""
         self._step(Input.TIMEOUT)
 
+    def module_restarted(self) -> None:
+        """The module restarted (its boot URC came): a command or probe pending before it
+        will never be answered, and nothing of it can arrive any more, so the line is in
+        step and idle at once (no probe needed)."""
+        self._step(Input.RESTART)
+
     def give_up(self) -> None:
         """``command_timed_out()`` unless nothing is pending (idle): for a caller that
         leaves at any point, whether or not its exchange had started."""
@@ -393,6 +407,10 @@ class Connection:
                 self._stale = self._pending
             self._expect_prompt = False
             self.state = State.DESYNC
+        elif action is A.RESET:
+            self._stale = ""
+            self._expect_prompt = False
+            self.state = State.IDLE
         elif action is A.START_ABORT:
             self._expect_prompt = False
             self.state = State.ABORTING

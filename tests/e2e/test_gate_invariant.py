@@ -34,8 +34,10 @@ telemetry interval changed); kill -9 and restart; pauses.
 
 What the test does not ask of the agent (out of any agent's reach, so never generated):
 a card that the module cannot announce going in while its radio is on - the module hung
-or unplugged (the fake models a USB drop, its radio keeps running), just rebooted before
-the agent re-enabled hot-swap reporting, or a profile without hot-swap URCs (polled);
+or unplugged (the fake models a USB drop, its radio keeps running), busy executing a slow
+command (a `delay`/`late-reply` fault: a module answers one command at a time and takes
+nothing, the gate's `+CFUN=4` included, until it answers; only a scan can be aborted), just
+rebooted before the agent re-enabled hot-swap reporting, or a profile without hot-swap URCs (polled);
 such an insert waits until the radio is off (the step becomes a pause; with a polled
 profile the card is pulled first and the insert waits up to 3 s for the agent to switch
 the radio off). Nor a hang, unplug or kill -9 within GATE_S = 0.3 s of a swap (six times
@@ -597,8 +599,12 @@ class InvariantRun:
     # -- the world ----------------------------------------------------------------------------
     def can_insert_while_radio_on(self, state: dict) -> bool:
         """A card may go in with the radio on only when the module announces it and the
-        agent can reach the module."""
-        return (state["plugged"] and not state["hung"] and not self.polling and state["hotswap_active"])
+        agent can reach the module: not while the module itself is slow (a `delay` or
+        `late-reply` fault executing or armed for the next command) - it takes no command
+        on its one AT channel, the gate's included, until it answers (a scan is aborted)."""
+        slow = (state.get("executing") and not state.get("executing_abortable")) or any(
+            kind in ("delay", "late-reply") for kind in state["faults"])
+        return (state["plugged"] and not state["hung"] and not self.polling and state["hotswap_active"] and not slow)
 
     def boot(self, op: Callable[[], Any]) -> None:
         wait = self.world.last_boot + BOOT_GAP_S - time.monotonic()
