@@ -469,12 +469,27 @@ class Enforcer:
             try:
                 await self.modem.client.command(command, RADIO_TIMEOUT, priority=True)
                 return True
+            except CommandTimeout as exc:
+                # Sent but unanswered: the module may have carried it out. Every radio
+                # command the gate sends is evidence, confirmed or not.
+                self._record_unconfirmed(command, exc)
+                if attempt == RADIO_ATTEMPTS:
+                    raise
+                log.info("%s failed (%s), attempt %d of %d", command, exc, attempt, RADIO_ATTEMPTS)
             except _MODEM_ERRORS as exc:
                 if attempt == RADIO_ATTEMPTS:
                     raise
                 log.info("%s failed (%s), attempt %d of %d", command, exc, attempt, RADIO_ATTEMPTS)
             await asyncio.sleep(RETRY_STEP * attempt)
         raise AssertionError("unreachable")
+
+    def _record_unconfirmed(self, command: str, exc: Exception) -> None:
+        self._cfun = None  # whether it took effect is unknown
+        try:
+            self.store.record("radio_unconfirmed", {**self._target_why, "command": command.removeprefix("AT"),
+                                                    "error": str(exc)}, event=False)
+        except sqlite3.Error as error:
+            self._note_evidence_gap(error)
 
     def _record_radio(self, kind: str, command: str, cfun_before: int | None) -> None:
         why = self._target_why

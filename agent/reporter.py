@@ -240,7 +240,7 @@ class Reporter:
         self._control_pending: dict[int, asyncio.Future[bool]] = {}  # mids of status waits
         # (payload, properties, client, mid, qos); a command is acknowledged (PUBACK) only
         # once it has been handled, so none is lost to a full queue: see _on_message.
-        self._commands: asyncio.Queue[tuple[bytes, Any, mqtt.Client, int, int]] = asyncio.Queue(maxsize=COMMAND_QUEUE)
+        self._commands: asyncio.Queue[tuple[bytes, Any, mqtt.Client, int, int]] = asyncio.Queue()
         self._command_worker: asyncio.Task | None = None
         self._read_paused: mqtt.Client | None = None  # reading stopped while the command queue is full
 
@@ -445,7 +445,7 @@ class Reporter:
             self._loop.remove_writer(sock)
 
     def _readable(self, client: mqtt.Client) -> None:
-        if self._commands.full():
+        if self._commands.qsize() >= COMMAND_QUEUE:
             # Backpressure: with the command queue full, stop reading the socket (the
             # broker's sends then wait in TCP) until the command worker takes one.
             sock = client.socket()
@@ -534,17 +534,15 @@ class Reporter:
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         """Commands are acknowledged after they were handled (manual acks), and the
-        socket is not read while the queue is full (`_readable`), so no command is lost
-        after its PUBACK; MQTT 5 also tells the broker our Receive Maximum (the queue's
-        size). Should one arrive with the queue full anyway, it is not acknowledged and
-        comes again with the next session."""
+        socket is not read while COMMAND_QUEUE commands wait (`_readable`), so no command
+        is lost after its PUBACK and the queue stays bounded; MQTT 5 also tells the broker
+        our Receive Maximum."""
         if message.topic != self.topics.cmd or self._on_command is None:
             client.ack(message.mid, message.qos)
             return
-        try:
-            self._commands.put_nowait((message.payload, message.properties, client, message.mid, message.qos))
-        except asyncio.QueueFull:
-            log.warning("MQTT command queue full: command left unacknowledged, the broker sends it again")
+        # One socket read may hold a few packets past the high-water mark: the queue
+        # itself is unbounded, what bounds it is that reading stops at COMMAND_QUEUE.
+        self._commands.put_nowait((message.payload, message.properties, client, message.mid, message.qos))
 
     # -- outbox --------------------------------------------------------------------------
     def _schedule_pump(self) -> None:
@@ -597,7 +595,7 @@ class Reporter:
     async def _serve_commands(self) -> None:
         while True:
             payload, properties, client, mid, qos = await self._commands.get()
-            if self._read_paused is not None:
+            if self._read_paused is not None and self._commands.qsize() < COMMAND_QUEUE // 2:
                 self._resume_reading()
             try:
                 reply = await self._on_command(payload)

@@ -52,6 +52,9 @@ __all__ = ["ATClient", "Response", "ATError", "CommandError", "CommandTimeout", 
            "PortLost", "PortBusy", "PortNotFound"]
 
 
+# How long a caller's command that cannot be aborted may still keep a waiting priority
+# command off the channel before it is given up (SPEC §3: no caller delays the gate).
+PRIORITY_WAIT = 0.1
 # Set (per task) by the radio gate's tasks: all their commands have priority.
 GATE_PRIORITY: contextvars.ContextVar[bool] = contextvars.ContextVar("at_gate_priority", default=False)
 
@@ -172,6 +175,8 @@ class _InFlight:
     abort_wanted: bool = False  # a priority caller came while the line was being written
     aborted: bool = False
     interrupted: bool = False  # the module restarted: no answer will come (see interrupt())
+    given_up: bool = False  # a caller's command given up for a waiting priority command
+    give_up_timer: asyncio.TimerHandle | None = None
 
 
 def _expire(waiter: asyncio.Future) -> None:
@@ -359,10 +364,16 @@ class ATClient:
         return result  # a Response: a Prompt was answered with the payload
 
     def _preempt(self) -> None:
-        """A priority caller arrived: abort the command in flight if V.250 allows it."""
+        """A priority caller arrived: abort the command in flight if V.250 allows it; a
+        caller's command that cannot be aborted is given up if it is still unanswered
+        PRIORITY_WAIT after this (a healthy module answers in milliseconds: one that has
+        not has lost it, e.g. to a hang; its late answer is discarded by the resync)."""
         flight = self._inflight
-        if (flight is None or not flight.abortable or flight.priority or self.lost.done()
-                or self._conn.state is not State.AWAITING):
+        if flight is None or flight.priority or self.lost.done() or self._conn.state is not State.AWAITING:
+            return
+        if not flight.abortable:
+            if flight.give_up_timer is None:
+                flight.give_up_timer = self._loop.call_later(PRIORITY_WAIT, self._give_up_for_priority, flight)
             return
         if flight.timer is None:
             # Still writing the line: a CR now would cut it in two (and the tail would
@@ -389,6 +400,12 @@ class ATClient:
             flight.timer.cancel()
         flight.timer = self._loop.call_later(self.abort_grace, _expire, flight.waiter)
 
+    def _give_up_for_priority(self, flight: _InFlight) -> None:
+        if not flight.waiter.done() and self._conn.state is State.AWAITING:
+            log.info("%s: %r unanswered; given up for a priority command", self.port, self._conn.pending)
+            flight.given_up = True
+            _expire(flight.waiter)
+
     async def _exchange(self, data: bytes, command: str, timeout: float, *, abortable: bool,
                         priority: bool) -> Response | Prompt:
         waiter = self._waiter = self._loop.create_future()
@@ -407,7 +424,7 @@ class ATClient:
             except TimeoutError:
                 if self._conn.state is not State.IDLE:
                     self._conn.command_timed_out()
-                    if not flight.interrupted:
+                    if not (flight.interrupted or flight.given_up):
                         self._timed_out()
                 # else the final result was read in the same loop turn as the timer
                 # fired: the line is in step and the modem did answer (not a failure).
@@ -417,6 +434,8 @@ class ATClient:
         finally:
             if flight.timer is not None:
                 flight.timer.cancel()
+            if flight.give_up_timer is not None:
+                flight.give_up_timer.cancel()
             self._waiter = None
             self._inflight = None
         self._failures = 0

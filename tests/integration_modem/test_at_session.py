@@ -161,7 +161,8 @@ def test_priority_command_jumps_a_queue_of_twenty(fake_modem):
         client = await ATClient.open(fake_modem.port)
         try:
             await client.command("ATE0")
-            fake_modem.fault("delay", seconds=0.3)  # the command in flight is not abortable
+            # The command in flight is not abortable and answers within PRIORITY_WAIT.
+            fake_modem.fault("delay", seconds=0.06)
             in_flight = asyncio.ensure_future(client.command("AT+CGSN", timeout=5))
             await asyncio.sleep(0.02)
             queued = [asyncio.ensure_future(client.command("AT+CSQ", timeout=10)) for _ in range(20)]
@@ -241,3 +242,58 @@ def test_crsm_busy_is_retried(fake_modem):
     fake_modem.sim_insert(ICCID)
     assert run(scenario()) == ICCID
     assert fake_modem.state()["commands"][CRSM_READ_ICCID] == 3
+
+
+def test_a_reboot_voids_the_command_in_flight_and_the_next_one_goes_at_once(fake_modem):
+    """A module that restarts never answers the command it was executing: after its boot
+    URC the caller gets CommandTimeout at once (not after its timeout, not counted as a
+    failure) and the next command - the gate's +CFUN=4 - needs no probe."""
+    async def scenario():
+        client = await ATClient.open(fake_modem.port)
+        try:
+            await client.command("ATE0")
+            fake_modem.fault("drop")  # the reply to the next command is lost
+            started = time.monotonic()
+            caller = asyncio.ensure_future(client.command("AT+CGSN", timeout=30))
+            await asyncio.sleep(0.1)
+            fake_modem.reboot()  # prints RDY ...
+            client.interrupt("modem rebooted")  # what the enforcer does on the boot URC
+            with pytest.raises(CommandTimeout):
+                await caller
+            assert time.monotonic() - started < 1.0
+            sent_before = fake_modem.state()["counters"]["commands"]
+            assert (await client.command("AT+CFUN=4", timeout=2, priority=True)).final.ok
+            assert fake_modem.state()["counters"]["commands"] == sent_before + 1  # no probe first
+            assert client._failures == 0
+        finally:
+            client.close()
+
+    run(scenario())
+
+
+def test_a_callers_command_lost_to_a_hang_does_not_hold_off_the_gate(fake_modem):
+    """The module hung and came back; a caller's AT+CSQ swallowed by the hang waits for its
+    10 s timeout. A priority command does not wait with it: the lost command is given up
+    (not counted as a failure) and the priority command goes after a probe."""
+    from at_commands.client import PRIORITY_WAIT
+
+    async def scenario():
+        client = await ATClient.open(fake_modem.port)
+        try:
+            await client.command("ATE0")
+            fake_modem.fault("hang")
+            caller = asyncio.ensure_future(client.command("AT+CSQ", timeout=10))
+            await asyncio.sleep(0.2)
+            fake_modem.fault("clear")
+            started = time.monotonic()
+            assert (await client.command("AT+CFUN=4", timeout=2, priority=True)).final.ok
+            took = time.monotonic() - started
+            with pytest.raises(CommandTimeout):
+                await caller
+            assert client._failures == 0
+            return took
+        finally:
+            client.close()
+
+    took = run(scenario())
+    assert took < PRIORITY_WAIT + 0.3, took
