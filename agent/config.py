@@ -15,8 +15,6 @@ the secret itself is read only by :meth:`Config.read_secret` and never logged.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import dataclasses
 import os
 import re
@@ -72,6 +70,23 @@ _OPTIONAL_PATH = _pattern(r"(/[^\x00]*)?", 'an absolute path or "" (none)')
 _SERIAL_URL_SCHEMES = ("socket", "rfc2217", "loop", "spy", "alt", "hwgrep")
 
 
+# sun_path holds 107 bytes; the control socket is first bound as DIR/.cXXXXXXXX/s (a
+# private staging directory, agent.control), 13 bytes longer than DIR.
+_SUN_PATH_MAX = 107
+_CONTROL_STAGING_EXTRA = 13
+
+
+def _check_control_socket(value: str) -> str | None:
+    problem = _ABSOLUTE_PATH(value)
+    if problem:
+        return problem
+    directory = os.path.dirname(value.encode())
+    if len(value.encode()) > _SUN_PATH_MAX or len(directory) + _CONTROL_STAGING_EXTRA > _SUN_PATH_MAX:
+        return (f"a Unix socket path may hold {_SUN_PATH_MAX} bytes and simagent binds it in a staging directory "
+                f"{_CONTROL_STAGING_EXTRA} bytes longer than its directory: choose a shorter one, got {_show(value)}")
+    return None
+
+
 def _check_port(value: str) -> str | None:
     if value == "auto" or value.startswith("/"):
         return None
@@ -114,31 +129,11 @@ def _check_topic_prefix(value: str) -> str | None:
     return None
 
 
-def parse_ed25519_public_key(text: str):
-    """An Ed25519 public key from PEM, or base64 of the raw 32 bytes or of DER SPKI.
-
-    Returns ``cryptography``'s ``Ed25519PublicKey``; raises ValueError with a short reason.
-    """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    text = text.strip()
-    if text.startswith("-----BEGIN"):
-        key = serialization.load_pem_public_key(text.encode())
-    else:
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("neither PEM nor base64") from None
-        key = Ed25519PublicKey.from_public_bytes(raw) if len(raw) == 32 else serialization.load_der_public_key(raw)
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError("not an Ed25519 key")
-    return key
-
-
 def _check_public_key(value: str) -> str | None:
+    from agent.evidence import parse_public_key  # the one parser tokens and evidence use; late: cryptography
+
     try:
-        parse_ed25519_public_key(value)
+        parse_public_key(value)
     except ValueError as exc:
         return f"not a usable Ed25519 public key: {exc}"
     return None
@@ -201,7 +196,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("telemetry", "interval", float, 60.0, range=(5, 86400)),
     Key("outbox", "max_events", int, 100_000, range=(100, 10_000_000)),
     Key("outbox", "max_telemetry", int, 10_000, range=(0, 10_000_000)),
-    Key("control", "socket", str, "/run/simagent/control.sock", check=_ABSOLUTE_PATH),
+    Key("control", "socket", str, "/run/simagent/control.sock", check=_check_control_socket),
     Key("log", "level", str, "info", choices=("debug", "info", "warning", "error")),
 )
 

@@ -134,7 +134,9 @@ def peer_credentials(sock: socket.socket) -> Peer:
 class ControlServer:
     """Serves registered operations on a Unix socket inside the daemon's event loop.
 
-    Bounded: request lines up to ``max_request`` bytes, ``max_clients`` connections,
+    Bounded: request lines up to ``max_request`` bytes, ``max_clients`` connections of
+    users other than root, at most ``max_per_uid`` of one uid, ``root_reserve`` kept
+    for root whatever the others hold,
     ``idle_timeout`` seconds of silence per connection (generous: the interactive AT
     console keeps one open), each handler call ``Op.timeout`` seconds."""
 
@@ -145,16 +147,21 @@ class ControlServer:
         *,
         max_request: int = MAX_REQUEST,
         max_clients: int = 16,
+        max_per_uid: int = 4,
+        root_reserve: int = 4,
         idle_timeout: float = 600.0,
     ) -> None:
         self.path = Path(path)
         self.max_request = max_request
         self.max_clients = max_clients
+        self.max_per_uid = max_per_uid
+        self.root_reserve = root_reserve
         self.idle_timeout = idle_timeout
         self._ops: dict[str, Op] = {}
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
         self._clients: set[asyncio.Task] = set()
+        self._per_uid: dict[int, int] = {}  # open connections of each uid
         for op in ops:
             self.register(op)
 
@@ -211,11 +218,16 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
+        peer: Peer | None = None
         try:
-            if len(self._clients) > self.max_clients:
-                await _hang_up(reader, writer, ControlError("busy", "too many control connections"))
-                return
             peer = peer_credentials(writer.get_extra_info("socket"))
+            refusal = self._admission(peer)
+            if refusal is not None:
+                log.warning("control: connection of uid %d (pid %d) refused: %s", peer.uid, peer.pid, refusal)
+                await _hang_up(reader, writer, ControlError("busy", refusal))
+                peer = None
+                return
+            self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), self.idle_timeout)
@@ -239,9 +251,23 @@ class ControlServer:
             pass  # the client went away; nothing to answer
         finally:
             self._clients.discard(task)
+            if peer is not None:
+                self._per_uid[peer.uid] -= 1
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    def _admission(self, peer: Peer) -> str | None:
+        """Why this peer may not open another connection (None: it may). Each uid may
+        hold `max_per_uid`; other users share `max_clients`; root always has
+        `root_reserve` connections of its own, so no group member can lock it out."""
+        mine = self._per_uid.get(peer.uid, 0)
+        if peer.uid == 0:
+            return None if mine < self.root_reserve else "too many control connections for root"
+        if mine >= self.max_per_uid:
+            return f"too many control connections for uid {peer.uid} (at most {self.max_per_uid})"
+        others = sum(n for uid, n in self._per_uid.items() if uid != 0)
+        return None if others < self.max_clients else "too many control connections"
 
     async def _answer(self, line: bytes, peer: Peer) -> dict[str, Any]:
         request_id = None

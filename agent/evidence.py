@@ -155,8 +155,9 @@ def device_public_key_b64(key: Ed25519PrivateKey) -> str:
 
 
 def parse_public_key(text: str) -> Ed25519PublicKey:
-    """An Ed25519 public key given as PEM (SubjectPublicKeyInfo) or as base64 of the raw
-    32 bytes."""
+    """An Ed25519 public key given as PEM (SubjectPublicKeyInfo), or as base64 of the raw
+    32 bytes or of the DER SubjectPublicKeyInfo. The one parser: configuration
+    (`trusted_keys`), tokens and evidence verification all use it."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -173,9 +174,15 @@ def parse_public_key(text: str) -> Ed25519PublicKey:
         raw = base64.b64decode(text, validate=True)
     except binascii.Error as exc:
         raise ValueError("neither PEM nor base64") from exc
-    if len(raw) != 32:
-        raise ValueError(f"base64 key is {len(raw)} bytes, an Ed25519 public key is 32")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    if len(raw) == 32:
+        return Ed25519PublicKey.from_public_bytes(raw)
+    try:
+        key = serialization.load_der_public_key(raw)
+    except ValueError:
+        raise ValueError(f"base64 key is {len(raw)} bytes: neither a raw Ed25519 key (32) nor DER") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("DER key is not Ed25519")
+    return key
 
 
 # -- export -------------------------------------------------------------------------
@@ -184,12 +191,15 @@ def parse_public_key(text: str) -> Ed25519PublicKey:
 def parse_since(text: str) -> int | dt.datetime:
     """`--since`: a decimal number is an entry seq (that entry and all later ones); anything
     else must be an ISO-8601 time (naive means UTC)."""
-    if text.isdigit():
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    if text.isascii() and text.isdigit():
+        if len(text) > 18:  # beyond any entry number (SQLite integers are 64-bit)
+            raise ValueError(f"--since: entry number too large: {shown!r}")
         return int(text)
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"--since: expected an entry number or an ISO-8601 time, got {text!r}") from None
+        raise ValueError(f"--since: expected an entry number or an ISO-8601 time, got {shown!r}") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
 
 

@@ -86,17 +86,21 @@ def verify_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"simagent: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return exitcodes.USAGE
-    except ValueError as exc:
-        print(f"BROKEN: {args.file} is not JSON ({exc})")
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
+        print(f"BROKEN: {args.file} is not JSON ({str(exc)[:200]})")
         return exitcodes.CHECK_FAILED
     pubkey = None
     if args.pubkey is not None:
-        text = Path(args.pubkey).read_text() if os.path.isfile(args.pubkey) else args.pubkey
         try:
+            text = Path(args.pubkey).read_text() if os.path.isfile(args.pubkey) else args.pubkey
             pubkey = parse_public_key(text)
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:
             print(f"simagent: --pubkey: {exc}", file=sys.stderr)
             return exitcodes.USAGE
-    result = verify_bundle(bundle, pubkey)
+    try:
+        result = verify_bundle(bundle, pubkey)
+    except RecursionError:
+        print(f"BROKEN: {args.file} nests its values too deeply to be a bundle")
+        return exitcodes.CHECK_FAILED
     print(result.describe())
     return exitcodes.OK if result.ok else exitcodes.CHECK_FAILED

@@ -424,7 +424,10 @@ def _quarters(text: str) -> int:
     m = re.fullmatch(r"([+-]?)(\d{1,3})", text.strip().strip('"'))
     if not m:
         raise ParseError(f"time zone must be ±quarters: {text!r}")
-    return (-1 if m.group(1) == "-" else 1) * int(m.group(2)) * 15
+    quarters = (-1 if m.group(1) == "-" else 1) * int(m.group(2))
+    if not -48 <= quarters <= 56:  # UTC-12:00 .. UTC+14:00: anything else is not a time zone
+        raise ParseError(f"time zone out of range (quarters of an hour, -48..+56): {text!r}")
+    return quarters * 15
 
 
 def _datetime(date: str, clock: str) -> datetime:

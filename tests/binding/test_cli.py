@@ -174,3 +174,17 @@ def test_bind_show_on_damaged_state_says_so_and_changes_nothing(state, tmp_path,
     assert result.returncode != 0 and "bindings" not in result.stdout
     assert result.stderr.startswith("simagent bind show: ") and "Traceback" not in result.stderr
     assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in state.iterdir()) == before
+
+
+def test_verify_of_absurdly_nested_json_is_broken_not_a_traceback(tmp_path):
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    result = simagent("evidence", "verify", str(nested))
+    assert result.returncode == 1 and result.stdout.startswith("BROKEN: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("since", ["-1", "/etc/passwd", "1" * 60])
+def test_export_since_that_is_no_entry_or_time_is_a_usage_error(state, since):
+    result = simagent("evidence", "export", "--state-dir", str(state), "--since", since)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert "--since" in result.stderr

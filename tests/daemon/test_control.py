@@ -229,7 +229,7 @@ def test_idle_connections_are_closed_and_excess_clients_told_busy(short_dir):
     async def status(args, peer):
         return "up"
 
-    server = ServerThread(short_dir / "c.sock", [Op("status", status)], idle_timeout=0.2, max_clients=1)
+    server = ServerThread(short_dir / "c.sock", [Op("status", status)], idle_timeout=0.2, root_reserve=1)
     try:
         with socket.socket(socket.AF_UNIX) as idle:
             idle.settimeout(5)
@@ -353,3 +353,48 @@ def test_a_streamed_result_is_one_reply_line_and_a_broken_one_is_cut(short_dir):
     finally:
         server.stop()
     assert [source.closed for source in made] == [1, 1, 1]  # closed once each, whatever happened
+
+
+def test_a_group_member_cannot_lock_root_out(short_dir, run_as):
+    """16 idle connections of one group member (issue 10: root was locked out for 600 s):
+    the member gets at most 4, root is always served."""
+    async def status(args, peer):
+        return "up"
+
+    server = ServerThread(short_dir / "c.sock", [Op("status", status)])
+    os.chmod(short_dir, 0o755)
+    os.chown(server.server.path, 0, NOBODY)
+    try:
+        def hold_many():
+            held, refused = [], 0
+            for _ in range(16):
+                conn = socket.socket(socket.AF_UNIX)
+                conn.settimeout(5)
+                conn.connect(str(server.server.path))
+                conn.sendall(b'{"op": "status"}\n')
+                reply = json.loads(conn.makefile().readline())
+                if reply.get("ok"):
+                    held.append(conn)
+                else:
+                    refused += 1
+                    assert reply["error"]["code"] == "busy"
+            # root, meanwhile, is served (asked from the parent while these stay open)
+            os.write(go_write, b"x")
+            os.read(done_read, 1)
+            return {"held": len(held), "refused": refused}
+
+        go_read, go_write = os.pipe()
+        done_read, done_write = os.pipe()
+        import threading
+
+        outcome: dict = {}
+        worker = threading.Thread(target=lambda: outcome.update(run_as(NOBODY, NOBODY, hold_many)))
+        worker.start()
+        os.read(go_read, 1)
+        with BlockingControlClient.connect(server.server.path) as client:
+            assert client.call("status") == "up"
+        os.write(done_write, b"x")
+        worker.join(30)
+        assert outcome["value"] == {"held": 4, "refused": 12}
+    finally:
+        server.stop()

@@ -67,7 +67,7 @@ ERRORS = [
     pytest.param('[binding]\ntrusted_keys = ["not a key"]\n',
                  f"{F}: [binding] trusted_keys: item 1: not a usable Ed25519 public key: neither PEM nor base64", id="key-garbage"),
     pytest.param(f'[binding]\ntrusted_keys = ["""{_rsa_pem()}"""]\n',
-                 f"{F}: [binding] trusted_keys: item 1: not a usable Ed25519 public key: not an Ed25519 key", id="key-rsa"),
+                 f"{F}: [binding] trusted_keys: item 1: not a usable Ed25519 public key: PEM key is not Ed25519", id="key-rsa"),
     pytest.param('[modem]\nprofile = "nokia"\n', re.compile(rf'{F}: \[modem\] profile: expected one of auto, .*generic.*, got "nokia"'), id="profile"),
     pytest.param('[modem]\nport = "COM3"\n', re.compile(rf'{F}: \[modem\] port: expected "auto", a device path or a pyserial URL .*, got "COM3"'), id="port"),
     pytest.param('[device]\nid = "my device"\n', re.compile(rf'{F}: \[device\] id: expected "imei" or 1-64 characters .*, got "my device"'), id="device-id"),
@@ -227,3 +227,29 @@ def test_check_config_entry_point_exit_code(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 78
     assert proc.stderr.strip() == f"{bad}: [mqtt] port: expected a value in 1..65535, got 0"
+
+
+def test_a_control_socket_path_run_could_not_bind_is_refused() -> None:
+    """104 bytes is a valid sun_path, but the daemon binds in a staging directory 13
+    bytes longer than the socket's directory: check-config must say so, not run crash."""
+    long_dir = "/run/" + "d" * 95
+    with pytest.raises(cfgmod.ConfigError, match=r"\[control\] socket.*staging"):
+        cfgmod.from_mapping({"control": {"socket": long_dir + "/c"}}, F)
+    cfgmod.from_mapping({"control": {"socket": "/run/" + "d" * 80 + "/control.sock"}}, F)
+
+
+def test_config_and_tokens_parse_keys_alike() -> None:
+    """One Ed25519 parser: a base64 DER key check-config accepts is a key tokens accept."""
+    from agent.tokens import load_trusted_keys
+
+    public = Ed25519PrivateKey.generate().public_key()
+    der = base64.b64encode(public.public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+    for key in (der, _ed25519_raw_b64(), _ed25519_pem()):
+        cfgmod.from_mapping({"binding": {"trusted_keys": [key]}}, F)
+        assert len(load_trusted_keys([key])) == 1
+    for bad in ("AAAA", _rsa_pem()):
+        with pytest.raises(cfgmod.ConfigError, match="trusted_keys"):
+            cfgmod.from_mapping({"binding": {"trusted_keys": [bad]}}, F)
+        with pytest.raises(ValueError):
+            load_trusted_keys([bad])

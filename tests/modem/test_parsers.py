@@ -239,3 +239,10 @@ def test_network_time():
     for bad in ('+CCLK: "garbage"', "+CTZE: x", "+CSQ: 1,1", '+CCLK: "24/13/40,11:04:05+32"'):
         with pytest.raises(ParseError):
             p.parse_network_time(bad)
+
+
+@pytest.mark.parametrize("line", ['+CTZE: 122', '+CTZV: 122', '+CTZEU: "+200",0,"2026/01/01,00:00:00"', '+CTZE: "-49",0,"2026/01/01,00:00:00"'])
+def test_a_time_zone_out_of_range_is_a_parse_error(line):
+    """Outside input: `+CTZE: 122` raised ValueError from datetime (issue 10)."""
+    with pytest.raises(ParseError, match="time zone out of range"):
+        p.parse_network_time(line)
