@@ -164,6 +164,7 @@ class Enforcer:
         self._booted_at = float("-inf")
         self._rejected_time_line: str | None = None
         self._boot_lines: set[str] = set()  # boot URCs printed since the current boot began
+        self._boots = 0  # boots seen: a radio level learnt across one is not the module's
         self._evidence_gap: dict | None = None  # what the evidence misses while the store failed
         self._retry: asyncio.TimerHandle | None = None
         self._poll_wake = asyncio.Event()
@@ -443,11 +444,14 @@ class Enforcer:
             return
         loop = asyncio.get_running_loop()
         self._radio_changed_at = loop.time()
-        target = self._target
+        target, boots = self._target, self._boots
+        previous = self._cfun
         if not await self._radio_command(f"AT+CFUN={fun}", target):
             return
         self._radio_changed_at = loop.time()
-        previous, self._cfun = self._cfun, fun
+        # A boot in between put the module back to its power-on level: this command's
+        # effect is gone (it is still evidence), and the level is unknown again.
+        self._cfun = fun if boots == self._boots else None
         self._record_radio("radio_blocked" if fun == RADIO_OFF_CFUN else "radio_restored", f"+CFUN={fun}", previous)
 
     async def _reattach(self) -> None:
@@ -524,7 +528,7 @@ class Enforcer:
             await self.modem.initialise()
             await self._read_identity()
             if self._cfun is None and self._radio_idle.is_set() and not self._radio_wake.is_set():
-                self._cfun = await self.modem.get_cfun()  # a policy that never gates still shows it
+                await self._read_cfun()  # a policy that never gates still shows it
         except _MODEM_ERRORS as exc:  # the read that follows fails too, and is retried
             log.warning("modem initialisation failed: %s", exc)
 
@@ -566,11 +570,17 @@ class Enforcer:
         self._sim_changed("sim_removed", line)
 
     async def _read_cfun(self) -> None:
+        """The radio level as the module reports it (after a caller's write, or at start
+        when the gate did not set it); the radio found on while held off is re-gated."""
+        boots = self._boots
         try:
-            self._cfun = await self.modem.get_cfun()
+            level = await self.modem.get_cfun()
         except _MODEM_ERRORS as exc:
-            log.info("+CFUN? after a caller's write failed: %s", exc)
+            log.info("+CFUN? failed: %s", exc)
             return
+        if boots != self._boots:
+            return  # the module rebooted meanwhile: the gate handles that
+        self._cfun = level
         self._publish()
         if self._cfun == RADIO_ON_CFUN and self.held_off:
             self._feed(Input.RADIO_FOUND_ON, {"reason": "radio_found_on", "trigger": "at_write"})
@@ -647,6 +657,7 @@ class Enforcer:
         self._feed(Input.SIM_CHANGED, {"reason": reason, "trigger": line})
 
     def _rebooted(self, line: str) -> None:
+        self._boots += 1
         self._booted_at = asyncio.get_running_loop().time()
         self._boot_lines = set()
         # The module restarted: a command on the wire will never be answered; the gate's
