@@ -17,7 +17,7 @@ from agent.bind_cli import CliSettings, add_state_dir_argument, daemon_call, wit
 from agent.binding import LAST_IMEI_KEY
 from agent.clock import Clock
 from agent.evidence import EvidenceError, load_device_key, parse_public_key, parse_since, verify_bundle, write_bundle
-from agent.store import DB_NAME, connect_read_only
+from agent.store import DB_NAME, connect_read_only, write_atomically
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -52,7 +52,7 @@ def export_command(args: argparse.Namespace, settings: CliSettings) -> int:
             return exitcodes.CHECK_FAILED
     text = json.dumps(bundle, indent=1, ensure_ascii=False) + "\n"
     if args.out:
-        _write_atomically(Path(args.out), text.encode())
+        write_atomically(Path(args.out), text.encode())
         print(f"wrote {len(bundle['entries'])} entries to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
@@ -69,15 +69,6 @@ def _export_directly(settings: CliSettings, key, since) -> dict:
         write_bundle(conn, key, buffer, since=since, device_id=device_id,
                      exported_at=(stamp := Clock().now()).iso(), exported_at_trusted=stamp.trusted)
     return json.loads(buffer.getvalue())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def verify_command(args: argparse.Namespace) -> int:

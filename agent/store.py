@@ -492,7 +492,7 @@ class Store:
                 return
             anchor = {"seq": head[0], "hash": head[1], "event_seq": event_seq}
             try:
-                _write_atomically(self.path.with_name(ANCHOR_NAME), json.dumps(anchor).encode())
+                write_atomically(self.path.with_name(ANCHOR_NAME), json.dumps(anchor).encode())
             except OSError as exc:
                 log.error("evidence anchor not written: %s", exc)
 
@@ -579,7 +579,8 @@ def _anchor_problem(conn: sqlite3.Connection, anchor_path: Path) -> str | None:
     return None
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replaces `path` with `data` so that a crash leaves the old or the new file, never half."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "wb") as handle:
         handle.write(data)
