@@ -231,6 +231,11 @@ class TranscriptModel:
         self.cfun, self.ps_wanted, self.hung = self.boot_cfun, True, False
         self.faults, self.queued, self.executing_until = [], [], None
         self._finals_owed = []
+        # An entry written after a power-on belongs to a command after it (the next
+        # session's first +CFUN=4 comes within ms): a command from before the boot may
+        # only claim entries up to it.
+        for command in self._last.values():
+            command.until = min(command.until, t + self.offset + 0.01)
         self._last = {}  # a retry after a boot repeats nothing from before it
         self._disrupted(t)
 
