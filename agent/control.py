@@ -148,7 +148,7 @@ class ControlServer:
         max_request: int = MAX_REQUEST,
         max_clients: int = 16,
         max_per_uid: int = 4,
-        root_reserve: int = 4,
+        root_reserve: int = 16,
         idle_timeout: float = 600.0,
     ) -> None:
         self.path = Path(path)

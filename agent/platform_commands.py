@@ -124,6 +124,7 @@ class CommandProcessor:
     is_query: Callable[[str], bool]
     is_imei_rewrite: Callable[[str], bool]
     telemetry_range: tuple[int, int] = TELEMETRY_INTERVAL_RANGE
+    refusal_window: float = REFUSAL_WINDOW
     _args: dict[str, dict[str, Arg]] = field(init=False, repr=False)
     # Refusals recorded one by one in the current window, and those only counted since.
     _recorded: int = field(default=0, init=False, repr=False)
@@ -216,7 +217,7 @@ class CommandProcessor:
         now = loop.time()
         if now >= self._window_ends:
             self._flush_refusals()
-            self._recorded, self._window_ends = 0, now + REFUSAL_WINDOW
+            self._recorded, self._window_ends = 0, now + self.refusal_window
         if self._recorded < REFUSALS_RECORDED:
             self._recorded += 1
             log.warning("command %s (id %s) refused: %s: %s", name, request_id, code, message)
@@ -234,9 +235,10 @@ class CommandProcessor:
             return
         counts, self._unrecorded = self._unrecorded, {}
         total = sum(counts.values())
-        log.warning("%d more commands refused in %g s: %s", total, REFUSAL_WINDOW, counts)
+        log.warning("%d more commands refused in %g s: %s", total, self.refusal_window, counts)
         try:
-            self.store.record("command_refused", {"burst": True, "count": total, "codes": counts, "window_s": REFUSAL_WINDOW})
+            self.store.record("command_refused", {"burst": True, "count": total, "codes": counts,
+                                                  "window_s": self.refusal_window})
         except sqlite3.Error as exc:
             log.error("refusal summary not recorded: %s", exc)
 
