@@ -1,0 +1,60 @@
+"""Adversarial review findings (issue 9): each test shows a way the promise, the gate's
+liveness or its evidence still breaks. Real parts: the fake modem on a pty, the real
+client, modem layer, store and Enforcer."""
+
+import asyncio
+
+from agent import at_rules
+
+from .conftest import FOREIGN_ICCID, HOME_ICCID, HOME_IMEI, run
+
+
+def test_a_query_naming_the_hotswap_tag_does_not_swallow_a_sim_swap(open_terminal):
+    """A service-group member (or a token-free P/cmd) may send any read form, e.g.
+    AT+QSIMSTAT?. While it is pending, the protocol core takes every line with that tag
+    for its answer, so Quectel's hot-swap URCs (+QSIMSTAT: 1,0 / 1,1) go to the caller
+    and never reach the gate: a foreign card inserted meanwhile stays on CFUN=1."""
+
+    async def scenario():
+        async with open_terminal(profile="quectel") as t:
+            assert t.started.status == "bound" and t.fake.state()["cfun"] == 1
+            assert at_rules.is_query("AT+QSIMSTAT?")  # no --unsafe, no token needed
+            t.fake.fault("delay", seconds=2.0)  # a slow module: the query is still executing
+            caller = asyncio.create_task(
+                t.enforcer.user_command("AT+QSIMSTAT?", write=False, who={"uid": 1000}))
+            await asyncio.sleep(0.2)
+            t.fake.sim_insert(FOREIGN_ICCID)  # the swap URCs arrive while the query is pending
+            response = await caller
+            print("caller got", response.lines)
+            await t.settle()
+            await asyncio.sleep(1.0)
+            assert FOREIGN_ICCID not in t.attached_iccids(), (
+                f"foreign card attached; gate state {t.enforcer.gate.state}, cfun {t.fake.state()['cfun']}")
+
+    run(scenario())
+
+
+def test_a_flood_of_hotswap_tag_queries_does_not_hide_a_sim_swap(open_terminal):
+    """The same without any modem fault: a group member keeps AT+QSIMSTAT? (a query) in
+    flight back to back; a swap URC that lands while one is pending goes to the caller."""
+
+    async def scenario():
+        async with open_terminal(profile="quectel") as t:
+            assert t.started.status == "bound" and t.fake.state()["cfun"] == 1
+            stop = asyncio.Event()
+
+            async def flood():
+                while not stop.is_set():
+                    await t.enforcer.user_command("AT+QSIMSTAT?", write=False, who={"uid": 1000})
+
+            callers = [asyncio.create_task(flood()) for _ in range(4)]
+            await asyncio.sleep(0.3)
+            t.fake.sim_insert(FOREIGN_ICCID)
+            await t.settle()
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*callers)
+            assert FOREIGN_ICCID not in t.attached_iccids(), (
+                f"foreign card attached; gate state {t.enforcer.gate.state}, cfun {t.fake.state()['cfun']}")
+
+    run(scenario())
