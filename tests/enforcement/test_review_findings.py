@@ -58,3 +58,29 @@ def test_a_flood_of_hotswap_tag_queries_does_not_hide_a_sim_swap(open_terminal):
                 f"foreign card attached; gate state {t.enforcer.gate.state}, cfun {t.fake.state()['cfun']}")
 
     run(scenario())
+
+
+def test_a_timed_out_query_does_not_hide_later_sim_swaps(open_terminal):
+    """A technician's AT+CPIN?;+QSIMSTAT? whose reply the module drops times out; the core
+    then discards every line with those tags as the stale reply until the next command
+    resynchronises it. On a hot-swap profile the gate sends nothing by itself, so a swap
+    made in that window is never seen (no fault at the time of the swap)."""
+
+    async def scenario():
+        async with open_terminal(profile="quectel") as t:
+            assert t.started.status == "bound" and t.fake.state()["cfun"] == 1
+            t.fake.fault("drop")  # one reply lost
+            response = None
+            try:
+                response = await t.enforcer.user_command("AT+CPIN?;+QSIMSTAT?", write=False, who={"uid": 1000})
+            except Exception as exc:  # CommandTimeout after USER_TIMEOUT
+                print("caller:", exc)
+            assert response is None
+            await asyncio.sleep(0.5)  # the modem answers normally again
+            t.fake.sim_insert(FOREIGN_ICCID)
+            await t.settle()
+            await asyncio.sleep(1.0)
+            assert FOREIGN_ICCID not in t.attached_iccids(), (
+                f"foreign card attached; gate state {t.enforcer.gate.state}, cfun {t.fake.state()['cfun']}")
+
+    run(scenario())
