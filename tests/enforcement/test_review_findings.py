@@ -6,7 +6,7 @@ import asyncio
 
 from agent import at_rules
 
-from .conftest import FOREIGN_ICCID, HOME_ICCID, HOME_IMEI, run
+from .conftest import FOREIGN_ICCID, HOME_ICCID, HOME_IMEI, run, sent
 
 
 def test_a_query_naming_the_hotswap_tag_does_not_swallow_a_sim_swap(open_terminal):
@@ -84,3 +84,29 @@ def test_a_timed_out_query_does_not_hide_later_sim_swaps(open_terminal):
                 f"foreign card attached; gate state {t.enforcer.gate.state}, cfun {t.fake.state()['cfun']}")
 
     run(scenario())
+
+
+def test_a_radio_on_overtaken_by_a_swap_is_recorded_with_its_own_cause(open_terminal):
+    """+CFUN=1 for the allowed card is in flight when the tray changes. The module did
+    switch the radio on, so the `radio_restored` entry must say why (the allowed card, its
+    decision): `_record_radio` takes `_target_why` *after* the command, which by then is
+    the next wish's (the swap's), so the entry reads "radio restored: sim_changed"."""
+
+    async def scenario():
+        async with open_terminal(profile="quectel") as t:
+            assert t.started.status == "bound" and t.fake.state()["cfun"] == 1
+            t.fake.sim_remove()
+            await t.cfun(4, "after the removal")
+            await t.status("no_sim")
+            t.fake.fault("delay", seconds=0.3, count=20)  # a slow module: every answer takes 0.3 s
+            before = len(sent(t.fake.transcript, "AT+CFUN=1"))
+            t.fake.sim_insert(HOME_ICCID)
+            await t.until(lambda: len(sent(t.fake.transcript, "AT+CFUN=1")) > before, "the radio-on on the wire", 10)
+            t.fake.sim_insert(FOREIGN_ICCID)  # while +CFUN=1 executes
+            await t.until(lambda: t.enforcer.state()["binding"]["reason"] == "iccid_mismatch", "the violation", 15)
+            await t.cfun(4, "after the foreign card", timeout=10)
+            restored = [e["data"] for e in t.evidence() if e["type"] == "radio_restored"]
+            print(restored)
+            assert restored[-1].get("iccid") == HOME_ICCID and restored[-1].get("reason") != "sim_changed", restored[-1]
+
+    run(scenario(), timeout=60)
