@@ -110,3 +110,31 @@ def test_a_radio_on_overtaken_by_a_swap_is_recorded_with_its_own_cause(open_term
             assert restored[-1].get("iccid") == HOME_ICCID and restored[-1].get("reason") != "sim_changed", restored[-1]
 
     run(scenario(), timeout=60)
+
+
+def test_a_write_checked_before_a_swap_does_not_go_out_after_the_gate(open_terminal):
+    """`user_command` checks `held_off` before it waits for the channel. Root's AT+CFUN=1
+    (allowed: the card is allowed) queues behind a slow query; the tray changes to a
+    foreign card; the gate's +CFUN=4 (priority) goes first, then root's +CFUN=1 goes out
+    while the gate holds the radio off, and the foreign card is on the air until the
+    gate's next decision."""
+
+    async def scenario():
+        async with open_terminal(profile="quectel") as t:
+            assert t.started.status == "bound" and t.fake.state()["cfun"] == 1
+            t.fake.fault("delay", seconds=1.0)  # the next command (a caller's query) is slow
+            query = asyncio.create_task(t.enforcer.user_command("AT+CSQ", write=False, who={"uid": 1000}))
+            await asyncio.sleep(0.1)
+            write = asyncio.create_task(t.enforcer.user_command("AT+CFUN=1", write=True, who={"uid": 0}))
+            await asyncio.sleep(0.1)
+            swapped_at = t.fake.transcript[-1]["t"]
+            t.fake.sim_insert(FOREIGN_ICCID)
+            await asyncio.gather(query, write, return_exceptions=True)
+            await t.status("violation", "iccid_mismatch")
+            await t.cfun(4, "after the foreign card")
+            after = [time for time in sent(t.fake.transcript, "AT+CFUN=1") if time > swapped_at]
+            gate_off = min(time for time in sent(t.fake.transcript, "AT+CFUN=4") if time > swapped_at)
+            assert not [time for time in after if time > gate_off], (
+                "a caller's +CFUN=1 went out after the gate switched the radio off for a foreign card")
+
+    run(scenario())
