@@ -138,3 +138,31 @@ def test_a_write_checked_before_a_swap_does_not_go_out_after_the_gate(open_termi
                 "a caller's +CFUN=1 went out after the gate switched the radio off for a foreign card")
 
     run(scenario())
+
+
+def test_a_second_reboot_within_the_boot_burst_is_not_ignored(open_terminal):
+    """Boot URCs within BOOT_BURST (10 s) of the previous reboot are taken for the same
+    boot. A module that reboots twice in a row (a brown-out loop, or root's AT+CFUN=1,1
+    twice while the card is allowed) comes back from the second boot with its power-on
+    settings: Quectel's hot-swap detection (AT+QSIMDET/QSIMSTAT) is off, and the agent
+    never re-initialises it. The profile is not polled, so a foreign card inserted later
+    is never seen."""
+
+    async def scenario():
+        async with open_terminal(profile="quectel") as t:
+            assert t.started.status == "bound" and t.fake.state()["cfun"] == 1
+            t.fake.reboot()
+            await t.until(lambda: t.fake.state()["hotswap_active"] and t.fake.state()["cfun"] == 1
+                          and t.enforcer.gate.state.value == "allowed", "back after the first reboot")
+            await asyncio.sleep(0.5)
+            t.fake.reboot()  # a second boot, a couple of seconds after the first
+            await asyncio.sleep(2.0)
+            hotswap_after_second_boot = t.fake.state()["hotswap_active"]
+            t.fake.sim_insert(FOREIGN_ICCID)
+            await t.settle()
+            await asyncio.sleep(1.0)
+            assert FOREIGN_ICCID not in t.attached_iccids(), (
+                f"foreign card attached; hot-swap detection after the second boot: {hotswap_after_second_boot}, "
+                f"gate {t.enforcer.gate.state}")
+
+    run(scenario())
