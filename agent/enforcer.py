@@ -433,32 +433,36 @@ class Enforcer:
             if self._detached and self._target is Radio.ON:
                 await self._reattach()
         elif target is Radio.DETACHED and not self._detached:
-            await self._radio_command("AT+CGATT=0", target)
+            why = self._target_why
+            if not await self._radio_command("AT+CGATT=0", target):
+                return
             self._detached = True
-            self._record_radio("radio_blocked", "+CGATT=0", None)
+            self._record_radio("radio_blocked", "+CGATT=0", None, why)
 
     async def _set_cfun(self, fun: int) -> None:
         if self._cfun == fun:
             return
         loop = asyncio.get_running_loop()
         self._radio_changed_at = loop.time()
-        target = self._target
+        target, why = self._target, self._target_why  # the wish this command carries out
         if not await self._radio_command(f"AT+CFUN={fun}", target):
             return
         self._radio_changed_at = loop.time()
         previous, self._cfun = self._cfun, fun
-        self._record_radio("radio_blocked" if fun == RADIO_OFF_CFUN else "radio_restored", f"+CFUN={fun}", previous)
+        self._record_radio("radio_blocked" if fun == RADIO_OFF_CFUN else "radio_restored", f"+CFUN={fun}", previous,
+                           why)
 
     async def _reattach(self) -> None:
         """Undoes a detach once the card is allowed. Before the module has registered
         this fails; a registration URC tries again."""
+        why = self._target_why
         try:
             await self.modem.client.command("AT+CGATT=1", RADIO_TIMEOUT * 5, priority=True)
         except _MODEM_ERRORS as exc:
             log.info("re-attach deferred: %s", exc)
             return
         self._detached = False
-        self._record_radio("radio_restored", "+CGATT=1", None)
+        self._record_radio("radio_restored", "+CGATT=1", None, why)
 
     async def _radio_command(self, command: str, target: Radio | None) -> bool:
         """Sends a radio command with priority, retrying; False when the wish changed meanwhile."""
@@ -475,8 +479,9 @@ class Enforcer:
             await asyncio.sleep(RETRY_STEP * attempt)
         raise AssertionError("unreachable")
 
-    def _record_radio(self, kind: str, command: str, cfun_before: int | None) -> None:
-        why = self._target_why
+    def _record_radio(self, kind: str, command: str, cfun_before: int | None, why: dict) -> None:
+        """`why` is the wish the command carried out, taken when it was sent (the wish may
+        have changed while it was on the wire)."""
         try:
             self.store.record(kind, {**why, "command": command, "cfun_before": cfun_before})
         except sqlite3.Error as exc:  # the radio did change: the next decision records the gap
