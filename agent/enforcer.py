@@ -266,17 +266,26 @@ class Enforcer:
         """A caller's AT command line; the caller has checked who may send it (`write`:
         a root `--unsafe` or a platform token) and `at_rules.check_line` what it is.
         Raises GateRefused, or the client's errors."""
-        if write:
+        def check() -> None:
             if self.held_off and not at_rules.is_harmless_write(line):
                 raise GateRefused(
                     f"refused: the binding gate holds the radio off ({self._gate_words()}) and {line.strip()} could "
                     "bring the card onto the network; lift the gate with a rebind token (simagent bind accept TOKEN) "
                     "or simagent bind reset --reason TEXT")
+
+        def admit() -> None:
+            # Once the channel is the write's, right before it goes on the wire: the gate
+            # may have closed while it waited (the tray changed), so it is judged again.
+            check()
             # Recorded before it is sent: a crash in between leaves the intent, not a gap.
             self.store.record("at_write", {**who, "command": line.strip(), "gate": self.gate.state.value}, event=False)
+
+        if write:
+            check()  # refused at once when it would be
         timeout = SCAN_TIMEOUT if is_abortable(line) else USER_TIMEOUT
         try:
-            return await self.modem.client.command(line.strip(), timeout, check=False, abortable=is_abortable(line))
+            return await self.modem.client.command(line.strip(), timeout, check=False, abortable=is_abortable(line),
+                                                   guard=admit if write else None)
         finally:
             if write:  # whatever it did to the radio, the state document must say so
                 self._cfun = None

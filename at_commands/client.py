@@ -267,7 +267,8 @@ class ATClient:
         return unsubscribe
 
     async def command(self, command: str, timeout: float = 5.0, *, check: bool = True,
-                      priority: bool = False, abortable: bool = False) -> Response:
+                      priority: bool = False, abortable: bool = False,
+                      guard: Callable[[], None] | None = None) -> Response:
         """Send one command; return its response, or raise ``CommandError`` (when
         ``check``), ``CommandTimeout``, ``CommandAborted`` or ``PortLost``.
 
@@ -276,9 +277,12 @@ class ATClient:
         Every command a task sends after ``GATE_PRIORITY.set(True)`` has priority (the
         gate's own tasks: their reads go through the typed modem API).
         ``abortable``: V.250 lets the DTE abort this command while it executes
-        (``commands.is_abortable``)."""
+        (``commands.is_abortable``).
+        ``guard``: called once the channel is this command's, right before the line is
+        written; an exception it raises is raised here and nothing is sent (the radio
+        gate's last word on a caller's write that waited for the channel)."""
         priority = priority or GATE_PRIORITY.get()
-        response = await self._run(command, timeout, priority=priority, abortable=abortable)
+        response = await self._run(command, timeout, priority=priority, abortable=abortable, guard=guard)
         if check and not response.final.ok:
             raise CommandError(command, response)
         return response
@@ -310,7 +314,7 @@ class ATClient:
             raise PortLost(f"{self.port}: {cause or 'closed'}")
 
     async def _run(self, command: str, timeout: float, *, priority: bool, abortable: bool,
-                   payload: bytes | None = None) -> Response:
+                   payload: bytes | None = None, guard: Callable[[], None] | None = None) -> Response:
         self._ensure_alive()
         if priority:
             self._preempt()
@@ -327,6 +331,8 @@ class ATClient:
                     self._ensure_alive()
                     if self._conn.needs_resync:
                         await self._resync()
+                if guard is not None:
+                    guard()
                 self._lines = []
                 data = self._conn.send_command(command, expect_prompt=payload is not None)
                 result = await self._exchange(data, command, timeout, abortable=abortable, priority=priority)
