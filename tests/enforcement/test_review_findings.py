@@ -166,3 +166,29 @@ def test_a_second_reboot_within_the_boot_burst_is_not_ignored(open_terminal):
                 f"gate {t.enforcer.gate.state}")
 
     run(scenario())
+
+
+def test_a_status_read_does_not_swallow_the_allowed_card_coming_back(open_terminal):
+    """SIMCom announces an inserted card with +CPIN: READY. `simagent status` (any group
+    member) and the token-free platform `status` read AT+CPIN? without priority; an
+    insertion that lands while it is pending is taken for its answer. The gate, which
+    holds the radio off for the empty tray, never hears of the card and (the profile is
+    not polled) the terminal stays offline with its own card in."""
+    from agent.status import read_modem_status
+
+    async def scenario():
+        async with open_terminal(profile="simcom") as t:
+            assert t.started.status == "bound" and t.fake.state()["cfun"] == 1
+            t.fake.sim_remove()
+            await t.cfun(4, "after the removal")
+            await t.status("no_sim")
+            t.fake.fault("delay", seconds=0.3, count=30)  # a slow module
+            reads = len(sent(t.fake.transcript, "AT+CPIN?"))
+            status = asyncio.create_task(read_modem_status(t.modem))
+            await t.until(lambda: len(sent(t.fake.transcript, "AT+CPIN?")) > reads, "the status read's AT+CPIN?", 10)
+            t.fake.sim_insert(HOME_ICCID)  # +CPIN: READY while the status read's AT+CPIN? is pending
+            await status
+            t.fake.fault("clear")
+            await t.cfun(1, "after the allowed card came back", timeout=10)
+
+    run(scenario(), timeout=60)
