@@ -19,10 +19,12 @@ def test_a_query_naming_the_hotswap_tag_does_not_swallow_a_sim_swap(open_termina
         async with open_terminal(profile="quectel") as t:
             assert t.started.status == "bound" and t.fake.state()["cfun"] == 1
             assert at_rules.is_query("AT+QSIMSTAT?")  # no --unsafe, no token needed
-            t.fake.fault("delay", seconds=2.0)  # a slow module: the query is still executing
+            # A slow answer (0.3 s, well within the fake's 0.6 s registration delay: with
+            # AT+CSQ in its place the gate's +CFUN=4 comes in time).
+            t.fake.fault("delay", seconds=0.3)
             caller = asyncio.create_task(
                 t.enforcer.user_command("AT+QSIMSTAT?", write=False, who={"uid": 1000}))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
             t.fake.sim_insert(FOREIGN_ICCID)  # the swap URCs arrive while the query is pending
             response = await caller
             print("caller got", response.lines)
