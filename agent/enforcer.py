@@ -191,7 +191,14 @@ class Enforcer:
         and acts. Returns the first decision once the radio is where it says."""
         loop = asyncio.get_running_loop()
         self._failure = loop.create_future()
-        self._unsubscribe = self.modem.subscribe(self._on_modem_event)
+        unsubscribe_urcs = self.modem.subscribe(self._on_modem_event)
+        unsubscribe_lookalikes = self.modem.client.subscribe_lookalikes(self._on_lookalike)
+
+        def unsubscribe() -> None:
+            unsubscribe_urcs()
+            unsubscribe_lookalikes()
+
+        self._unsubscribe = unsubscribe
         self._workers = [loop.create_task(self._radio_worker(), name="gate-radio"),
                          loop.create_task(self._fact_worker(), name="gate-facts"),
                          loop.create_task(self._poll_timer(), name="gate-poll")]
@@ -617,6 +624,20 @@ class Enforcer:
         elif isinstance(event, ModemRebooted):
             if asyncio.get_running_loop().time() - self._booted_at >= BOOT_BURST:
                 self._rebooted(event.line)
+
+    def _on_lookalike(self, line: str) -> None:
+        """A caller's answer line shaped like a SIM-change or boot URC: it may be one the
+        caller's command took for its answer. A boot is handled as one; a SIM line makes
+        the gate look again (a read under way may predate the change: it is redone)."""
+        event = self.modem.event_for(line)
+        if isinstance(event, ModemRebooted):
+            self._on_modem_event(event)
+        elif isinstance(event, (SimInserted, SimRemoved)):
+            if self.gate.read_under_way:
+                self._sim_changed("sim_changed", line)
+            else:
+                self._reason = "sim_report"
+                self._feed(Input.RECHECK, {"reason": "sim_report", "trigger": line})
 
     def _network_time(self, event: NetworkTime) -> None:
         """Network time is outside input: the clock takes it only when plausible, and a

@@ -236,6 +236,11 @@ class ATClient:
         self._line_dirty = False  # a cancelled write may have left half a command line
         self._failures = 0  # consecutive timeouts (commands and probes)
         self._subscribers: list[UrcCallback] = []
+        # Lines taken for a caller's answer (or discarded as a caller's late answer) that
+        # may have been URCs: a pending command that names a URC's tag (AT+QSIMSTAT?,
+        # AT+CPIN?) gets the URC as its answer. The gate hears of them too.
+        self._lookalike_subscribers: list[UrcCallback] = []
+        self._offer_stale = False  # the command whose late answer may still come was a caller's
         self.resync_timeout = resync_timeout
         self.max_failures = max_failures
         self.abort_grace = abort_grace
@@ -263,6 +268,19 @@ class ATClient:
         def unsubscribe() -> None:
             if callback in self._subscribers:
                 self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def subscribe_lookalikes(self, callback: UrcCallback) -> Callable[[], None]:
+        """``callback(line)`` for each answer line of a non-priority command (and each
+        discarded late answer line of one): a URC naming the pending command's tag is
+        taken for its answer, so a subscriber that must not miss a URC looks at these
+        too (the priority callers' own answers are not offered)."""
+        self._lookalike_subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._lookalike_subscribers:
+                self._lookalike_subscribers.remove(callback)
 
         return unsubscribe
 
@@ -383,6 +401,7 @@ class ATClient:
                         priority: bool) -> Response | Prompt:
         waiter = self._waiter = self._loop.create_future()
         flight = self._inflight = _InFlight(waiter, abortable, priority)
+        self._offer_stale = not priority
         try:
             # A short command fits the tty's buffer at once: no coroutine for the write on
             # the hot path of every round trip; `_write` waits for room when it does not.
@@ -507,6 +526,8 @@ class ATClient:
     def _dispatch(self, event) -> None:
         if isinstance(event, Line):
             self._lines.append(event.text)
+            if self._inflight is not None and not self._inflight.priority:
+                self._offer_lookalike(event.text)
         elif isinstance(event, (FinalResult, Aborted, Resynchronised, Prompt)):
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(event)
@@ -517,7 +538,16 @@ class ATClient:
                 except Exception:  # a subscriber's bug must not kill the reader
                     log.exception("URC subscriber failed on %r", event.line)
         elif isinstance(event, Discarded):
+            if event.reason == "stale" and self._offer_stale:
+                self._offer_lookalike(event.text)
             log.debug("%s: discarded %s input %r (%d bytes)", self.port, event.reason, event.text, event.length)
+
+    def _offer_lookalike(self, line: str) -> None:
+        for callback in list(self._lookalike_subscribers):
+            try:
+                callback(line)
+            except Exception:  # a subscriber's bug must not kill the reader
+                log.exception("lookalike subscriber failed on %r", line)
 
     def _shutdown(self, cause: BaseException | None) -> None:
         if self.lost.done():
