@@ -159,6 +159,7 @@ class Enforcer:
         self._sim: dict[str, Any] = {"state": "unknown", "iccid": None, "imsi": None}
         self._sim_known = False
         self._removal_seen = False  # a removal was announced since the last observation
+        self._recheck_after_decision: str | None = None  # a caller's answer looked like a SIM URC
         self._decision: Decision | None = None
         self._decision_waiters: list[asyncio.Future] = []
         self._booted_at = float("-inf")
@@ -388,6 +389,9 @@ class Enforcer:
         why = {"reason": decision.reason or decision.status, "trigger": reason,
                "iccid": self._sim["iccid"], "imei": self._imei()}
         self._feed(verdict_for(decision), why)
+        line, self._recheck_after_decision = self._recheck_after_decision, None
+        if line is not None:
+            self._sim_report(line)
 
     def _note_sim(self, facts: Facts, trigger: str) -> None:
         """Records SIM removal/insertion seen by comparing with the last observation (or
@@ -634,10 +638,15 @@ class Enforcer:
             self._on_modem_event(event)
         elif isinstance(event, (SimInserted, SimRemoved)):
             if self.gate.read_under_way:
-                self._sim_changed("sim_changed", line)
+                # Not gated (a caller's AT+CPIN? flood would then keep the allowed card
+                # off): the read under way decides, and a new read follows at once.
+                self._recheck_after_decision = line
             else:
-                self._reason = "sim_report"
-                self._feed(Input.RECHECK, {"reason": "sim_report", "trigger": line})
+                self._sim_report(line)
+
+    def _sim_report(self, line: str) -> None:
+        self._reason = "sim_report"
+        self._feed(Input.RECHECK, {"reason": "sim_report", "trigger": line})
 
     def _network_time(self, event: NetworkTime) -> None:
         """Network time is outside input: the clock takes it only when plausible, and a
