@@ -163,6 +163,7 @@ class Enforcer:
         self._decision: Decision | None = None
         self._decision_waiters: list[asyncio.Future] = []
         self._booted_at = float("-inf")
+        self._boot_lines: set[str] = set()  # boot URC lines seen since the last boot began
         self._rejected_time_line: str | None = None
         self._evidence_gap: dict | None = None  # what the evidence misses while the store failed
         self._retry: asyncio.TimerHandle | None = None
@@ -626,8 +627,12 @@ class Enforcer:
             else:
                 self._sim_changed("sim_inserted", event.line)
         elif isinstance(event, ModemRebooted):
-            if asyncio.get_running_loop().time() - self._booted_at >= BOOT_BURST:
+            # Another boot line of the same boot (RDY, then PB DONE) is not a new boot;
+            # the same line again is (a module that reboots twice in a row).
+            line = event.line.upper()
+            if asyncio.get_running_loop().time() - self._booted_at >= BOOT_BURST or line in self._boot_lines:
                 self._rebooted(event.line)
+            self._boot_lines.add(line)
 
     def _on_lookalike(self, line: str) -> None:
         """A caller's answer line shaped like a SIM-change or boot URC: it may be one the
@@ -672,6 +677,7 @@ class Enforcer:
 
     def _rebooted(self, line: str) -> None:
         self._booted_at = asyncio.get_running_loop().time()
+        self._boot_lines = set()
         self._cfun = None  # a rebooted module is in its power-on state
         self._detached = False
         try:
