@@ -194,3 +194,25 @@ def test_a_status_read_does_not_swallow_the_allowed_card_coming_back(open_termin
             await t.cfun(1, "after the allowed card came back", timeout=10)
 
     run(scenario(), timeout=60)
+
+
+def test_a_write_that_disarms_sim_detection_does_not_blind_the_gate(open_terminal):
+    """While the card is allowed, root's --unsafe (or a platform token's) AT+QSIMSTAT=0
+    is accepted and recorded; it turns Quectel's SIM-change reports off. The gate only
+    re-reads +CFUN? after a write, the profile is not polled, so the next card inserted —
+    a foreign one — is never checked and attaches. (Recorded, but the gate is bypassed
+    without being lifted.)"""
+
+    async def scenario():
+        async with open_terminal(profile="quectel") as t:
+            assert t.started.status == "bound" and t.fake.state()["cfun"] == 1
+            response = await t.enforcer.user_command("AT+QSIMSTAT=0", write=True, who={"uid": 0})
+            assert response.final.ok
+            await asyncio.sleep(0.3)
+            t.fake.sim_insert(FOREIGN_ICCID)
+            await t.settle()
+            await asyncio.sleep(1.0)
+            assert FOREIGN_ICCID not in t.attached_iccids(), (
+                f"foreign card attached; hot-swap active: {t.fake.state()['hotswap_active']}, gate {t.enforcer.gate.state}")
+
+    run(scenario())
