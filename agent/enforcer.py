@@ -298,6 +298,9 @@ class Enforcer:
         finally:
             if write:  # whatever it did to the radio, the state document must say so
                 self._cfun = None
+                # ... and whatever it did to the module's settings, the ones the gate relies
+                # on (hot-swap reports, error codes, echo) are set again.
+                self._jobs.put_nowait((_Job.REINIT, "at_write"))
                 self._jobs.put_nowait((_Job.READ_CFUN, "at_write"))
                 self._publish()
 
