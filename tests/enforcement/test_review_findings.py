@@ -216,3 +216,30 @@ def test_a_write_that_disarms_sim_detection_does_not_blind_the_gate(open_termina
                 f"foreign card attached; hot-swap active: {t.fake.state()['hotswap_active']}, gate {t.enforcer.gate.state}")
 
     run(scenario())
+
+
+def test_a_scan_joined_to_another_command_does_not_delay_the_gate(open_terminal):
+    """`is_abortable` needs every command of the line to be abortable, so root's
+    AT+CSQ;+COPS=? (a network scan all the same, refused without --unsafe) is sent not
+    abortable: the gate's +CFUN=4 cannot abort it and waits for the whole scan
+    (USER_TIMEOUT, 10 s, on a module whose scan runs longer), while a foreign card
+    inserted meanwhile registers. at_rules says a scan "never delays the radio gate"."""
+
+    async def scenario():
+        async with open_terminal(profile="quectel", scan_seconds=4.0) as t:
+            assert t.started.status == "bound" and t.fake.state()["cfun"] == 1
+            line = "AT+CSQ;+COPS=?"
+            try:
+                at_rules.check_command(line, unsafe=True)  # what the daemon's run_at checks first
+            except at_rules.Refused:
+                return  # refused: nothing can hold the gate back
+            scan = asyncio.create_task(t.enforcer.user_command(line, write=True, who={"uid": 0}))
+            await asyncio.sleep(0.3)
+            t.fake.sim_insert(FOREIGN_ICCID)
+            await t.settle()
+            await asyncio.sleep(0.5)
+            assert FOREIGN_ICCID not in t.attached_iccids(), (
+                f"foreign card attached behind a scan; cfun {t.fake.state()['cfun']}, gate {t.enforcer.gate.state}")
+            await asyncio.gather(scan, return_exceptions=True)
+
+    run(scenario())
