@@ -34,7 +34,7 @@ import re
 from typing import Any
 
 from at_commands import profiles
-from at_commands.commands import is_network_scan
+from at_commands.commands import is_abortable, is_network_scan
 from at_commands.client import Response
 from at_commands.modem import ICCID_FALLBACKS
 from at_commands.protocol import FinalResult, ResultKind
@@ -150,6 +150,11 @@ def check_command(command: str, unsafe: bool) -> None:
         raise Refused("bad_request", "refused: not an AT command (a command line starts with AT)")
     if is_imei_rewrite(command):
         raise Refused("imei_rewrite_refused", "refused: this command rewrites the IMEI; simagent never sends it")
+    if is_network_scan(command) and not is_abortable(command):
+        # Joined to another command the scan cannot be aborted (V.250 defines the abort
+        # for the abortable command alone), so it would hold the radio gate back.
+        raise Refused("bad_request", "refused: send a network scan on a line of its own (AT+COPS=?), "
+                      "so that the radio gate can abort it")
     if not unsafe and not is_query(command):
         what = "this network scan holds the modem for minutes" if is_network_scan(command) else "this command changes the modem"
         raise Refused("unsafe_required", f"refused: {what}; repeat it with --unsafe")

@@ -159,11 +159,12 @@ class Enforcer:
         self._sim: dict[str, Any] = {"state": "unknown", "iccid": None, "imsi": None}
         self._sim_known = False
         self._removal_seen = False  # a removal was announced since the last observation
+        self._recheck_after_decision: str | None = None  # a caller's answer looked like a SIM URC
         self._decision: Decision | None = None
         self._decision_waiters: list[asyncio.Future] = []
         self._booted_at = float("-inf")
         self._rejected_time_line: str | None = None
-        self._boot_lines: set[str] = set()  # boot URCs printed since the current boot began
+        self._boot_lines: set[str] = set()  # boot URC lines (upper case) seen since the current boot began
         self._boots = 0  # boots seen: a radio level learnt across one is not the module's
         self._evidence_gap: dict | None = None  # what the evidence misses while the store failed
         self._retry: asyncio.TimerHandle | None = None
@@ -193,7 +194,14 @@ class Enforcer:
         and acts. Returns the first decision once the radio is where it says."""
         loop = asyncio.get_running_loop()
         self._failure = loop.create_future()
-        self._unsubscribe = self.modem.subscribe(self._on_modem_event)
+        unsubscribe_urcs = self.modem.subscribe(self._on_modem_event)
+        unsubscribe_lookalikes = self.modem.client.subscribe_lookalikes(self._on_lookalike)
+
+        def unsubscribe() -> None:
+            unsubscribe_urcs()
+            unsubscribe_lookalikes()
+
+        self._unsubscribe = unsubscribe
         self._workers = [loop.create_task(self._radio_worker(), name="gate-radio"),
                          loop.create_task(self._fact_worker(), name="gate-facts"),
                          loop.create_task(self._poll_timer(), name="gate-poll")]
@@ -268,20 +276,32 @@ class Enforcer:
         """A caller's AT command line; the caller has checked who may send it (`write`:
         a root `--unsafe` or a platform token) and `at_rules.check_line` what it is.
         Raises GateRefused, or the client's errors."""
-        if write:
+        def check() -> None:
             if self.held_off and not at_rules.is_harmless_write(line):
                 raise GateRefused(
                     f"refused: the binding gate holds the radio off ({self._gate_words()}) and {line.strip()} could "
                     "bring the card onto the network; lift the gate with a rebind token (simagent bind accept TOKEN) "
                     "or simagent bind reset --reason TEXT")
+
+        def admit() -> None:
+            # Once the channel is the write's, right before it goes on the wire: the gate
+            # may have closed while it waited (the tray changed), so it is judged again.
+            check()
             # Recorded before it is sent: a crash in between leaves the intent, not a gap.
             self.store.record("at_write", {**who, "command": line.strip(), "gate": self.gate.state.value}, event=False)
+
+        if write:
+            check()  # refused at once when it would be
         timeout = SCAN_TIMEOUT if is_abortable(line) else USER_TIMEOUT
         try:
-            return await self.modem.client.command(line.strip(), timeout, check=False, abortable=is_abortable(line))
+            return await self.modem.client.command(line.strip(), timeout, check=False, abortable=is_abortable(line),
+                                                   guard=admit if write else None)
         finally:
             if write:  # whatever it did to the radio, the state document must say so
                 self._cfun = None
+                # ... and whatever it did to the module's settings, the ones the gate relies
+                # on (hot-swap reports, error codes, echo) are set again.
+                self._jobs.put_nowait((_Job.REINIT, "at_write"))
                 self._jobs.put_nowait((_Job.READ_CFUN, "at_write"))
                 self._publish()
 
@@ -374,6 +394,9 @@ class Enforcer:
         why = {"reason": decision.reason or decision.status, "trigger": reason,
                "iccid": self._sim["iccid"], "imei": self._imei()}
         self._feed(verdict_for(decision), why)
+        line, self._recheck_after_decision = self._recheck_after_decision, None
+        if line is not None:
+            self._sim_report(line)
 
     def _note_sim(self, facts: Facts, trigger: str) -> None:
         """Records SIM removal/insertion seen by comparing with the last observation (or
@@ -435,16 +458,18 @@ class Enforcer:
             if self._detached and self._target is Radio.ON:
                 await self._reattach()
         elif target is Radio.DETACHED and not self._detached:
-            await self._radio_command("AT+CGATT=0", target)
+            why = self._target_why
+            if not await self._radio_command("AT+CGATT=0", target):
+                return
             self._detached = True
-            self._record_radio("radio_blocked", "+CGATT=0", None)
+            self._record_radio("radio_blocked", "+CGATT=0", None, why)
 
     async def _set_cfun(self, fun: int) -> None:
         if self._cfun == fun:
             return
         loop = asyncio.get_running_loop()
         self._radio_changed_at = loop.time()
-        target, boots = self._target, self._boots
+        target, why, boots = self._target, self._target_why, self._boots  # the wish this command carries out
         previous = self._cfun
         if not await self._radio_command(f"AT+CFUN={fun}", target):
             return
@@ -452,18 +477,20 @@ class Enforcer:
         # A boot in between put the module back to its power-on level: this command's
         # effect is gone (it is still evidence), and the level is unknown again.
         self._cfun = fun if boots == self._boots else None
-        self._record_radio("radio_blocked" if fun == RADIO_OFF_CFUN else "radio_restored", f"+CFUN={fun}", previous)
+        self._record_radio("radio_blocked" if fun == RADIO_OFF_CFUN else "radio_restored", f"+CFUN={fun}", previous,
+                           why)
 
     async def _reattach(self) -> None:
         """Undoes a detach once the card is allowed. Before the module has registered
         this fails; a registration URC tries again."""
+        why = self._target_why
         try:
             await self.modem.client.command("AT+CGATT=1", RADIO_TIMEOUT * 5, priority=True)
         except _MODEM_ERRORS as exc:
             log.info("re-attach deferred: %s", exc)
             return
         self._detached = False
-        self._record_radio("radio_restored", "+CGATT=1", None)
+        self._record_radio("radio_restored", "+CGATT=1", None, why)
 
     async def _radio_command(self, command: str, target: Radio | None) -> bool:
         """Sends a radio command with priority, retrying; False when the wish changed meanwhile."""
@@ -495,8 +522,9 @@ class Enforcer:
         except sqlite3.Error as error:
             self._note_evidence_gap(error)
 
-    def _record_radio(self, kind: str, command: str, cfun_before: int | None) -> None:
-        why = self._target_why
+    def _record_radio(self, kind: str, command: str, cfun_before: int | None, why: dict) -> None:
+        """`why` is the wish the command carried out, taken when it was sent (the wish may
+        have changed while it was on the wire)."""
         try:
             self.store.record(kind, {**why, "command": command, "cfun_before": cfun_before})
         except sqlite3.Error as exc:  # the radio did change: the next decision records the gap
@@ -627,12 +655,31 @@ class Enforcer:
             else:
                 self._sim_changed("sim_inserted", event.line)
         elif isinstance(event, ModemRebooted):
-            # One boot prints several boot URCs (RDY ... PB DONE): the first starts it.
-            # A line this boot already printed, or a URC after the burst, is a new boot.
-            burst_over = asyncio.get_running_loop().time() - self._booted_at >= BOOT_BURST
-            if burst_over or event.line in self._boot_lines:
+            # Another boot line of the same boot (RDY, then PB DONE) is not a new boot;
+            # the same line again is (a module that reboots twice in a row).
+            line = event.line.upper()
+            if asyncio.get_running_loop().time() - self._booted_at >= BOOT_BURST or line in self._boot_lines:
                 self._rebooted(event.line)
-            self._boot_lines.add(event.line)
+            self._boot_lines.add(line)
+
+    def _on_lookalike(self, line: str) -> None:
+        """A caller's answer line shaped like a SIM-change or boot URC: it may be one the
+        caller's command took for its answer. A boot is handled as one; a SIM line makes
+        the gate look again (a read under way may predate the change: it is redone)."""
+        event = self.modem.event_for(line)
+        if isinstance(event, ModemRebooted):
+            self._on_modem_event(event)
+        elif isinstance(event, (SimInserted, SimRemoved)):
+            if self.gate.read_under_way:
+                # Not gated (a caller's AT+CPIN? flood would then keep the allowed card
+                # off): the read under way decides, and a new read follows at once.
+                self._recheck_after_decision = line
+            else:
+                self._sim_report(line)
+
+    def _sim_report(self, line: str) -> None:
+        self._reason = "sim_report"
+        self._feed(Input.RECHECK, {"reason": "sim_report", "trigger": line})
 
     def _network_time(self, event: NetworkTime) -> None:
         """Network time is outside input: the clock takes it only when plausible, and a

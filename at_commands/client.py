@@ -242,6 +242,11 @@ class ATClient:
         self._line_dirty = False  # a cancelled write may have left half a command line
         self._failures = 0  # consecutive timeouts (commands and probes)
         self._subscribers: list[UrcCallback] = []
+        # Lines taken for a caller's answer (or discarded as a caller's late answer) that
+        # may have been URCs: a pending command that names a URC's tag (AT+QSIMSTAT?,
+        # AT+CPIN?) gets the URC as its answer. The gate hears of them too.
+        self._lookalike_subscribers: list[UrcCallback] = []
+        self._offer_stale = False  # the command whose late answer may still come was a caller's
         self.resync_timeout = resync_timeout
         self.max_failures = max_failures
         self.abort_grace = abort_grace
@@ -272,8 +277,22 @@ class ATClient:
 
         return unsubscribe
 
+    def subscribe_lookalikes(self, callback: UrcCallback) -> Callable[[], None]:
+        """``callback(line)`` for each answer line of a non-priority command (and each
+        discarded late answer line of one): a URC naming the pending command's tag is
+        taken for its answer, so a subscriber that must not miss a URC looks at these
+        too (the priority callers' own answers are not offered)."""
+        self._lookalike_subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._lookalike_subscribers:
+                self._lookalike_subscribers.remove(callback)
+
+        return unsubscribe
+
     async def command(self, command: str, timeout: float = 5.0, *, check: bool = True,
-                      priority: bool = False, abortable: bool = False) -> Response:
+                      priority: bool = False, abortable: bool = False,
+                      guard: Callable[[], None] | None = None) -> Response:
         """Send one command; return its response, or raise ``CommandError`` (when
         ``check``), ``CommandTimeout``, ``CommandAborted`` or ``PortLost``.
 
@@ -282,9 +301,12 @@ class ATClient:
         Every command a task sends after ``GATE_PRIORITY.set(True)`` has priority (the
         gate's own tasks: their reads go through the typed modem API).
         ``abortable``: V.250 lets the DTE abort this command while it executes
-        (``commands.is_abortable``)."""
+        (``commands.is_abortable``).
+        ``guard``: called once the channel is this command's, right before the line is
+        written; an exception it raises is raised here and nothing is sent (the radio
+        gate's last word on a caller's write that waited for the channel)."""
         priority = priority or GATE_PRIORITY.get()
-        response = await self._run(command, timeout, priority=priority, abortable=abortable)
+        response = await self._run(command, timeout, priority=priority, abortable=abortable, guard=guard)
         if check and not response.final.ok:
             raise CommandError(command, response)
         return response
@@ -331,7 +353,7 @@ class ATClient:
             raise PortLost(f"{self.port}: {cause or 'closed'}")
 
     async def _run(self, command: str, timeout: float, *, priority: bool, abortable: bool,
-                   payload: bytes | None = None) -> Response:
+                   payload: bytes | None = None, guard: Callable[[], None] | None = None) -> Response:
         self._ensure_alive()
         if priority:
             self._preempt()
@@ -348,6 +370,8 @@ class ATClient:
                     self._ensure_alive()
                     if self._conn.needs_resync:
                         await self._resync()
+                if guard is not None:
+                    guard()
                 self._lines = []
                 data = self._conn.send_command(command, expect_prompt=payload is not None)
                 result = await self._exchange(data, command, timeout, abortable=abortable, priority=priority)
@@ -410,6 +434,7 @@ class ATClient:
                         priority: bool) -> Response | Prompt:
         waiter = self._waiter = self._loop.create_future()
         flight = self._inflight = _InFlight(waiter, abortable, priority)
+        self._offer_stale = not priority
         try:
             # A short command fits the tty's buffer at once: no coroutine for the write on
             # the hot path of every round trip; `_write` waits for room when it does not.
@@ -538,6 +563,8 @@ class ATClient:
     def _dispatch(self, event) -> None:
         if isinstance(event, Line):
             self._lines.append(event.text)
+            if self._inflight is not None and not self._inflight.priority:
+                self._offer_lookalike(event.text)
         elif isinstance(event, (FinalResult, Aborted, Resynchronised, Prompt)):
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(event)
@@ -548,7 +575,16 @@ class ATClient:
                 except Exception:  # a subscriber's bug must not kill the reader
                     log.exception("URC subscriber failed on %r", event.line)
         elif isinstance(event, Discarded):
+            if event.reason == "stale" and self._offer_stale:
+                self._offer_lookalike(event.text)
             log.debug("%s: discarded %s input %r (%d bytes)", self.port, event.reason, event.text, event.length)
+
+    def _offer_lookalike(self, line: str) -> None:
+        for callback in list(self._lookalike_subscribers):
+            try:
+                callback(line)
+            except Exception:  # a subscriber's bug must not kill the reader
+                log.exception("lookalike subscriber failed on %r", line)
 
     def _shutdown(self, cause: BaseException | None) -> None:
         if self.lost.done():

@@ -585,6 +585,11 @@ class FakeModemState:
         if _norm(full) in {_norm(c) for c in self.profile.hotswap_enable}:
             self.hotswap_sent.add(_norm(full))
             return []
+        for enable in self.profile.hotswap_enable:  # the same setting with another value: detection off
+            name = _norm(enable).split("=")[0]
+            if "=" in _norm(full) and "?" not in full and _norm(full).split("=")[0] == name:
+                self.hotswap_sent.discard(_norm(enable))
+                return []
         if self.profile.iccid_command and _norm(full) == _norm(self.profile.iccid_command):
             return [f"{self.profile.iccid_tag} {self._read_iccid()}"]
         if upper == "":
