@@ -61,7 +61,7 @@ _HARMLESS_WRITES = (
     re.compile(r"\+COPS=[23](,.*)?"),
     re.compile(r"\+C(5G|E|G)?REG=[0-5]"),
     re.compile(r"\+(CMEE|CTZR|CTZU|CMGF|CSCS|CNMI|CSCON)=.*"),
-    re.compile(r"E[01]?|V[01]|Q0"),
+    re.compile(r"E[01]?|V1|Q0"),
     re.compile(r"\+CPIN=.*"),
 )
 
@@ -142,6 +142,20 @@ def is_imei_rewrite(command: str) -> bool:
     return any(p.is_imei_rewrite(c) for p in profiles.PROFILES.values() for c in candidates)
 
 
+# Settings that change how the module frames its answers (numeric result codes, no
+# result codes, another line terminator): the AT session could no longer tell one
+# answer from the next, so no caller may send them.
+_SESSION_BREAKING = re.compile(r"V0|Q1|S[34]=")
+
+
+def breaks_the_session(command: str) -> bool:
+    """True when a basic command of the line (V.250 chains them: ``ATE0V0``) would change
+    the framing of the module's answers."""
+    commands = split_commands(command)
+    basic = (re.split(r"[+^#$%*]", c[2:], maxsplit=1)[0] for c in commands or ())
+    return any(_SESSION_BREAKING.search(part) for part in basic)
+
+
 def check_command(command: str, unsafe: bool) -> None:
     """Raises ``Refused`` unless ``command`` may be sent (with ``unsafe`` for writes)."""
     if any(not 32 <= ord(c) < 127 for c in command.strip()):
@@ -150,6 +164,9 @@ def check_command(command: str, unsafe: bool) -> None:
         raise Refused("bad_request", "refused: not an AT command (a command line starts with AT)")
     if is_imei_rewrite(command):
         raise Refused("imei_rewrite_refused", "refused: this command rewrites the IMEI; simagent never sends it")
+    if breaks_the_session(command):
+        raise Refused("bad_request", "refused: this setting changes how the modem frames its answers (V0, Q1, S3=, S4=); "
+                                     "simagent's AT session depends on them")
     if is_network_scan(command) and not is_abortable(command):
         # Joined to another command the scan cannot be aborted (V.250 defines the abort
         # for the abortable command alone), so it would hold the radio gate back.

@@ -159,7 +159,7 @@ class Daemon:
         # module stopped answering, a soft reset) may still carry the old session's late
         # answers: the first command then resynchronises first, so a stale OK is never
         # taken for the gate's +CFUN=4. A module that was just plugged in has none.
-        stale_answers = False
+        stale_answers = True  # at start or after a restart: a previous session's answers may still come
         while True:
             port = await self._find_port()
             try:

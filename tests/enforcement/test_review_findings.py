@@ -3,8 +3,10 @@ liveness or its evidence still breaks. Real parts: the fake modem on a pty, the 
 client, modem layer, store and Enforcer."""
 
 import asyncio
+import contextlib
 
 from agent import at_rules
+from at_commands.client import CommandTimeout
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, HOME_IMEI, run, sent
 
@@ -26,8 +28,8 @@ def test_a_query_naming_the_hotswap_tag_does_not_swallow_a_sim_swap(open_termina
                 t.enforcer.user_command("AT+QSIMSTAT?", write=False, who={"uid": 1000}))
             await asyncio.sleep(0.1)
             t.fake.sim_insert(FOREIGN_ICCID)  # the swap URCs arrive while the query is pending
-            response = await caller
-            print("caller got", response.lines)
+            with contextlib.suppress(CommandTimeout):  # given up for the gate (client.PRIORITY_WAIT)
+                await caller
             await t.settle()
             await asyncio.sleep(1.0)
             assert FOREIGN_ICCID not in t.attached_iccids(), (

@@ -133,3 +133,12 @@ def test_at_goes_through_the_daemon_when_it_runs(cli, control_server):
 
     refused = cli("at", "AT+CFUN=4")  # refused locally, the daemon never asked
     assert refused.returncode == 1 and len(seen) == 1
+
+
+@pytest.mark.parametrize("command", ["ATV0", "ATQ1", "ATS3=10", "ATS4=13", "ATE0V0", "AT+CSQ;S4=1", "at v0"])
+def test_settings_that_break_the_at_session_are_refused_always(command):
+    """Numeric or no result codes, another line terminator: the session could no longer
+    tell one answer from the next (review of issue 9)."""
+    with pytest.raises(Refused) as refused:
+        check_command(command, unsafe=True)
+    assert "frames its answers" in str(refused.value)

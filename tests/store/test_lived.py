@@ -128,3 +128,46 @@ def test_a_locked_database_is_unavailable_not_damaged(tmp_path):
     s, resets = reopened(state)
     assert resets == [] and [b.iccid for b in s.read().bindings()] == ["89860012345678901234"]
     s.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only; CI runs as root): a disk that can really fill up."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_at_open_is_unavailable_not_damage(small_disk):
+    """Issue 10: a full disk at open moved the healthy DB aside, left a 0-byte state.db and
+    exited with a traceback; once space was free the bindings were gone, no reset said."""
+    state = lived(small_disk / "state")
+    for sidecar in ("state.db-wal", "state.db-shm"):
+        (state / sidecar).unlink(missing_ok=True)
+    import os
+
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass  # ENOSPC: the disk is full
+    finally:
+        os.close(fd)
+    before = sorted(p.name for p in state.iterdir())
+    with pytest.raises(StoreUnavailable):
+        Store.open(state, clock=FixedClock(), busy_timeout=0.2)
+    assert not list(state.glob("state.db.corrupt-*"))
+    assert (state / "state.db").stat().st_size > 0
+    assert sorted(p.name for p in state.iterdir() if not p.name.startswith("state.db-")) == [
+        n for n in before if not n.startswith("state.db-")]
+    filler.unlink()
+    s, resets = reopened(state)
+    assert resets == [] and [b.iccid for b in s.read().bindings()] == ["89860012345678901234"]
+    s.close()
