@@ -29,7 +29,7 @@ class TokenRefused(Exception):
         self.code = code
 
 
-def token(act: str = "rebind", *, exp_in: float = 300, key=SIGNING_KEY, jti: str | None = None) -> str:
+def token(act: str = "rebind", *, exp_in: float = 3600, key=SIGNING_KEY, jti: str | None = None) -> str:
     claims = {"sub": IMEI, "iccid": ICCID, "act": act, "exp": int(time.time() + exp_in), "jti": jti or str(uuid.uuid4())}
     return jwt.encode(claims, key, algorithm="EdDSA")
 
