@@ -178,6 +178,7 @@ class Daemon:
                     await asyncio.sleep(wait)
                     wait = min(wait * 2, MODEM_RETRY_S[1])
                 continue
+            opened_at = asyncio.get_running_loop().time()
             try:
                 await self._modem_session(modem, port)
                 wait = MODEM_RETRY_S[0]
@@ -190,8 +191,12 @@ class Daemon:
                 self.enforcer = None
                 self._modem_port = None
                 self._state_changed()
-            # A replugged module is gated the moment it is back.
-            stale_answers = not await self._port_appears(port, wait)
+            # A replugged module is gated the moment it is back: after a session that ran a
+            # while, at once even when the port is there already (unplugged and plugged
+            # back within milliseconds: it booted with RF on). A session that ended at
+            # once is retried after `wait` (no busy loop on a port that fails).
+            lasted = asyncio.get_running_loop().time() - opened_at
+            stale_answers = not await self._port_appears(port, 0.0 if lasted >= MODEM_RETRY_S[0] else wait)
 
     async def _modem_session(self, modem: Modem, port: str) -> None:
         """The enforcer gates the radio before anything else is sent, then initialises

@@ -49,7 +49,7 @@ from agent.binding import (DETACH, IMEI_UNREADABLE, LAST_IMEI_KEY, RADIO_OFF, RA
                            BindingPolicy, Decision, Observation, evaluate, reset_bindings)
 from agent.gate import Action, Gate, GateState, Input
 from agent.store import Binding, Store
-from at_commands.client import GATE_PRIORITY, CommandError, CommandTimeout, PortLost, Response
+from at_commands.client import GATE_PRIORITY, GATE_RADIO, GATE_READ, CommandError, CommandTimeout, PortLost, Response
 from at_commands.commands import is_abortable
 from at_commands.modem import (Identity, Modem, ModemEvent, ModemRebooted, NetworkTime, RegistrationChanged,
                                SimInserted, SimRemoved)
@@ -434,7 +434,7 @@ class Enforcer:
             await asyncio.sleep(0)
 
     async def _radio_worker(self) -> None:
-        GATE_PRIORITY.set(True)  # this task's context only
+        GATE_PRIORITY.set(GATE_RADIO)  # this task's context only
         while True:
             await self._radio_wake.wait()
             self._radio_wake.clear()
@@ -485,7 +485,7 @@ class Enforcer:
         this fails; a registration URC tries again."""
         why = self._target_why
         try:
-            await self.modem.client.command("AT+CGATT=1", RADIO_TIMEOUT * 5, priority=True)
+            await self.modem.client.command("AT+CGATT=1", RADIO_TIMEOUT * 5, priority=GATE_RADIO)
         except _MODEM_ERRORS as exc:
             log.info("re-attach deferred: %s", exc)
             return
@@ -498,7 +498,7 @@ class Enforcer:
             if target is not self._target:
                 return False
             try:
-                await self.modem.client.command(command, RADIO_TIMEOUT, priority=True)
+                await self.modem.client.command(command, RADIO_TIMEOUT, priority=GATE_RADIO)
                 return True
             except CommandTimeout as exc:
                 # Sent but unanswered: the module may have carried it out. Every radio
@@ -537,7 +537,7 @@ class Enforcer:
     async def _fact_worker(self) -> None:
         # The gate's reads go first too: a caller's scan never stands between a changed
         # tray and its decision (and the radio coming back for an allowed card).
-        GATE_PRIORITY.set(True)
+        GATE_PRIORITY.set(GATE_READ)
         while True:
             job, reason = await self._jobs.get()
             await self._radio_settled()  # the gate goes first

@@ -55,8 +55,13 @@ __all__ = ["ATClient", "Response", "ATError", "CommandError", "CommandTimeout", 
 # How long a caller's command that cannot be aborted may still keep a waiting priority
 # command off the channel before it is given up (SPEC §3: no caller delays the gate).
 PRIORITY_WAIT = 0.1
-# Set (per task) by the radio gate's tasks: all their commands have priority.
-GATE_PRIORITY: contextvars.ContextVar[bool] = contextvars.ContextVar("at_gate_priority", default=False)
+# Priority levels: a caller's command (0), the radio gate's reads (GATE_READ) and its
+# radio commands (GATE_RADIO). Both gate levels go before every caller; a command in
+# flight of a lower level than one that arrives is aborted (an abortable caller command)
+# or given up after PRIORITY_WAIT, so not even the gate's own read can hold off +CFUN=4.
+GATE_READ, GATE_RADIO = 1, 2
+# Set (per task) by the radio gate's tasks: all their commands have that priority.
+GATE_PRIORITY: contextvars.ContextVar[int] = contextvars.ContextVar("at_gate_priority", default=0)
 
 
 class ATError(Exception):
@@ -170,7 +175,7 @@ class _InFlight:
 
     waiter: asyncio.Future
     abortable: bool
-    priority: bool
+    priority: int  # 0 (a caller), GATE_READ or GATE_RADIO
     timer: asyncio.TimerHandle | None = None  # set once the line is written
     abort_wanted: bool = False  # a priority caller came while the line was being written
     aborted: bool = False
@@ -291,7 +296,7 @@ class ATClient:
         return unsubscribe
 
     async def command(self, command: str, timeout: float = 5.0, *, check: bool = True,
-                      priority: bool = False, abortable: bool = False,
+                      priority: bool | int = False, abortable: bool = False,
                       guard: Callable[[], None] | None = None) -> Response:
         """Send one command; return its response, or raise ``CommandError`` (when
         ``check``), ``CommandTimeout``, ``CommandAborted`` or ``PortLost``.
@@ -305,7 +310,7 @@ class ATClient:
         ``guard``: called once the channel is this command's, right before the line is
         written; an exception it raises is raised here and nothing is sent (the radio
         gate's last word on a caller's write that waited for the channel)."""
-        priority = priority or GATE_PRIORITY.get()
+        priority = max(int(priority), GATE_PRIORITY.get())
         response = await self._run(command, timeout, priority=priority, abortable=abortable, guard=guard)
         if check and not response.final.ok:
             raise CommandError(command, response)
@@ -352,12 +357,12 @@ class ATClient:
             cause = self.lost.result()
             raise PortLost(f"{self.port}: {cause or 'closed'}")
 
-    async def _run(self, command: str, timeout: float, *, priority: bool, abortable: bool,
+    async def _run(self, command: str, timeout: float, *, priority: int, abortable: bool,
                    payload: bytes | None = None, guard: Callable[[], None] | None = None) -> Response:
         self._ensure_alive()
         if priority:
-            self._preempt()
-        await self._channel.acquire(priority)
+            self._preempt(int(priority))
+        await self._channel.acquire(bool(priority))
         try:
             try:
                 self._ensure_alive()
@@ -387,15 +392,15 @@ class ATClient:
             self._channel.release()
         return result  # a Response: a Prompt was answered with the payload
 
-    def _preempt(self) -> None:
+    def _preempt(self, level: int) -> None:
         """A priority caller arrived: abort the command in flight if V.250 allows it; a
         caller's command that cannot be aborted is given up if it is still unanswered
         PRIORITY_WAIT after this (a healthy module answers in milliseconds: one that has
         not has lost it, e.g. to a hang; its late answer is discarded by the resync)."""
         flight = self._inflight
-        if flight is None or flight.priority or self.lost.done() or self._conn.state is not State.AWAITING:
+        if flight is None or flight.priority >= level or self.lost.done() or self._conn.state is not State.AWAITING:
             return
-        if not flight.abortable:
+        if not flight.abortable or flight.priority:
             if flight.give_up_timer is None:
                 flight.give_up_timer = self._loop.call_later(PRIORITY_WAIT, self._give_up_for_priority, flight)
             return
@@ -431,7 +436,7 @@ class ATClient:
             _expire(flight.waiter)
 
     async def _exchange(self, data: bytes, command: str, timeout: float, *, abortable: bool,
-                        priority: bool) -> Response | Prompt:
+                        priority: int) -> Response | Prompt:
         waiter = self._waiter = self._loop.create_future()
         flight = self._inflight = _InFlight(waiter, abortable, priority)
         self._offer_stale = not priority
