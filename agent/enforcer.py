@@ -768,6 +768,8 @@ class Enforcer:
         if task.cancelled():
             return
         exc = task.exception() or RuntimeError(f"{task.get_name()} ended")
+        if isinstance(exc, PortLost):
+            return  # the client's `lost` ends the session (and says why)
         if self._failure is not None and not self._failure.done():
             self._failure.set_exception(exc)  # PortLost or a bug: out of run()
 

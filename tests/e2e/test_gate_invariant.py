@@ -37,7 +37,9 @@ a card that the module cannot announce going in while its radio is on - the modu
 or unplugged (the fake models a USB drop, its radio keeps running), busy executing a slow
 command (a `delay`/`late-reply` fault: a module answers one command at a time and takes
 nothing, the gate's `+CFUN=4` included, until it answers; only a scan can be aborted), just
-rebooted before the agent re-enabled hot-swap reporting, or a profile without hot-swap URCs (polled);
+rebooted before the agent re-enabled hot-swap reporting, or a profile without hot-swap URCs (polled); nor a
+`delay`/`late-reply` fault armed within GATE_S of a swap (it would make the module slow on
+the gate's own command);
 such an insert waits until the radio is off (the step becomes a pause; with a polled
 profile the card is pulled first and the insert waits up to 3 s for the agent to switch
 the radio off). Nor a hang, unplug or kill -9 within GATE_S = 0.3 s of a swap (six times
@@ -624,8 +626,10 @@ class InvariantRun:
 
     def let_the_gate_act(self) -> None:
         """A hang, unplug or kill -9 right on the heels of a swap or boot would take the
-        modem away before any gate could act: they come GATE_S after the last change, and
-        GATE_AFTER_BOOT_S after the last boot, at the earliest."""
+        modem away before any gate could act, and a module made slow (`delay`,
+        `late-reply`) then would take nothing, the gate's command included, until it
+        answers: they come GATE_S after the last change, and GATE_AFTER_BOOT_S after the
+        last boot, at the earliest."""
         wait = max(self.world.last_change + GATE_S, self.world.last_boot + GATE_AFTER_BOOT_S) - time.monotonic()
         if wait > 0:
             time.sleep(wait)
@@ -699,11 +703,14 @@ class InvariantRun:
             self.modem.fault("clear")
             self.note("fault clear")
         elif kind in ("garbage", "late_reply", "busy", "drop"):
+            if kind == "late_reply":
+                self.let_the_gate_act()  # a module slow to answer right after a swap: see can_insert_while_radio_on
             count = 1 + int(r[0] * 3)
             self.modem.fault(kind.replace("_", "-"), count=count)
             self.note(f"fault {kind.replace('_', '-')} count={count}")
             time.sleep(r[3] * 0.3)
         elif kind == "delay":
+            self.let_the_gate_act()
             seconds = round(0.5 + r[0] * 2.5, 1)
             self.modem.fault("delay", seconds=seconds)
             self.note(f"fault delay={seconds}")
