@@ -37,12 +37,11 @@ a card that the module cannot announce going in while its radio is on - the modu
 or unplugged (the fake models a USB drop, its radio keeps running), busy executing a slow
 command (a `delay`/`late-reply` fault: a module answers one command at a time and takes
 nothing, the gate's `+CFUN=4` included, until it answers; only a scan can be aborted), just
-rebooted before the agent re-enabled hot-swap reporting, or a profile without hot-swap URCs (polled); nor a
-`delay`/`late-reply` fault armed within GATE_S of a swap (it would make the module slow on
-the gate's own command);
-such an insert waits until the radio is off (the step becomes a pause; with a polled
-profile the card is pulled first and the insert waits up to 3 s for the agent to switch
-the radio off). Nor a hang, unplug or kill -9 within GATE_S = 0.3 s of a swap (six times
+rebooted before the agent re-enabled hot-swap reporting, or a profile without hot-swap
+URCs (polled); such an insert waits until the radio is off (the step becomes a pause; with
+a polled profile the card is pulled first and the insert waits up to 3 s for the agent to
+switch the radio off). Nor a hang, unplug, kill -9, or a `delay`/`late-reply` fault (it
+would make the module slow on the gate's own command) within GATE_S = 0.3 s of a swap (six times
 the gate's 50 ms target) or GATE_AFTER_BOOT_S = 0.8 s of a boot (the replug target is
 300 ms): the step waits that long first. Nor reboots closer than
 BOOT_GAP_S = 1.5 s to each other (the fake boots instantly, a module takes seconds). A
