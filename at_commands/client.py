@@ -55,6 +55,8 @@ __all__ = ["ATClient", "Response", "ATError", "CommandError", "CommandTimeout", 
 # How long a caller's command that cannot be aborted may still keep a waiting priority
 # command off the channel before it is given up (SPEC §3: no caller delays the gate).
 PRIORITY_WAIT = 0.1
+# How long the gate's own resynchronisation probe waits for its answer.
+PRIORITY_PROBE_WAIT = 0.5
 # Priority levels: a caller's command (0), the radio gate's reads (GATE_READ) and its
 # radio commands (GATE_RADIO). Both gate levels go before every caller; a command in
 # flight of a lower level than one that arrives is aborted (an abortable caller command)
@@ -367,14 +369,16 @@ class ATClient:
             try:
                 self._ensure_alive()
                 if self._conn.needs_resync:
-                    await self._resync()
-                while not priority and self._channel.priority_waiting():
-                    # A priority caller came while we queued or resynchronised: it goes first.
+                    await self._resync(priority)
+                while self._conn.needs_resync or (not priority and self._channel.priority_waiting()):
+                    # A higher-priority caller came while we queued or resynchronised (and
+                    # cut our resynchronisation short): it goes first; we queue again, a
+                    # caller at the front of its class, the gate's read behind the radio.
                     self._channel.release()
-                    await self._channel.acquire(False, front=True)
+                    await self._channel.acquire(bool(priority), front=not priority)
                     self._ensure_alive()
                     if self._conn.needs_resync:
-                        await self._resync()
+                        await self._resync(priority)
                 if guard is not None:
                     guard()
                 self._lines = []
@@ -398,7 +402,13 @@ class ATClient:
         PRIORITY_WAIT after this (a healthy module answers in milliseconds: one that has
         not has lost it, e.g. to a hang; its late answer is discarded by the resync)."""
         flight = self._inflight
-        if flight is None or flight.priority >= level or self.lost.done() or self._conn.state is not State.AWAITING:
+        if flight is None or flight.priority >= level or self.lost.done():
+            return
+        if self._conn.state in (State.PROBING, State.PROBE_ANSWERED):  # a caller's resynchronisation
+            if flight.give_up_timer is None:
+                flight.give_up_timer = self._loop.call_later(PRIORITY_WAIT, self._give_up_for_priority, flight)
+            return
+        if self._conn.state is not State.AWAITING:
             return
         if not flight.abortable or flight.priority:
             if flight.give_up_timer is None:
@@ -430,7 +440,7 @@ class ATClient:
         flight.timer = self._loop.call_later(self.abort_grace, _expire, flight.waiter)
 
     def _give_up_for_priority(self, flight: _InFlight) -> None:
-        if not flight.waiter.done() and self._conn.state is State.AWAITING:
+        if not flight.waiter.done() and self._conn.state in (State.AWAITING, State.PROBING, State.PROBE_ANSWERED):
             log.info("%s: %r unanswered; given up for a priority command", self.port, self._conn.pending)
             flight.given_up = True
             _expire(flight.waiter)
@@ -493,13 +503,17 @@ class ATClient:
             self._ensure_alive()  # raises PortLost
             raise
 
-    async def _resync(self) -> None:
+    async def _resync(self, level: int = 0) -> None:
         """Probe until the line is in step (each probe distinguishable from the older
-        ones); every unanswered probe counts towards ``max_failures``."""
+        ones); every unanswered probe counts towards ``max_failures``. The gate's probes
+        wait PRIORITY_PROBE_WAIT, not ``resync_timeout`` (a module that answers at all
+        answers ATS3? in milliseconds; one lost to a hang is re-probed sooner). A caller's
+        resynchronisation given up for a priority command returns unfinished."""
+        silent_since = self._loop.time()  # failures count per resync_timeout of silence
         while True:
             self._ensure_alive()
             waiter = self._waiter = self._loop.create_future()
-            flight = self._inflight = _InFlight(waiter, False, False)
+            flight = self._inflight = _InFlight(waiter, False, level)
             try:
                 data = self._conn.send_probe()
                 if self._line_dirty:
@@ -508,19 +522,25 @@ class ATClient:
                     data = b"\r" + data
                     self._line_dirty = False
                 await self._write(data)
-                flight.timer = self._loop.call_later(self.resync_timeout, _expire, waiter)
+                wait = min(self.resync_timeout, PRIORITY_PROBE_WAIT) if level else self.resync_timeout
+                flight.timer = self._loop.call_later(wait, _expire, waiter)
                 await waiter
             except TimeoutError:
                 if self._conn.state is State.IDLE:  # answered in the same loop turn
                     self._failures = 0
                     return
                 log.debug("%s: probe %r unanswered", self.port, self._conn.pending)
-                if not flight.interrupted:
+                if flight.given_up:
+                    return  # the priority caller resynchronises itself
+                if not flight.interrupted and self._loop.time() - silent_since >= self.resync_timeout * 0.999:
+                    silent_since = self._loop.time()
                     self._timed_out()
                 continue
             finally:
                 if flight.timer is not None:
                     flight.timer.cancel()
+                if flight.give_up_timer is not None:
+                    flight.give_up_timer.cancel()
                 self._waiter = None
                 self._inflight = None
             self._failures = 0

@@ -40,8 +40,10 @@ nothing, the gate's `+CFUN=4` included, until it answers; only a scan can be abo
 rebooted before the agent re-enabled hot-swap reporting, or a profile without hot-swap
 URCs (polled); such an insert waits until the radio is off (the step becomes a pause; with
 a polled profile the card is pulled first and the insert waits up to 3 s for the agent to
-switch the radio off). Nor a hang, unplug, kill -9, or a `delay`/`late-reply` fault (it
-would make the module slow on the gate's own command) within GATE_S = 0.3 s of a swap (six times
+switch the radio off). Nor a card in within GATE_S of a hang's end (what the agent sent into
+the hang times out on its own schedule). Nor a hang, unplug, kill -9, or a
+`delay`/`late-reply` fault (it would make the module slow on the gate's own command) within
+GATE_S = 0.3 s of a swap (six times
 the gate's 50 ms target) or GATE_AFTER_BOOT_S = 0.8 s of a boot (the replug target is
 300 ms): the step waits that long first. Nor reboots closer than
 BOOT_GAP_S = 1.5 s to each other (the fake boots instantly, a module takes seconds). A
@@ -429,6 +431,7 @@ class World:
     tray: str | None = HOME_ICCID
     plugged: bool = True
     unplugged_at_step: int = 0
+    last_clear: float = 0.0  # when a hang was last cleared
     last_change: float = 0.0  # monotonic time of the last tray change or boot
     last_boot: float = 0.0  # monotonic time of the last reboot or replug
     kills: list[float] = field(default_factory=list)  # CLOCK_BOOTTIME of each kill -9
@@ -651,6 +654,8 @@ class InvariantRun:
         wait = 0.0 if r[2] < 0.5 else r[2] * 2.0  # wait for the call up to 2 s, or not at all
         if kind in ("own", "foreign"):
             iccid = HOME_ICCID if kind == "own" else FOREIGN_ICCID
+            if (wait_after_clear := world.last_clear + GATE_S - time.monotonic()) > 0:
+                time.sleep(wait_after_clear)
             if (kind == "foreign" and state["cfun"] != 4 and self.polling and state["plugged"] and not state["hung"]
                     and state["iccid"] is not None):
                 # A polled module: the technician pulls the card and waits for the agent to
@@ -701,6 +706,10 @@ class InvariantRun:
             time.sleep(hold)
             self.modem.fault("clear")
             self.note("fault clear")
+            # What the agent sent into the hang times out on its own schedule (it cannot
+            # know the module is back before): a card goes in GATE_S after the clear at the
+            # earliest.
+            self.world.last_clear = time.monotonic()
         elif kind in ("garbage", "late_reply", "busy", "drop"):
             if kind == "late_reply":
                 self.let_the_gate_act()  # a module slow to answer right after a swap: see can_insert_while_radio_on
