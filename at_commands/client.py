@@ -55,6 +55,8 @@ __all__ = ["ATClient", "Response", "ATError", "CommandError", "CommandTimeout", 
 # How long a caller's command that cannot be aborted may still keep a waiting priority
 # command off the channel before it is given up (SPEC §3: no caller delays the gate).
 PRIORITY_WAIT = 0.1
+# How often the abort byte is repeated while an aborted command has not ended.
+ABORT_REPEAT = 0.02
 # How long the gate's own resynchronisation probe waits for its answer.
 PRIORITY_PROBE_WAIT = 0.5
 # Priority levels: a caller's command (0), the radio gate's reads (GATE_READ) and its
@@ -184,6 +186,8 @@ class _InFlight:
     interrupted: bool = False  # the module restarted: no answer will come (see interrupt())
     given_up: bool = False  # a caller's command given up for a waiting priority command
     give_up_timer: asyncio.TimerHandle | None = None
+    abort_bytes: bytes = b""
+    abort_repeat: asyncio.TimerHandle | None = None
 
 
 def _expire(waiter: asyncio.Future) -> None:
@@ -422,22 +426,36 @@ class ATClient:
         self._abort(flight)
 
     def _abort(self, flight: _InFlight) -> None:
-        data = self._conn.abort()
-        try:
-            if self._sock is not None:
-                self._sock.send(data)
-            else:
-                os.write(self._fd, data)
-        except (BlockingIOError, InterruptedError):
-            pass  # not written: the grace below ends it as a timeout
-        except OSError as exc:
-            self._shutdown(exc)
+        flight.abort_bytes = self._conn.abort()
+        if not self._send_abort(flight):
             return
         flight.aborted = True
         log.info("%s: aborting %r for a priority command", self.port, self._conn.pending)
         if flight.timer is not None:
             flight.timer.cancel()
         flight.timer = self._loop.call_later(self.abort_grace, _expire, flight.waiter)
+
+    def _send_abort(self, flight: _InFlight) -> bool:
+        """Writes the abort byte, and again every ABORT_REPEAT until the command ends: a
+        byte that reached the module before the command began executing (right behind
+        its line) aborts nothing (V.250 modules ignore early input), a later one does; a
+        byte after the end is an empty line. False when the port is gone."""
+        try:
+            if self._sock is not None:
+                self._sock.send(flight.abort_bytes)
+            else:
+                os.write(self._fd, flight.abort_bytes)
+        except (BlockingIOError, InterruptedError):
+            pass  # not written: the next repeat, or the grace, deals with it
+        except OSError as exc:
+            self._shutdown(exc)
+            return False
+        flight.abort_repeat = self._loop.call_later(ABORT_REPEAT, self._abort_again, flight)
+        return True
+
+    def _abort_again(self, flight: _InFlight) -> None:
+        if not flight.waiter.done() and self._conn.state is State.ABORTING and self._inflight is flight:
+            self._send_abort(flight)
 
     def _give_up_for_priority(self, flight: _InFlight) -> None:
         if not flight.waiter.done() and self._conn.state in (State.AWAITING, State.PROBING, State.PROBE_ANSWERED):
@@ -476,6 +494,8 @@ class ATClient:
                 flight.timer.cancel()
             if flight.give_up_timer is not None:
                 flight.give_up_timer.cancel()
+            if flight.abort_repeat is not None:
+                flight.abort_repeat.cancel()
             self._waiter = None
             self._inflight = None
         self._failures = 0
