@@ -96,7 +96,6 @@ class _Job(enum.Enum):
     REINIT = "reinit"
     READ_FACTS = "read_facts"
     CONFIRM_REMOVAL = "confirm_removal"
-    READ_CFUN = "read_cfun"
 
 
 class GateRefused(Exception):
@@ -274,7 +273,7 @@ class Enforcer:
 
     async def user_command(self, line: str, *, write: bool, who: dict[str, Any]) -> Response:
         """A caller's AT command line; the caller has checked who may send it (`write`:
-        a root `--unsafe` or a platform token) and `at_rules.check_line` what it is.
+        a root `--unsafe` or a platform token) and `at_rules.check_command` what it is.
         Raises GateRefused, or the client's errors."""
         def check() -> None:
             if self.held_off and not at_rules.is_harmless_write(line):
@@ -300,9 +299,9 @@ class Enforcer:
             if write:  # whatever it did to the radio, the state document must say so
                 self._cfun = None
                 # ... and whatever it did to the module's settings, the ones the gate relies
-                # on (hot-swap reports, error codes, echo) are set again.
+                # on (hot-swap reports, error codes, echo) are set again; re-initialising
+                # also reads +CFUN? again (the level is unknown now).
                 self._jobs.put_nowait((_Job.REINIT, "at_write"))
-                self._jobs.put_nowait((_Job.READ_CFUN, "at_write"))
                 self._publish()
 
     def state(self) -> dict:
@@ -547,16 +546,15 @@ class Enforcer:
                 await self._read_facts()
             elif job is _Job.CONFIRM_REMOVAL:
                 await self._confirm_removal(reason)
-            elif job is _Job.READ_CFUN:
-                await self._read_cfun()
 
     async def _reinit(self) -> None:
-        """After power-on (or a new session): echo off, error codes, profile, URCs on."""
+        """After power-on, a new session or a caller's write: echo off, error codes, profile,
+        URCs on; identity and radio level read again."""
         try:
             await self.modem.initialise()
             await self._read_identity()
             if self._cfun is None and self._radio_idle.is_set() and not self._radio_wake.is_set():
-                await self._read_cfun()  # a policy that never gates still shows it
+                await self._read_cfun()  # unknown after a caller's write, or when the policy never gates
         except _MODEM_ERRORS as exc:  # the read that follows fails too, and is retried
             log.warning("modem initialisation failed: %s", exc)
 

@@ -25,7 +25,7 @@ from agent.binding import BindingPolicy
 from agent.control import BlockingControlClient, ControlError
 from agent.status import format_status, read_binding, read_modem_status
 from at_commands import discovery, profiles
-from at_commands.client import CommandError, CommandTimeout, PortBusy, PortLost, PortNotFound, Response
+from at_commands.client import CommandError, CommandTimeout, PortBusy, PortLost, PortNotFound
 from at_commands.commands import is_abortable
 from at_commands.modem import Modem
 

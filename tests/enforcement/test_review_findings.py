@@ -8,7 +8,7 @@ import contextlib
 from agent import at_rules
 from at_commands.client import CommandTimeout
 
-from .conftest import FOREIGN_ICCID, HOME_ICCID, HOME_IMEI, run, sent
+from .conftest import FOREIGN_ICCID, HOME_ICCID, run, sent
 
 
 def test_a_query_naming_the_hotswap_tag_does_not_swallow_a_sim_swap(open_terminal):
