@@ -244,7 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 2 or argv[0] != "export":
         print("usage: python -m agent.offload export JOB (the daemon runs this)", file=sys.stderr)
         return 2
-    return export_child(json.loads(argv[1]), sys.stdout.buffer)
+    try:
+        return export_child(json.loads(argv[1]), sys.stdout.buffer)
+    except BrokenPipeError:
+        # The daemon that asked is gone (killed, or the caller gave up): nobody to tell.
+        # os._exit: a flush of stdout at exit would raise the same error again.
+        os._exit(1)
 
 
 if __name__ == "__main__":

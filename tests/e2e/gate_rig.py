@@ -64,17 +64,6 @@ def foreign_attaches(modem, iccid: str) -> list[dict]:
     return [a for a in modem.state()["attaches"] if a["iccid"] == iccid]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
 # -- the control socket, raw -------------------------------------------------------------------
 def control_call(path: str | os.PathLike, op: str, timeout: float = 60.0, **args: Any) -> dict:
     """One request on a fresh connection; the raw reply {"ok", "result"|"error"}."""

@@ -26,8 +26,9 @@ import pytest
 from agent.store import Store
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, TIMEOUT, wait_event
+from ..conftest import wait_until
 from .gate_rig import (ForkedCall, cfun4_after, control_call_bytes, evidence_entries, find_dicts, foreign_attaches, norm,
-                       sent_lines, share_control_socket, transcript, wait_for)
+                       sent_lines, share_control_socket, transcript)
 
 P = f"simagent/{IMEI}"
 # Seconds from radio on (with a usable card) to registered: a gate that is later attaches.
@@ -85,7 +86,7 @@ def gate(fake_modem_process, agent_process, subscriber, mosquitto) -> Gate:
     agent = agent_process(modem, mosquitto)
     wait_event(platform, "radio_restored")
     platform.wait_for(lambda sub: any(d["online"] for d in sub.documents(f"{P}/status")), what="online")
-    wait_for(lambda: modem.state()["attached"], TIMEOUT, "the home card attached")
+    wait_until(lambda: modem.state()["attached"], TIMEOUT, what="the home card attached")
     modem.set(register_delay=ATTACH_S)
     return Gate(modem, agent, platform)
 
@@ -144,7 +145,7 @@ def test_2a_a_group_members_scan_does_not_hold_off_the_gate(gate, how):
     scan = ForkedCall.as_nobody(agent.control_socket, "at", timeout=SCAN_S + 30, command="AT+COPS=?")
     try:
         # Either the scan runs (it is on the wire) or the daemon refused it to a non-root caller.
-        wait_for(lambda: scan_on_the_wire(modem, mark) or scan.result(), 10, "the scan on the wire or refused")
+        wait_until(lambda: scan_on_the_wire(modem, mark) or scan.result(), 10, what="the scan on the wire or refused")
         refused = scan.result()
         if refused is not None:
             assert refused.get("ok") is False, f"the scan answered at once, nothing to starve the gate: {refused}"
@@ -167,7 +168,7 @@ def test_2b_a_platform_scan_without_token_does_not_hold_off_the_gate(gate, how):
         return next((r for r in sub.documents(f"{P}/cmd/result") if r["id"] == "scan-1"), None)
 
     try:
-        wait_for(lambda: scan_on_the_wire(modem, mark) or reply(platform), 10, "the scan on the wire or refused")
+        wait_until(lambda: scan_on_the_wire(modem, mark) or reply(platform), 10, what="the scan on the wire or refused")
         answered = reply(platform)
         if answered is not None:
             assert answered["ok"] is False, f"the scan answered at once, nothing to starve the gate: {answered}"
@@ -201,7 +202,7 @@ def test_3_parallel_evidence_exports_do_not_delay_the_gate(fake_modem_process, a
     platform = subscriber(mosquitto, "simagent/#")
     agent.start()
     wait_event(platform, "radio_restored")
-    wait_for(lambda: modem.state()["attached"], TIMEOUT, "the home card attached")
+    wait_until(lambda: modem.state()["attached"], TIMEOUT, what="the home card attached")
     modem.set(register_delay=ATTACH_S)
     gate = Gate(modem, agent, platform)
 
@@ -229,7 +230,7 @@ def test_3_parallel_evidence_exports_do_not_delay_the_gate(fake_modem_process, a
     for thread in exporters:
         thread.start()
     try:
-        wait_for(lambda: done or failures, 60, "the first evidence export")
+        wait_until(lambda: done or failures, 60, what="the first evidence export")
         assert not failures, failures
         assert done[0] >= EVIDENCE_ENTRIES
         results = []
@@ -240,7 +241,7 @@ def test_3_parallel_evidence_exports_do_not_delay_the_gate(fake_modem_process, a
             attached = len([a for a in state["attaches"] if a["iccid"] == FOREIGN_ICCID]) > attached_before
             results.append((latency, attached, state["cfun"]))
             modem.sim_insert(HOME_ICCID)
-            wait_for(lambda: modem.state()["cfun"] == 1, TIMEOUT, "the home card's radio back on")
+            wait_until(lambda: modem.state()["cfun"] == 1, TIMEOUT, what="the home card's radio back on")
     finally:
         stop.set()
         for thread in exporters:
@@ -389,9 +390,9 @@ def test_5b_sim_busy_daemon_status(fake_modem_process, agent_process, subscriber
             agent.restart()
         else:
             agent.start().wait_ready()
-        wait_for(lambda: any(norm(e["line"]) == "AT+QCCID" for e in sent_lines(transcript(modem), mark)), TIMEOUT,
-                 "the daemon's ICCID read")
-        wait_for(lambda: modem.state()["cfun"] == 1, TIMEOUT, "the bound card's radio on")
+        wait_until(lambda: any(norm(e["line"]) == "AT+QCCID" for e in sent_lines(transcript(modem), mark)), TIMEOUT,
+                   what="the daemon's ICCID read")
+        wait_until(lambda: modem.state()["cfun"] == 1, TIMEOUT, what="the bound card's radio on")
         assert agent.stop() == 0
         return sent_lines(transcript(modem), mark)
 
