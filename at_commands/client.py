@@ -59,6 +59,12 @@ PRIORITY_WAIT = 0.1
 ABORT_REPEAT = 0.02
 # How long the gate's own resynchronisation probe waits for its answer.
 PRIORITY_PROBE_WAIT = 0.5
+# An error final while probing may be the probe's own answer from a module still busy
+# (+CME ERROR: 14 to ATS3?): the module is alive, so the next probe goes at once rather
+# than after the probe's wait - this many times per resynchronisation. (Only errors: an
+# older probe's late OK would otherwise chain re-probes; a probe is never answered OK
+# without its marker.)
+PROBE_REFUSALS_AT_ONCE = 5
 # Priority levels: a caller's command (0), the radio gate's reads (GATE_READ) and its
 # radio commands (GATE_RADIO). Both gate levels go before every caller; a command in
 # flight of a lower level than one that arrives is aborted (an abortable caller command)
@@ -252,6 +258,7 @@ class ATClient:
         self._inflight: _InFlight | None = None
         self._line_dirty = False  # a cancelled write may have left half a command line
         self._failures = 0  # consecutive timeouts (commands and probes)
+        self._probe_refusals = 0  # error finals taken as probe answers in this resync
         self._subscribers: list[UrcCallback] = []
         # Lines taken for a caller's answer (or discarded as a caller's late answer) that
         # may have been URCs: a pending command that names a URC's tag (AT+QSIMSTAT?,
@@ -530,6 +537,7 @@ class ATClient:
         answers ATS3? in milliseconds; one lost to a hang is re-probed sooner). A caller's
         resynchronisation given up for a priority command returns unfinished."""
         silent_since = self._loop.time()  # failures count per resync_timeout of silence
+        self._probe_refusals = 0
         while True:
             self._ensure_alive()
             waiter = self._waiter = self._loop.create_future()
@@ -544,7 +552,10 @@ class ATClient:
                 await self._write(data)
                 wait = min(self.resync_timeout, PRIORITY_PROBE_WAIT) if level else self.resync_timeout
                 flight.timer = self._loop.call_later(wait, _expire, waiter)
-                await waiter
+                if isinstance(await waiter, Discarded):
+                    log.debug("%s: probe %r refused; probing again", self.port, self._conn.pending)
+                    silent_since = self._loop.time()  # the module answered: not silence
+                    continue
             except TimeoutError:
                 if self._conn.state is State.IDLE:  # answered in the same loop turn
                     self._failures = 0
@@ -622,6 +633,11 @@ class ATClient:
         elif isinstance(event, Discarded):
             if event.reason == "stale" and self._offer_stale:
                 self._offer_lookalike(event.text)
+            if (event.final is not None and not event.final.ok and self._conn.state is State.PROBING
+                    and self._probe_refusals < PROBE_REFUSALS_AT_ONCE
+                    and self._waiter is not None and not self._waiter.done()):
+                self._probe_refusals += 1
+                self._waiter.set_result(event)  # re-probe at once (see _resync)
             log.debug("%s: discarded %s input %r (%d bytes)", self.port, event.reason, event.text, event.length)
 
     def _offer_lookalike(self, line: str) -> None:

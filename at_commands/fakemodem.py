@@ -33,6 +33,7 @@ import sys
 import termios
 import threading
 import time
+import traceback
 import tty
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,9 +283,11 @@ class FakeModemState:
     def poll(self) -> list[bytes]:
         """Output whose time has come (call when ``clock() >= next_due()``)."""
         now = self.clock()
-        due = sorted((t for t in self._timers if t.due <= now), key=lambda t: (t.due, t.seq))
         out: list[bytes] = []
-        for timer in due:
+        # One timer at a time: ending an execution answers queued lines, and a line sends
+        # (and so takes away) held late replies that may be due in this same poll.
+        while due := [t for t in self._timers if t.due <= now]:
+            timer = min(due, key=lambda t: (t.due, t.seq))
             self._timers.remove(timer)
             if timer in self._held:
                 self._held.remove(timer)
@@ -965,6 +968,7 @@ class FakeModem:
         self._clients: dict[socket.socket, bytearray] = {}
         self._thread: threading.Thread | None = None
         self._running = False
+        self.crash: str | None = None  # the traceback that stopped the loop, if one did
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -975,7 +979,7 @@ class FakeModem:
         self._plug()
         self._write(b"".join(self.state.boot_output()))
         self._running = True
-        self._thread = threading.Thread(target=self._loop, name=f"fakemodem:{self.link.name}", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"fakemodem:{self.link.name}", daemon=True)
         self._thread.start()
         return self
 
@@ -1011,6 +1015,8 @@ class FakeModem:
     def control(self, op: str, **args: Any) -> dict[str, Any]:
         if threading.current_thread() is self._thread:
             return self._apply(op, args)
+        if self.crash:
+            raise RuntimeError(f"the fake modem's loop stopped:\n{self.crash}")
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._ops.put((op, args, future))
         os.write(self._wake_w, b"x")
@@ -1110,6 +1116,21 @@ class FakeModem:
                 return
 
     # ---- the loop --------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        """The loop, and if a bug stops it, a fake that says so: the traceback on stderr and
+        in ``crash``, and the control socket closed (callers are refused, not left waiting)."""
+        try:
+            self._loop()
+        except Exception:
+            self.crash = traceback.format_exc()
+            self._running = False
+            print(f"simagent-fakemodem: the loop stopped:\n{self.crash}", file=sys.stderr, flush=True)
+            if self._listener:
+                self._listener.close()
+                self._listener = None
+                if self.control_path:
+                    self.control_path.unlink(missing_ok=True)
 
     def _loop(self) -> None:
         while self._running:
@@ -1318,9 +1339,10 @@ def _serve_main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     modem.start()
     print(f"READY {modem.link} -> {os.readlink(modem.link)}", flush=True)
-    stop.wait()
+    while not stop.wait(0.2) and modem.crash is None:
+        pass
     modem.stop()
-    return 0
+    return 70 if modem.crash else 0  # EX_SOFTWARE: a bug in the fake
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,14 +113,23 @@ class ProcessFakeModem(_ControlMixin):
                     argv.append("--no-sim")
             elif value is not None:
                 argv += [f"--{key.replace('_', '-')}", str(value)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # stderr goes to a file, not a pipe nobody reads while the fake runs: what the fake
+        # says when it fails is there to show (see control).
+        self.stderr_path = directory / f"{name}.stderr"
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
         ready = self.proc.stdout.readline() if self.proc.stdout else ""
         if not ready.startswith("READY"):
             self.proc.wait(5)
-            raise RuntimeError(f"simagent-fakemodem did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            raise RuntimeError(f"simagent-fakemodem did not start: {self.stderr_path.read_text()}")
 
     def control(self, op: str, **args: Any) -> dict[str, Any]:
-        return fakemodem.control_request(self.control_path, {"op": op, **args})
+        try:
+            return fakemodem.control_request(self.control_path, {"op": op, **args})
+        except OSError as exc:  # refused, timed out: say what the fake printed, if anything
+            said = self.stderr_path.read_text().strip()
+            raise RuntimeError(f"simagent-fakemodem did not answer {op!r} ({exc!r}; exit code "
+                               f"{self.proc.poll()}){': ' + said if said else ''}") from exc
 
     @property
     def transcript(self) -> list[dict[str, Any]]:
@@ -134,9 +143,8 @@ class ProcessFakeModem(_ControlMixin):
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
         return self.proc.returncode
 
 

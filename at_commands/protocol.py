@@ -95,11 +95,14 @@ class Prompt:
 @dataclass(frozen=True)
 class Discarded:
     """Input that was dropped: ``overlong`` (length in bytes), ``stale`` (part of a
-    timed-out reply), ``stray`` (a final result with no command pending)."""
+    timed-out reply), ``stray`` (a final result with no command pending). ``final`` is
+    the dropped line's final result, if it was one: an error final while probing may be
+    the probe's own answer (a busy module), which tells the caller the module is alive."""
 
     reason: str
     text: str = ""
     length: int = 0
+    final: FinalResult | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -426,9 +429,9 @@ class Connection:
             self._expect_prompt = False
             self._events.append(final)
         elif action is A.DISCARD_STALE:
-            self._events.append(Discarded("stale", text))
+            self._events.append(Discarded("stale", text, final=final))
         elif action is A.DISCARD_STRAY:
-            self._events.append(Discarded("stray", text))
+            self._events.append(Discarded("stray", text, final=final))
         elif action is A.MARK:
             self.state = State.PROBE_ANSWERED
         elif action is A.RESYNCED:

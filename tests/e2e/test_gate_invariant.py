@@ -890,6 +890,11 @@ def test_no_foreign_card_ever_attaches(profile, fake_modem_process, agent_proces
     run.scan_supported = run.transcript.busy_channel = bool(probe.get("ok"))
     try:
         run.run()
+    except InvariantBroken:
+        raise
+    except Exception:  # the rig itself failed: show where the run was
+        print(f"the run stopped on an error; its last steps (full log: {run.log_path}):\n" + "\n".join(run.log[-60:]))
+        raise
     finally:
         elapsed = time.monotonic() - started
         summary = (f"invariant run: seed {SEED}, profile {profile}, {run.step} steps in {elapsed:.1f} s; "

@@ -184,3 +184,17 @@ def test_any_byte_aborts_a_running_scan_on_the_pty(fake_modem_factory, open_port
     assert time.monotonic() - started < 1
     state = fm.state()
     assert state["counters"]["aborted"] == 1 and state["cfun"] == 4
+
+
+def test_a_bug_in_the_fake_stops_it_loudly_not_silently(fake_modem, open_port, monkeypatch):
+    """If the loop thread dies, control calls say why at once (a dead loop used to leave every
+    caller waiting 10 s for a socket that was still accepting)."""
+    def broken(line: str) -> list[bytes]:
+        raise ZeroDivisionError("a bug in the fake")
+
+    monkeypatch.setattr(fake_modem.modem.state, "handle_line", broken)
+    port = open_port(fake_modem.port)
+    port.ser.write(b"AT\r")
+    assert wait_for(lambda: fake_modem.modem.crash)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError: a bug in the fake"):
+        fake_modem.state()

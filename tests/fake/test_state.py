@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from at_commands import fakemodem, profiles
 from at_commands.fakemodem import FakeModemState
@@ -393,3 +394,62 @@ def test_scan_seconds_is_settable():
     with pytest.raises(ValueError, match="scan_seconds"):
         s.set_values(scan_seconds="-1")
     assert fakemodem.parse_ctl_words("set", ["scan_seconds=4"]) == {"op": "set", "scan_seconds": "4"}
+
+
+def test_a_queued_line_cancels_a_timer_due_in_the_same_poll():
+    """The end of a busy channel answers the queued lines; one of them (radio off) cancels
+    the registration timer that is due in the same poll. The poll must not fire it (it
+    raised ValueError in the fake's loop thread, which then answered nothing: found by the
+    invariant run on CI)."""
+    s, clock = make(register_delay=0.5)
+    s.handle_line("ATE0")
+    assert run(s, "AT+CFUN=1") == ["OK"]  # registration settles in 0.5 s
+    s.fault("delay", 0.3)
+    assert run(s, "AT+CGMI") == []  # the channel is busy for 0.3 s
+    assert run(s, "AT+CFUN=4") == []  # queued behind it
+    assert advance(s, clock, 1.0) == ["Generic", "OK", "OK"]
+    assert s.snapshot()["registration"] == "idle"
+
+
+LINES = ["AT", "AT+COPS=?", "ATS3?", "AT+CFUN=4", "AT+CFUN=1", "AT+CSQ", "AT+CPIN?", "AT+QCCID", "AT+CIMI",
+         "ATE0", "AT+CMEE=2", "AT+CGATT=1", "AT+CRSM=176,12258,0,0,10", "\x00garbage", "AT+CFUN=1,1"]
+OPERATIONS = st.one_of(
+    st.tuples(st.just("line"), st.sampled_from(LINES)),
+    st.tuples(st.just("abort"), st.none()),
+    st.tuples(st.just("tick"), st.floats(0, 3)),
+    st.tuples(st.just("fault"), st.sampled_from([*fakemodem.FAULT_KINDS, "clear"])),
+    st.tuples(st.just("reboot"), st.none()),
+    st.tuples(st.just("remove"), st.none()),
+    st.tuples(st.just("insert"), st.none()),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(profile=st.sampled_from(sorted(profiles.PROFILES)), operations=st.lists(OPERATIONS, max_size=60))
+def test_any_sequence_of_lines_faults_and_time_keeps_the_fake_answering(profile, operations):
+    """Whatever the client sends, whatever the faults and however time passes: no exception
+    (one would kill the fake's loop), and once faults clear and the queued commands have run
+    the channel is free and a plain AT is answered OK."""
+    s, clock = make(profile, scan_seconds=2)
+    for kind, value in operations:
+        if kind == "line":
+            s.handle_line(value)
+        elif kind == "abort":
+            s.abort()
+        elif kind == "tick":
+            advance(s, clock, value)
+        elif kind == "fault":
+            s.fault(value, seconds=1.0, count=2) if value != "clear" else s.fault("clear")
+        elif kind == "reboot":
+            s.reboot()
+        elif kind == "remove":
+            s.sim_remove()
+        else:
+            s.sim_insert(fakemodem.DEFAULT_ICCID)
+    s.fault("clear")
+    for _ in range(len(operations) + 1):  # each queued scan runs in turn
+        advance(s, clock, 60)
+    assert s.snapshot()["executing"] is False
+    s.handle_line("ATE0")
+    advance(s, clock, 60)  # held late replies, if any, have gone out
+    assert run(s, "AT") == ["OK"]

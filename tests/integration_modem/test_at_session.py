@@ -297,3 +297,32 @@ def test_a_callers_command_lost_to_a_hang_does_not_hold_off_the_gate(fake_modem)
 
     took = run(scenario())
     assert took < PRIORITY_WAIT + 0.3, took
+
+
+def test_a_probe_refused_by_a_busy_module_is_repeated_at_once(fake_modem):
+    """The line is out of step and the module answers the gate's probes `+CME ERROR: 14`
+    (still busy): an answer proves the module alive, so the next probe goes at once instead
+    of after PRIORITY_PROBE_WAIT each (found by the long invariant run, seed 4242: three
+    refused probes held +CFUN=4 off for 1.5 s and a foreign card attached)."""
+    from at_commands.client import PRIORITY_PROBE_WAIT
+
+    async def scenario():
+        client = await ATClient.open(fake_modem.port)
+        try:
+            await client.command("ATE0")
+            await client.command("AT+CMEE=1")
+            fake_modem.fault("hang")
+            with pytest.raises(CommandTimeout):
+                await client.command("AT+CSQ", timeout=0.2)  # the line is out of step now
+            fake_modem.fault("clear")
+            fake_modem.fault("busy", count=3)
+            started = time.monotonic()
+            assert (await client.command("AT+CFUN=4", timeout=2, priority=True)).final.ok
+            return time.monotonic() - started
+        finally:
+            client.close()
+
+    took = run(scenario())
+    assert took < PRIORITY_PROBE_WAIT / 2, took
+    probes = [e["line"] for e in fake_modem.transcript if e["dir"] == "in" and e["line"].startswith("ATS")]
+    assert len(probes) == 4, probes  # three refused, the fourth answered

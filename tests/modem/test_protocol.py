@@ -314,3 +314,16 @@ def test_every_split_in_the_new_states(name, make, data, expected):
     for i in range(len(data) + 1):
         assert feed_all(make(), [data[:i], data[i:]]) == expected, f"split at {i}"
     assert feed_all(make(), [data[i:i + 1] for i in range(len(data))]) == expected
+
+
+def test_a_final_dropped_while_probing_says_which_result_it_was():
+    """The client re-probes at once on a dropped error final (a busy module's answer to the
+    probe); the event carries the result so it need not classify the text again."""
+    conn = fresh("AT+CPIN?")
+    conn.command_timed_out()
+    conn.send_probe()
+    conn.receive_data(b"\r\n+CME ERROR: 14\r\n\r\nOK\r\n")
+    refused, old_ok = conn.events()
+    assert refused == Discarded("stale", "+CME ERROR: 14") and old_ok == Discarded("stale", "OK")
+    assert refused.final == FinalResult(ResultKind.CME_ERROR, 14, "14") and old_ok.final.ok
+    assert conn.state is State.PROBING
