@@ -41,7 +41,7 @@ from agent.status import diag_facts, read_modem_status
 from agent.store import Caps, Store, StoreUnavailable
 from agent.supervise import Supervisor
 from agent import at_rules, diag, tokens
-from at_commands import discovery
+from at_commands import commands as at_vocabulary, discovery
 from at_commands.client import CommandError as ATCommandError
 from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound
 from at_commands.modem import Modem
@@ -370,7 +370,7 @@ class Daemon:
         device_id = self._device_id()
         processor = CommandProcessor(
             store=self.store, handlers=self._platform_handlers(), verify_token=self._verify_command_token,
-            is_query=at_rules.is_query, is_imei_rewrite=at_rules.is_imei_rewrite,
+            is_query=at_vocabulary.is_query, is_imei_rewrite=at_vocabulary.is_imei_rewrite,
         )
         reporter = self.reporter = Reporter(self.config.mqtt, self.store, device_id=device_id, on_command=processor.handle)
         try:
@@ -456,7 +456,7 @@ class Daemon:
             raise ControlError("unavailable", "no modem is connected")
         try:
             at_rules.check_command(command, unsafe)
-            response = await enforcer.user_command(command, write=not at_rules.is_query(command), who=who)
+            response = await enforcer.user_command(command, write=not at_vocabulary.is_query(command), who=who)
         except at_rules.Refused as exc:
             raise ControlError(exc.code, str(exc)) from exc
         except GateRefused as exc:
@@ -509,7 +509,7 @@ class Daemon:
         return [
             daemon_op("status", status),
             daemon_op("diag", run_diag),
-            at_op(at, lambda command: not at_rules.is_query(command)),
+            at_op(at, lambda command: not at_vocabulary.is_query(command)),
             daemon_op("bind_show", bind_show),
             daemon_op("bind_accept", bind_accept),
             daemon_op("bind_reset", bind_reset),

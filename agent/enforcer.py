@@ -38,19 +38,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import re
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent import at_rules, tokens
+from agent import tokens
 from agent.binding import (DETACH, IMEI_UNREADABLE, LAST_IMEI_KEY, RADIO_OFF, RADIO_ON, SIM_UNREADABLE,
                            BindingPolicy, Decision, Observation, evaluate, reset_bindings)
 from agent.gate import Action, Gate, GateState, Input
 from agent.store import Binding, Store
 from at_commands.client import GATE_PRIORITY, GATE_RADIO, GATE_READ, CommandError, CommandTimeout, PortLost, Response
-from at_commands.commands import is_abortable
+from at_commands.commands import is_abortable, is_harmless_write
 from at_commands.modem import (Identity, Modem, ModemEvent, ModemRebooted, NetworkTime, RegistrationChanged,
                                SimInserted, SimRemoved)
 from at_commands.parsers import ParseError
@@ -60,8 +59,6 @@ log = logging.getLogger(__name__)
 RADIO_ON_CFUN, RADIO_OFF_CFUN = 1, 4
 # "+CPIN: NOT READY" this soon (seconds) after the agent's own CFUN change is not a removal.
 NOT_READY_WINDOW = 3.0
-_NOT_READY = re.compile(r"^\+CPIN:\s*NOT READY$", re.IGNORECASE)
-_READY = re.compile(r"^\+CPIN:\s*READY$", re.IGNORECASE)
 # Boot URCs this close (seconds) to the previous boot belong to it, unless they repeat one.
 BOOT_BURST = 10.0
 # Radio commands: the wait for one answer, attempts, and the delay step between them.
@@ -179,8 +176,7 @@ class Enforcer:
     def polling(self) -> bool:
         """True unless the profile announces both SIM changes and reboots by URC. A module
         without boot URCs loses its hot-swap reporting in a silent reset, so it is polled."""
-        profile = self.modem.profile
-        return not ((profile.sim_removed_urcs or profile.sim_inserted_urcs) and profile.boot_urcs)
+        return not self.modem.profile.reports_sim_changes
 
     @property
     def held_off(self) -> bool:
@@ -276,7 +272,7 @@ class Enforcer:
         a root `--unsafe` or a platform token) and `at_rules.check_command` what it is.
         Raises GateRefused, or the client's errors."""
         def check() -> None:
-            if self.held_off and not at_rules.is_harmless_write(line):
+            if self.held_off and not is_harmless_write(line):
                 raise GateRefused(
                     f"refused: the binding gate holds the radio off ({self._gate_words()}) and {line.strip()} could "
                     "bring the card onto the network; lift the gate with a rebind token (simagent bind accept TOKEN) "
@@ -640,12 +636,12 @@ class Enforcer:
             return
         own_radio_change = asyncio.get_running_loop().time() - self._radio_changed_at < NOT_READY_WINDOW
         if isinstance(event, SimRemoved):
-            if own_radio_change and _NOT_READY.match(event.line):
+            if own_radio_change and event.follows_radio:
                 self._jobs.put_nowait((_Job.CONFIRM_REMOVAL, event.line))
             else:
                 self._sim_changed("sim_removed", event.line)
         elif isinstance(event, SimInserted):
-            if own_radio_change and _READY.match(event.line):
+            if own_radio_change and event.follows_radio:
                 # The same card coming back to life after the agent's CFUN change: check
                 # again; gating it would make the radio flap.
                 self._reason = "sim_inserted"

@@ -1,7 +1,7 @@
 """The typed modem API the rest of simagent uses.
 
 ``Modem`` combines the AT client, the parsers and a vendor ``Profile``. Vendor knowledge
-comes from the profile data (ICCID command, hot-swap URCs, boot URCs, IMEI-rewrite
+comes from the profile data (its ICCID commands, its URC table, its hot-swap enable
 commands); this module does not branch on vendor names.
 """
 
@@ -11,7 +11,7 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Union
 
 from . import parsers, profiles
 from .client import ATClient, CommandError, CommandTimeout, Response
@@ -22,12 +22,6 @@ from .protocol import FinalResult
 
 log = logging.getLogger(__name__)
 
-# Commands tried for the ICCID after the profile's own, before +CRSM (command, tag).
-ICCID_FALLBACKS: tuple[tuple[str, str], ...] = (
-    ("AT+QCCID", "+QCCID"), ("AT+CICCID", "+ICCID"), ("AT+ICCID", "+ICCID"),
-    ("AT+CCID", "+CCID"), ("AT^ICCID?", "^ICCID"), ("AT#CCID", "#CCID"), ("AT$MYCCID", "$MYCCID"),
-)
-CRSM_READ_ICCID = "AT+CRSM=176,12258,0,0,10"
 # 27.007 SIM states that end the ICCID search at once (no card, card failure).
 _NO_CARD_CME = (10, 13)
 # Waits between retries of a SIM read answered "SIM busy" (+CME ERROR: 14 or its text),
@@ -44,9 +38,7 @@ class SimBusy(CommandError):
 def is_sim_busy(final: FinalResult) -> bool:
     return final.kind.value == "cme_error" and parsers.sim_state_from_cme(final.code, final.text) == "busy"
 
-# Generic 27.007 SIM URCs, recognised whatever the profile.
-GENERIC_SIM_INSERTED = (r"^\+CPIN:\s*READY$",)
-GENERIC_SIM_REMOVED = (r"^\+CPIN:\s*NOT (READY|INSERTED)$", r"^\+SIMCARD:\s*NOT AVAILABLE")
+
 NETWORK_TIME_TAGS = ("+CTZEU", "+CTZE", "+CTZV", "+CCLK")
 
 
@@ -79,11 +71,13 @@ class Signal:
 @dataclass(frozen=True)
 class SimInserted:
     line: str
+    follows_radio: bool = False  # a report the module also prints after its own radio change
 
 
 @dataclass(frozen=True)
 class SimRemoved:
     line: str
+    follows_radio: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,19 +100,7 @@ class NetworkTime:
 ModemEvent = Union[SimInserted, SimRemoved, ModemRebooted, RegistrationChanged, NetworkTime]
 
 
-def _compile(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:
-    return tuple(re.compile(p, re.IGNORECASE) for p in patterns)
-
-
-def _all_profiles(attr: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(p for prof in profiles.PROFILES.values() for p in getattr(prof, attr)))
-
-
-def known_urc_patterns() -> tuple[str, ...]:
-    """Every profile's URC regexes: the protocol core treats matching lines as URCs even
-    mid-command, before the profile is known."""
-    return tuple(dict.fromkeys(_all_profiles("sim_inserted_urcs") + _all_profiles("sim_removed_urcs")
-                               + _all_profiles("boot_urcs")))
+_SIM_EVENTS: dict[str, type[SimInserted] | type[SimRemoved]] = {"sim_inserted": SimInserted, "sim_removed": SimRemoved}
 
 
 class Modem:
@@ -139,8 +121,7 @@ class Modem:
         command (the old session's answers may still arrive)."""
         if isinstance(profile, str) and profile != "auto":
             profiles.get(profile)  # unknown names fail before the port is taken
-        client = await ATClient.open(port, baudrate=baudrate, urc_patterns=known_urc_patterns(),
-                                     resync_first=resync_first)
+        client = await ATClient.open(port, baudrate=baudrate, resync_first=resync_first)
         return cls(client, profile, command_timeout=command_timeout)
 
     def close(self) -> None:
@@ -197,10 +178,10 @@ class Modem:
             if response is None:
                 continue
             text = "\n".join(response.lines)
-            for candidate in profiles.PROFILES.values():
-                if candidate is not profiles.GENERIC and candidate.matches_vendor(text):
-                    log.info("modem profile %s (from %s: %r)", candidate.name, command, text)
-                    return candidate
+            profile = profiles.detect(text)
+            if profile is not profiles.GENERIC:
+                log.info("modem profile %s (from %s: %r)", profile.name, command, text)
+                return profile
         return profiles.GENERIC
 
     async def read_identity(self) -> Identity:
@@ -253,16 +234,11 @@ class Modem:
         return "unknown"
 
     async def read_iccid(self) -> str | None:
-        """The profile's ICCID command, the generic ones, then +CRSM. A command that
-        fails or times out is taken as unsupported (the next one is tried); "SIM busy"
-        is retried and, if it persists, the ICCID is unreadable (None) without trying
-        other commands; no card (CME 10/13) ends the search."""
-        candidates: list[tuple[str, str | None]] = []
-        if self.profile.iccid_command:
-            own = self.profile.iccid_command
-            candidates.append((own if own.upper().startswith("AT") else "AT" + own, self.profile.iccid_tag))
-        candidates += [c for c in ICCID_FALLBACKS if c[0] not in {x[0] for x in candidates}]
-        for command, tag in candidates:
+        """The profile's ICCID commands in order (the vendor's, then +CRSM). A command
+        that fails or times out is taken as unsupported (the next one is tried); "SIM
+        busy" is retried and, if it persists, the ICCID is unreadable (None) without
+        trying other commands; no card (CME 10/13) ends the search."""
+        for command, tag in self.profile.iccid_commands:
             try:
                 response = await self._sim_read(command)
             except SimBusy:
@@ -275,18 +251,11 @@ class Modem:
                     return None
                 continue
             try:
+                if tag == profiles.CRSM_TAG:
+                    return parsers.parse_crsm_iccid(response.lines)
                 return parsers.parse_iccid(response.lines, tag)
             except ParseError as exc:
                 log.warning("%s: %s", command, exc)
-        try:
-            response = await self._sim_read(CRSM_READ_ICCID)
-        except (SimBusy, CommandTimeout):
-            return None
-        if response.final.ok:
-            try:
-                return parsers.parse_crsm_iccid(response.lines)
-            except ParseError as exc:
-                log.warning("%s: %s", CRSM_READ_ICCID, exc)
         return None
 
     async def read_imsi(self) -> str | None:
@@ -369,35 +338,20 @@ class Modem:
     async def detach(self, *, priority: bool = False, timeout: float | None = None) -> None:
         await self._cmd("AT+CGATT=0", timeout or max(self.command_timeout, 15.0), priority=priority)
 
-    def is_imei_rewrite(self, command: str) -> bool:
-        """True for commands that would rewrite the IMEI (refused, whoever asks). Every
-        profile's patterns apply: refusing another dialect's IMEI write costs nothing."""
-        text = command.strip()
-        patterns = tuple(self.profile.imei_rewrite_commands) + _all_profiles("imei_rewrite_commands")
-        return any(re.search(p, text, re.IGNORECASE) for p in patterns)
-
     # -- URCs -> events -------------------------------------------------------------------
 
     def _set_urc_rules(self) -> None:
-        generic = self.profile is profiles.GENERIC
-
-        def rules(attr: str) -> tuple[str, ...]:
-            own = tuple(getattr(self.profile, attr))
-            return own + _all_profiles(attr) if generic else own
-
-        self._inserted = _compile(rules("sim_inserted_urcs") + GENERIC_SIM_INSERTED)
-        self._removed = _compile(rules("sim_removed_urcs") + GENERIC_SIM_REMOVED)
-        self._boot = _compile(rules("boot_urcs"))
+        self._urc_table = tuple((re.compile(rule.pattern, re.IGNORECASE), rule)
+                                for rule in profiles.urc_rules_for(self.profile))
 
     def event_for(self, line: str) -> ModemEvent | None:
-        """The typed event a URC line means, or None."""
+        """The typed event a URC line means (the profile's URC table first), or None."""
         text = line.strip()
-        if any(p.search(text) for p in self._removed):
-            return SimRemoved(text)
-        if any(p.search(text) for p in self._inserted):
-            return SimInserted(text)
-        if any(p.search(text) for p in self._boot):
-            return ModemRebooted(text)
+        for pattern, rule in self._urc_table:
+            if pattern.search(text):
+                if rule.kind == "boot":
+                    return ModemRebooted(text)
+                return _SIM_EVENTS[rule.kind](text, rule.follows_radio)
         upper = text.upper()
         try:
             if upper.startswith(parsers.REGISTRATION_TAGS):

@@ -127,13 +127,11 @@ def normalise_iccid(raw: str) -> str:
     return value
 
 
-def parse_iccid(lines: Iterable[str] | str, tag: str | None = None) -> str:
-    """A vendor ICCID answer: ``+QCCID: …``, ``+ICCID: …``, ``+CCID: "…"``, ``^ICCID: …``,
-    ``#CCID: …``, ``$MYCCID: "…"`` or a bare line. ``tag`` names the expected tag."""
+def parse_iccid(lines: Iterable[str] | str, tag: str) -> str:
+    """A vendor ICCID answer tagged ``tag`` (the profile's ``iccid_tag``: ``+QCCID: …``,
+    ``+CCID: "…"``, ``^ICCID: …``) or a bare line (some firmware drops the tag)."""
     plain = _plain_lines(lines)
-    tags = (tag,) if tag else ()
-    tags += ("+QCCID", "+ICCID", "+CCID", "^ICCID", "#CCID", "$MYCCID", "+CICCID", "+MCCID")
-    payload = _tagged(plain, *(t.rstrip(":") for t in tags))
+    payload = _tagged(plain, tag.rstrip(":"))
     if payload is None:
         if not plain:
             raise ParseError("empty ICCID response")

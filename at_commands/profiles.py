@@ -34,6 +34,39 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# 27.007 §8.33 READ BINARY of EF_ICCID (2FE2 = 12258): every 3GPP module answers it, so
+# it ends every profile's ICCID commands (the generic profile has only this one).
+CRSM_READ_ICCID = "AT+CRSM=176,12258,0,0,10"
+CRSM_TAG = "+CRSM:"
+
+
+@dataclass(frozen=True)
+class UrcRule:
+    """One row of a URC table: a line matching ``pattern`` (case-insensitive) means
+    ``kind`` (``sim_inserted``, ``sim_removed`` or ``boot``). ``follows_radio`` marks a
+    27.007 SIM report a module also prints when its own radio changes (``+CPIN: READY``
+    after +CFUN=1): it may be the same card coming back, not a swap."""
+
+    pattern: str
+    kind: str
+    follows_radio: bool = False
+
+
+# 27.007 +CPIN reports, recognised whatever the profile (the generic profile's table).
+STANDARD_URC_RULES: tuple[UrcRule, ...] = (
+    UrcRule(r"^\+CPIN:\s*NOT READY$", "sim_removed", follows_radio=True),
+    UrcRule(r"^\+CPIN:\s*NOT INSERTED$", "sim_removed"),
+    UrcRule(r"^\+CPIN:\s*READY$", "sim_inserted", follows_radio=True),
+)
+# Unsolicited lines of modules no profile describes yet, seen in the field (vendor
+# manuals, ModemManager's test vectors): lines starting with these are never taken for
+# a command's answer. The profiles add their own (``Profile.urc_prefixes``).
+UNPROFILED_URC_PREFIXES: tuple[str, ...] = (
+    "+ICCID_CHANGED", "+STIN:", "+MATREADY", "*ATREADY", "+PBREADY", "+PACSP",
+)
+UNPROFILED_URC_WORDS: tuple[str, ...] = ("CALL READY", "SMS READY", "SIM READY", "POWERED DOWN",
+                                         "NORMAL POWER DOWN")
+
 
 @dataclass(frozen=True)
 class UsbLayout:
@@ -83,6 +116,10 @@ class Profile:
     # The +CFUN level the module is in after power-on.
     boot_cfun: int = 1
     extra_signal_commands: tuple[str, ...] = ()
+    # Other unsolicited lines the module prints (tags and whole-line words): never taken
+    # for a command's answer, whichever command is pending.
+    urc_prefixes: tuple[str, ...] = ()
+    urc_words: tuple[str, ...] = ()
     echo_default: bool = True
     # What the module answers to +CGMI / +CGMM / +CGMR (used by the fake modem; detect()
     # must map sample_manufacturer back to this profile).
@@ -93,6 +130,30 @@ class Profile:
 
     def matches_vendor(self, text: str) -> bool:
         return any(re.search(p, text, re.IGNORECASE) for p in self.vendor_patterns)
+
+    @property
+    def iccid_commands(self) -> tuple[tuple[str, str], ...]:
+        """How this module's ICCID is read, in order: (command, tag of its answer). The
+        vendor's own command first, then 27.007's +CRSM read of EF_ICCID."""
+        own = ((self.iccid_command, self.iccid_tag),) if self.iccid_command and self.iccid_tag else ()
+        return own + ((CRSM_READ_ICCID, CRSM_TAG),)
+
+    @property
+    def urc_rules(self) -> tuple[UrcRule, ...]:
+        """This module's URC table: 27.007's +CPIN reports (first: a vendor that also
+        declares one, as SIMCom does +CPIN: READY, gets the standard meaning), then its
+        own SIM and boot URCs."""
+        return (STANDARD_URC_RULES
+                + tuple(UrcRule(p, "sim_removed") for p in self.sim_removed_urcs)
+                + tuple(UrcRule(p, "sim_inserted") for p in self.sim_inserted_urcs)
+                + tuple(UrcRule(p, "boot") for p in self.boot_urcs))
+
+    @property
+    def reports_sim_changes(self) -> bool:
+        """True when the module announces both SIM changes and its own reboots by URC.
+        Otherwise SIM presence is polled: a module without boot URCs loses its hot-swap
+        reporting in a silent reset."""
+        return bool((self.sim_removed_urcs or self.sim_inserted_urcs) and self.boot_urcs)
 
     def is_imei_rewrite(self, command: str) -> bool:
         return any(re.search(p, command.strip(), re.IGNORECASE) for p in self.imei_rewrite_commands)
@@ -147,6 +208,8 @@ QUECTEL = Profile(
     imei_rewrite_commands=(_EGMR_IMEI,),
     boot_rf_off=None,
     extra_signal_commands=("AT+QCSQ", 'AT+QENG="servingcell"'),
+    urc_prefixes=("+QIND:", "+QUSIM:", "+QSIMSTAT:"),
+    urc_words=("RDY",),
     sample_manufacturer="Quectel",
     sample_model="EC25",
     sample_revision="EC25EFAR06A06M4G",
@@ -177,6 +240,8 @@ SIMCOM = Profile(
     imei_rewrite_commands=(_EGMR_IMEI, r"^AT\+SIMEI\s*="),
     boot_rf_off=None,
     extra_signal_commands=("AT+CPSI?",),
+    urc_prefixes=("+SIMCARD:",),
+    urc_words=("RDY", "SMS DONE", "PB DONE"),
     sample_manufacturer="SIMCOM INCORPORATED",
     sample_model="SIMCOM_SIM7600G-H",
     sample_revision="LE20B04SIM7600G22",
@@ -207,6 +272,7 @@ HUAWEI = Profile(
     imei_rewrite_commands=(_EGMR_IMEI, r"^AT\^CIMEI\s*="),
     boot_rf_off=None,
     extra_signal_commands=("AT^HCSQ?",),
+    urc_prefixes=("^SIMST:", "^SRVST:", "^MODE:", "^RSSI:", "^HCSQ:", "^SYSSTART"),
     sample_manufacturer="Huawei Technologies Co., Ltd.",
     sample_model="ME909s-120",
     sample_revision="11.617.01.00.00",
@@ -239,6 +305,7 @@ UBLOX = Profile(
     imei_rewrite_commands=(_EGMR_IMEI,),
     boot_rf_off=None,
     extra_signal_commands=("AT+UCGED?",),
+    urc_prefixes=("+UUSIMSTAT:", "+READY"),
     sample_manufacturer="u-blox",
     sample_model="TOBY-L4006",
     sample_revision="15.90",
@@ -268,6 +335,7 @@ TELIT = Profile(
     imei_rewrite_commands=(_EGMR_IMEI, r"^AT#IMEI\s*="),
     boot_rf_off=None,
     extra_signal_commands=("AT#RFSTS",),
+    urc_prefixes=("#QSS:",),
     sample_manufacturer="Telit",
     sample_model="LE910C1-EUX",
     sample_revision="25.21.660",
@@ -338,6 +406,26 @@ def get(name: str) -> Profile:
         return PROFILES[name]
     except KeyError:
         raise KeyError(f"unknown modem profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
+
+
+def urc_rules_for(profile: Profile) -> tuple[UrcRule, ...]:
+    """The URC table the agent applies: the profile's own; for the generic profile (no
+    vendor known) every profile's, so a vendor's SIM and boot URCs are still seen."""
+    if profile is not GENERIC:
+        return profile.urc_rules
+    return tuple(dict.fromkeys(rule for p in PROFILES.values() for rule in p.urc_rules))
+
+
+def known_urc_patterns() -> tuple[str, ...]:
+    """Regexes of every unsolicited line any profile declares (its URC table, its other
+    URC tags and words) and of those of unprofiled modules: the protocol core never
+    takes such a line for a command's answer, before or after the profile is known."""
+    patterns = [rule.pattern for p in PROFILES.values() for rule in p.urc_rules]
+    prefixes = [x for p in PROFILES.values() for x in p.urc_prefixes] + list(UNPROFILED_URC_PREFIXES)
+    words = [x for p in PROFILES.values() for x in p.urc_words] + list(UNPROFILED_URC_WORDS)
+    patterns += ["^" + re.escape(prefix) for prefix in prefixes]
+    patterns += ["^" + re.escape(word) + "$" for word in words]
+    return tuple(dict.fromkeys(patterns))
 
 
 def detect(vendor_text: str) -> Profile:

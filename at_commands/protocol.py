@@ -38,6 +38,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Pattern, Union
 
+from . import profiles
 from .parsers import registration_is_unsolicited
 
 __all__ = [
@@ -256,15 +257,15 @@ ABORT_BYTE = b"\r"
 
 # Lines that are unsolicited whatever is pending, unless the pending command queries
 # the same tag (then the line is its answer). Bare words are matched whole.
+# 27.007 / 27.005 / V.250 unsolicited result codes: lines starting with these are URCs
+# (unless the pending command asked for that tag). Vendors' URCs are data in
+# ``profiles`` (``profiles.known_urc_patterns``), which every Connection also applies.
 URC_PREFIXES: tuple[str, ...] = (
     "+CREG:", "+CGREG:", "+CEREG:", "+C5GREG:", "+CTZE:", "+CTZEU:", "+CTZV:", "+CTZU:", "+CTZDST:",
-    "+QIND:", "+QUSIM:", "+SIMCARD:", "+CPIN:", "+CFUN:", "+CMTI:", "+CMT:", "+CDS:",
-    "+CBM:", "+CUSD:", "+CRING:", "+CLIP:", "+CIEV:", "+PACSP", "^SIMST:", "^SRVST:",
-    "^MODE:", "^RSSI:", "^HCSQ:", "+ICCID_CHANGED", "+STIN:", "+CGEV:", "+QSIMSTAT:",
-    "+UUSIMSTAT:", "#QSS:", "+MATREADY", "*ATREADY", "+READY", "+PBREADY", "+CSCON:",
+    "+CPIN:", "+CFUN:", "+CMTI:", "+CMT:", "+CDS:", "+CBM:", "+CUSD:", "+CRING:", "+CLIP:", "+CIEV:",
+    "+CGEV:", "+CSCON:",
 )
-_URC_WORDS = frozenset({"RING", "RDY", "SMS DONE", "PB DONE", "CALL READY", "SMS READY",
-                        "SIM READY", "POWERED DOWN", "NORMAL POWER DOWN"})
+_URC_WORDS = frozenset({"RING"})
 # Registration URCs are recognised by shape even while +CREG? etc. is pending:
 # solicited answers start with <n>, unsolicited ones do not (see parsers).
 _REGISTRATION_TAGS = ("+CREG:", "+CGREG:", "+CEREG:", "+C5GREG:")
@@ -300,7 +301,7 @@ class Connection:
     urc_patterns: Iterable[str | Pattern[str]] = ()
     max_line: int = 4096
     state: State = State.IDLE
-    _patterns: tuple[Pattern[str], ...] = field(init=False, repr=False)
+    _patterns: Pattern[str] = field(init=False, repr=False)
     _buf: bytearray = field(default_factory=bytearray, init=False, repr=False)
     _overlong: int = field(default=0, init=False, repr=False)  # bytes skipped in a long line
     _events: deque = field(default_factory=deque, init=False, repr=False)
@@ -313,9 +314,10 @@ class Connection:
     _marker: Pattern[str] | None = field(default=None, init=False)  # the current probe's answer
 
     def __post_init__(self) -> None:
-        self._patterns = tuple(
-            p if isinstance(p, re.Pattern) else re.compile(p, re.IGNORECASE) for p in self.urc_patterns
-        )
+        # One alternation: every answer line is checked against it.
+        sources = (p.pattern if isinstance(p, re.Pattern) else p
+                   for p in (*profiles.known_urc_patterns(), *self.urc_patterns))
+        self._patterns = re.compile("|".join(f"(?:{source})" for source in sources), re.IGNORECASE)
 
     # -- caller actions -------------------------------------------------------------
 
@@ -467,7 +469,7 @@ class Connection:
             return text.startswith(_REGISTRATION_TAGS) and registration_is_unsolicited(text)
         if text.upper().startswith(URC_PREFIXES):
             return True
-        return any(p.search(text) for p in self._patterns)
+        return self._patterns.search(text) is not None
 
     # -- framing --------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 from agent import at_rules
+from at_commands.commands import is_query
 from at_commands.client import CommandTimeout
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, run, sent
@@ -20,7 +21,7 @@ def test_a_query_naming_the_hotswap_tag_does_not_swallow_a_sim_swap(open_termina
     async def scenario():
         async with open_terminal(profile="quectel") as t:
             assert t.started.status == "bound" and t.fake.state()["cfun"] == 1
-            assert at_rules.is_query("AT+QSIMSTAT?")  # no --unsafe, no token needed
+            assert is_query("AT+QSIMSTAT?")  # no --unsafe, no token needed
             # A slow answer (0.3 s, well within the fake's 0.6 s registration delay: with
             # AT+CSQ in its place the gate's +CFUN=4 comes in time).
             t.fake.fault("delay", seconds=0.3)

@@ -4,7 +4,7 @@ write is evidence, and the radio level is read again after it."""
 
 import pytest
 
-from agent import at_rules
+from at_commands.commands import is_harmless_write
 from agent.enforcer import GateRefused
 
 from .conftest import FOREIGN_ICCID, HOME_IMEI, run, sent
@@ -17,12 +17,12 @@ HARMLESS = ["AT+CFUN=4", "AT+CFUN=0", "AT+CGATT=0", "AT+COPS=2", "AT+CREG=2", "A
 
 @pytest.mark.parametrize("command", ATTACHING)
 def test_writes_that_could_attach_are_not_harmless(command):
-    assert not at_rules.is_harmless_write(command)
+    assert not is_harmless_write(command)
 
 
 @pytest.mark.parametrize("command", HARMLESS)
 def test_harmless_writes(command):
-    assert at_rules.is_harmless_write(command)
+    assert is_harmless_write(command)
 
 
 def test_while_held_off_root_cannot_bring_the_card_online(open_terminal):

@@ -10,7 +10,8 @@ import pytest
 
 from at_commands import fakemodem, profiles
 from at_commands.client import ATClient, CommandError, CommandTimeout, PortLost
-from at_commands.modem import CRSM_READ_ICCID, ICCID_FALLBACKS, Modem, ModemRebooted
+from at_commands.modem import Modem, ModemRebooted
+from at_commands.profiles import CRSM_READ_ICCID
 from at_commands.pytest_plugin import wait_for
 
 IMEI = "35209900176148" + fakemodem.luhn_check_digit("35209900176148")
@@ -53,25 +54,35 @@ def test_identity_sim_registration_and_signal_for_every_profile(name, fake_modem
 
     asyncio.run(scenario())
     commands = fm.state()["commands"]
-    if profile.iccid_command:  # the vendor's own command answered first
-        assert commands[profile.iccid_command] == 1
-        assert not any(commands.get(c) for c, _ in ICCID_FALLBACKS if c != profile.iccid_command)
-    assert CRSM_READ_ICCID not in commands
+    first, _tag = profile.iccid_commands[0]  # the vendor's own command (generic: +CRSM) answered
+    assert commands[first] == 1
+    assert not any(commands.get(c) for c in EVERY_ICCID_COMMAND - {first})
 
 
-def test_iccid_falls_back_to_crsm_when_no_vendor_command_answers(fake_modem):
+EVERY_ICCID_COMMAND = {c for p in profiles.PROFILES.values() for c, _tag in p.iccid_commands}
+
+
+@pytest.mark.parametrize("name", ["generic", "quectel"])
+def test_iccid_falls_back_to_crsm_only_after_the_profiles_own_commands(fake_modem_factory, name):
+    """A generic module is asked +CRSM and nothing else (it was sent every vendor's ICCID
+    command first); a vendor's module whose own command fails is asked +CRSM next."""
+    fm = fake_modem_factory(profile=name)
+
     async def scenario():
-        modem = await Modem.open(fake_modem.port, "generic")
+        modem = await Modem.open(fm.port, name)
         try:
             await modem.initialise()
-            fake_modem.fault("error", count=len(ICCID_FALLBACKS))  # every vendor command fails
+            if len(modem.profile.iccid_commands) > 1:
+                fm.fault("error")  # the vendor's own command fails
             return await modem.read_iccid()
         finally:
             modem.close()
 
-    fake_modem.sim_insert(ICCID)
+    fm.sim_insert(ICCID)
     assert asyncio.run(scenario()) == ICCID  # the nibble-swapped EF_ICCID, hex digits kept
-    assert fake_modem.state()["commands"][CRSM_READ_ICCID] == 1
+    commands = fm.state()["commands"]
+    assert commands[CRSM_READ_ICCID] == 1
+    assert not any(commands.get(c) for c in EVERY_ICCID_COMMAND - {c for c, _ in profiles.get(name).iccid_commands})
 
 
 @pytest.mark.fake_modem(no_sim=True)

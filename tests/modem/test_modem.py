@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from at_commands import profiles
+from at_commands.commands import is_imei_rewrite
 from at_commands.modem import (Modem, ModemRebooted, RegistrationChanged, SimInserted, SimRemoved,
                                NetworkTime)
 from at_commands.profiles import Profile
@@ -153,8 +154,8 @@ def test_radio_control_and_imei_guard(pty_responder, replies, acme):
             await modem.set_cfun(4)
             await modem.detach()
             assert await modem.get_cfun() == 1
-            assert modem.is_imei_rewrite("AT+EGMR=1,7,\"490154203237518\"")
-            assert not modem.is_imei_rewrite("AT+EGMR=0,7")
+            assert is_imei_rewrite("AT+EGMR=1,7,\"490154203237518\"")
+            assert not is_imei_rewrite("AT+EGMR=0,7")
         finally:
             modem.close()
 
