@@ -27,7 +27,7 @@ from typing import Any
 
 from agent import __version__, exitcodes
 from agent import config as config_module
-from agent.binding import BOUND, OK, BindingPolicy
+from agent.binding import BindingPolicy
 from agent.clock import Clock
 from agent.config import Config, ConfigError
 from agent.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, at_op, daemon_op
@@ -37,10 +37,9 @@ from agent.offload import ChildOutput, OffloadError, Offloader
 from agent.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
 from agent.reporter import Reporter
 from agent.sdnotify import LoopHealth, Notifier, Watchdog
-from agent.status import diag_facts, read_modem_status
 from agent.store import Caps, Store, StoreUnavailable
 from agent.supervise import Supervisor
-from agent import at_rules, diag, tokens
+from agent import at_rules, checks, facts, tokens
 from at_commands import commands as at_vocabulary, discovery
 from at_commands.client import CommandError as ATCommandError
 from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound
@@ -328,25 +327,9 @@ class Daemon:
 
     def state_document(self) -> dict[str, Any]:
         """The retained `P/state` document (SPEC §6)."""
-        known = self._last_modem_state
-        binding = dict(known.get("binding") or {})
-        binding.setdefault("mode", self.config.binding.mode)
-        binding.setdefault("status", "unknown")
-        if binding["status"] == BOUND:  # what the last decision did; now the card is bound here
-            binding["status"] = OK  # (the word SPEC §4 and `simagent status` without the daemon use)
-        for key in ("bound_iccid", "bound_imei", "since"):
-            binding.setdefault(key, None)
-        return {
-            "device_id": self._device_id(),
-            "agent_version": __version__,
-            # Copies: `status` adds its own keys to the document it is handed.
-            "modem": dict(known.get("modem") or dict.fromkeys(("vendor", "model", "revision", "imei", "imei_luhn_ok"))),
-            "sim": dict(known.get("sim") or {"state": "unknown", "iccid": None, "imsi": None}),
-            "binding": binding,
-            "radio": dict(known.get("radio") or {"cfun": None, "gated": False}),  # nothing is held off without a modem
-            "device_pubkey": self.device_pubkey,
-            "modem_present": self.enforcer is not None,
-        }
+        return facts.state_document(self._last_modem_state, mode=self.config.binding.mode, device_id=self._device_id(),
+                                    agent_version=__version__, device_pubkey=self.device_pubkey,
+                                    modem_present=self.enforcer is not None)
 
     async def status_document(self) -> dict[str, Any]:
         """What `simagent status` shows: the state document, live network facts, the
@@ -355,14 +338,14 @@ class Daemon:
         enforcer = self.enforcer
         if enforcer is not None:
             with contextlib.suppress(PortLost, CommandTimeout, ATCommandError):
-                live = await read_modem_status(enforcer.modem)
+                live = await facts.read_modem_status(enforcer.modem)
                 doc["network"] = live["network"]
                 doc["modem"] = {**live["modem"], **doc["modem"]}
-        doc.setdefault("network", {"registration": "unknown", "operator": None, "access_tech": "unknown", "signal_dbm": None})
+        doc.setdefault("network", dict(facts.UNKNOWN_NETWORK))
         doc["modem"]["port"] = self._modem_port
         doc["mqtt"] = self.reporter.link_status() if self.reporter else {"connected": False, "last_error": "waiting for the device id"}
         # Counting a full outbox (110k rows) takes milliseconds: in a thread, on a read-only connection.
-        doc["outbox"] = await asyncio.to_thread(diag.outbox_depth, self.config.device.state_dir)
+        doc["outbox"] = await asyncio.to_thread(facts.outbox_depth, self.config.device.state_dir)
         return doc
 
     async def _reporting(self) -> None:
@@ -469,11 +452,12 @@ class Daemon:
 
     async def diagnose(self) -> dict[str, Any]:
         doc = await self.status_document()
-        facts = await self.offload.run_thread(
-            "diag", diag.gather_facts, state_dir=self.config.device.state_dir, broker=diag.broker_target(self.config.mqtt),
+        found = await self.offload.run_thread(
+            "diag", checks.gather_facts, state_dir=self.config.device.state_dir, broker=checks.broker_target(self.config.mqtt),
         )
-        facts.update(diag_facts(doc) if self.enforcer is not None else {"modem_found": False, "modem_port": self.config.modem.port})
-        return diag.report_json(diag.run_checks(facts))
+        found.update(facts.diag_facts(doc) if self.enforcer is not None
+                     else {"modem_found": False, "modem_port": self.config.modem.port})
+        return checks.report_json(checks.run_checks(found))
 
     # -- control socket ---------------------------------------------------------------------
     def _control_ops(self) -> list:

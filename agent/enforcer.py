@@ -46,6 +46,7 @@ from typing import Any
 from agent import tokens
 from agent.binding import (DETACH, IMEI_UNREADABLE, LAST_IMEI_KEY, RADIO_OFF, RADIO_ON, SIM_UNREADABLE,
                            BindingPolicy, Decision, Observation, evaluate, reset_bindings)
+from agent.facts import binding_fact
 from agent.gate import Action, Gate, GateState, Input
 from agent.store import Binding, Store
 from at_commands.client import GATE_PRIORITY, GATE_RADIO, GATE_READ, CommandError, CommandTimeout, PortLost, Response
@@ -303,12 +304,7 @@ class Enforcer:
     def state(self) -> dict:
         """The SPEC §6 state-document parts this layer knows."""
         identity = self._identity
-        decision = self._decision
-        bindings = self.store.read().bindings()
-        iccid, imei = self._sim["iccid"], self._imei()
-        bound = (next((b for b in bindings if b.iccid == iccid), None)
-                 or next((b for b in bindings if b.imei == imei), None)
-                 or (bindings[0] if bindings else None))
+        imei = self._imei()
         return {
             "modem": {
                 "vendor": identity.vendor if identity else None,
@@ -318,14 +314,8 @@ class Enforcer:
                 "imei_luhn_ok": identity.imei_luhn_ok if identity else None,
             },
             "sim": dict(self._sim),
-            "binding": {
-                "mode": self.policy.mode,
-                "status": decision.status if decision else "unknown",
-                "reason": decision.reason if decision else None,
-                "bound_iccid": bound.iccid if bound else None,
-                "bound_imei": bound.imei if bound else None,
-                "since": bound.since if bound else None,
-            },
+            "binding": binding_fact(self.policy.mode, self._decision, self.store.read().bindings(),
+                                    self._sim["iccid"], imei),
             "radio": {"cfun": self._cfun, "gated": self._target is Radio.OFF and self._cfun == RADIO_OFF_CFUN},
             "gate": self.gate.state.value,
         }

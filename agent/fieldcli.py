@@ -23,7 +23,8 @@ from agent import config, exitcodes
 from agent.at_rules import Refused, at_result, check_command
 from agent.binding import BindingPolicy
 from agent.control import BlockingControlClient, ControlError
-from agent.status import format_status, read_binding, read_modem_status
+from agent.facts import read_binding, read_modem_status
+from agent.status import format_status
 from at_commands import discovery, profiles
 from at_commands.client import CommandError, CommandTimeout, PortBusy, PortLost, PortNotFound
 from at_commands.commands import is_abortable

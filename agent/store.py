@@ -477,6 +477,12 @@ class Store:
             rows = self._conn.execute("SELECT entry, hash FROM evidence WHERE seq > ? ORDER BY seq", (since_seq,)).fetchall()
         return [(json.loads(entry), digest) for entry, digest in rows]
 
+    def evidence_tail(self, count: int) -> list[dict]:
+        """The newest ``count`` evidence entries, oldest first."""
+        with self._lock:
+            rows = self._conn.execute("SELECT entry FROM evidence ORDER BY seq DESC LIMIT ?", (count,)).fetchall()
+        return [json.loads(entry) for (entry,) in reversed(rows)]
+
     # -- the anchor -----------------------------------------------------------------
     def _anchor_due(self) -> bool:
         return time.monotonic() - self._anchored_at >= ANCHOR_INTERVAL

@@ -22,21 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import cli
-from agent.diag import (
-    CHECKS,
-    BrokerTarget,
-    Result,
-    disk_usage,
-    exit_code,
-    format_table,
-    gather_facts,
-    probe_broker,
-    redact_text,
-    redact_value,
-    report_json,
-    run_checks,
-    write_bundle,
-)
+from agent.checks import CHECKS, BrokerTarget, Result, disk_usage, exit_code, gather_facts, probe_broker, report_json, run_checks
+from agent.diag import format_table, redact_text, redact_value, write_bundle
 from agent.store import DB_NAME, Store
 
 HEALTHY = {
@@ -162,7 +149,7 @@ def test_gather_facts_never_creates_a_store(tmp_path):
     assert not (tmp_path / DB_NAME).exists()
     assert "outbox" not in facts
     outcome = results(facts)
-    assert outcome["outbox"] == (Result.SKIP, f"not checked: no state database in {tmp_path}")
+    assert outcome["outbox"] == (Result.SKIP, f"not checked: {tmp_path / DB_NAME}: the state database is missing")
     assert outcome["disk"][0] is Result.PASS
     assert outcome["modem_found"] == (Result.SKIP, "not checked: the modem was not read")
 

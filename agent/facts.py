@@ -1,0 +1,133 @@
+"""The facts the box reports, built in one place: the `status` document (SPEC §8), the
+retained `state` document (SPEC §6) and the facts `diag` judges. The daemon, `simagent
+status`, `simagent diag` and the MQTT reporter all take them from here.
+
+Sources: the modem (``read_modem_status``: an initialised ``Modem``), the radio gate's
+view (``Enforcer.state``), and the state store opened read-only (``read_binding``,
+``outbox_depth``, ``evidence_tail``: looking never binds, records, moves or creates
+anything).
+
+Document keys (all present; a value that could not be read is null)::
+
+  modem   {vendor, model, revision, imei, imei_luhn_ok, profile}
+  sim     {state: ready|absent|locked|error|unknown, iccid, imsi}
+  network {registration: ModemManager word, operator, access_tech: gsm|umts|lte|nr5g|unknown,
+           signal_dbm: int|null}
+  radio   {cfun, gated}
+  binding {mode, status, reason, bound_iccid, bound_imei, since} | null   (CLI / daemon)
+  mqtt    {connected, ...}, outbox {events, telemetry}                    (daemon only)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from typing import Any, Sequence
+
+from agent.binding import BOUND, OK, BindingPolicy, Decision, Observation, decide
+from agent.store import Binding, Store, StoreError
+
+# A read-only verdict that would create a binding is shown as this: nothing is bound yet
+# (the daemon binds on its next check), and looking itself never writes.
+UNBOUND = "unbound"
+UNKNOWN_MODEM = dict.fromkeys(("vendor", "model", "revision", "imei", "imei_luhn_ok"))
+UNKNOWN_SIM = {"state": "unknown", "iccid": None, "imsi": None}
+UNKNOWN_NETWORK = {"registration": "unknown", "operator": None, "access_tech": "unknown", "signal_dbm": None}
+
+
+def binding_fact(mode: str, decision: Decision | None, bindings: Sequence[Binding], iccid: str | None,
+                 imei: str | None) -> dict[str, Any]:
+    """The `binding` part: the decision's status and the binding that concerns this card
+    (else this terminal's, else the first)."""
+    shown = (next((b for b in bindings if b.iccid == iccid), None)
+             or next((b for b in bindings if b.imei == imei), None)
+             or (bindings[0] if bindings else None))
+    return {
+        "mode": mode,
+        "status": "unknown" if decision is None else decision.status,
+        "reason": decision.reason if decision else None,
+        "bound_iccid": shown.iccid if shown else None,
+        "bound_imei": shown.imei if shown else None,
+        "since": shown.since if shown else None,
+    }
+
+
+def shown_binding(binding: dict[str, Any], *, carried_out: bool) -> dict[str, Any]:
+    """``binding`` as the documents show it. ``bound`` is what a decision *does*: once the
+    daemon has carried it out the card is bound here (``ok``, the word SPEC §4 uses); a
+    read-only verdict carries nothing out, so nothing is bound yet (``unbound``)."""
+    if binding["status"] != BOUND:
+        return binding
+    return {**binding, "status": OK if carried_out else UNBOUND}
+
+
+async def read_modem_status(modem: Any) -> dict[str, Any]:
+    """The modem part of the status document, from an initialised ``Modem``. Raises
+    the client's ``PortLost`` when the modem goes away while being read."""
+    doc = await modem.snapshot()
+    doc["modem"]["profile"] = modem.profile.name
+    return doc
+
+
+def read_binding(state_dir: str | os.PathLike, policy: BindingPolicy, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The binding verdict for what ``doc`` shows, against the stored bindings (a pure
+    decision over the store opened read-only); None when the store cannot be read
+    (missing, unreadable or damaged)."""
+    try:
+        with contextlib.closing(Store.open_read_only(state_dir)) as store:
+            stored = store.read().bindings()
+    except (OSError, sqlite3.Error, StoreError):
+        return None
+    sim = doc["sim"]
+    observation = Observation(imei=doc["modem"]["imei"], sim_state=sim["state"], iccid=sim["iccid"])
+    verdict = binding_fact(policy.mode, decide(observation, stored, policy), stored, observation.iccid, observation.imei)
+    return shown_binding(verdict, carried_out=False)
+
+
+def outbox_depth(state_dir: str | os.PathLike) -> dict[str, int]:
+    with contextlib.closing(Store.open_read_only(state_dir)) as store:
+        return store.outbox_depth()
+
+
+def evidence_tail(state_dir: str | os.PathLike, count: int) -> list[dict]:
+    with contextlib.closing(Store.open_read_only(state_dir)) as store:
+        return store.evidence_tail(count)
+
+
+def state_document(known: dict[str, Any], *, mode: str, device_id: str | None, agent_version: str,
+                   device_pubkey: str | None, modem_present: bool) -> dict[str, Any]:
+    """The retained `P/state` document (SPEC §6) from the gate's last view (``known``:
+    ``Enforcer.state()``, empty before the first)."""
+    binding = shown_binding(known.get("binding") or binding_fact(mode, None, (), None, None), carried_out=True)
+    return {
+        "device_id": device_id,
+        "agent_version": agent_version,
+        # Copies: `status` adds its own keys to the document it is handed.
+        "modem": dict(known.get("modem") or UNKNOWN_MODEM),
+        "sim": dict(known.get("sim") or UNKNOWN_SIM),
+        "binding": dict(binding),
+        "radio": dict(known.get("radio") or {"cfun": None, "gated": False}),  # nothing is held off without a modem
+        "device_pubkey": device_pubkey,
+        "modem_present": modem_present,
+    }
+
+
+def diag_facts(doc: dict[str, Any]) -> dict[str, Any]:
+    """The modem facts `diag` judges (agent.checks fact keys), from a status document;
+    no binding fact when the document has no binding verdict."""
+    modem, sim, network = doc["modem"], doc["sim"], doc["network"]
+    facts = {
+        "modem_found": True,
+        "at_ok": True,
+        "sim_state": sim["state"],
+        "imei": modem["imei"],
+        "imei_luhn_ok": modem["imei_luhn_ok"],
+        "iccid": sim["iccid"],
+        "registration": network["registration"],
+        "signal_dbm": network["signal_dbm"],
+    }
+    binding = doc.get("binding")
+    if binding:
+        facts["binding_status"] = binding.get("reason") or binding["status"]
+    return facts
