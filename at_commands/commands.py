@@ -1,6 +1,6 @@
 """The AT command vocabulary: how a command line is split, normalised and classified.
 One home for it; the client, the modem API, the radio gate and the callers' rules (who
-may send what: ``agent.at_rules``) all ask here. Vendor commands come from ``profiles``.
+may send what: ``agent.core.at_rules``) all ask here. Vendor commands come from ``profiles``.
 
 A command line is normalised first (V.250: case and blanks outside quoted strings do not
 matter, the ``AT`` prefix starts the line, ``;`` joins extended commands), then each of

@@ -4,7 +4,7 @@ Modelled on ModemManager's plugins: a profile declares how to find the module (U
 and AT interface numbers, vendor strings), how to read its ICCID, how it announces SIM
 hot-swap and boot, and which commands must never be sent (IMEI rewrite). Code that
 needs vendor knowledge reads it from here; it does not branch on vendor names. The fake
-modem (at_commands.fakemodem) speaks each dialect from the same data.
+modem (simagent_lab.fakemodem) speaks each dialect from the same data.
 
 Sources (cited per entry below):
   [MM-Q]  ModemManager src/plugins/quectel/77-mm-quectel-port-types.rules

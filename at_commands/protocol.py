@@ -493,16 +493,18 @@ class Connection:
             return
 
     def _parse_one_with_prompt(self) -> bool:
-        """One step while a ``> `` prompt may come: the prompt has no line end."""
+        """One step while a ``> `` prompt may come: the prompt has no line end. It starts a
+        line, so not while an overlong line is still being skipped (that line ends first)."""
         buf = self._buf
-        start = 0
-        while start < len(buf) and buf[start] in b"\r\n\x00":
-            start += 1
-        if start < len(buf) and buf[start] == ord(">"):
-            del buf[: start + 1]
-            self._expect_prompt = False
-            self._events.append(Prompt())
-            return True
+        if not self._overlong:
+            start = 0
+            while start < len(buf) and buf[start] in b"\r\n\x00":
+                start += 1
+            if start < len(buf) and buf[start] == ord(">"):
+                del buf[: start + 1]
+                self._expect_prompt = False
+                self._events.append(Prompt())
+                return True
         eol = _EOL_RE.search(buf)
         if eol is None:
             self._bound_partial()

@@ -3,7 +3,7 @@ start to READY=1, idle CPU and wake-ups, idle RSS and RSS growth under load (SPE
 
 - start: fork of `simagent run` -> READY=1 on its NOTIFY_SOCKET, over START_RUNS starts on
   one state directory (the first is a first boot that binds, the others restarts). The
-  baseline in the same run is the bare interpreter plus `import agent.daemon`.
+  baseline in the same run is the bare interpreter plus `import agent.service.daemon`.
 - idle: the daemon with the modem present, the card bound, the broker connected and the
   default telemetry interval (60 s), watchdog armed as the shipped unit arms it; CPU from
   /proc/PID/stat, wake-ups = context switches of all its threads, over IDLE_S seconds.
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.control import ControlClient
+from agent.service.control import ControlClient
 from benchmarks._daemon_rig import IMEI, Platform, Rig, context_switches, cpu_seconds, rss_mb
 
 START_RUNS = 5
@@ -37,11 +37,11 @@ EVENT_BATCH = 50  # below the reporter's command queue (64), so no command is dr
 
 
 def _python_import_s(runs: int = START_RUNS) -> float:
-    """Median wall time of a fresh interpreter that imports agent.daemon and exits."""
+    """Median wall time of a fresh interpreter that imports agent.service.daemon and exits."""
     times = []
     for _ in range(runs):
         started = time.monotonic()
-        subprocess.run([sys.executable, "-c", "import agent.daemon"], check=True)
+        subprocess.run([sys.executable, "-c", "import agent.service.daemon"], check=True)
         times.append(time.monotonic() - started)
     return statistics.median(times)
 

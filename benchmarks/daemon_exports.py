@@ -20,8 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from agent.clock import Clock
-from agent.store import Store
+from agent.core.clock import Clock
+from agent.core.store import Store
 from benchmarks._daemon_rig import HOME_ICCID, IMEI, Rig
 
 SWAPS = 100

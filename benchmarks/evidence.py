@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.evidence import export_bundle, load_or_create_device_key, verify_bundle
-from agent.store import Store
+from agent.core.evidence import export_bundle, load_or_create_device_key, verify_bundle
+from agent.core.store import Store
 
 ROUNDS = 8
 ROUND_S = 0.3  # raw and store take turns, so disk contention from elsewhere hits both alike

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.store import Store
+from agent.core.store import Store
 from at_commands import profiles
 from benchmarks._daemon_rig import FOREIGN_ICCID, HOME_ICCID, IMEI, Rig
 

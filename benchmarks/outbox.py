@@ -17,9 +17,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.localbroker import Broker
-from agent.reporter import MqttSettings, Reporter, TlsSettings
-from agent.store import Caps, Store
+from simagent_lab.localbroker import Broker
+from agent.service.reporter import MqttSettings, Reporter, TlsSettings
+from agent.core.store import Caps, Store
 
 ENQUEUES = 2000
 MESSAGES = 5000

@@ -18,14 +18,14 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from agent.binding import BindingPolicy
-from agent.clock import Clock
-from agent.enforcer import Enforcer
-from agent.store import Store
+from agent.core.binding import BindingPolicy
+from agent.core.clock import Clock
+from agent.service.enforcer import Enforcer
+from agent.core.store import Store
 from at_commands import profiles
-from at_commands.fakemodem import DEFAULT_ICCID
+from simagent_lab.fakemodem import DEFAULT_ICCID
 from at_commands.modem import Modem
-from at_commands.fakemodem_handles import InProcessFakeModem, start_in_process
+from simagent_lab.fakemodem_handles import InProcessFakeModem, start_in_process
 
 SWAPS = 200
 POLL_INTERVAL = 0.1

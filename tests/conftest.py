@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.localbroker import Broker
+from simagent_lab.localbroker import Broker
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "agent" / "schemas"
 SCHEMA_FILES = {

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from agent.clock import Clock, Stamp
-from agent.store import Store
+from agent.core.clock import Clock, Stamp
+from agent.core.store import Store
 
 class ManualClock(Clock):
     """The one seam nothing real reaches: wall time and whether it is trusted."""

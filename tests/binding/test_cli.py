@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from agent.binding import BindingPolicy, Observation, evaluate
-from agent.evidence import device_public_key_b64, load_or_create_device_key
-from agent.store import Store
+from agent.core.binding import BindingPolicy, Observation, evaluate
+from agent.core.evidence import device_public_key_b64, load_or_create_device_key
+from agent.core.store import Store
 
 IMEI = "490154203237518"
 ICCID = "89860012345678901234"

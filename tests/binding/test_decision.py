@@ -2,7 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.binding import (
+from agent.core.binding import (
     BindingPolicy,
     NewBinding,
     Observation,
@@ -11,7 +11,7 @@ from agent.binding import (
     reset_bindings,
     LAST_IMEI_KEY,
 )
-from agent.store import Binding
+from agent.core.store import Binding
 
 IMEI = "490154203237518"
 OTHER_IMEI = "356938035643809"
@@ -214,7 +214,7 @@ def test_after_a_state_reset_no_card_is_allowed_or_bound(mode, bindings):
 
 
 def test_lost_state_fails_closed_until_bind_reset(tmp_path, make_clock, events):
-    from agent.store import Store
+    from agent.core.store import Store
 
     state = tmp_path / "state"
     s = Store.open(state, clock=make_clock())

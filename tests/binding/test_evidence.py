@@ -10,7 +10,7 @@ import stat
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.evidence import (
+from agent.core.evidence import (
     EvidenceError,
     device_public_key,
     device_public_key_b64,
@@ -19,7 +19,7 @@ from agent.evidence import (
     parse_since,
     verify_bundle,
 )
-from agent.store import GENESIS_HASH, canonical_json
+from agent.core.store import GENESIS_HASH, canonical_json
 
 
 @pytest.fixture

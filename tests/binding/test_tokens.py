@@ -8,8 +8,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.binding import BindingPolicy, Observation, evaluate
-from agent.tokens import TokenError, accept_token, key_id, load_trusted_keys, provision_from_file, verify_token
+from agent.core.binding import BindingPolicy, Observation, evaluate
+from agent.core.tokens import TokenError, accept_token, key_id, load_trusted_keys, provision_from_file, verify_token
 
 IMEI = "490154203237518"
 OTHER_IMEI = "356938035643809"
@@ -142,7 +142,7 @@ def test_replayed_jti_is_refused_after_one_use(bound_store, events):
 
 
 def test_replay_refused_after_restart(tmp_path, make_clock):
-    from agent.store import Store
+    from agent.core.store import Store
 
     s = Store.open(tmp_path, clock=make_clock())
     assert accept_token(s, token(), KEYS, IMEI).accepted
@@ -182,7 +182,7 @@ def test_time_floor_never_goes_back(store, clock):
 
 
 def test_untrusted_clock_without_any_floor_accepts_with_flag(tmp_path, make_clock):
-    from agent.store import Store
+    from agent.core.store import Store
 
     s = Store.open(tmp_path, clock=make_clock(wall=0.0, trusted=False))
     result = accept_token(s, token(exp=100.0), KEYS, IMEI)
@@ -235,7 +235,7 @@ def test_binding_token_must_name_the_card():
 
 
 def _trusted_stamp():
-    from agent.clock import Stamp
+    from agent.core.clock import Stamp
 
     return Stamp(NOW, True, 1.0, "boot")
 
@@ -243,8 +243,8 @@ def _trusted_stamp():
 def test_a_fresh_tokens_iat_corroborates_network_time_and_raises_the_floor(tmp_path):
     """Network time alone never raises the floor; a verified token issued moments before
     our trusted (network) time is the second source that agrees."""
-    from agent.clock import Clock
-    from agent.store import Store
+    from agent.core.clock import Clock
+    from agent.core.store import Store
 
     clock = Clock(kernel_synchronised=lambda: False, build_epoch=NOW - 86_400)
     clock.set_network_time(NOW)

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from agent.control import (
+from agent.service.control import (
     DAEMON_OPS,
     MAX_REQUEST,
     BlockingControlClient,
@@ -330,7 +330,7 @@ class Pieces:
 
 
 def test_a_streamed_result_is_one_reply_line_and_a_broken_one_is_cut(short_dir):
-    from agent.control import StreamedResult
+    from agent.service.control import StreamedResult
 
     made = []
 

@@ -22,9 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import cli
-from agent.checks import CHECKS, BrokerTarget, Result, disk_usage, exit_code, gather_facts, probe_broker, report_json, run_checks
-from agent.diag import format_table, redact_text, redact_value, write_bundle
-from agent.store import DB_NAME, Store
+from agent.core.checks import CHECKS, BrokerTarget, Result, disk_usage, exit_code, gather_facts, probe_broker, report_json, run_checks
+from agent.cli.diag import format_table, redact_text, redact_value, write_bundle
+from agent.core.store import DB_NAME, Store
 
 HEALTHY = {
     "modem_found": True,

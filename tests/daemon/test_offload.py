@@ -1,4 +1,4 @@
-"""agent.offload: one heavy job at a time, a short queue, then `busy`; the export child
+"""agent.service.offload: one heavy job at a time, a short queue, then `busy`; the export child
 against a real state directory (SQLite file, device key), read-only."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from agent.evidence import load_or_create_device_key, verify_bundle
-from agent.offload import OffloadError, Offloader
-from agent.store import Store
+from agent.core.evidence import load_or_create_device_key, verify_bundle
+from agent.service.offload import OffloadError, Offloader
+from agent.core.store import Store
 
 STAMP = {"exported_at": "2026-01-01T00:00:00.000Z", "exported_at_trusted": True}
 

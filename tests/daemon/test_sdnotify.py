@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 
-from agent.sdnotify import LoopHealth, Notifier, Watchdog, watchdog_interval
+from agent.service.sdnotify import LoopHealth, Notifier, Watchdog, watchdog_interval
 
 
 def test_without_notify_socket_everything_is_a_no_op():

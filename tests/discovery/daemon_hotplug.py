@@ -39,7 +39,7 @@ import gi  # noqa: E402
 gi.require_version("UMockdev", "1.0")
 from gi.repository import UMockdev  # noqa: E402
 
-from at_commands.fakemodem_handles import start_in_process  # noqa: E402
+from simagent_lab.fakemodem_handles import start_in_process  # noqa: E402
 
 VENV_PYTHON = f"{REPO}/.venv/bin/python"
 STEP_TIMEOUT = 8.0  # generous: other test runs share the machine

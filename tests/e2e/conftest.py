@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import exitcodes
-from agent.localagent import AgentProcess, loopback_sections, merge
+from simagent_lab.localagent import AgentProcess, loopback_sections, merge
 
 IMEI = "864505040000013"
 HOME_ICCID = "89860321234567890123"

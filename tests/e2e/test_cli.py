@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from agent.control import BlockingControlClient, ControlError
+from agent.service.control import BlockingControlClient, ControlError
 
 from .conftest import HOME_ICCID, IMEI, wait_event
 

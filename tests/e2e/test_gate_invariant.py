@@ -115,7 +115,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from at_commands import profiles
-from at_commands.fakemodem import read_transcript
+from simagent_lab.fakemodem import read_transcript
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, wait_event
 

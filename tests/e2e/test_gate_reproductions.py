@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from agent.store import Store
+from agent.core.store import Store
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, TIMEOUT, wait_event
 from ..conftest import wait_until

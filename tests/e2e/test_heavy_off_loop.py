@@ -27,11 +27,11 @@ import threading
 import time
 from pathlib import Path
 
-from agent.clock import Clock
-from agent.control import BlockingControlClient
-from agent.evidence import verify_bundle
-from agent.platform_commands import MAX_EXPORT_REPLY_BYTES
-from agent.store import Store
+from agent.core.clock import Clock
+from agent.service.control import BlockingControlClient
+from agent.core.evidence import verify_bundle
+from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES
+from agent.core.store import Store
 
 from .conftest import IMEI, wait_event
 from .test_platform_commands import P, send

@@ -18,14 +18,14 @@ from typing import Any, Callable
 
 import pytest
 
-from agent.binding import BindingPolicy, Decision
-from agent.clock import Clock
-from agent.enforcer import Enforcer
-from agent.store import Binding, Store
+from agent.core.binding import BindingPolicy, Decision
+from agent.core.clock import Clock
+from agent.service.enforcer import Enforcer
+from agent.core.store import Binding, Store
 from at_commands import profiles
-from at_commands.fakemodem import DEFAULT_ICCID, DEFAULT_IMEI, ef_iccid_hex, luhn_check_digit
+from simagent_lab.fakemodem import DEFAULT_ICCID, DEFAULT_IMEI, ef_iccid_hex, luhn_check_digit
 from at_commands.modem import Modem
-from at_commands.fakemodem_handles import InProcessFakeModem
+from simagent_lab.fakemodem_handles import InProcessFakeModem
 
 HOME_ICCID = DEFAULT_ICCID
 FOREIGN_ICCID = "89860077777777777777"

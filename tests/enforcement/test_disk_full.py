@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from agent.store import Store
+from agent.core.store import Store
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, HOTSWAP_PROFILES, run
 

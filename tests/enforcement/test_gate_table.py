@@ -1,4 +1,4 @@
-"""The radio gate's transition table (agent/gate.py): complete, every row keeps the rules
+"""The radio gate's transition table (agent/core/gate.py): complete, every row keeps the rules
 of the module docstring, and random input sequences never switch the radio on for a
 card whose facts were not read after the last change."""
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import gate
-from agent.gate import READ_UNDER_WAY, TRANSITIONS, Action, Gate, GateError, GateState, Input
+from agent.core import gate
+from agent.core.gate import READ_UNDER_WAY, TRANSITIONS, Action, Gate, GateError, GateState, Input
 
 S, I, A = GateState, Input, Action
 PAIRS = [(s, i) for s in GateState for i in Input]

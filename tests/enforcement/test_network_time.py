@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agent.clock import Clock
+from agent.core.clock import Clock
 
 from .conftest import run
 

@@ -5,7 +5,7 @@ client, modem layer, store and Enforcer."""
 import asyncio
 import contextlib
 
-from agent import at_rules
+from agent.core import at_rules
 from at_commands.commands import is_query
 from at_commands.client import CommandTimeout
 
@@ -179,7 +179,7 @@ def test_a_status_read_does_not_swallow_the_allowed_card_coming_back(open_termin
     insertion that lands while it is pending is taken for its answer. The gate, which
     holds the radio off for the empty tray, never hears of the card and (the profile is
     not polled) the terminal stays offline with its own card in."""
-    from agent.facts import read_modem_status
+    from agent.core.facts import read_modem_status
 
     async def scenario():
         async with open_terminal(profile="simcom") as t:

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from agent.binding import BindingPolicy
-from agent.enforcer import Enforcer
+from agent.core.binding import BindingPolicy
+from agent.service.enforcer import Enforcer
 from at_commands import profiles
 from at_commands.client import PortLost
 
@@ -259,7 +259,7 @@ def test_hotswap_profiles_are_covered():
 
 
 def test_fake_modem_ctl_words_for_the_operations_these_tests_added():
-    from at_commands.fakemodem import parse_ctl_words
+    from simagent_lab.fakemodem import parse_ctl_words
 
     assert parse_ctl_words("urc", ["+CPIN:", "NOT", "READY"]) == {"op": "urc", "line": "+CPIN: NOT READY"}
     assert parse_ctl_words("fault", ["busy", "count=2"]) == {"op": "fault", "kind": "busy", "count": 2}

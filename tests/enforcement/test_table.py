@@ -3,7 +3,7 @@ the radio level the fake ends at, the stored bindings and the evidence chain."""
 
 import pytest
 
-from agent.binding import BindingPolicy
+from agent.core.binding import BindingPolicy
 from .conftest import (FOREIGN_ICCID, HOME_ICCID, HOME_IMEI, OTHER_IMEI, assert_radio_on_only_after_allowed_card,
                       run, sent)
 

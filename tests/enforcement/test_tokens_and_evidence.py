@@ -10,9 +10,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.binding import BindingPolicy
-from agent.evidence import export_bundle, load_or_create_device_key, verify_bundle
-from agent.tokens import load_trusted_keys
+from agent.core.binding import BindingPolicy
+from agent.core.evidence import export_bundle, load_or_create_device_key, verify_bundle
+from agent.core.tokens import load_trusted_keys
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, HOME_IMEI, OTHER_IMEI, run, sent
 

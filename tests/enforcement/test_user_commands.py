@@ -5,7 +5,7 @@ write is evidence, and the radio level is read again after it."""
 import pytest
 
 from at_commands.commands import is_harmless_write
-from agent.enforcer import GateRefused
+from agent.service.enforcer import GateRefused
 
 from .conftest import FOREIGN_ICCID, HOME_IMEI, run, sent
 

@@ -11,12 +11,12 @@ import sys
 
 import pytest
 
-from at_commands import fakemodem
+from simagent_lab import fakemodem
 
 
 def ctl(process, *words: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "at_commands.fakemodem", "ctl", "--control", process.control_path, *words],
+        [sys.executable, "-m", "simagent_lab.fakemodem", "ctl", "--control", process.control_path, *words],
         capture_output=True, text=True, timeout=20,
     )
 
@@ -77,7 +77,7 @@ def test_ctl_reports_refusals_and_usage_errors(fake_modem_process):
 
 def test_ctl_without_a_running_modem(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "at_commands.fakemodem", "ctl", "--control", str(tmp_path / "none.ctl"), "state"],
+        [sys.executable, "-m", "simagent_lab.fakemodem", "ctl", "--control", str(tmp_path / "none.ctl"), "state"],
         capture_output=True, text=True, timeout=20,
     )
     assert done.returncode == 69 and "none.ctl" in done.stderr
@@ -85,7 +85,7 @@ def test_ctl_without_a_running_modem(tmp_path):
 
 def test_bad_start_arguments_exit_2(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "at_commands.fakemodem", "--link", str(tmp_path / "m"), "--imei", "12"],
+        [sys.executable, "-m", "simagent_lab.fakemodem", "--link", str(tmp_path / "m"), "--imei", "12"],
         capture_output=True, text=True, timeout=20,
     )
     assert done.returncode == 2 and "imei" in done.stderr
@@ -106,6 +106,6 @@ def test_control_socket_rejects_malformed_json(fake_modem_process):
 
 @pytest.mark.parametrize("argv", [["--help"], ["ctl", "--help"]])
 def test_help(argv):
-    done = subprocess.run([sys.executable, "-m", "at_commands.fakemodem", *argv],
+    done = subprocess.run([sys.executable, "-m", "simagent_lab.fakemodem", *argv],
                           capture_output=True, text=True, timeout=20)
     assert done.returncode == 0 and "usage" in done.stdout

@@ -10,7 +10,7 @@ import pytest
 import serial
 
 from at_commands import profiles
-from at_commands.pytest_plugin import wait_for
+from simagent_lab.pytest_plugin import wait_for
 
 ALL = sorted(profiles.PROFILES)
 

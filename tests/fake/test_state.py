@@ -7,8 +7,9 @@ import re
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from at_commands import fakemodem, profiles
-from at_commands.fakemodem import FakeModemState
+from simagent_lab import fakemodem
+from at_commands import profiles
+from simagent_lab.fakemodem import FakeModemState
 
 
 class Clock:

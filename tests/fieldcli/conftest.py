@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from agent.control import ControlServer, Op
-from at_commands.pytest_plugin import wait_for
+from agent.service.control import ControlServer, Op
+from simagent_lab.pytest_plugin import wait_for
 
 
 class Cli:
@@ -55,7 +55,7 @@ def registered_modem(fake_modem_process) -> Callable[..., Any]:
 
 @pytest.fixture
 def control_server() -> Iterator[Callable[[Path, list[Op]], ControlServer]]:
-    """Starts an agent.control.ControlServer with the given ops in a thread of its own
+    """Starts an agent.service.control.ControlServer with the given ops in a thread of its own
     (the test stands in for the daemon)."""
     running: list[tuple[asyncio.AbstractEventLoop, ControlServer, threading.Thread]] = []
 

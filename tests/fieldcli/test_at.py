@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from agent.control import at_op
-from agent.at_rules import Refused, check_command
+from agent.service.control import at_op
+from agent.core.at_rules import Refused, check_command
 from at_commands.commands import is_imei_rewrite, is_query
 from at_commands import profiles
 from at_commands.client import ATClient

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from agent.binding import LAST_IMEI_KEY
-from agent.control import daemon_op
-from agent.store import Binding, Store
+from agent.core.binding import LAST_IMEI_KEY
+from agent.service.control import daemon_op
+from agent.core.store import Binding, Store
 
 SPEC_KEYS = {
     "modem": {"vendor", "model", "revision", "imei", "imei_luhn_ok", "profile"},

@@ -1,4 +1,4 @@
-"""agent.config: schema-driven loading, one test per error class, the shipped file."""
+"""agent.core.config: schema-driven loading, one test per error class, the shipped file."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
 
-from agent import config as cfgmod
+from agent.core import config as cfgmod
 from agent.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,7 +240,7 @@ def test_a_control_socket_path_run_could_not_bind_is_refused() -> None:
 
 def test_config_and_tokens_parse_keys_alike() -> None:
     """One Ed25519 parser: a base64 DER key check-config accepts is a key tokens accept."""
-    from agent.tokens import load_trusted_keys
+    from agent.core.tokens import load_trusted_keys
 
     public = Ed25519PrivateKey.generate().public_key()
     der = base64.b64encode(public.public_bytes(serialization.Encoding.DER,

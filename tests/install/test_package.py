@@ -69,6 +69,19 @@ def test_contents(deb, extracted) -> None:
     assert leaked == "", leaked
 
 
+def test_no_lab_code_on_terminals(deb, extracted) -> None:
+    """The fake modem, its pytest plugin and the demo are lab tools: the .deb has none of
+    their files, scripts or entry points, and `simagent` there has no `demo`."""
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+    assert "simagent_lab" not in listing and "simagent-fakemodem" not in listing
+    dist_info = next((extracted / "opt/simagent/lib").glob("python3*/site-packages/simagent-*.dist-info"))
+    assert "pytest11" not in (dist_info / "entry_points.txt").read_text()
+    assert "simagent_lab" not in (dist_info / "RECORD").read_text()
+    usage = subprocess.run([str(extracted / "opt/simagent/bin/python"), "-m", "agent", "--help"],
+                           capture_output=True, text=True, timeout=60, cwd=extracted)  # not the checkout's agent/
+    assert usage.returncode == 0 and "demo" not in usage.stdout and "status" in usage.stdout
+
+
 def test_packaged_venv_runs_on_debian_python(extracted) -> None:
     """The venv works with the target's /usr/bin/python3 and its own site-packages."""
     python = extracted / "opt/simagent/bin/python"

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from at_commands import fakemodem, profiles
-from at_commands.pytest_plugin import wait_for
+from simagent_lab import fakemodem
+from at_commands import profiles
+from simagent_lab.pytest_plugin import wait_for
 
 IMEI = "35209900176148" + fakemodem.luhn_check_digit("35209900176148")
 ICCID = "89860000A1B2C3D4E5F6"  # hex digits, as Chinese issuers use

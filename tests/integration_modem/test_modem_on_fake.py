@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from at_commands import fakemodem, profiles
+from simagent_lab import fakemodem
+from at_commands import profiles
 from at_commands.client import ATClient, CommandError, CommandTimeout, PortLost
 from at_commands.modem import Modem, ModemRebooted
 from at_commands.profiles import CRSM_READ_ICCID
-from at_commands.pytest_plugin import wait_for
 
 IMEI = "35209900176148" + fakemodem.luhn_check_digit("35209900176148")
 ICCID = "89860000A1B2C3D4E5F6"

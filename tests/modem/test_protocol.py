@@ -327,3 +327,21 @@ def test_a_final_dropped_while_probing_says_which_result_it_was():
     assert refused == Discarded("stale", "+CME ERROR: 14") and old_ok == Discarded("stale", "OK")
     assert refused.final == FinalResult(ResultKind.CME_ERROR, 14, "14") and old_ok.final.ok
     assert conn.state is State.PROBING
+
+
+@pytest.mark.parametrize("tail", [b">", b"\r\n> "])
+def test_a_prompt_char_inside_an_overlong_line_is_no_prompt_however_it_is_cut(tail):
+    """Found by the fuzz test: 300 x "Z" then ">" gave a Prompt when the Zs came in chunks
+    (the overlong part was already skipped, so ">" looked like a line start) and none in one
+    piece. A line end after the overlong part still lets the prompt through, after the
+    overlong line is reported."""
+    data = b"Z" * 300 + tail
+    expected = None
+    for chunk in (1, 7, 60, len(data)):
+        conn = Connection(max_line=256)
+        conn.send_command("AT+CMGS=12", expect_prompt=True)
+        events = feed_all(conn, [data[i:i + chunk] for i in range(0, len(data), chunk)])
+        expected = events if expected is None else expected
+        assert events == expected, chunk
+    assert expected == ([] if tail == b">" else [Discarded("overlong", "", 300), Prompt()])
+

@@ -28,9 +28,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from at_commands import fakemodem
+from simagent_lab import fakemodem
 from at_commands.client import ATClient, CommandAborted, CommandTimeout, PortLost
-from at_commands.fakemodem_handles import start_in_process
+from simagent_lab.fakemodem_handles import start_in_process
 
 IMEI = fakemodem.DEFAULT_IMEI
 # What each command may answer (the fake's values; CFUN moves between 1 and 4).

@@ -10,10 +10,10 @@ from typing import Any, Callable
 
 import pytest
 
-from agent.backoff import Backoff
-from agent.clock import Clock
-from agent.reporter import MqttSettings, Reporter, TlsSettings
-from agent.store import Store
+from agent.core.backoff import Backoff
+from agent.core.clock import Clock
+from agent.service.reporter import MqttSettings, Reporter, TlsSettings
+from agent.core.store import Store
 
 DEVICE_ID = "490154203237518"
 PREFIX = f"simagent/{DEVICE_ID}"

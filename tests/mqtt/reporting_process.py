@@ -9,9 +9,9 @@ import argparse
 import asyncio
 import sys
 
-from agent.backoff import Backoff
-from agent.reporter import MqttSettings, Reporter, TlsSettings
-from agent.store import Store
+from agent.core.backoff import Backoff
+from agent.service.reporter import MqttSettings, Reporter, TlsSettings
+from agent.core.store import Store
 
 
 async def main(args: argparse.Namespace) -> None:

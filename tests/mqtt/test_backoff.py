@@ -1,6 +1,6 @@
 import pytest
 
-from agent.backoff import Backoff
+from agent.core.backoff import Backoff
 
 
 class FakeClock:

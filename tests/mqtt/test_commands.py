@@ -10,13 +10,13 @@ import uuid
 import jwt
 import pytest
 
-from agent.store import TIME_FLOOR_KEY
+from agent.core.store import TIME_FLOOR_KEY
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from agent.platform_commands import MAX_COMMAND_BYTES, CommandError, CommandProcessor
-from agent.reporter import Reporter
-from agent.store import Binding
+from agent.service.platform_commands import MAX_COMMAND_BYTES, CommandError, CommandProcessor
+from agent.service.reporter import Reporter
+from agent.core.store import Binding
 
 SIGNING_KEY = Ed25519PrivateKey.generate()
 IMEI = "490154203237518"
@@ -250,7 +250,7 @@ def test_a_flood_is_summarised_and_no_genuine_command_is_lost(mosquitto, subscri
     after its PUBACK), and the refusals cost a bounded number of durable records. (The
     backlog waits in the broker, whose per-client queue is bounded too: mosquitto's
     max_queued_messages, 1,000 by default.)"""
-    from agent.platform_commands import REFUSALS_RECORDED
+    from agent.service.platform_commands import REFUSALS_RECORDED
 
     sub = subscriber(mosquitto, f"{mq.PREFIX}/#")
     processor, calls = make_processor(store)

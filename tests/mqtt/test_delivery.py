@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.reporter import Reporter
+from agent.service.reporter import Reporter
 
 SCRIPT = Path(__file__).with_name("reporting_process.py")
 
@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).with_name("reporting_process.py")
 def test_broker_outage_loses_nothing_and_keeps_order_and_ids(make_broker, subscriber, store, mq, caplog):
     broker = make_broker(persistence=True)
     sub = subscriber(broker, f"{mq.PREFIX}/events", persistent=True)
-    caplog.set_level(logging.INFO, logger="agent.reporter")
+    caplog.set_level(logging.INFO, logger="agent.service.reporter")
 
     async def scenario():
         reporter = Reporter(mq.reporter_settings(broker), store, device_id=mq.DEVICE_ID, backoff=mq.quick_backoff())

@@ -1,6 +1,6 @@
 import asyncio
 
-from agent.reporter import Reporter
+from agent.service.reporter import Reporter
 
 
 def test_status_state_telemetry_and_events_reach_the_platform(mosquitto, subscriber, store, mq):

@@ -13,7 +13,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.reporter import Reporter, SettingsError, TlsSettings
+from agent.service.reporter import Reporter, SettingsError, TlsSettings
 
 PASSWORD = "correct horse battery staple"
 

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from agent.clock import AGREE_SLACK, BUILD_EPOCH, MAX_DRIFT, Clock
-from agent.store import TIME_FLOOR_KEY, Store
+from agent.core.clock import AGREE_SLACK, BUILD_EPOCH, MAX_DRIFT, Clock
+from agent.core.store import TIME_FLOOR_KEY, Store
 
 YEAR = 365 * 86_400.0
 NOW = time.time()

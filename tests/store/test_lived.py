@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from agent.store import ANCHOR_NAME, DEVICE_KEY_NAME, RESET_PENDING_KEY, Binding, Store, StoreUnavailable
+from agent.core.store import ANCHOR_NAME, DEVICE_KEY_NAME, RESET_PENDING_KEY, Binding, Store, StoreUnavailable
 
 from .test_store import FixedClock, events
 

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from agent.clock import Clock, Stamp
-from agent.store import GENESIS_HASH, Binding, Caps, Store, entry_hash
+from agent.core.clock import Clock
+from agent.core.store import GENESIS_HASH, Binding, Caps, Store, entry_hash
 
 
 class FixedClock(Clock):
@@ -147,7 +147,7 @@ def test_database_file_is_private(store):
 
 WRITER = textwrap.dedent("""
     import sys
-    from agent.store import Store
+    from agent.core.store import Store
     s = Store.open(sys.argv[1])
     i = 0
     while True:

@@ -71,7 +71,7 @@ _SERIAL_URL_SCHEMES = ("socket", "rfc2217", "loop", "spy", "alt", "hwgrep")
 
 
 # sun_path holds 107 bytes; the control socket is first bound as DIR/.cXXXXXXXX/s (a
-# private staging directory, agent.control), 13 bytes longer than DIR.
+# private staging directory, agent.service.control), 13 bytes longer than DIR.
 _SUN_PATH_MAX = 107
 _CONTROL_STAGING_EXTRA = 13
 
@@ -130,7 +130,7 @@ def _check_topic_prefix(value: str) -> str | None:
 
 
 def _check_public_key(value: str) -> str | None:
-    from agent.evidence import parse_public_key  # the one parser tokens and evidence use; late: cryptography
+    from agent.core.evidence import parse_public_key  # the one parser tokens and evidence use; late: cryptography
 
     try:
         parse_public_key(value)

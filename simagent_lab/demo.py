@@ -24,9 +24,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import exitcodes
-from agent.localagent import AgentProcess, CliFailed, loopback_sections
-from agent.localbroker import Broker
-from at_commands.fakemodem_handles import ProcessFakeModem
+from simagent_lab.localagent import AgentProcess, CliFailed, loopback_sections
+from simagent_lab.localbroker import Broker
+from simagent_lab.fakemodem_handles import ProcessFakeModem
 
 IMEI = "864505040000013"
 HOME_ICCID = "89860321234567890123"

@@ -15,13 +15,16 @@ from agent import __version__, exitcodes
 
 # Modules that register sub-commands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "agent.daemon",  # run
-    "agent.fieldcli",  # status, at
-    "agent.diag",  # diag
-    "agent.bind_cli",  # bind show|accept|reset
-    "agent.evidence_cli",  # evidence export|verify
-    "agent.config",  # check-config
-    "agent.demo",  # demo
+    "agent.service.daemon",  # run
+    "agent.cli.fieldcli",  # status, at
+    "agent.cli.diag",  # diag
+    "agent.cli.bind_cli",  # bind show|accept|reset
+    "agent.cli.evidence_cli",  # evidence export|verify
+    "agent.core.config",  # check-config
+)
+# The lab's sub-commands: in the pip package, not in the Debian one (no lab on terminals).
+LAB_COMMAND_MODULES = (
+    "simagent_lab.demo",  # demo
 )
 
 
@@ -38,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
+    for name in LAB_COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != "simagent_lab":
+                raise
+            continue
+        module.add_parser(subparsers)
     return parser
 
 

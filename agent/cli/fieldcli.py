@@ -4,7 +4,7 @@ While the daemon runs it owns the AT port (TIOCEXCL), so both commands go throug
 control socket; otherwise they open the modem themselves (``--port``, else ``[modem]
 port``, "auto" = udev discovery). ``--port`` always means "open this port directly".
 
-Which AT commands may be sent is `agent.at_rules`; this module applies it before any
+Which AT commands may be sent is `agent.core.at_rules`; this module applies it before any
 I/O, and the daemon applies it again (with the radio gate's rule) on its side.
 """
 
@@ -19,12 +19,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent import config, exitcodes
-from agent.at_rules import Refused, at_result, check_command
-from agent.binding import BindingPolicy
-from agent.control import BlockingControlClient, ControlError
-from agent.facts import read_binding, read_modem_status
-from agent.status import format_status
+from agent.core import config
+from agent import exitcodes
+from agent.core.at_rules import Refused, at_result, check_command
+from agent.core.binding import BindingPolicy
+from agent.service.control import BlockingControlClient, ControlError
+from agent.core.facts import read_binding, read_modem_status
+from agent.cli.status import format_status
 from at_commands import discovery, profiles
 from at_commands.client import CommandError, CommandTimeout, PortBusy, PortLost, PortNotFound
 from at_commands.commands import is_abortable

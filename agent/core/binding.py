@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.store import RESET_PENDING_KEY, Binding, Store, Transaction
+from agent.core.store import RESET_PENDING_KEY, Binding, Store, Transaction
 
 MODES = ("first-use", "provisioned", "observe")
 ON_VIOLATION = ("radio-off", "detach", "report")

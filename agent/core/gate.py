@@ -3,7 +3,7 @@
 The product's one promise is that a card the binding does not allow never attaches from
 this terminal: check first, then switch the radio on. This module holds every rule about
 *when* the radio may go on, in the style of h11's ``_state.py``: one table of transitions
-and no I/O. The enforcement shell (`agent.enforcer`) feeds it typed inputs (a session
+and no I/O. The enforcement shell (`agent.service.enforcer`) feeds it typed inputs (a session
 opened, the tray changed, a fact read finished, the binding decided, a radio command
 failed...) and carries out the actions it gets back, in order. It never decides itself.
 

@@ -1,4 +1,4 @@
-"""`simagent diag`: the checks of ``agent.checks`` over the facts it gathers, the modem's
+"""`simagent diag`: the checks of ``agent.core.checks`` over the facts it gathers, the modem's
 read like `simagent status` does, as a table or JSON; and the support bundle (SPEC §8).
 """
 
@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, config, facts as facts_module
-from agent.checks import Check, broker_target, exit_code, gather_facts, report_json, run_checks
-from agent.fieldcli import DAEMON, Unavailable, obtain_status
-from agent.store import StoreError
+from agent import __version__
+from agent.core import config, facts as facts_module
+from agent.core.checks import Check, broker_target, exit_code, gather_facts, report_json, run_checks
+from agent.cli.fieldcli import DAEMON, Unavailable, obtain_status
+from agent.core.store import StoreError
 
 EVIDENCE_TAIL = 200  # evidence entries in a support bundle
 

@@ -1,5 +1,5 @@
-"""Binding enforcement on the modem (SPEC §4): the imperative shell around `agent.gate`
-(when the radio may be on) and `agent.binding` (whether this card is allowed here).
+"""Binding enforcement on the modem (SPEC §4): the imperative shell around `agent.core.gate`
+(when the radio may be on) and `agent.core.binding` (whether this card is allowed here).
 
 The shell turns what happens into gate inputs and carries out the actions the gate
 returns; every rule about ordering lives in the gate's table. It has three workers:
@@ -43,12 +43,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent import tokens
-from agent.binding import (DETACH, IMEI_UNREADABLE, LAST_IMEI_KEY, RADIO_OFF, RADIO_ON, SIM_UNREADABLE,
+from agent.core import tokens
+from agent.core.binding import (DETACH, IMEI_UNREADABLE, LAST_IMEI_KEY, RADIO_OFF, RADIO_ON, SIM_UNREADABLE,
                            BindingPolicy, Decision, Observation, evaluate, reset_bindings)
-from agent.facts import binding_fact
-from agent.gate import Action, Gate, GateState, Input
-from agent.store import Binding, Store
+from agent.core.facts import binding_fact
+from agent.core.gate import Action, Gate, GateState, Input
+from agent.core.store import Binding, Store
 from at_commands.client import GATE_PRIORITY, GATE_RADIO, GATE_READ, CommandError, CommandTimeout, PortLost, Response
 from at_commands.commands import is_abortable, is_harmless_write
 from at_commands.modem import (Identity, Modem, ModemEvent, ModemRebooted, NetworkTime, RegistrationChanged,

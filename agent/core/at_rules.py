@@ -12,7 +12,7 @@ What a line *is* (query, write, network scan, IMEI rewrite...) is the AT vocabul
   AT session's framing.
 * While the radio gate holds the radio off, only harmless writes go through; everything
   else, ``+CFUN=1``, ``+CFUN=1,1``, ``+CGATT=1``, ``+COPS=0`` and any write not known to be
-  harmless, is refused to every caller, root included (`agent.enforcer`).
+  harmless, is refused to every caller, root included (`agent.service.enforcer`).
 """
 
 from __future__ import annotations

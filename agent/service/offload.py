@@ -5,7 +5,7 @@ request whose cost grows with the state (an evidence export reads the whole log;
 fact gathering counts the outbox and probes the broker) never runs on it.
 
 Where the work runs. An evidence export runs in a child process
-(`python -m agent.offload export JOB`), not in a thread:
+(`python -m agent.service.offload export JOB`), not in a thread:
 - the GIL: building and signing a bundle is CPU work inside C calls (json, SHA-256,
   Ed25519 over the whole message) that hold the GIL for milliseconds up to tens of
   milliseconds each; run from a thread they would still stall the loop. A child shares
@@ -118,7 +118,7 @@ class Offloader:
         await self._take_turn("evidence export")
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-P", "-m", "agent.offload", "export", json.dumps(job),
+                sys.executable, "-P", "-m", "agent.service.offload", "export", json.dumps(job),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, limit=HEADER_LIMIT,
                 env={k: v for k, v in os.environ.items() if k not in _NOT_INHERITED},
             )
@@ -213,8 +213,8 @@ class _HeaderFirst:
 
 
 def export_child(job: dict[str, Any], raw) -> int:
-    from agent.evidence import BundleTooLarge, EvidenceError, load_device_key, parse_since, write_bundle
-    from agent.store import DB_NAME, connect_read_only
+    from agent.core.evidence import BundleTooLarge, EvidenceError, load_device_key, parse_since, write_bundle
+    from agent.core.store import DB_NAME, connect_read_only
 
     out = _HeaderFirst(raw)
     try:
@@ -242,7 +242,7 @@ def export_child(job: dict[str, Any], raw) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "export":
-        print("usage: python -m agent.offload export JOB (the daemon runs this)", file=sys.stderr)
+        print("usage: python -m agent.service.offload export JOB (the daemon runs this)", file=sys.stderr)
         return 2
     try:
         return export_child(json.loads(argv[1]), sys.stdout.buffer)

@@ -1,6 +1,6 @@
 """The diagnosis: ordered checks with a one-line actionable hint each (SPEC §8), and the
 facts they judge that need no modem. Used by the daemon's `diag` op and by `simagent
-diag` (agent.diag, the CLI, which adds the modem facts it reads itself).
+diag` (agent.cli.diag, the CLI, which adds the modem facts it reads itself).
 
 Functional core, imperative shell: ``gather_facts`` looks at the world (state directory,
 broker, clock); each check is a pure function of the ``facts`` dict. A fact that was
@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agent import exitcodes, facts as facts_module
-from agent.clock import kernel_clock_synchronised
-from agent.store import Caps, StoreError
+from agent import exitcodes
+from agent.core import facts as facts_module
+from agent.core.clock import kernel_clock_synchronised
+from agent.core.store import Caps, StoreError
 
 MiB = 1 << 20
 DISK_FAIL_BELOW = 8 * MiB  # SQLite needs room to commit; below this events get lost

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from agent.store import DEVICE_KEY_NAME, GENESIS_HASH, Store, canonical_json, connect_read_only, entry_hash
+from agent.core.store import DEVICE_KEY_NAME, GENESIS_HASH, Store, canonical_json, connect_read_only, entry_hash
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from at_commands.fakemodem_handles import (  # noqa: F401 (re-exported for tests)
+from simagent_lab.fakemodem_handles import (  # noqa: F401 (re-exported for tests)
     InProcessFakeModem,
     ProcessFakeModem,
     start_in_process,

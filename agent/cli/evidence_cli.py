@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 from agent import exitcodes
-from agent.bind_cli import CliSettings, add_state_dir_argument, daemon_call, with_settings
-from agent.binding import LAST_IMEI_KEY
-from agent.clock import Clock
-from agent.evidence import EvidenceError, load_device_key, parse_public_key, parse_since, verify_bundle, write_bundle
-from agent.store import DB_NAME, connect_read_only, write_atomically
+from agent.cli.bind_cli import CliSettings, add_state_dir_argument, daemon_call, with_settings
+from agent.core.binding import LAST_IMEI_KEY
+from agent.core.clock import Clock
+from agent.core.evidence import EvidenceError, load_device_key, parse_public_key, parse_since, verify_bundle, write_bundle
+from agent.core.store import DB_NAME, connect_read_only, write_atomically
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

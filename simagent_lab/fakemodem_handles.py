@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from at_commands import fakemodem, profiles
+from simagent_lab import fakemodem
+from at_commands import profiles
 
 MODEM_KEYWORDS = ("profile", "imei", "iccid", "no_sim", "imsi", "pin", "register_delay", "scan_seconds")
 
@@ -152,4 +153,4 @@ def _fakemodem_command() -> list[str]:
     script = Path(sys.executable).with_name("simagent-fakemodem")
     if script.exists() and os.access(script, os.X_OK):
         return [str(script)]
-    return [sys.executable, "-m", "at_commands.fakemodem"]
+    return [sys.executable, "-m", "simagent_lab.fakemodem"]

@@ -47,8 +47,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import __version__
-from agent.backoff import Backoff
-from agent.store import Store, TELEMETRY_SCHEMA
+from agent.core.backoff import Backoff
+from agent.core.store import Store, TELEMETRY_SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.store import Store
+from agent.core.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 While the daemon runs they go through its control socket, so an accepted token or a
 reset is enforced on the modem at once (and the device key stays the daemon's);
 otherwise, or with ``--state-dir``, they work directly on the state store. The logic
-lives in agent.binding / agent.tokens, shared by both paths.
+lives in agent.core.binding / agent.core.tokens, shared by both paths.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import config as config_module
 from agent import exitcodes
-from agent.control import DEFAULT_SOCKET, BlockingControlClient, ControlError
-from agent.binding import LAST_DECISION_KEY, LAST_IMEI_KEY, VIOLATION, binding_rows, reset_bindings
-from agent.store import Store, StoreError
-from agent.tokens import accept_token, key_id, load_trusted_keys
+from agent.core import config as config_module, facts
+from agent.core.binding import LAST_IMEI_KEY, VIOLATION, reset_bindings
+from agent.core.store import Store, StoreError
+from agent.core.tokens import accept_token, load_trusted_keys
+from agent.service.control import DEFAULT_SOCKET, BlockingControlClient, ControlError
 
 DEFAULT_STATE_DIR = "/var/lib/simagent"
 DEFAULT_CONFIG = "/etc/simagent/agent.toml"
@@ -133,7 +133,7 @@ def show_command(args: argparse.Namespace, settings: CliSettings) -> int:
             print(f"simagent bind show: {exc}", file=sys.stderr)
             return exitcodes.CHECK_FAILED
         try:
-            view = binding_view(store, settings.binding)
+            view = facts.binding_view(store, settings.binding)
         except ValueError as exc:  # a trusted key in the configuration is unusable
             print(f"simagent: configuration error: [binding] {exc}", file=sys.stderr)
             return exitcodes.CONFIG
@@ -157,19 +157,6 @@ def show_command(args: argparse.Namespace, settings: CliSettings) -> int:
             print(f"trusted keys:  {', '.join(view['trusted_key_ids']) or 'none'}")
     violation = (view["last_decision"] or {}).get("status") == VIOLATION
     return exitcodes.CHECK_FAILED if violation else exitcodes.OK
-
-
-def binding_view(store: Store, binding_config: Any | None) -> dict:
-    """What `bind show` reports (also for the control socket)."""
-    tx = store.read()
-    return {
-        "mode": binding_config.mode if binding_config else None,
-        "imei": tx.get_meta(LAST_IMEI_KEY),
-        "bindings": binding_rows(tx.bindings()),
-        "last_decision": tx.get_meta(LAST_DECISION_KEY),
-        "trusted_time_floor": tx.time_floor(),
-        "trusted_key_ids": [key_id(k.key) for k in load_trusted_keys(binding_config.trusted_keys)] if binding_config else None,
-    }
 
 
 def accept_command(args: argparse.Namespace, settings: CliSettings) -> int:

@@ -16,7 +16,7 @@ empty (truncated to nothing, or a new file), damaged, of a newer schema, or roll
 *state reset*: the unusable file is moved aside (kept as evidence), a fresh store is
 created, its first entry is `state_reset` with what was found, and `reset_pending` is set
 so the binding fails closed (no card is bound by itself) until a signed rebind token or a
-root `bind reset` says which card belongs here (`agent.binding`). A rollback of less than
+root `bind reset` says which card belongs here (`agent.core.binding`). A rollback of less than
 `ANCHOR_INTERVAL` of history, or the whole state directory deleted with the key, cannot be
 told from the inside (the platform sees a new device key then).
 
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from agent.clock import Clock, Stamp
+from agent.core.clock import Clock, Stamp
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ DB_NAME = "state.db"
 # Written next to the database when it is first created: a missing database beside it
 # means state was lost, not that this is a first start.
 INITIALISED_MARKER = ".initialised"
-DEVICE_KEY_NAME = "device_key.pem"  # the device key (agent.evidence); its presence proves a start too
+DEVICE_KEY_NAME = "device_key.pem"  # the device key (agent.core.evidence); its presence proves a start too
 ANCHOR_NAME = "evidence.anchor"  # {"seq", "hash"} of the newest anchored evidence entry
 ANCHOR_INTERVAL = 1.0  # seconds between anchor rewrites (each costs two fsyncs)
 # After a reset, event seq goes on from the anchored one plus this: more than the events

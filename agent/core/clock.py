@@ -12,8 +12,8 @@ already trusts in this boot (an NTP-synchronised kernel clock, or network time a
 earlier, carried forward by the monotonic clock); the first network time of a boot
 without NTP may be at most `MAX_OFFLINE` past the floor. A stamp is *agreed* when two
 sources say the same within `AGREE_SLACK` (the NTP-synchronised kernel clock and network
-time; a verified token's `iat` corroborates in `agent.tokens`): only agreed time ratchets
-the trusted floor that token expiry falls back on (`agent.store`).
+time; a verified token's `iat` corroborates in `agent.core.tokens`): only agreed time ratchets
+the trusted floor that token expiry falls back on (`agent.core.store`).
 """
 
 from __future__ import annotations

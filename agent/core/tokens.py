@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 
-from agent.binding import LAST_DECISION_KEY
-from agent.clock import Stamp, format_utc
-from agent.evidence import parse_public_key, raw_public_key
-from agent.store import RESET_PENDING_KEY, Binding, Store, Transaction
+from agent.core.binding import LAST_DECISION_KEY
+from agent.core.clock import Stamp, format_utc
+from agent.core.evidence import parse_public_key, raw_public_key
+from agent.core.store import RESET_PENDING_KEY, Binding, Store, Transaction
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey

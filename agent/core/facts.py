@@ -25,8 +25,10 @@ import os
 import sqlite3
 from typing import Any, Sequence
 
-from agent.binding import BOUND, OK, BindingPolicy, Decision, Observation, decide
-from agent.store import Binding, Store, StoreError
+from agent.core.binding import (BOUND, LAST_DECISION_KEY, LAST_IMEI_KEY, OK, BindingPolicy, Decision, Observation,
+                                binding_rows, decide)
+from agent.core.store import Binding, Store, StoreError
+from agent.core.tokens import key_id, load_trusted_keys
 
 # A read-only verdict that would create a binding is shown as this: nothing is bound yet
 # (the daemon binds on its next check), and looking itself never writes.
@@ -113,8 +115,21 @@ def state_document(known: dict[str, Any], *, mode: str, device_id: str | None, a
     }
 
 
+def binding_view(store: Store, binding_config: Any | None) -> dict:
+    """What `bind show` reports (also the daemon's `bind_show` op)."""
+    tx = store.read()
+    return {
+        "mode": binding_config.mode if binding_config else None,
+        "imei": tx.get_meta(LAST_IMEI_KEY),
+        "bindings": binding_rows(tx.bindings()),
+        "last_decision": tx.get_meta(LAST_DECISION_KEY),
+        "trusted_time_floor": tx.time_floor(),
+        "trusted_key_ids": [key_id(k.key) for k in load_trusted_keys(binding_config.trusted_keys)] if binding_config else None,
+    }
+
+
 def diag_facts(doc: dict[str, Any]) -> dict[str, Any]:
-    """The modem facts `diag` judges (agent.checks fact keys), from a status document;
+    """The modem facts `diag` judges (agent.core.checks fact keys), from a status document;
     no binding fact when the document has no binding verdict."""
     modem, sim, network = doc["modem"], doc["sim"], doc["network"]
     facts = {

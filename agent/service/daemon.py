@@ -9,7 +9,7 @@
 - telemetry sampling, sd_notify (READY, STATUS, WATCHDOG while the loop is healthy) and
   signals: SIGTERM flushes and publishes the offline status, SIGHUP reloads the config.
 
-The daemon gathers facts and carries out actions; decisions live in `agent.binding`.
+The daemon gathers facts and carries out actions; decisions live in `agent.core.binding`.
 """
 
 from __future__ import annotations
@@ -26,20 +26,20 @@ import sys
 from typing import Any
 
 from agent import __version__, exitcodes
-from agent import config as config_module
-from agent.binding import BindingPolicy
-from agent.clock import Clock
-from agent.config import Config, ConfigError
-from agent.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, at_op, daemon_op
-from agent.enforcer import Enforcer, GateRefused
-from agent.evidence import device_public_key, parse_since
-from agent.offload import ChildOutput, OffloadError, Offloader
-from agent.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
-from agent.reporter import Reporter
-from agent.sdnotify import LoopHealth, Notifier, Watchdog
-from agent.store import Caps, Store, StoreUnavailable
-from agent.supervise import Supervisor
-from agent import at_rules, checks, facts, tokens
+from agent.core import config as config_module
+from agent.core.binding import BindingPolicy
+from agent.core.clock import Clock
+from agent.core.config import Config, ConfigError
+from agent.service.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, at_op, daemon_op
+from agent.service.enforcer import Enforcer, GateRefused
+from agent.core.evidence import device_public_key, parse_since
+from agent.service.offload import ChildOutput, OffloadError, Offloader
+from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
+from agent.service.reporter import Reporter
+from agent.service.sdnotify import LoopHealth, Notifier, Watchdog
+from agent.core.store import Caps, Store, StoreUnavailable
+from agent.service.supervise import Supervisor
+from agent.core import at_rules, checks, facts, tokens
 from at_commands import commands as at_vocabulary, discovery
 from at_commands.client import CommandError as ATCommandError
 from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound
@@ -108,7 +108,7 @@ class Daemon:
         health = LoopHealth()
         health.start()
         # Every long-lived task is supervised: a failure is logged and the task started
-        # again; one that keeps failing stops the watchdog pings (agent.supervise).
+        # again; one that keeps failing stops the watchdog pings (agent.service.supervise).
         self.supervisor = Supervisor(watch=health.watch)
         self.supervisor.start("modem", self._modem_supervisor)
         self.supervisor.start("control", self.control.serve)
@@ -412,14 +412,14 @@ class Daemon:
         if self.enforcer is not None:
             removed = await self.enforcer.reset(reason, uid)
         else:
-            from agent.binding import reset_bindings
+            from agent.core.binding import reset_bindings
 
             removed = reset_bindings(self.store, reason, uid)
             self._state_changed()
         return {"removed": [b.iccid for b in removed]}
 
     async def export_evidence(self, since: str | None, *, max_bytes: int) -> ChildOutput:
-        """The signed bundle from `since` on, built off the loop (agent.offload); the caller
+        """The signed bundle from `since` on, built off the loop (agent.service.offload); the caller
         closes what it gets. Raises ValueError for a bad `since`, OffloadError (busy,
         too_large past `max_bytes`, ...) when refused."""
         if since is not None:
@@ -471,9 +471,7 @@ class Daemon:
             return await self.run_at(str(args["command"]), unsafe=bool(args.get("unsafe")), who={"uid": peer.uid})
 
         async def bind_show(args: dict, peer: Peer) -> Any:
-            from agent.bind_cli import binding_view
-
-            return binding_view(self.store, self.config.binding)
+            return facts.binding_view(self.store, self.config.binding)
 
         async def bind_accept(args: dict, peer: Peer) -> Any:
             return await self.accept_token(str(args["token"]), source=f"cli uid {peer.uid}")

@@ -1,5 +1,5 @@
 """`simagent status`'s human form: short aligned lines for a small terminal, one fact per
-line, from the status document that ``agent.facts`` builds (SPEC §8 keys).
+line, from the status document that ``agent.core.facts`` builds (SPEC §8 keys).
 """
 
 from __future__ import annotations
