@@ -97,16 +97,22 @@ def test_kill_9_or_a_broker_restart_under_load_loses_nothing(kind, make_broker, 
     assert_nothing_lost_binding_intact_chain_verifies(agent, home_modem, platform, fault, kind, trials, tmp_path)
 
 
+def agent_on_small_disk(make_small_disk, modem, agent_process, subscriber, broker):
+    """A running agent, bound, its state directory on a tmpfs of its own: (disk, platform, agent)."""
+    disk = make_small_disk("16m")
+    platform = subscriber(broker, "simagent/#")
+    agent = agent_process(modem, broker, device={"state_dir": str(disk.path / "state")})
+    wait_event(platform, "radio_restored")
+    return disk, platform, agent
+
+
 @pytest.mark.parametrize("how", ["locked", "read_only"])
 def test_a_store_unavailable_at_start_is_waited_for_or_left_alone(how, make_small_disk, home_modem, agent_process,
                                                                   subscriber, mosquitto, fault, tmp_path):
     """A lock held by another program is waited for (a restart in the middle of it
     finds the bindings); a read-only file system makes the daemon exit 75 and touch
     nothing. Neither is damage: no reset, no file moved."""
-    disk = make_small_disk("16m")
-    platform = subscriber(mosquitto, "simagent/#")
-    agent = agent_process(home_modem, mosquitto, device={"state_dir": str(disk.path / "state")})
-    wait_event(platform, "radio_restored")
+    disk, platform, agent = agent_on_small_disk(make_small_disk, home_modem, agent_process, subscriber, mosquitto)
     trials = fault.trials(1)
     for _ in range(trials):
         assert agent.stop() == 0
@@ -140,10 +146,7 @@ def test_a_full_disk_holds_the_radio_off_and_loses_nothing(make_small_disk, home
     """The state directory on a small tmpfs filled up while the daemon runs: a card
     swapped meanwhile gets no radio (a decision that cannot be recorded is no decision),
     the daemon stays up, and once there is room again every committed event is sent."""
-    disk = make_small_disk("16m")
-    platform = subscriber(mosquitto, "simagent/#")
-    agent = agent_process(home_modem, mosquitto, device={"state_dir": str(disk.path / "state")})
-    wait_event(platform, "radio_restored")
+    disk, platform, agent = agent_on_small_disk(make_small_disk, home_modem, agent_process, subscriber, mosquitto)
     trials = fault.trials(1)
     for _ in range(trials):
         mark = last_seq(platform)
