@@ -2,13 +2,13 @@
 real `simagent run`, the real fake modem process and a real mosquitto, with SIM swaps
 driving events while something breaks - kill -9 at seeded random moments, the broker
 going away, the state database locked or on a file system gone read-only, the disk
-filling up. After each: every event the agent committed reached an independent MQTT
+filling up, a forged network time. After each: every event the agent committed reached an independent MQTT
 subscriber, the binding is intact (no `state_reset`, the home card has its radio), and
 the evidence chain verifies. The figures go to the `fault` fixture's table.
 
 Damaged or lost state (truncated, zeroed, emptied, deleted) fails closed instead:
-tests/e2e/test_lost_state.py; a forged network time and a clock at 1970:
-tests/enforcement/test_network_time.py."""
+tests/e2e/test_lost_state.py; a clock at 1970 then stepped (the system clock cannot be
+set on a shared machine): tests/enforcement/test_network_time.py."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ import pytest
 from agent import exitcodes
 
 from .conftest import (FOREIGN_ICCID, HOME_ICCID, IMEI, TIMEOUT, assert_delivered_in_order, committed_event_seq, events,
-                       last_seq, swap_to, wait_event, wait_modem)
+                       last_seq, sign_token, swap_to, wait_event, wait_modem)
+from .gate_rig import evidence_entries
+from ..conftest import wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -162,3 +164,36 @@ def test_a_full_disk_holds_the_radio_off_and_loses_nothing(make_small_disk, home
         disk.free()
         wait_event(platform, "radio_restored", after=mark)
     assert_nothing_lost_binding_intact_chain_verifies(agent, home_modem, platform, fault, "disk_full", trials, tmp_path)
+
+
+def test_a_forged_network_time_neither_stamps_events_nor_expires_tokens(home_modem, agent_process, subscriber,
+                                                                        mosquitto, fault, tmp_path):
+    """A rogue cell's NITZ for 2099 (issue 10: events were stamped 2098 as trusted, the
+    floor ratcheted and every valid token was refused as `expired`, also after a
+    restart): rejected, recorded, and a token signed now is still accepted."""
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto)
+    wait_event(platform, "radio_restored")
+    trials = fault.trials(1)
+
+    def rejected() -> int:
+        return sum(e["type"] == "network_time_rejected" for e in evidence_entries(agent.state_dir))
+
+    for trial in range(trials):
+        home_modem.urc(f'+CTZE: "+32",0,"{fault.rng.randint(2030, 2099)}/01/01,00:00:00"')
+        wait_until(lambda: rejected() > trial, TIMEOUT, what="the forged time rejected and recorded")
+        for restart in (False, True):  # events and a token after the forged time, then after a restart
+            if restart:
+                agent.kill9() if fault.rng.random() < 0.5 else agent.stop()
+                agent.restart()
+            mark = last_seq(platform)
+            swap_to(home_modem, FOREIGN_ICCID)
+            wait_event(platform, "radio_blocked", after=mark)
+            swap_to(home_modem, HOME_ICCID)
+            wait_event(platform, "radio_restored", after=mark)
+            accepted = agent.cli("bind", "accept", sign_token("rebind", HOME_ICCID))
+            assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    year = time.strftime("%Y", time.gmtime())
+    assert all(e["ts"].startswith(year) for e in events(platform)), sorted({e["ts"][:4] for e in events(platform)})
+    assert_nothing_lost_binding_intact_chain_verifies(agent, home_modem, platform, fault, "forged_network_time", trials,
+                                                      tmp_path)
