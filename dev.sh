@@ -3,6 +3,8 @@
 #   ./dev.sh demo     install what is missing, then run the demo (the main job)
 #   ./dev.sh test     install what is missing, then run the test suite
 #   ./dev.sh bench    install what is missing, then run the benchmarks (JSON)
+#   ./dev.sh faults [--long] [pytest args]   the fault suite (pytest -m faults) and its table;
+#                     --long: 30+ trials each (SIMAGENT_FAULT_TRIALS) and a fresh seed
 #   ./dev.sh setup    only install
 # Debian packages are installed with apt-get when missing (as root, or through sudo).
 set -euo pipefail
@@ -62,5 +64,18 @@ case "$cmd" in
     demo) setup; exec .venv/bin/simagent demo "$@" ;;
     test) setup; exec .venv/bin/python -m pytest "$@" ;;
     bench) setup; exec .venv/bin/python -m benchmarks --json "$@" ;;
-    *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    faults)
+        setup
+        if [ "${1:-}" = "--long" ]; then
+            shift
+            export SIMAGENT_FAULT_TRIALS=${SIMAGENT_FAULT_TRIALS:-30}
+            export SIMAGENT_FAULT_SEED=${SIMAGENT_FAULT_SEED:-$RANDOM}
+        fi
+        report=$(mktemp /tmp/simagent-faults.XXXXXX)
+        rc=0
+        SIMAGENT_FAULT_REPORT=$report .venv/bin/python -m pytest -m faults "$@" || rc=$?
+        [ -s "$report" ] && .venv/bin/python tests/fault_table.py "$report"
+        rm -f "$report"
+        exit $rc ;;
+    *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

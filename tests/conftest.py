@@ -9,6 +9,8 @@ Schemas.
     sub = subscriber(broker, "simagent/dev1/#")
     sub.wait_for(lambda msgs: any(m.topic.endswith("/status") for m in msgs))
     validate_message(payload)               # raises jsonschema.ValidationError
+    fault.rng / fault.trials(4) / fault.record(...)   # the fault suite (marker `faults`)
+    small_disk                              # a 1 MiB tmpfs that can fill up (root only)
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import datetime as dt
 import functools
 import ipaddress
 import json
+import os
+import random
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jsonschema
 import paho.mqtt.client as mqtt
@@ -298,3 +303,102 @@ def subscriber():
 def validate_message_fixture():
     """`validate_message(payload, kind=None) -> dict`, for tests in any folder."""
     return validate_message
+
+
+# -- the fault suite ----------------------------------------------------------------------
+# Tests marked `faults` (`./dev.sh faults [--long]`) break something real - kill -9, a
+# broker outage, a damaged or unavailable state database, a full disk, a wrong clock - and
+# record what they saw through the `fault` fixture: trials, events committed, received
+# (unique), lost and duplicated. SIMAGENT_FAULT_TRIALS raises every test's trial count (the
+# long run), SIMAGENT_FAULT_SEED replays a seed, SIMAGENT_FAULT_REPORT=FILE writes the
+# rows as JSON (tests/fault_table.py prints them as the README's table).
+FAULT_SEED = 1010  # the CI run's seed
+
+
+@dataclass
+class Fault:
+    name: str
+    seed: int
+    rng: random.Random
+    rows: list[dict]
+
+    @staticmethod
+    def trials(ci: int) -> int:
+        """`ci` trials, or SIMAGENT_FAULT_TRIALS when that is more (the long run)."""
+        return max(ci, int(os.environ.get("SIMAGENT_FAULT_TRIALS") or 0))
+
+    def record(self, fault: str, *, trials: int, committed: Iterable, received: Iterable) -> dict:
+        """One row of figures: `committed` are the keys (seq or id) of every event the
+        agent committed, `received` the keys of every event an independent subscriber
+        got, repeats included. Returns the row (the test asserts on it)."""
+        committed, received = set(committed), list(received)
+        got = set(received) & committed
+        row = {"test": self.name, "fault": fault, "trials": trials, "committed": len(committed), "received": len(got),
+               "lost": len(committed - got), "duplicated": len(received) - len(set(received)), "seed": self.seed}
+        self.rows.append(row)
+        print(f"fault figures: {row}")
+        return row
+
+
+@pytest.fixture(scope="session")
+def _fault_rows() -> Iterable[list[dict]]:
+    rows: list[dict] = []
+    yield rows
+    if os.environ.get("SIMAGENT_FAULT_REPORT"):
+        Path(os.environ["SIMAGENT_FAULT_REPORT"]).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+@pytest.fixture
+def fault(request, _fault_rows) -> Fault:
+    """A seeded random source for this test (the seed is printed; SIMAGENT_FAULT_SEED
+    replays it), its trial count and `record(...)` for the figures table."""
+    seed = int(os.environ.get("SIMAGENT_FAULT_SEED") or FAULT_SEED)
+    print(f"fault seed {seed} (replay: SIMAGENT_FAULT_SEED={seed})")
+    return Fault(request.node.name, seed, random.Random(f"{seed}:{request.node.name}"), _fault_rows)
+
+
+@dataclass
+class SmallDisk:
+    """A tmpfs of a few MiB: `fill()` writes a file until ENOSPC, `free()` removes it,
+    `read_only(True|False)` remounts it."""
+    path: Path
+
+    def fill(self) -> None:
+        fd = os.open(self.path / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass  # ENOSPC: the disk is full
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        (self.path / "filler").unlink(missing_ok=True)
+
+    def read_only(self, flag: bool) -> None:
+        subprocess.run(["mount", "-o", f"remount,{'ro' if flag else 'rw'}", str(self.path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def make_small_disk(tmp_path):
+    """`make_small_disk(size="1m")` -> SmallDisk: a tmpfs (root only; CI runs as root) that
+    can really fill up; the test is skipped where it cannot be mounted."""
+    mounts: list[Path] = []
+
+    def make(size: str = "1m") -> SmallDisk:
+        mount = tmp_path / f"disk{len(mounts)}"
+        mount.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounts.append(mount)
+        return SmallDisk(mount)
+
+    yield make
+    for mount in mounts:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(make_small_disk) -> SmallDisk:
+    return make_small_disk()

@@ -43,7 +43,7 @@ def _modem_facts(config_path: str | None, port: str | None, state_dir: str | os.
                                          f"not checked: {exc}"))
         return {}
     try:
-        doc, source = obtain_status(cfg, port, state_dir=None if state_dir is None else os.fspath(state_dir))
+        doc, source, store_problem = obtain_status(cfg, port, state_dir=None if state_dir is None else os.fspath(state_dir))
     except Unavailable as exc:
         where = port or cfg.modem.port
         if exc.kind == "missing":
@@ -52,8 +52,10 @@ def _modem_facts(config_path: str | None, port: str | None, state_dir: str | os.
             not_checked["modem_found"] = f"not checked: {exc}"
             return {}
         return {"modem_found": True, "modem_port": where, "at_ok": False}  # busy, silent or lost
-    if doc.get("binding") is None:
-        not_checked["binding"] = "not checked: no readable state store"
+    if store_problem is not None:
+        not_checked["binding"] = f"not checked: state store: {store_problem}"
+    elif doc.get("binding") is None:
+        not_checked["binding"] = "not checked: no state store yet"
     return {**facts_module.diag_facts(doc), "modem_port": "held by the daemon" if source == DAEMON else source}
 
 

@@ -26,6 +26,7 @@ from agent.core.binding import BindingPolicy
 from agent.service.control import BlockingControlClient, ControlError
 from agent.core.facts import read_binding, read_modem_status
 from agent.cli.status import format_status
+from agent.core.store import StoreDamaged, StoreError
 from at_commands import discovery, profiles
 from at_commands.client import CommandError, CommandTimeout, PortBusy, PortLost, PortNotFound
 from at_commands.commands import is_abortable
@@ -118,22 +119,28 @@ def connect_daemon(cfg: Any) -> BlockingControlClient | None:
 
 
 def obtain_status(cfg: Any, port: str | None = None, profile: str | None = None,
-                  state_dir: str | None = None) -> tuple[dict[str, Any], str]:
-    """(status document, source): from the daemon when it answers and no port was
-    named (source "daemon"), else read directly (source: the port as given) with the
-    binding verdict from the state store (``state_dir`` or the configured one) added."""
+                  state_dir: str | None = None) -> tuple[dict[str, Any], str, StoreError | None]:
+    """(status document, source, store problem): from the daemon when it answers and no
+    port was named (source "daemon"), else read directly (source: the port as given) with
+    the binding verdict from the state store (``state_dir`` or the configured one) added;
+    a store that is damaged or cannot be read leaves the verdict null and is returned for
+    the caller to report (nothing is repaired by looking)."""
     if port is None:
         client = connect_daemon(cfg)
         if client is not None:
             with client:
                 try:
-                    return client.call("status"), DAEMON
+                    return client.call("status"), DAEMON, None
                 except (ControlError, ConnectionError) as exc:
                     raise Unavailable("daemon", f"the daemon did not answer status: {exc}") from None
     target = ModemTarget.from_config(cfg, port, profile)
     doc = asyncio.run(read_status_direct(target))
-    doc["binding"] = read_binding(state_dir or cfg.device.state_dir, BindingPolicy.from_config(cfg.binding), doc)
-    return doc, target.port
+    try:
+        doc["binding"] = read_binding(state_dir or cfg.device.state_dir, BindingPolicy.from_config(cfg.binding), doc)
+    except StoreError as exc:
+        doc["binding"] = None
+        return doc, target.port, exc
+    return doc, target.port, None
 
 
 # -- the sub-commands -------------------------------------------------------------------
@@ -152,11 +159,17 @@ def status_command(args: argparse.Namespace) -> int:
     if cfg is None:
         return exitcodes.CONFIG
     try:
-        doc, _source = obtain_status(cfg, args.port, args.profile)
+        doc, _source, store_problem = obtain_status(cfg, args.port, args.profile)
     except Unavailable as exc:
         print(f"simagent status: {exc}", file=sys.stderr)
         return exitcodes.UNAVAILABLE
     print(json.dumps(doc, indent=2, ensure_ascii=False) if args.json else format_status(doc))
+    if isinstance(store_problem, StoreDamaged):  # SPEC §8: a check failed; the daemon records the reset
+        print(f"simagent status: the state store is damaged, binding unknown: {store_problem}", file=sys.stderr)
+        return exitcodes.CHECK_FAILED
+    if store_problem is not None:  # locked, I/O error: nothing was changed
+        print(f"simagent status: the state store cannot be read now: {store_problem}", file=sys.stderr)
+        return exitcodes.TEMPFAIL
     return exitcodes.OK
 
 

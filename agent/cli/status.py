@@ -47,7 +47,7 @@ def _network_lines(network: dict[str, Any], radio: dict[str, Any] | None) -> lis
 
 def _binding_lines(binding: dict[str, Any] | None) -> list[tuple[str, str]]:
     if binding is None:
-        return [("binding", "unknown (state store not readable)")]
+        return [("binding", "unknown (no state store, or not readable)")]
     status = binding["status"] + (f" ({binding['reason']})" if binding.get("reason") else "")
     lines = [("binding", f"{status}, mode {binding['mode']}")]
     if binding.get("bound_iccid"):

@@ -81,8 +81,10 @@ class Clock:
     """Produces stamps. Network time from the modem makes the wall time trustworthy
     without touching the system clock: it is kept as an offset to the monotonic clock."""
 
-    def __init__(self, *, kernel_synchronised=kernel_clock_synchronised, build_epoch: float = BUILD_EPOCH) -> None:
+    def __init__(self, *, kernel_synchronised=kernel_clock_synchronised, build_epoch: float = BUILD_EPOCH,
+                 wall=time.time) -> None:
         self._kernel_synchronised = kernel_synchronised
+        self._wall = wall  # the system's wall clock (a seam: tests put it at 1970 and step it)
         self.build_epoch = build_epoch
         self._network_offset: float | None = None
         self.boot_id = read_boot_id()
@@ -112,7 +114,7 @@ class Clock:
 
     def _trusted_wall(self, mono: float) -> float | None:
         if self._kernel_synchronised():
-            return time.time()
+            return self._wall()
         if self._network_offset is not None:
             return mono + self._network_offset
         return None
@@ -121,11 +123,11 @@ class Clock:
         mono = self.monotonic()
         network = None if self._network_offset is None else mono + self._network_offset
         if self._kernel_synchronised():
-            wall = time.time()
+            wall = self._wall()
             return Stamp(wall, True, mono, self.boot_id, network is not None and abs(network - wall) <= AGREE_SLACK)
         if network is not None:
             return Stamp(network, True, mono, self.boot_id)
-        return Stamp(time.time(), False, mono, self.boot_id)
+        return Stamp(self._wall(), False, mono, self.boot_id)
 
     def floor_repair(self, floor: float | None) -> float | None:
         """A trusted floor no rule of this version could have set (an earlier version
@@ -133,7 +135,7 @@ class Clock:
         when it is plausible."""
         if floor is None:
             return None
-        upper = time.time() + AGREE_SLACK if self._kernel_synchronised() else self.build_epoch + MAX_FLOOR_AHEAD
+        upper = self._wall() + AGREE_SLACK if self._kernel_synchronised() else self.build_epoch + MAX_FLOOR_AHEAD
         if floor <= upper:
             return None
         return max(self.build_epoch, upper if self._kernel_synchronised() else self.build_epoch)

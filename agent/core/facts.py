@@ -23,11 +23,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+from pathlib import Path
 from typing import Any, Sequence
 
 from agent.core.binding import (BOUND, LAST_DECISION_KEY, LAST_IMEI_KEY, OK, BindingPolicy, Decision, Observation,
                                 binding_rows, decide)
-from agent.core.store import Binding, Store, StoreError
+from agent.core.store import DB_NAME, LIVED_FILES, Binding, Store, StoreUnavailable
 from agent.core.tokens import key_id, load_trusted_keys
 
 # A read-only verdict that would create a binding is shown as this: nothing is bound yet
@@ -74,13 +75,18 @@ async def read_modem_status(modem: Any) -> dict[str, Any]:
 
 def read_binding(state_dir: str | os.PathLike, policy: BindingPolicy, doc: dict[str, Any]) -> dict[str, Any] | None:
     """The binding verdict for what ``doc`` shows, against the stored bindings (a pure
-    decision over the store opened read-only); None when the store cannot be read
-    (missing, unreadable or damaged)."""
+    decision over the store opened read-only); None before the daemon's first start (no
+    state yet). Raises StoreDamaged when the store is damaged, lost or not the one the
+    anchor saw, StoreUnavailable when it cannot be read now: looking never repairs (the
+    daemon records the reset)."""
+    state_dir = Path(state_dir)
+    if not (state_dir / DB_NAME).exists() and not any((state_dir / name).exists() for name in LIVED_FILES):
+        return None
     try:
         with contextlib.closing(Store.open_read_only(state_dir)) as store:
             stored = store.read().bindings()
-    except (OSError, sqlite3.Error, StoreError):
-        return None
+    except (OSError, sqlite3.Error) as exc:  # permissions, a read that failed: not known to be damage
+        raise StoreUnavailable(f"{state_dir / DB_NAME}: {exc}") from exc
     sim = doc["sim"]
     observation = Observation(imei=doc["modem"]["imei"], sim_state=sim["state"], iccid=sim["iccid"])
     verdict = binding_fact(policy.mode, decide(observation, stored, policy), stored, observation.iccid, observation.imei)

@@ -459,10 +459,11 @@ class Store:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.executemany("DELETE FROM outbox WHERE position = ?", ((p,) for p in positions))
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # a failed COMMIT (disk full) may leave it open
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def outbox_depth(self) -> dict[str, int]:
         with self._lock:

@@ -33,6 +33,7 @@ import asyncio
 import json
 import logging
 import socket
+import sqlite3
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
@@ -56,6 +57,7 @@ STATUS_SCHEMA = "simagent/status/1"
 STATE_SCHEMA = "simagent/state/1"
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: commands queued while offline survive a week
 ACK_FLUSH_DELAY_S = 0.05  # acknowledged rows are deleted in batches at most this late
+ACK_FLUSH_RETRY_S = 1.0  # after a failed delete (disk full): how soon to try again
 
 
 class SettingsError(Exception):
@@ -581,7 +583,12 @@ class Reporter:
             self._ack_flush = None
         if self._acked:
             acked, self._acked = self._acked, []
-            self.store.outbox_ack_many(acked)
+            try:
+                self.store.outbox_ack_many(acked)
+            except sqlite3.Error as exc:  # disk full, I/O error: the rows stay and are tried again
+                log.warning("outbox: %d delivered rows could not be removed (%s); trying again", len(acked), exc)
+                self._acked = acked + self._acked
+                self._ack_flush = self._loop.call_later(ACK_FLUSH_RETRY_S, self._flush_acks)
 
     async def _drain_until(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()

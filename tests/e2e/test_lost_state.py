@@ -8,9 +8,14 @@ import json
 
 import pytest
 
-from .conftest import (FOREIGN_ICCID, HOME_ICCID, TIMEOUT, events, sign_token, swap_to, trusted_key, wait_event,
-                       wait_modem)
+from .conftest import (FOREIGN_ICCID, HOME_ICCID, TIMEOUT, assert_delivered_in_order, committed_event_seq, events,
+                       sign_token, swap_to, trusted_key, wait_event, wait_modem)
 from ..conftest import wait_until
+
+pytestmark = pytest.mark.faults
+# What was done to state.db (its WAL and shm removed first) -> the reset reason recorded.
+DAMAGE = {"emptied": "database_empty", "deleted": "database_missing", "zeroed": "database_damaged",
+          "truncated": "database_damaged"}
 
 
 def bindings(agent) -> list[str]:
@@ -18,8 +23,19 @@ def bindings(agent) -> list[str]:
     return [row["iccid"] for row in view["bindings"]]
 
 
-@pytest.mark.parametrize("how", ["emptied", "deleted"])
-def test_emptied_state_fails_closed_until_root_resets(home_modem, agent_process, subscriber, mosquitto, how):
+def damage(db, how: str) -> None:
+    if how == "emptied":
+        db.write_bytes(b"")  # `: > state.db`
+    elif how == "deleted":
+        db.unlink()
+    elif how == "zeroed":
+        db.write_bytes(bytes(db.stat().st_size))
+    else:
+        db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_lost_state_fails_closed_until_root_resets(home_modem, agent_process, subscriber, mosquitto, how, fault, tmp_path):
     platform = subscriber(mosquitto, "simagent/#")
     agent = agent_process(home_modem, mosquitto)
     wait_event(platform, "radio_restored")
@@ -27,21 +43,21 @@ def test_emptied_state_fails_closed_until_root_resets(home_modem, agent_process,
     wait_event(platform, "binding_violation")
     wait_modem(home_modem, lambda s: s["cfun"] == 4, "the foreign card held off")
     agent.stop()
+    committed = committed_event_seq(agent)
+    platform.wait_for(lambda sub: max(e["seq"] for e in events(sub)) >= committed, TIMEOUT, what="the events before the damage")
+    fault.record(how, trials=1, committed=range(1, committed + 1), received=[e["seq"] for e in events(platform)])
+    assert_delivered_in_order(platform, committed)
 
-    db = agent.state_dir / "state.db"
     for sidecar in ("state.db-wal", "state.db-shm"):
         (agent.state_dir / sidecar).unlink(missing_ok=True)
-    if how == "emptied":
-        db.write_bytes(b"")  # `: > state.db`
-    else:
-        db.unlink()
+    damage(agent.state_dir / "state.db", how)
     attaches_before = len(home_modem.state()["attaches"])
     agent.restart()
 
     mark = max(e["seq"] for e in events(platform))
     reset = wait_event(platform, "state_reset", timeout=TIMEOUT)
     assert reset["seq"] > mark, "event seq goes on across a reset (the anchor keeps it)"
-    assert reset["data"]["reason"] == ("database_empty" if how == "emptied" else "database_missing")
+    assert reset["data"]["reason"] == DAMAGE[how]
     violation = wait_event(platform, "binding_violation", after=reset["seq"], timeout=TIMEOUT)
     assert violation["data"]["reason"] == "state_reset"
     wait_modem(home_modem, lambda s: s["cfun"] == 4, "radio held off after the reset")
@@ -54,6 +70,10 @@ def test_emptied_state_fails_closed_until_root_resets(home_modem, agent_process,
     assert result.returncode == 0, result.stderr
     wait_modem(home_modem, lambda s: s["cfun"] == 1, "the card in the tray bound by root's reset")
     assert bindings(agent) == [FOREIGN_ICCID]
+    bundle = tmp_path / "evidence.json"  # the chain begun at the reset verifies
+    agent.cli("evidence", "export", "--out", str(bundle), check=True)
+    verdict = agent.cli("evidence", "verify", str(bundle))
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
 
 
 def test_a_rebind_token_lifts_the_reset(home_modem, agent_process, subscriber, mosquitto):

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .conftest import (FOREIGN_ICCID, HOME_ICCID, IMEI, TIMEOUT, assert_delivered_in_order, committed_event_seq, events,
                        last_seq, swap_to, wait_event, wait_modem)
 from ..conftest import wait_until
 
 
-def test_broker_outage_during_a_violation_loses_nothing(make_broker, home_modem, agent_process, subscriber):
+@pytest.mark.faults
+def test_broker_outage_during_a_violation_loses_nothing(make_broker, home_modem, agent_process, subscriber, fault):
     broker = make_broker(persistence=True)  # the platform's session and its queue survive the restart
     platform = subscriber(broker, "simagent/#", persistent=True)
     agent = agent_process(home_modem, broker)
@@ -31,6 +34,7 @@ def test_broker_outage_during_a_violation_loses_nothing(make_broker, home_modem,
     wait_event(platform, "radio_blocked", after=before)
     platform.wait_for(lambda sub: max((e["seq"] for e in events(sub)), default=0) >= committed, timeout=TIMEOUT,
                       what=f"every event up to seq {committed}")
+    fault.record("broker_outage", trials=1, committed=range(1, committed + 1), received=[e["seq"] for e in events(platform)])
     assert_delivered_in_order(platform, committed)
 
 
@@ -92,7 +96,9 @@ def test_modem_reboot_regates_then_restores_the_right_card(home_modem, agent_pro
     assert not events(platform, ("binding_violation",))
 
 
-def test_kill_9_then_restart_loses_no_event_and_keeps_binding_and_evidence(home_modem, agent_process, subscriber, mosquitto, tmp_path):
+@pytest.mark.faults
+def test_kill_9_then_restart_loses_no_event_and_keeps_binding_and_evidence(home_modem, agent_process, subscriber, mosquitto,
+                                                                           tmp_path, fault):
     platform = subscriber(mosquitto, "simagent/#")
     agent = agent_process(home_modem, mosquitto)
     wait_event(platform, "radio_restored")
@@ -108,6 +114,8 @@ def test_kill_9_then_restart_loses_no_event_and_keeps_binding_and_evidence(home_
     assert ready.get("STATUS", "").startswith("binding violation"), ready  # the modem again, not "waiting for modem"
     platform.wait_for(lambda sub: max((e["seq"] for e in events(sub)), default=0) >= committed, timeout=TIMEOUT,
                       what=f"every event up to seq {committed}")
+    fault.record("kill9_after_violation", trials=1, committed=range(1, committed + 1),
+                 received=[e["seq"] for e in events(platform)])
     assert_delivered_in_order(platform, committed)
     wait_event(platform, "modem_found", after=committed)
     wait_modem(home_modem, lambda s: s["cfun"] == 4, "the foreign card still held off after restart")

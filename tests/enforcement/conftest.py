@@ -21,6 +21,7 @@ import pytest
 from agent.core.binding import BindingPolicy, Decision
 from agent.core.clock import Clock
 from agent.service.enforcer import Enforcer
+from agent.core.evidence import VerifyResult, export_bundle, load_or_create_device_key, verify_bundle
 from agent.core.store import Binding, Store
 from at_commands import profiles
 from simagent_lab.fakemodem import DEFAULT_ICCID, DEFAULT_IMEI, ef_iccid_hex, luhn_check_digit
@@ -98,6 +99,11 @@ class Terminal:
 
     def attached_iccids(self) -> set[str]:
         return {a["iccid"] for a in self.fake.state()["attaches"]}
+
+    def verify_evidence(self) -> VerifyResult:
+        """The evidence chain exported and checked as `simagent evidence verify` does."""
+        key = load_or_create_device_key(self.store.path.parent)
+        return verify_bundle(export_bundle(self.store, key), key.public_key())
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 
 from agent.core.store import Store
 
-from .conftest import FOREIGN_ICCID, HOME_ICCID, HOTSWAP_PROFILES, run
+from .conftest import FOREIGN_ICCID, HOME_ICCID, HOME_IMEI, HOTSWAP_PROFILES, run
 
 
 def fill_disk(store: Store) -> None:
@@ -29,6 +29,7 @@ def free_disk(store: Store) -> None:
     store.read()._conn.execute("PRAGMA max_page_count = 1073741823")
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("profile", [HOTSWAP_PROFILES[0], "generic"])
 def test_disk_full_holds_the_radio_off_until_the_evidence_can_be_written(open_terminal, profile):
     async def scenario():
@@ -51,5 +52,6 @@ def test_disk_full_holds_the_radio_off_until_the_evidence_can_be_written(open_te
             await t.status("ok")
             types = [e["type"] for e in t.evidence()[recorded:]]
             assert types[0] == "evidence_gap" and "radio_restored" in types
+            assert t.verify_evidence().ok and t.bindings() == [(HOME_ICCID, HOME_IMEI)]
 
     run(scenario())

@@ -84,6 +84,31 @@ def test_binding_verdict_is_read_from_the_state_store_without_writing(cli, regis
     store.close()
 
 
+@pytest.mark.parametrize("damage", ["zeroed", "deleted"])
+def test_a_damaged_store_is_said_and_exits_1_without_a_daemon(cli, registered_modem, damage):
+    """`status` without a daemon on a state.db overwritten with zeros (or gone while the
+    terminal has run before) said "binding unknown" and exited 0; it must say the store is
+    damaged, exit 1 (SPEC §8) and change nothing (the daemon records the reset)."""
+    fm = registered_modem(profile="quectel")
+    store = Store.open(cli.state_dir)
+    store.record("agent_started", {})
+    store.close()
+    db = cli.state_dir / "state.db"
+    for sidecar in ("state.db-wal", "state.db-shm"):
+        (cli.state_dir / sidecar).unlink(missing_ok=True)
+    if damage == "zeroed":
+        db.write_bytes(bytes(db.stat().st_size))
+    else:
+        db.unlink()
+    before = {p.name: p.read_bytes() for p in cli.state_dir.iterdir()}
+    for args in (("status", "--port", fm.port), ("status", "--json", "--port", fm.port)):
+        done = cli(*args)
+        assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+        assert "state store is damaged" in done.stderr and "Traceback" not in done.stderr
+    assert json.loads(done.stdout)["binding"] is None and json.loads(done.stdout)["modem"]["imei"] == fm.state()["imei"]
+    assert {p.name: p.read_bytes() for p in cli.state_dir.iterdir()} == before
+
+
 def test_human_output_is_aligned_and_short(cli, registered_modem):
     fm = registered_modem(profile="quectel")
     state = fm.state()

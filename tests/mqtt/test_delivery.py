@@ -2,8 +2,6 @@
 
 import asyncio
 import logging
-import os
-import random
 import signal
 import subprocess
 import sys
@@ -11,12 +9,15 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.service.reporter import Reporter
 
 SCRIPT = Path(__file__).with_name("reporting_process.py")
 
 
-def test_broker_outage_loses_nothing_and_keeps_order_and_ids(make_broker, subscriber, store, mq, caplog):
+@pytest.mark.faults
+def test_broker_outage_loses_nothing_and_keeps_order_and_ids(make_broker, subscriber, store, mq, caplog, fault):
     broker = make_broker(persistence=True)
     sub = subscriber(broker, f"{mq.PREFIX}/events", persistent=True)
     caplog.set_level(logging.INFO, logger="agent.service.reporter")
@@ -44,6 +45,7 @@ def test_broker_outage_loses_nothing_and_keeps_order_and_ids(make_broker, subscr
             return queued
 
     queued = asyncio.run(scenario())
+    fault.record("broker_outage (reporter)", trials=1, committed=range(1, 61), received=[d["seq"] for d in sub.documents("/events")])
     first_seen: dict[str, int] = {}
     for doc in sub.documents("/events"):
         assert first_seen.setdefault(doc["id"], doc["seq"]) == doc["seq"]  # an id always means the same event
@@ -71,12 +73,14 @@ def _run_reporting_process(state: Path, port: int, *args: str) -> tuple[subproce
     return process, lines, started
 
 
-def test_kill_9_at_random_moments_loses_no_committed_event(mosquitto, subscriber, tmp_path, mq):
+@pytest.mark.faults
+def test_kill_9_at_random_moments_loses_no_committed_event(mosquitto, subscriber, tmp_path, mq, fault):
     sub = subscriber(mosquitto, f"{mq.PREFIX}/events")
     state = tmp_path / "state"
-    rng = random.Random(os.environ.get("SIMAGENT_TEST_SEED", 1234))
+    rng = fault.rng
     committed: dict[str, int] = {}
-    for _ in range(20):
+    trials = fault.trials(20)
+    for _ in range(trials):
         process, lines, started = _run_reporting_process(state, mosquitto.port)
         assert started.wait(10), "reporting process did not start"
         time.sleep(rng.uniform(0.0, 0.25))
@@ -93,6 +97,7 @@ def test_kill_9_at_random_moments_loses_no_committed_event(mosquitto, subscriber
     process.reader.join(5)
     assert lines[-1] == "stopped 0"
     sub.wait_for(lambda s: set(committed) <= {d["id"] for d in s.documents("/events")}, timeout=10, what="every committed event")
+    fault.record("kill9 (reporter)", trials=trials, committed=committed, received=[d["id"] for d in sub.documents("/events")])
     first_seen: dict[str, int] = {}
     for doc in sub.documents("/events"):
         assert first_seen.setdefault(doc["id"], doc["seq"]) == doc["seq"]

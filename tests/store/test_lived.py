@@ -12,6 +12,8 @@ from agent.core.store import ANCHOR_NAME, DEVICE_KEY_NAME, RESET_PENDING_KEY, Bi
 
 from .test_store import FixedClock, events
 
+pytestmark = pytest.mark.faults
+
 
 def lived(state, bound="89860012345678901234"):
     """A state directory an agent has run in, with one binding; returns its path."""
@@ -60,6 +62,19 @@ def test_a_zeroed_database_is_damaged_and_kept(tmp_path):
     assert_reset(s, resets, "database_damaged")
     kept = resets[0]["data"]["moved_to"]
     assert (state / kept).read_bytes() == bytes(size)
+    s.close()
+
+
+def test_a_truncated_database_is_damaged_and_kept(tmp_path):
+    state = lived(tmp_path / "state")
+    for sidecar in ("state.db-wal", "state.db-shm"):
+        (state / sidecar).unlink(missing_ok=True)
+    db = state / "state.db"
+    kept = db.read_bytes()[: db.stat().st_size // 2]  # a copy or a write cut short
+    db.write_bytes(kept)
+    s, resets = reopened(state)
+    assert_reset(s, resets, "database_damaged")
+    assert (state / resets[0]["data"]["moved_to"]).read_bytes() == kept
     s.close()
 
 
@@ -130,36 +145,13 @@ def test_a_locked_database_is_unavailable_not_damaged(tmp_path):
     s.close()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (root only; CI runs as root): a disk that can really fill up."""
-    import subprocess
-
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_at_open_is_unavailable_not_damage(small_disk):
     """Issue 10: a full disk at open moved the healthy DB aside, left a 0-byte state.db and
     exited with a traceback; once space was free the bindings were gone, no reset said."""
-    state = lived(small_disk / "state")
+    state = lived(small_disk.path / "state")
     for sidecar in ("state.db-wal", "state.db-shm"):
         (state / sidecar).unlink(missing_ok=True)
-    import os
-
-    filler = small_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass  # ENOSPC: the disk is full
-    finally:
-        os.close(fd)
+    small_disk.fill()
     before = sorted(p.name for p in state.iterdir())
     with pytest.raises(StoreUnavailable):
         Store.open(state, clock=FixedClock(), busy_timeout=0.2)
@@ -167,7 +159,24 @@ def test_a_full_disk_at_open_is_unavailable_not_damage(small_disk):
     assert (state / "state.db").stat().st_size > 0
     assert sorted(p.name for p in state.iterdir() if not p.name.startswith("state.db-")) == [
         n for n in before if not n.startswith("state.db-")]
-    filler.unlink()
+    small_disk.free()
+    s, resets = reopened(state)
+    assert resets == [] and [b.iccid for b in s.read().bindings()] == ["89860012345678901234"]
+    s.close()
+
+
+def test_a_read_only_state_directory_is_unavailable_not_damage(small_disk):
+    """A file system remounted read-only (as the kernel does after an I/O error): the
+    store cannot be opened now, and nothing is moved, reset or lost."""
+    state = lived(small_disk.path / "state")
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    small_disk.read_only(True)
+    try:
+        with pytest.raises(StoreUnavailable):
+            Store.open(state, clock=FixedClock(), busy_timeout=0.2)
+        assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    finally:
+        small_disk.read_only(False)
     s, resets = reopened(state)
     assert resets == [] and [b.iccid for b in s.read().bindings()] == ["89860012345678901234"]
     s.close()
