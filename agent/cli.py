@@ -25,17 +25,19 @@ COMMAND_MODULES = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors exit 2 with one line
+class UsageParser(argparse.ArgumentParser):
+    """Usage errors exit 2 with one line (the `simagent` and `simagent-platform` parsers)."""
+
+    def error(self, message: str) -> None:
         self.print_usage(sys.stderr)
         self.exit(exitcodes.USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="simagent", description="Machine-card binding agent for IoT terminals: daemon and field-technician CLI.")
+    parser = UsageParser(prog="simagent", description="Machine-card binding agent for IoT terminals: daemon and field-technician CLI.")
     parser.add_argument("--version", action="version", version=f"simagent {__version__}")
     parser.add_argument("--config", help="configuration file (default: $SIMAGENT_CONFIG or /etc/simagent/agent.toml)")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=UsageParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
     return parser
