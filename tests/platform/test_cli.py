@@ -156,12 +156,13 @@ def test_fleet_shows_hostile_documents_as_invalid_and_escapes_what_it_prints(mos
     assert lines[3].split()[1] == "NO"
 
 
-def test_fleet_falls_back_to_311_when_the_broker_refuses_mqtt5(mosquitto, mqtt311_only, subscriber, capsys):
+def test_fleet_falls_back_to_311_when_the_broker_refuses_mqtt5(mosquitto, mqtt311_only, subscriber, capsys, monkeypatch):
     front = mqtt311_only(mosquitto)
     writer = subscriber(mosquitto, "nothing/here")
     retained(writer, f"{P}/status", json.dumps({"schema": "simagent/status/1", "online": True, "ts": "2026-01-01T00:00:00.000Z",
                                                 "agent_version": "1"}).encode())
-    code, out, err = run(capsys, "fleet", "--broker", f"mqtt://127.0.0.1:{front.port}", "--json", "--settle", "0.3")
+    monkeypatch.setenv("SIMAGENT_BROKER", f"mqtt://127.0.0.1:{front.port}")  # as the README has it
+    code, out, err = run(capsys, "fleet", "--json", "--settle", "0.3")
     assert code == 0 and [r["device"] for r in json.loads(out)] == [IMEI]
     assert f"127.0.0.1:{front.port} refuses MQTT 5" in err and "using MQTT 3.1.1" in err
     assert front.levels == [5, 4]
