@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, at_rules, exitcodes
-from agent.cli import UsageParser
+from agent.cli import UsageParser, dispatch
 from agent.evidence_cli import add_verify_parser
 from agent.platform import keys
 from agent.platform.errors import PlatformError, UsageError
@@ -285,13 +285,8 @@ def watch_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return exitcodes.USAGE
     try:
-        return args.func(args)
+        return dispatch(build_parser(), argv)
     except PlatformError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code
