@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, at_rules, exitcodes
+from agent import __version__, exitcodes
 from agent.cli import UsageParser, dispatch
+from at_commands import commands as at_vocabulary
 from agent.evidence_cli import add_verify_parser
 from agent.platform import keys
 from agent.platform.errors import PlatformError, UsageError
@@ -176,10 +177,10 @@ def build_command(name: str, pairs: list[str], token: str | None) -> dict[str, A
         except ValueError:
             arguments[key] = text
     try:
-        check_args(vocabulary[name], name, arguments, at_rules.is_imei_rewrite)
+        check_args(vocabulary[name], name, arguments, at_vocabulary.is_imei_rewrite)
     except CommandError as exc:
         raise UsageError(exc.message) from None
-    if needs_token(name, arguments, at_rules.is_query) and not token:
+    if needs_token(name, arguments, at_vocabulary.is_query) and not token:
         raise UsageError(f"{name} needs --token (simagent-platform token ...)")
     command = {"schema": COMMAND_SCHEMA, "id": f"p-{secrets.token_hex(8)}", "name": name, "args": arguments}
     if token:
