@@ -185,7 +185,10 @@ class Link:
             raise BrokerUnavailable(f"{self._where()}: cannot {what}: {mqtt.error_string(rc)}")
         with self._lock:
             waiter = self._acks.setdefault(mid, (threading.Event(), []))
-        if not waiter[0].wait(self.options.timeout):
+        acknowledged = waiter[0].wait(self.options.timeout)
+        with self._lock:
+            self._acks.pop(mid, None)
+        if not acknowledged:
             raise BrokerUnavailable(f"{self._where()}: no acknowledgement to {what} within {self.options.timeout:g} s")
         return waiter[1]
 
