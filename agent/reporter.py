@@ -67,13 +67,13 @@ log = logging.getLogger(__name__)
 STATUS_SCHEMA = "simagent/status/1"
 STATE_SCHEMA = "simagent/state/1"
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: commands queued while offline survive a week
+ACK_FLUSH_DELAY_S = 0.05  # acknowledged rows are deleted in batches at most this late
 UNSUPPORTED_PROTOCOL_VERSION = 0x84  # MQTT 5 CONNACK reason; paho maps a 3.1.1 CONNACK code 1 to it
 
 
 def refuses_protocol_version(reason_code: Any) -> bool:
     """A CONNACK that says the broker does not speak the protocol version we asked for."""
     return getattr(reason_code, "value", None) == UNSUPPORTED_PROTOCOL_VERSION
-ACK_FLUSH_DELAY_S = 0.05  # acknowledged rows are deleted in batches at most this late
 
 
 class SettingsError(Exception):
