@@ -15,12 +15,14 @@ Schemas.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import ipaddress
 import json
 import os
 import random
+import socket
 import subprocess
 import threading
 import time
@@ -402,3 +404,105 @@ def make_small_disk(tmp_path):
 @pytest.fixture
 def small_disk(make_small_disk) -> SmallDisk:
     return make_small_disk()
+# -- a broker limited to MQTT 3.1.1 ---------------------------------------------------------
+class Mqtt311Front:
+    """A real TCP listener in front of a mosquitto that refuses MQTT 5, as a 3.1.1-only
+    broker does: a CONNECT with protocol level 5 gets the "unacceptable protocol version"
+    CONNACK (`answer="3.1.1"`: the 3.1.1 packet, code 1, which MQTT 5 asks old servers to
+    send; `answer="5"`: an MQTT 5 CONNACK with reason 0x84) and the connection is closed;
+    any other CONNECT is relayed to the broker byte for byte. mosquitto 2.0 has no option
+    to refuse a protocol version (`accept_protocol_versions` came in 2.1), hence this.
+    `levels` lists the protocol level of every CONNECT seen."""
+
+    REFUSALS = {"3.1.1": b"\x20\x02\x00\x01", "5": b"\x20\x03\x00\x84\x00"}
+
+    def __init__(self, broker: Broker, answer: str = "3.1.1") -> None:
+        self.broker, self.refusal = broker, self.REFUSALS[answer]
+        self.levels: list[int] = []
+        self.host = "127.0.0.1"
+        self.tls = None
+        self._listener = socket.create_server((self.host, 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._sockets.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _read_packet(sock: socket.socket) -> bytes:
+        """One MQTT packet: fixed header byte, variable-length remaining length, body."""
+        def read(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                chunk = sock.recv(n - len(data))
+                if not chunk:
+                    raise ConnectionError("closed")
+                data += chunk
+            return data
+
+        header = read(1)
+        length, shift, length_bytes = 0, 0, b""
+        while True:
+            byte = read(1)
+            length_bytes += byte
+            length |= (byte[0] & 0x7F) << shift
+            shift += 7
+            if not byte[0] & 0x80 or shift > 21:
+                break
+        return header + length_bytes + read(length)
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            connect = self._read_packet(client)
+            offset = 2 + next(i for i, b in enumerate(connect[1:5]) if not b & 0x80)  # past the remaining length
+            name_length = int.from_bytes(connect[offset:offset + 2], "big")
+            level = connect[offset + 2 + name_length]
+            self.levels.append(level)
+            if level == 5:
+                client.sendall(self.refusal)
+                client.close()
+                return
+            upstream = socket.create_connection((self.broker.host, self.broker.port))
+            self._sockets.append(upstream)
+            upstream.sendall(connect)
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+            self._pipe(client, upstream)
+        except (OSError, ConnectionError, StopIteration, IndexError):
+            client.close()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@pytest.fixture
+def mqtt311_only():
+    """`mqtt311_only(broker, answer="3.1.1")` -> a Mqtt311Front (host, port) before `broker`."""
+    fronts: list[Mqtt311Front] = []
+
+    def make(broker: Broker, answer: str = "3.1.1") -> Mqtt311Front:
+        fronts.append(Mqtt311Front(broker, answer))
+        return fronts[-1]
+
+    yield make
+    for front in fronts:
+        front.close()

@@ -28,17 +28,19 @@ LAB_COMMAND_MODULES = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors exit 2 with one line
+class UsageParser(argparse.ArgumentParser):
+    """Usage errors exit 2 with one line (the `simagent` and `simagent-platform` parsers)."""
+
+    def error(self, message: str) -> None:
         self.print_usage(sys.stderr)
         self.exit(exitcodes.USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="simagent", description="Machine-card binding agent for IoT terminals: daemon and field-technician CLI.")
+    parser = UsageParser(prog="simagent", description="Machine-card binding agent for IoT terminals: daemon and field-technician CLI.")
     parser.add_argument("--version", action="version", version=f"simagent {__version__}")
     parser.add_argument("--config", help="configuration file (default: $SIMAGENT_CONFIG or /etc/simagent/agent.toml)")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=UsageParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
     for name in LAB_COMMAND_MODULES:
@@ -52,13 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parses and runs the chosen sub-command's `func(args) -> exit code` (also for
+    `simagent-platform`); no sub-command prints the help and is a usage error."""
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return exitcodes.USAGE
     return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_state_dir_argument(export)
     export.set_defaults(func=with_settings(export_command))
 
+    add_verify_parser(actions)
+
+
+def add_verify_parser(actions: argparse._SubParsersAction) -> None:
+    """`evidence verify`: also a command of `simagent-platform`, the same verifier."""
     verify = actions.add_parser("verify", help="check a bundle's chain and signature (exit 1 names the broken entry)")
     verify.add_argument("file", metavar="FILE")
     verify.add_argument("--pubkey", metavar="K", help="the device public key: base64 raw, PEM, or a file holding either (default: the key inside the bundle)")

@@ -185,7 +185,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("mqtt", "client_id", str, "simagent-{device_id}", check=_check_template),
     Key("mqtt", "topic_prefix", str, "simagent/{device_id}", check=_check_topic_prefix),
     Key("mqtt", "keepalive", int, 60, range=(5, 3600)),
-    Key("mqtt", "protocol", str, "3.1.1", choices=("3.1.1", "5")),
+    Key("mqtt", "protocol", str, "5", choices=("5", "3.1.1")),
     Key("mqtt", "username", str, ""),
     Key("mqtt", "password_file", str, "", check=_OPTIONAL_PATH, secret=True),
     Key("mqtt.tls", "enabled", bool, True),

@@ -188,20 +188,10 @@ class CommandProcessor:
         return Command(request_id, name, args, claims, token if claims is not None else None)
 
     def _check_args(self, name: str, args: dict[str, Any]) -> None:
-        spec = self._args[name]
-        unknown = set(args) - set(spec)
-        if unknown:
-            raise CommandError("bad_args", f"{name}: unknown arguments: {', '.join(sorted(unknown))[:200]}")
-        for key, arg in spec.items():
-            if key in args:
-                arg.check(name, key, args[key])
-            elif arg.required:
-                raise CommandError("bad_args", f"{name}: missing argument {key}")
-        if name == "at":
-            _check_at_command(args["command"], self.is_imei_rewrite)
+        check_args(self._args[name], name, args, self.is_imei_rewrite)
 
     def _needs_token(self, name: str, args: dict[str, Any]) -> bool:
-        return name in TOKEN_REQUIRED or (name == "at" and not self.is_query(args["command"]))
+        return needs_token(name, args, self.is_query)
 
     def _verify(self, token: str, action: str) -> Mapping[str, Any]:
         try:
@@ -241,6 +231,26 @@ class CommandProcessor:
                                                   "window_s": self.refusal_window})
         except sqlite3.Error as exc:
             log.error("refusal summary not recorded: %s", exc)
+
+
+def check_args(spec: Mapping[str, Arg], name: str, args: dict[str, Any], is_imei_rewrite: Callable[[str], bool]) -> None:
+    """`args` against `spec` (one entry of `command_args()`); raises CommandError. The
+    platform side checks a command with this before it sends it."""
+    unknown = set(args) - set(spec)
+    if unknown:
+        raise CommandError("bad_args", f"{name}: unknown arguments: {', '.join(sorted(unknown))[:200]}")
+    for key, arg in spec.items():
+        if key in args:
+            arg.check(name, key, args[key])
+        elif arg.required:
+            raise CommandError("bad_args", f"{name}: missing argument {key}")
+    if name == "at":
+        _check_at_command(args["command"], is_imei_rewrite)
+
+
+def needs_token(name: str, args: dict[str, Any], is_query: Callable[[str], bool]) -> bool:
+    """Whether the command `name` with (checked) `args` needs a signed token."""
+    return name in TOKEN_REQUIRED or (name == "at" and not is_query(args["command"]))
 
 
 def _decode(payload: bytes) -> dict[str, Any]:

@@ -24,7 +24,19 @@ A row is deleted only after its PUBACK (MQTT 5: a reason code below 0x80); a ref
 row stays and is retried after `retry_refused_after` seconds. Deletions are batched
 (one commit per batch); a crash before the batch commits only causes duplicates, which
 the platform drops by event id. After a reconnect or a restart every row still in the
-outbox is sent again. The store is never locked across `publish()`.
+outbox is sent again. The store is never locked across `publish()`. The last refusal is
+shown in `link_status()` (`simagent status --json`, `mqtt.refused`) until a row is accepted.
+
+Protocol version
+----------------
+MQTT 5 is the default because under 3.1.1 a broker has no way to refuse a publish: a
+message its ACL denies is PUBACKed and dropped (mosquitto does so), and the outbox would
+delete an event nobody received. A broker that does not speak MQTT 5 answers the CONNECT
+with "unacceptable protocol version" (3.1.1 CONNACK code 1, or MQTT 5 reason 0x84); the
+reporter then logs a warning and connects again at once with 3.1.1, for the rest of its
+life (a broker upgrade is picked up at the next start). MQTT 5 sessions are persistent by
+Session Expiry (a week) with Clean Start off, and Receive Maximum bounds the commands the
+broker may have in flight to us; 3.1.1 uses the clean-session flag off instead.
 """
 
 from __future__ import annotations
@@ -59,6 +71,13 @@ SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: commands queued while offline surviv
 ACK_FLUSH_DELAY_S = 0.05  # acknowledged rows are deleted in batches at most this late
 ACK_FLUSH_RETRY_S = 1.0  # after a failed delete (disk full): how soon to try again
 
+UNSUPPORTED_PROTOCOL_VERSION = 0x84  # MQTT 5 CONNACK reason; paho maps a 3.1.1 CONNACK code 1 to it
+
+
+def refuses_protocol_version(reason_code: Any) -> bool:
+    """A CONNACK that says the broker does not speak the protocol version we asked for."""
+    return getattr(reason_code, "value", None) == UNSUPPORTED_PROTOCOL_VERSION
+
 
 class SettingsError(Exception):
     """The MQTT settings cannot be used (unreadable secret, encrypted key without a
@@ -82,7 +101,7 @@ class MqttSettings:
     client_id: str = ""  # empty: "simagent-{device_id}"
     topic_prefix: str = "simagent/{device_id}"
     keepalive: int = 60
-    protocol: str = "3.1.1"  # or "5"
+    protocol: str = "5"  # or "3.1.1"; "5" falls back to 3.1.1 when the broker refuses it
     username: str | None = None
     password_file: str | None = None
     tls: TlsSettings = field(default_factory=TlsSettings)
@@ -207,7 +226,9 @@ class Reporter:
         self.agent_version = agent_version
         self.topics = Topics.for_device(settings.topic_prefix, device_id)
         self.client_id = (settings.client_id or "simagent-{device_id}").replace("{device_id}", device_id)
-        self._v5 = str(settings.protocol) == "5"
+        self._v5 = str(settings.protocol) == "5"  # False after a fall back to 3.1.1
+        self._reconnect_now = False  # the session ended by a protocol fall back: no backoff
+        self.refused: str | None = None  # the broker's last refusal of an outbox row, until one is accepted
         self._on_command = on_command
         self._backoff = backoff or Backoff()
         self._window = window
@@ -297,8 +318,13 @@ class Reporter:
         with self.store.transaction() as tx:
             tx.enqueue_telemetry(sample, stamp)
 
+    @property
+    def protocol(self) -> str:
+        return "5" if self._v5 else "3.1.1"
+
     def link_status(self) -> dict[str, Any]:
-        return {"connected": self.connected, "broker": f"{self.settings.host}:{self.settings.port}", "tls": self._tls_context is not None, "last_error": self.last_error}
+        return {"connected": self.connected, "broker": f"{self.settings.host}:{self.settings.port}", "tls": self._tls_context is not None,
+                "protocol": self.protocol, "last_error": self.last_error, "refused": self.refused}
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Graceful stop: send what is queued (bounded by `timeout`), publish the offline
@@ -334,6 +360,9 @@ class Reporter:
             cause = await self._session()
             if self._stop_requested.is_set():
                 break
+            if self._reconnect_now:
+                self._reconnect_now = False
+                continue
             delay = self._backoff.next_delay()
             self._log_cause(cause, delay)
             try:
@@ -480,6 +509,12 @@ class Reporter:
     # -- paho protocol callbacks (on the loop) ------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:
         if reason_code.is_failure:
+            if self._v5 and refuses_protocol_version(reason_code):
+                self._v5, self._reconnect_now = False, True
+                log.warning("MQTT %s:%s refuses MQTT 5 (%s): falling back to MQTT 3.1.1, where a publish the broker's ACL "
+                            "denies is acknowledged and lost", self.settings.host, self.settings.port, reason_code)
+                self._end_session("broker refuses MQTT 5")
+                return
             self._end_session(f"broker refused the connection: {reason_code}")
             return
         self.connected = True
@@ -526,9 +561,11 @@ class Reporter:
         if reason_code.is_failure:
             # The row stays; it is sent again once this connection's window is empty.
             log.warning("MQTT broker refused outbox message %d: %s; retrying in %.0f s", position, reason_code, self._retry_refused_after)
+            self.refused = f"outbox message {position} refused by the broker: {reason_code}"
             self._refused_until = self._loop.time() + self._retry_refused_after
             self._loop.call_later(self._retry_refused_after, self._schedule_pump)
         else:
+            self.refused = None
             self._acked.append(position)
             if self._ack_flush is None:
                 self._ack_flush = self._loop.call_later(ACK_FLUSH_DELAY_S, self._flush_acks)

@@ -5,7 +5,7 @@ inside functions), so a test in the suite keeps what the README's layout table s
 From the top down (a module may import its own layer and the ones below):
 
   simagent_lab     the lab: fake modem, its pytest plugin, demo, local runners
-  agent.cli        the field technician's commands (presentation)
+  agent.cli, agent.platform   the technician's and the platform team's commands
   agent.service    the daemon and its services
   agent.core       rules and records: binding, gate, tokens, evidence, store, time, config, facts
   at_commands      the modem: AT protocol, vocabulary, profiles, client, discovery
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LAYERS = ("at_commands", "agent.core", "agent.service", "agent.cli", "simagent_lab")
+LAYERS = ("at_commands", "agent.core", "agent.service", ("agent.cli", "agent.platform"), "simagent_lab")
 BASE = {"agent", "agent.exitcodes", "agent.__main__"}
 
 
@@ -70,9 +70,10 @@ GRAPH = {name: imports_of(name, path) for name, path in MODULES.items()}
 def layer(name: str) -> int | None:
     if name in BASE:
         return None
-    for index, prefix in reversed(list(enumerate(LAYERS))):
-        if name == prefix or name.startswith(prefix + "."):
-            return index
+    for index, prefixes in reversed(list(enumerate(LAYERS))):
+        for prefix in (prefixes,) if isinstance(prefixes, str) else prefixes:
+            if name == prefix or name.startswith(prefix + "."):
+                return index
     raise AssertionError(f"{name} belongs to no layer: add it to LAYERS or BASE")
 
 
