@@ -3,7 +3,7 @@ daemon busy (issue 9, item 4: nothing heavy on the loop; target p99 <= 50 ms).
 
 `simagent run` with the real fake-modem process (Quectel, hot-swap URCs) and a local
 mosquitto, on a 10,000-entry evidence log. Eight control connections ask for
-`evidence_export` over and over and two ask for `status` over and over (each status reads
+`export_evidence` over and over and two ask for `status` over and over (each status reads
 the modem, so the gate also meets a busy AT channel). Each round pulls the card; the
 latency runs from the removal URC leaving the fake to `AT+CFUN=4` arriving at it, both
 stamped by the fake's transcript (one clock); then the card goes back and the radio comes
@@ -46,7 +46,7 @@ async def _load(socket_path: Path, stop: threading.Event, exports_done: list[int
     async def exporter() -> None:
         while not stop.is_set():
             reader, writer = await asyncio.open_unix_connection(str(socket_path))
-            writer.write(b'{"id": 1, "op": "evidence_export", "args": {}}\n')
+            writer.write(b'{"id": 1, "name": "export_evidence", "args": {}}\n')
             while chunk := await reader.read(1 << 20):  # read and dropped: this process stays light
                 if chunk.endswith(b"\n"):
                     exports_done.append(1)
@@ -56,7 +56,7 @@ async def _load(socket_path: Path, stop: threading.Event, exports_done: list[int
     async def status_caller() -> None:
         reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=1 << 24)
         while not stop.is_set():
-            writer.write(b'{"id": 1, "op": "status", "args": {}}\n')
+            writer.write(b'{"id": 1, "name": "status", "args": {}}\n')
             await reader.readline()
         writer.close()
 

@@ -5,7 +5,7 @@ thread): the trigger leaving or entering the fake, and `AT+CFUN=4` arriving on t
 
 - `swap_to_radio_off_under_load_p99_ms` (target ≤ 50): a foreign card is swapped in
   (from the `+QSIMSTAT: 1,0` URC leaving the fake to `AT+CFUN=4`) while threads keep
-  calling `status`, `at AT+CSQ`, `at AT+COPS=?` and `evidence_export` (of a
+  calling `status`, `at AT+CSQ`, `at AT+COPS=?` and `export_evidence` (of a
   `EXPORT_ENTRIES`-entry log) on the control socket; the bound card goes back in
   between swaps. Where the fake supports `set scan_seconds` the scan takes `SCAN_S` s
   (`swap_under_load_scan_s`; null: the fake answers it at once).
@@ -105,7 +105,7 @@ def _control_call(path: Path, op: str, timeout: float = 120.0, **args: Any) -> d
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
-        sock.sendall(json.dumps({"id": 1, "op": op, "args": args}).encode() + b"\n")
+        sock.sendall(json.dumps({"id": 1, "name": op, "args": args}).encode() + b"\n")
         chunks = []
         while not chunks or not chunks[-1].endswith(b"\n"):
             chunk = sock.recv(1 << 20)
@@ -161,7 +161,7 @@ class _Load:
         "status": ("status", {}),
         "at_csq": ("at", {"command": "AT+CSQ"}),
         "at_scan": ("at", {"command": "AT+COPS=?", "unsafe": True}),  # root's scan: aborted for the gate
-        "export": ("evidence_export", {}),
+        "export": ("export_evidence", {}),
     }
 
     def __init__(self, control_socket: Path) -> None:

@@ -47,7 +47,7 @@ def export_command(args: argparse.Namespace, settings: CliSettings) -> int:
     except ValueError as exc:
         print(f"simagent: {exc}", file=sys.stderr)
         return exitcodes.USAGE
-    bundle = daemon_call(settings, "evidence_export", since=args.since)
+    bundle = daemon_call(settings, "export_evidence", **({"since": args.since} if args.since else {}))
     if bundle is None:  # no daemon: read the state directly, read-only
         try:
             key = load_device_key(settings.state_dir)  # an export is a read: it creates no key

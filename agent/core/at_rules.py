@@ -36,18 +36,18 @@ class Refused(Exception):
 def check_command(command: str, unsafe: bool) -> None:
     """Raises ``Refused`` unless ``command`` may be sent (with ``unsafe`` for writes)."""
     if any(not 32 <= ord(c) < 127 for c in command.strip()):
-        raise Refused("bad_request", "refused: control or non-ASCII characters in the command")
+        raise Refused("bad_args", "refused: control or non-ASCII characters in the command")
     if not is_command_line(command):
-        raise Refused("bad_request", "refused: not an AT command (a command line starts with AT)")
+        raise Refused("bad_args", "refused: not an AT command (a command line starts with AT)")
     if is_imei_rewrite(command):
         raise Refused("imei_rewrite_refused", "refused: this command rewrites the IMEI; simagent never sends it")
     if breaks_the_session(command):
-        raise Refused("bad_request", "refused: this setting changes how the modem frames its answers (V0, Q1, S3=, S4=); "
+        raise Refused("bad_args", "refused: this setting changes how the modem frames its answers (V0, Q1, S3=, S4=); "
                                      "simagent's AT session depends on them")
     if is_network_scan(command) and not is_abortable(command):
         # Joined to another command the scan cannot be aborted (V.250 defines the abort
         # for the abortable command alone), so it would hold the radio gate back.
-        raise Refused("bad_request", "refused: send a network scan on a line of its own (AT+COPS=?), "
+        raise Refused("bad_args", "refused: send a network scan on a line of its own (AT+COPS=?), "
                       "so that the radio gate can abort it")
     if not unsafe and not is_query(command):
         what = "this network scan holds the modem for minutes" if is_network_scan(command) else "this command changes the modem"

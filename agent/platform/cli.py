@@ -24,13 +24,13 @@ from typing import Any
 
 from agent import __version__, exitcodes
 from agent.cli import UsageParser, dispatch
-from at_commands import commands as at_vocabulary
 from agent.cli.evidence_cli import add_verify_parser
 from agent.platform import keys
 from agent.platform.errors import PlatformError, UsageError
 from agent.platform.fleet import EVENT_SCHEMA, Fleet, Layout, document, event_line, format_table, problem_rank
 from agent.platform.link import Link, LinkOptions
-from agent.service.platform_commands import COMMAND_SCHEMA, MAX_COMMAND_BYTES, RESULT_SCHEMA, CommandError, check_args, command_args, needs_token
+from agent.core.operations import PLATFORM, OperationRefused, offered
+from agent.service.platform_commands import COMMAND_SCHEMA, MAX_COMMAND_BYTES, RESULT_SCHEMA
 from agent.service.reporter import Topics
 
 PROG = "simagent-platform"
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "possibly after send gave up.")
     _broker_arguments(send)
     send.add_argument("--device", required=True, metavar="ID", help="the terminal's device id (its IMEI by default)")
-    send.add_argument("name", metavar="NAME", help=", ".join(command_args()))
+    send.add_argument("name", metavar="NAME", help=", ".join(offered(PLATFORM)))
     send.add_argument("args", nargs="*", metavar="KEY=VALUE", help="arguments, e.g. interval=60 or command=AT+CSQ (a JSON value or text)")
     send.add_argument("--token", metavar="T", help="the signed token (rebind, unbind, modem_reset, a writing at), or a file holding it")
     send.add_argument("--wait", type=_positive, default=30.0, metavar="S", help="seconds to wait for the reply (default 30)")
@@ -164,8 +164,9 @@ def token_command(args: argparse.Namespace) -> int:
 # -- send -------------------------------------------------------------------------------------
 def build_command(name: str, pairs: list[str], token: str | None) -> dict[str, Any]:
     """The command document, checked as the agent will check it (its own tables)."""
-    vocabulary = command_args()
-    if name not in vocabulary:
+    vocabulary = offered(PLATFORM)
+    operation = vocabulary.get(name)
+    if operation is None:
         raise UsageError(f"unknown command {name[:64]!r} (known: {', '.join(vocabulary)})")
     arguments: dict[str, Any] = {}
     for pair in pairs:
@@ -177,10 +178,10 @@ def build_command(name: str, pairs: list[str], token: str | None) -> dict[str, A
         except ValueError:
             arguments[key] = text
     try:
-        check_args(vocabulary[name], name, arguments, at_vocabulary.is_imei_rewrite)
-    except CommandError as exc:
+        operation.check_args(arguments)
+    except OperationRefused as exc:
         raise UsageError(exc.message) from None
-    if needs_token(name, arguments, at_vocabulary.is_query) and not token:
+    if operation.needs_token(arguments) and not token:
         raise UsageError(f"{name} needs --token (simagent-platform token ...)")
     command = {"schema": COMMAND_SCHEMA, "id": f"p-{secrets.token_hex(8)}", "name": name, "args": arguments}
     if token:

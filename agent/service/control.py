@@ -2,15 +2,15 @@
 
 While the daemon runs it owns the modem port exclusively (TIOCEXCL), so the CLI asks
 the daemon instead. Protocol: a Unix stream socket carrying JSON lines, one request
-``{"op": NAME, "args": {...}, "id"?: X}`` answered by one reply
+``{"name": OPERATION, "args": {...}, "id"?: X}`` answered by one reply
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"code", "message"}}``
 (``id`` echoed when given). Error codes: ``bad_request``, ``too_large``, ``unknown_op``,
 ``permission_denied``, ``unsafe_required``, ``timeout``, ``busy``, ``internal``, plus
 whatever a handler raises as ``ControlError``.
 
-Who may do what: the socket file is 0660 (the service group may connect); operations
-that change state additionally need uid 0, read from the kernel (SO_PEERCRED), never
-from the request. The file never exists with wider permissions: it is bound inside a
+Who may do what is the table of operations' (`agent.core.operations`): the socket file
+is 0660 (the service group may connect); a call that writes additionally needs uid 0,
+read from the kernel (SO_PEERCRED), never from the request. The file never exists with wider permissions: it is bound inside a
 private 0700 staging directory, chmod-ed there, then hard-linked into place. That
 avoids changing the process-wide umask, which would race with other threads.
 """
@@ -29,7 +29,9 @@ import tempfile
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from agent.core.operations import OPERATIONS, SOCKET, Operation, OperationRefused, offered
 
 log = logging.getLogger(__name__)
 
@@ -81,50 +83,23 @@ class StreamedResult:
 
 @dataclass(frozen=True)
 class Op:
-    """One operation: ``handler(args, peer)`` returns the JSON-serialisable result.
+    """An operation of the table served here: ``handler(args, peer)`` returns the
+    JSON-serialisable result."""
 
-    ``changes_state`` (a bool, or a predicate over the args) says whether a request
-    needs uid 0; with ``needs_unsafe`` such a request must also carry ``"unsafe": true``,
-    the client's explicit "I know this writes" flag."""
-
-    name: str
+    operation: Operation
     handler: Handler
-    changes_state: bool | Callable[[dict[str, Any]], bool] = False
-    needs_unsafe: bool = False
-    timeout: float = 30.0
 
-    def is_state_changing(self, args: dict[str, Any]) -> bool:
-        return self.changes_state(args) if callable(self.changes_state) else self.changes_state
+    @property
+    def name(self) -> str:
+        return self.operation.name
 
 
-# The daemon's operations (besides `at`, see `at_op`) and whether they change state.
-DAEMON_OPS: dict[str, bool] = {
-    "status": False,
-    "diag": False,
-    "bind_show": False,
-    "bind_accept": True,
-    "bind_reset": True,
-    "evidence_export": False,
-}
-
-
-def daemon_op(name: str, handler: Handler, *, timeout: float = 30.0) -> Op:
-    """The operation `name` of DAEMON_OPS, served by `handler`."""
-    return Op(name, handler, changes_state=DAEMON_OPS[name], timeout=timeout)
-
-
-def at_op(handler: Handler, is_write: Callable[[str], bool], *, timeout: float = 180.0) -> Op:
-    """The `at` operation, args ``{"command": str, "unsafe"?: bool}``: a command for
-    which ``is_write`` (the modem layer's knowledge) is True needs root and ``unsafe``.
-    The default timeout allows for slow commands such as an operator scan."""
-
-    def changes_state(args: dict[str, Any]) -> bool:
-        command = args.get("command")
-        if not isinstance(command, str):
-            raise ControlError("bad_request", 'at needs args {"command": "AT..."}')
-        return is_write(command)
-
-    return Op("at", handler, changes_state=changes_state, needs_unsafe=True, timeout=timeout)
+def socket_op(name: str, handler: Handler, table: Mapping[str, Operation] = OPERATIONS) -> Op:
+    """The operation `name` of the table, served on the control socket by `handler`."""
+    operation = offered(SOCKET, table).get(name)
+    if operation is None:
+        raise ValueError(f"{name!r} is not a control socket operation")
+    return Op(operation, handler)
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
@@ -274,18 +249,18 @@ class ControlServer:
         try:
             request = _parse_request(line)
             request_id = request.get("id")
-            op = self._ops.get(request["op"])
+            op = self._ops.get(request["name"])
             if op is None:
-                raise ControlError("unknown_op", f"unknown op {request['op']!r}; known: {', '.join(sorted(self._ops))}")
+                raise ControlError("unknown_op", f"unknown operation {request['name']!r}; known: {', '.join(sorted(self._ops))}")
             args = request["args"]
             self._authorise(op, args, peer)
-            deadline = asyncio.timeout(op.timeout)
+            deadline = asyncio.timeout(op.operation.timeout)
             try:
                 async with deadline:
                     result = await op.handler(args, peer)
             except TimeoutError:
                 if deadline.expired():  # ours, not a TimeoutError the handler raised
-                    raise ControlError("timeout", f"{op.name} took longer than {op.timeout:g} s") from None
+                    raise ControlError("timeout", f"{op.name} took longer than {op.operation.timeout:g} s") from None
                 raise
             reply: dict[str, Any] = {"ok": True, "result": result}
             if not isinstance(result, StreamedResult):
@@ -301,12 +276,16 @@ class ControlServer:
 
     @staticmethod
     def _authorise(op: Op, args: dict[str, Any], peer: Peer) -> None:
-        if not op.is_state_changing(args):
+        try:
+            op.operation.check_args(args)
+        except OperationRefused as exc:
+            raise ControlError(exc.code, exc.message) from exc
+        if not op.operation.is_write(args):
             return
         if peer.uid != 0:
             log.warning("control: %s refused for uid %d (pid %d): needs root", op.name, peer.uid, peer.pid)
             raise ControlError("permission_denied", f"{op.name} changes state and needs root (sudo)")
-        if op.needs_unsafe and args.get("unsafe") is not True:
+        if op.operation.unsafe_flag and args.get("unsafe") is not True:
             raise ControlError("unsafe_required", f"this {op.name} request changes state: repeat it with --unsafe")
         log.info("control: %s by uid %d (pid %d)", op.name, peer.uid, peer.pid)  # audit; args may hold tokens
 
@@ -336,7 +315,7 @@ class ControlClient:
         async with self._lock:
             request_id = self._next_id
             self._next_id += 1
-            await _send(self._writer, {"id": request_id, "op": op, "args": args})
+            await _send(self._writer, {"id": request_id, "name": op, "args": args})
             line = await self._reader.readline()
             if not line:
                 raise ConnectionError("the daemon closed the control connection")
@@ -402,9 +381,9 @@ def _parse_request(line: bytes) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting
         raise ControlError("bad_request", f"not a JSON line: {exc}") from None
     if not isinstance(request, dict):
-        raise ControlError("bad_request", 'a request is a JSON object {"op": ..., "args": {...}}')
-    if not isinstance(request.get("op"), str):
-        raise ControlError("bad_request", 'missing "op"')
+        raise ControlError("bad_request", 'a request is a JSON object {"name": ..., "args": {...}}')
+    if not isinstance(request.get("name"), str):
+        raise ControlError("bad_request", 'missing "name" (the operation)')
     request.setdefault("args", {})
     if not isinstance(request["args"], dict):
         raise ControlError("bad_request", '"args" must be a JSON object')

@@ -30,7 +30,7 @@ from agent.core import config as config_module
 from agent.core.binding import BindingPolicy
 from agent.core.clock import Clock
 from agent.core.config import Config, ConfigError
-from agent.service.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, at_op, daemon_op
+from agent.service.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, socket_op
 from agent.service.enforcer import Enforcer, GateRefused
 from agent.core.evidence import device_public_key, parse_since
 from agent.service.offload import ChildOutput, OffloadError, Offloader
@@ -353,7 +353,6 @@ class Daemon:
         device_id = self._device_id()
         processor = CommandProcessor(
             store=self.store, handlers=self._platform_handlers(), verify_token=self._verify_command_token,
-            is_query=at_vocabulary.is_query, is_imei_rewrite=at_vocabulary.is_imei_rewrite,
         )
         reporter = self.reporter = Reporter(self.config.mqtt, self.store, device_id=device_id, on_command=processor.handle)
         try:
@@ -479,7 +478,7 @@ class Daemon:
         async def bind_reset(args: dict, peer: Peer) -> Any:
             return await self.reset_binding(str(args["reason"]), peer.uid)
 
-        async def evidence_export(args: dict, peer: Peer) -> Any:
+        async def export_evidence(args: dict, peer: Peer) -> Any:
             try:  # the reply line carries the bundle; the client reads up to MAX_REPLY
                 output = await self.export_evidence(args.get("since"), max_bytes=MAX_REPLY - 4096)
             except ValueError as exc:
@@ -489,13 +488,13 @@ class Daemon:
             return StreamedResult(output, output.close)
 
         return [
-            daemon_op("status", status),
-            daemon_op("diag", run_diag),
-            at_op(at, lambda command: not at_vocabulary.is_query(command)),
-            daemon_op("bind_show", bind_show),
-            daemon_op("bind_accept", bind_accept),
-            daemon_op("bind_reset", bind_reset),
-            daemon_op("evidence_export", evidence_export),
+            socket_op("status", status),
+            socket_op("diag", run_diag),
+            socket_op("at", at),
+            socket_op("bind_show", bind_show),
+            socket_op("bind_accept", bind_accept),
+            socket_op("bind_reset", bind_reset),
+            socket_op("export_evidence", export_evidence),
         ]
 
     # -- platform commands (P/cmd) -------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 A command is `{"schema"?: "simagent/command/1", "id", "name", "args": {}, "token"?}`.
 Everything that arrives is hostile until proven otherwise: the size is checked before
-the bytes are parsed, the document shape and each command's arguments are checked
-against the tables below, and the commands that change state (`rebind`, `unbind`,
-`modem_reset`, a non-query `at`) need a token the injected verifier accepts. A command
-that rewrites the IMEI is refused whatever it carries.
+the bytes are parsed, the document shape here, and each operation's arguments and who
+may call it (a token for `rebind`, `unbind`, `modem_reset`, a writing `at`) against the
+one table of operations, `agent.core.operations`. A command that rewrites the IMEI is
+refused whatever it carries.
 
 Every refusal gets an error reply and a `command_refused` event (with its evidence
 entry) and changes nothing else. The work itself is done by handlers the daemon injects
@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.core.operations import PLATFORM, TELEMETRY_INTERVAL_RANGE, OperationRefused, offered, operations
 from agent.core.store import Store
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ MAX_EXPORT_REPLY_BYTES = 256 * 1024
 COMMAND_SCHEMA = "simagent/command/1"
 RESULT_SCHEMA = "simagent/cmd_result/1"
 MAX_ID_LENGTH = 128
-MAX_AT_LENGTH = 256
-TELEMETRY_INTERVAL_RANGE = (10, 86_400)  # seconds
 _DOCUMENT_KEYS = frozenset({"schema", "id", "name", "args", "token"})
 
 
@@ -69,45 +68,6 @@ Handler = Callable[[Command], Awaitable[dict[str, Any] | None]]
 TokenVerifier = Callable[[str, str], Mapping[str, Any]]
 
 
-@dataclass(frozen=True)
-class Arg:
-    type: type
-    required: bool = True
-    minimum: int | None = None
-    maximum: int | None = None
-    max_length: int | None = None
-
-    def check(self, command: str, key: str, value: Any) -> None:
-        # bool is an int subclass; a JSON true is never a number of seconds.
-        if not isinstance(value, self.type) or isinstance(value, bool):
-            raise CommandError("bad_args", f"{command}: {key} must be a {self.type.__name__}")
-        if self.minimum is not None and value < self.minimum:
-            raise CommandError("bad_args", f"{command}: {key} must be >= {self.minimum}, got {value}")
-        if self.maximum is not None and value > self.maximum:
-            raise CommandError("bad_args", f"{command}: {key} must be <= {self.maximum}, got {value}")
-        if self.max_length is not None and len(value) > self.max_length:
-            raise CommandError("bad_args", f"{command}: {key} is longer than {self.max_length} characters")
-
-
-def command_args(telemetry_range: tuple[int, int] = TELEMETRY_INTERVAL_RANGE) -> dict[str, dict[str, Arg]]:
-    """The arguments each command takes: the whole command vocabulary."""
-    low, high = telemetry_range
-    return {
-        "ping": {},
-        "status": {},
-        "diag": {},
-        "set_telemetry_interval": {"interval": Arg(int, minimum=low, maximum=high)},
-        "rebind": {},
-        "unbind": {},
-        "export_evidence": {"since": Arg(str, required=False, max_length=64)},
-        "modem_reset": {},
-        "at": {"command": Arg(str, max_length=MAX_AT_LENGTH)},
-    }
-
-
-TOKEN_REQUIRED = frozenset({"rebind", "unbind", "modem_reset"})  # and any non-query `at`
-
-
 def reply_ok(request_id: str, result: dict[str, Any] | None) -> dict[str, Any]:
     return {"schema": RESULT_SCHEMA, "id": request_id, "ok": True, "result": result or {}}
 
@@ -121,19 +81,17 @@ class CommandProcessor:
     store: Store
     handlers: Mapping[str, Handler]
     verify_token: TokenVerifier
-    is_query: Callable[[str], bool]
-    is_imei_rewrite: Callable[[str], bool]
     telemetry_range: tuple[int, int] = TELEMETRY_INTERVAL_RANGE
     refusal_window: float = REFUSAL_WINDOW
-    _args: dict[str, dict[str, Arg]] = field(init=False, repr=False)
+    _operations: dict[str, Any] = field(init=False, repr=False)
     # Refusals recorded one by one in the current window, and those only counted since.
     _recorded: int = field(default=0, init=False, repr=False)
     _window_ends: float = field(default=0.0, init=False, repr=False)
     _unrecorded: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._args = command_args(self.telemetry_range)
-        unknown = set(self.handlers) - set(self._args)
+        self._operations = offered(PLATFORM, operations(self.telemetry_range))
+        unknown = set(self.handlers) - set(self._operations)
         if unknown:
             raise ValueError(f"handlers for unknown commands: {sorted(unknown)}")
 
@@ -171,7 +129,8 @@ class CommandProcessor:
         name = document.get("name")
         if not isinstance(name, str):
             raise CommandError("bad_request", "name must be a string")
-        if name not in self._args:
+        operation = self._operations.get(name)
+        if operation is None:
             raise CommandError("unknown_command", f"unknown command {name[:64]!r}")
         args = document.get("args", {})
         if not isinstance(args, dict):
@@ -179,19 +138,16 @@ class CommandProcessor:
         token = document.get("token")
         if token is not None and not isinstance(token, str):
             raise CommandError("bad_request", "token must be a string")
-        self._check_args(name, args)
+        try:
+            operation.check_args(args)
+        except OperationRefused as exc:
+            raise CommandError(exc.code, exc.message) from exc
         claims = None
-        if self._needs_token(name, args):
+        if operation.needs_token(args):
             if not token:
                 raise CommandError("token_required", f"{name} needs a signed token")
             claims = self._verify(token, name)
         return Command(request_id, name, args, claims, token if claims is not None else None)
-
-    def _check_args(self, name: str, args: dict[str, Any]) -> None:
-        check_args(self._args[name], name, args, self.is_imei_rewrite)
-
-    def _needs_token(self, name: str, args: dict[str, Any]) -> bool:
-        return needs_token(name, args, self.is_query)
 
     def _verify(self, token: str, action: str) -> Mapping[str, Any]:
         try:
@@ -233,26 +189,6 @@ class CommandProcessor:
             log.error("refusal summary not recorded: %s", exc)
 
 
-def check_args(spec: Mapping[str, Arg], name: str, args: dict[str, Any], is_imei_rewrite: Callable[[str], bool]) -> None:
-    """`args` against `spec` (one entry of `command_args()`); raises CommandError. The
-    platform side checks a command with this before it sends it."""
-    unknown = set(args) - set(spec)
-    if unknown:
-        raise CommandError("bad_args", f"{name}: unknown arguments: {', '.join(sorted(unknown))[:200]}")
-    for key, arg in spec.items():
-        if key in args:
-            arg.check(name, key, args[key])
-        elif arg.required:
-            raise CommandError("bad_args", f"{name}: missing argument {key}")
-    if name == "at":
-        _check_at_command(args["command"], is_imei_rewrite)
-
-
-def needs_token(name: str, args: dict[str, Any], is_query: Callable[[str], bool]) -> bool:
-    """Whether the command `name` with (checked) `args` needs a signed token."""
-    return name in TOKEN_REQUIRED or (name == "at" and not is_query(args["command"]))
-
-
 def _decode(payload: bytes) -> dict[str, Any]:
     try:
         document = json.loads(payload)
@@ -268,14 +204,3 @@ def _request_id(document: dict[str, Any]) -> str | None:
     if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH:
         return value
     return None
-
-
-def _check_at_command(command: str, is_imei_rewrite: Callable[[str], bool]) -> None:
-    # One printable command: a CR/LF or ';' would smuggle a second command past the
-    # query and IMEI-rewrite checks.
-    if not command.upper().startswith("AT"):
-        raise CommandError("bad_args", "at: command must start with AT")
-    if any(not " " <= ch <= "~" for ch in command) or ";" in command:
-        raise CommandError("bad_args", "at: one command of printable ASCII, no ';' and no line breaks")
-    if is_imei_rewrite(command):
-        raise CommandError("forbidden", "at: IMEI rewrite commands are always refused")

@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
+from agent.core.operations import SOCKET, Operation, offered
 from agent.service.control import (
-    DAEMON_OPS,
     MAX_REQUEST,
     BlockingControlClient,
     ControlClient,
@@ -20,8 +20,7 @@ from agent.service.control import (
     ControlServer,
     ControlSocketInUse,
     Op,
-    at_op,
-    daemon_op,
+    socket_op,
 )
 
 
@@ -62,11 +61,6 @@ class Recorder:
         return handle
 
 
-def is_write(command: str) -> bool:
-    # The modem layer supplies the real predicate; here: queries end in "?" or have no "=".
-    return "=" in command and not command.endswith("?")
-
-
 @pytest.fixture
 def recorder():
     return Recorder()
@@ -86,13 +80,12 @@ def daemon(short_dir, recorder):
     async def slow(args, peer):
         await asyncio.sleep(5)
 
-    ops = [daemon_op(name, recorder.handler(name)) for name in DAEMON_OPS]
+    ops = [socket_op(name, recorder.handler(name)) for name in offered(SOCKET)]
     ops += [
-        at_op(recorder.handler("at"), is_write),
-        Op("fails", fails),
-        Op("refuses", refuses),
-        Op("unserialisable", unserialisable),
-        Op("slow", slow, timeout=0.2),
+        Op(Operation("fails"), fails),
+        Op(Operation("refuses"), refuses),
+        Op(Operation("unserialisable"), unserialisable),
+        Op(Operation("slow", timeout=0.2), slow),
     ]
     server = ServerThread(short_dir / "control.sock", ops)
     # In production the socket's group is the service group; nobody stands in for a member.
@@ -174,7 +167,7 @@ def test_at_writes_need_root_and_unsafe(daemon, recorder, run_as):
         assert client.call("at", command="AT+CFUN=4", unsafe=True)["op"] == "at"
         with pytest.raises(ControlError) as malformed:
             client.call("at", cmd="AT")
-        assert malformed.value.code == "bad_request"
+        assert malformed.value.code == "bad_args"  # the same word as over MQTT: one table of operations
 
     def as_nobody():
         with BlockingControlClient.connect(path) as client:
@@ -192,19 +185,19 @@ def test_at_writes_need_root_and_unsafe(daemon, recorder, run_as):
         (b"\xff\xfe\n", "bad_request"),
         (b"[1, 2]\n", "bad_request"),
         (b'{"args": {}}\n', "bad_request"),
-        (b'{"op": "status", "args": [1]}\n', "bad_request"),
+        (b'{"name": "status", "args": [1]}\n', "bad_request"),
         (b"[" * 100_000 + b"\n", "bad_request"),
-        (b'{"op": "reboot_everything"}\n', "unknown_op"),
+        (b'{"name": "reboot_everything"}\n', "unknown_op"),
     ],
 )
 def test_malformed_requests_get_error_replies_and_the_connection_lives_on(daemon, payload, code):
-    replies = raw_exchange(daemon.server.path, payload + b'{"op": "status", "id": 7}\n')
+    replies = raw_exchange(daemon.server.path, payload + b'{"name": "status", "id": 7}\n')
     assert replies[0]["ok"] is False and replies[0]["error"]["code"] == code
     assert replies[1]["ok"] is True and replies[1]["id"] == 7
 
 
 def test_oversized_request_is_refused_and_the_server_lives_on(daemon):
-    huge = json.dumps({"op": "status", "args": {"pad": "x" * (MAX_REQUEST + 10)}}).encode() + b"\n"
+    huge = json.dumps({"name": "status", "args": {"pad": "x" * (MAX_REQUEST + 10)}}).encode() + b"\n"
     replies = raw_exchange(daemon.server.path, huge)
     assert replies == [{"ok": False, "error": {"code": "too_large", "message": f"request longer than {MAX_REQUEST} bytes"}}]
     with BlockingControlClient.connect(daemon.server.path) as client:
@@ -229,14 +222,14 @@ def test_idle_connections_are_closed_and_excess_clients_told_busy(short_dir):
     async def status(args, peer):
         return "up"
 
-    server = ServerThread(short_dir / "c.sock", [Op("status", status)], idle_timeout=0.2, root_reserve=1)
+    server = ServerThread(short_dir / "c.sock", [Op(Operation("status"), status)], idle_timeout=0.2, root_reserve=1)
     try:
         with socket.socket(socket.AF_UNIX) as idle:
             idle.settimeout(5)
             idle.connect(str(server.server.path))
-            idle.sendall(b'{"op": "status"}\n')
+            idle.sendall(b'{"name": "status"}\n')
             assert json.loads(idle.recv(1024)) == {"ok": True, "result": "up"}
-            assert raw_exchange(server.server.path, b'{"op": "status"}\n')[0]["error"]["code"] == "busy"
+            assert raw_exchange(server.server.path, b'{"name": "status"}\n')[0]["error"]["code"] == "busy"
             assert idle.recv(1024) == b""  # closed by the server after 0.2 s of silence
         with BlockingControlClient.connect(server.server.path) as client:
             assert client.call("status") == "up"
@@ -254,7 +247,7 @@ def test_stale_socket_file_is_replaced(short_dir):
     async def status(args, peer):
         return "fresh"
 
-    server = ServerThread(path, [Op("status", status)])
+    server = ServerThread(path, [Op(Operation("status"), status)])
     try:
         with BlockingControlClient.connect(path) as client:
             assert client.call("status") == "fresh"
@@ -304,9 +297,9 @@ def test_connect_without_daemon_returns_none(short_dir):
 
 
 def test_an_op_cannot_be_registered_twice(recorder):
-    server = ControlServer("/nonexistent/x.sock", [daemon_op("status", recorder.handler("status"))])
+    server = ControlServer("/nonexistent/x.sock", [socket_op("status", recorder.handler("status"))])
     with pytest.raises(ValueError):
-        server.register(daemon_op("status", recorder.handler("status")))
+        server.register(socket_op("status", recorder.handler("status")))
 
 
 class Pieces:
@@ -340,7 +333,7 @@ def test_a_streamed_result_is_one_reply_line_and_a_broken_one_is_cut(short_dir):
                 else Pieces([b'{"entries": ['], fail=True)
             made.append(source)
             return StreamedResult(source, source.close)
-        return Op(name, handler)
+        return Op(Operation(name), handler)
 
     server = ServerThread(short_dir / "control.sock", [op("whole"), op("broken")])
     try:
@@ -361,7 +354,7 @@ def test_a_group_member_cannot_lock_root_out(short_dir, run_as):
     async def status(args, peer):
         return "up"
 
-    server = ServerThread(short_dir / "c.sock", [Op("status", status)])
+    server = ServerThread(short_dir / "c.sock", [Op(Operation("status"), status)])
     os.chmod(short_dir, 0o755)
     os.chown(server.server.path, 0, NOBODY)
     try:
@@ -371,7 +364,7 @@ def test_a_group_member_cannot_lock_root_out(short_dir, run_as):
                 conn = socket.socket(socket.AF_UNIX)
                 conn.settimeout(5)
                 conn.connect(str(server.server.path))
-                conn.sendall(b'{"op": "status"}\n')
+                conn.sendall(b'{"name": "status"}\n')
                 reply = json.loads(conn.makefile().readline())
                 if reply.get("ok"):
                     held.append(conn)

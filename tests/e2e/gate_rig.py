@@ -79,7 +79,7 @@ def control_call_bytes(path: str | os.PathLike, op: str, timeout: float = 60.0, 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
-        sock.sendall(json.dumps({"id": 1, "op": op, "args": args}).encode() + b"\n")
+        sock.sendall(json.dumps({"id": 1, "name": op, "args": args}).encode() + b"\n")
         chunks = []
         while True:
             chunk = sock.recv(1 << 20)

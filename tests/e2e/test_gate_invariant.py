@@ -161,7 +161,7 @@ def control_call(path: Path, op: str, args: dict[str, Any], timeout: float = CAL
     with closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
-        sock.sendall(json.dumps({"id": 1, "op": op, "args": args}).encode() + b"\n")
+        sock.sendall(json.dumps({"id": 1, "name": op, "args": args}).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
             chunk = sock.recv(1 << 20)
@@ -741,11 +741,11 @@ class InvariantRun:
         elif kind == "diag":
             self.control("diag", "diag", {}, ["diag", "--json"], use_cli, wait)
         elif kind == "export":
-            self.control("evidence export", "evidence_export", {}, ["evidence", "export", "--out", os.devnull],
+            self.control("evidence export", "export_evidence", {}, ["evidence", "export", "--out", os.devnull],
                          use_cli, wait)
         elif kind == "export_burst":
             for _ in range(4):
-                self.control("evidence export", "evidence_export", {}, None, False, 0.0)
+                self.control("evidence export", "export_evidence", {}, None, False, 0.0)
         elif kind == "unsafe_cfun1":
             self.unsafe_cfun1(state, use_cli)
         elif kind == "mqtt_ping":

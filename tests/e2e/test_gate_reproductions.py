@@ -213,7 +213,7 @@ def test_3_parallel_evidence_exports_do_not_delay_the_gate(fake_modem_process, a
     def export_forever() -> None:
         while not stop.is_set():
             try:
-                data = control_call_bytes(agent.control_socket, "evidence_export", timeout=120)
+                data = control_call_bytes(agent.control_socket, "export_evidence", timeout=120)
             except OSError as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
                 return

@@ -1,7 +1,7 @@
 """Issue 9, item 4: nothing heavy on the daemon's loop.
 
 The real `simagent run`, the fake modem and mosquitto, with a 10,000-entry evidence log in
-a real SQLite file. Eight `evidence_export` requests arrive at once on the control socket
+a real SQLite file. Eight `export_evidence` requests arrive at once on the control socket
 (as from eight members of the service group; the replies are only written to files while
 it runs, so this process does not compete for the CPU) while the test keeps asking the
 daemon a cheap read op (`bind_show`): the round trip is the daemon's loop lag plus a
@@ -77,11 +77,11 @@ def children(pid: int) -> list[int]:
 
 
 async def exports(socket_path: Path, outs: list[Path]) -> None:
-    """One `evidence_export` request per file, all at once, as the CLI sends it; each
+    """One `export_evidence` request per file, all at once, as the CLI sends it; each
     reply line goes to its file as it comes (parsed afterwards, not to load this process)."""
     async def export(out: Path) -> None:
         reader, writer = await asyncio.open_unix_connection(str(socket_path))
-        writer.write(b'{"id": 1, "op": "evidence_export", "args": {}}\n')
+        writer.write(b'{"id": 1, "name": "export_evidence", "args": {}}\n')
         with open(out, "wb") as file:
             while chunk := await reader.read(1 << 20):
                 file.write(chunk)

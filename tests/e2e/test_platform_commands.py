@@ -62,7 +62,7 @@ def test_platform_commands_end_to_end(home_modem, agent_process, subscriber, mos
         ({"id": "c-unknown", "name": "format_disk", "args": {}}, "c-unknown", "unknown_command"),
         ({"id": "c-notoken", "name": "modem_reset", "args": {}}, "c-notoken", "token_required"),
         ({"id": "c-imei", "name": "at", "args": {"command": 'AT+EGMR=1,7,"864505040000021"'}, "token": token},
-         "c-imei", "forbidden"),
+         "c-imei", "imei_rewrite_refused"),
         (b"x" * (64 * 1024 + 1), None, "too_large"),
     ]
     for command, request_id, code in hostile:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from agent.core.binding import LAST_IMEI_KEY
-from agent.service.control import daemon_op
+from agent.service.control import socket_op
 from agent.core.store import Binding, Store
 
 SPEC_KEYS = {
@@ -175,7 +175,7 @@ def test_status_asks_the_daemon_when_it_runs(cli, control_server, registered_mod
         asked.append(peer.pid)
         return document
 
-    control_server(cli.socket, [daemon_op("status", status)])
+    control_server(cli.socket, [socket_op("status", status)])
     done = cli("status", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == document and len(asked) == 1

@@ -3,7 +3,6 @@
 
 import asyncio
 import json
-import re
 import time
 import uuid
 
@@ -81,8 +80,6 @@ def make_processor(store):
         store=store,
         handlers={"ping": ping, "set_telemetry_interval": set_interval, "rebind": rebind, "at": at},
         verify_token=verify,
-        is_query=lambda cmd: cmd.endswith("?") or "=" not in cmd,
-        is_imei_rewrite=lambda cmd: bool(re.search(r"\+EGMR=1,7|\+SIMEI|\+WIMEI", cmd, re.I)),
     )
     return processor, calls
 
@@ -130,11 +127,13 @@ HOSTILE = [
     ("interval a bool", {"id": "c", "name": "set_telemetry_interval", "args": {"interval": True}}, "bad_args", "c"),
     ("interval a string", {"id": "c", "name": "set_telemetry_interval", "args": {"interval": "60"}}, "bad_args", "c"),
     ("at with a line break", {"id": "c", "name": "at", "args": {"command": "AT+CGSN\r\nAT+CFUN=0"}}, "bad_args", "c"),
-    ("at with two commands", {"id": "c", "name": "at", "args": {"command": "AT+CGSN;+CFUN=0"}}, "bad_args", "c"),
+    # Joined commands are classified one by one (agent.core.at_rules, as for the control
+    # socket): a write among them needs a token.
+    ("at with two commands", {"id": "c", "name": "at", "args": {"command": "AT+CGSN;+CFUN=0"}}, "token_required", "c"),
     ("at not AT", {"id": "c", "name": "at", "args": {"command": "rm -rf /"}}, "bad_args", "c"),
     ("at write without token", {"id": "c", "name": "at", "args": {"command": "AT+CFUN=0"}}, "token_required", "c"),
     ("IMEI rewrite even with a token", {"id": "c", "name": "at", "args": {"command": "AT+EGMR=1,7,\"490154203237518\""},
-                                        "token": token("at")}, "forbidden", "c"),
+                                        "token": token("at")}, "imei_rewrite_refused", "c"),
     ("rebind without token", {"id": "c", "name": "rebind", "args": {}}, "token_required", "c"),
     ("rebind with expired token", {"id": "c", "name": "rebind", "token": token(exp_in=-60)}, "token_expired", "c"),
     ("rebind with a foreign key", {"id": "c", "name": "rebind", "token": token(key=Ed25519PrivateKey.generate())}, "token_invalid", "c"),

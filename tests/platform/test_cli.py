@@ -87,7 +87,7 @@ def test_keygen_makes_a_key_the_agent_trusts_and_tokens_it_accepts(operator_key,
     (["send", "--broker", "mqtt://127.0.0.1:1", "--device", IMEI, "set_telemetry_interval", "interval=5"], ">= 10"),
     (["send", "--broker", "mqtt://127.0.0.1:1", "--device", IMEI, "unbind"], "needs --token"),
     (["send", "--broker", "mqtt://127.0.0.1:1", "--device", IMEI, "at", "command=AT+CFUN=1"], "needs --token"),
-    (["send", "--broker", "mqtt://127.0.0.1:1", "--device", IMEI, "at", 'command=AT+EGMR=1,7,"1"', "--token", "x"], "IMEI rewrite"),
+    (["send", "--broker", "mqtt://127.0.0.1:1", "--device", IMEI, "at", 'command=AT+EGMR=1,7,"1"', "--token", "x"], "rewrites the IMEI"),
     (["send", "--broker", "mqtt://127.0.0.1:1", "--ca-file", "/x", "--device", IMEI, "ping"], "need an mqtts:// broker"),
     (["fleet", "--broker", "mqtt://127.0.0.1:1", "--prefix", "fleet/+/x"], "--prefix"),
 ])
