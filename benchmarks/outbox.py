@@ -18,7 +18,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from simagent_lab.localbroker import Broker
-from agent.service.reporter import MqttSettings, Reporter, TlsSettings
+from agent.service.reporter import Reporter
+from agent.core.config import MqttConfig, TlsConfig
 from agent.core.store import Caps, Store
 
 ENQUEUES = 2000
@@ -76,7 +77,7 @@ def reporter_rate(directory: Path, port: int) -> tuple[float, int]:
         for n in range(MESSAGES):
             tx.enqueue_event("binding_violation", {**SAMPLE_DATA, "n": n}, store.clock.now())
     size = len(store.outbox_pending(1)[0].payload)
-    settings = MqttSettings(host="127.0.0.1", port=port, client_id="bench-reporter", tls=TlsSettings(enabled=False))
+    settings = MqttConfig(host="127.0.0.1", port=port, client_id="bench-reporter", tls=TlsConfig(enabled=False))
 
     async def drain() -> float:
         reporter = Reporter(settings, store, device_id="bench", window=WINDOW)

@@ -22,7 +22,6 @@ from typing import Any
 from agent.core import config
 from agent import exitcodes
 from agent.core.at_rules import Refused, at_result, check_command
-from agent.core.binding import BindingPolicy
 from agent.service.control import BlockingControlClient, ControlError
 from agent.core.facts import read_binding, read_modem_status
 from agent.cli.status import format_status
@@ -67,7 +66,7 @@ class ModemTarget:
     command_timeout: float = 5.0
 
     @classmethod
-    def from_config(cls, cfg: Any, port: str | None = None, profile: str | None = None) -> "ModemTarget":
+    def from_config(cls, cfg: config.Config, port: str | None = None, profile: str | None = None) -> "ModemTarget":
         modem = cfg.modem
         return cls(port or modem.port, profile or modem.profile, modem.port_role, modem.baudrate, modem.command_timeout)
 
@@ -111,14 +110,14 @@ async def read_status_direct(target: ModemTarget) -> dict[str, Any]:
         return await read_modem_status(modem)
 
 
-def connect_daemon(cfg: Any) -> BlockingControlClient | None:
+def connect_daemon(cfg: config.Config) -> BlockingControlClient | None:
     try:
         return BlockingControlClient.connect(cfg.control.socket)
     except PermissionError:
         raise Unavailable("daemon", f"{cfg.control.socket}: permission denied: the daemon runs; join its group or use sudo") from None
 
 
-def obtain_status(cfg: Any, port: str | None = None, profile: str | None = None,
+def obtain_status(cfg: config.Config, port: str | None = None, profile: str | None = None,
                   state_dir: str | None = None) -> tuple[dict[str, Any], str, StoreError | None]:
     """(status document, source, store problem): from the daemon when it answers and no
     port was named (source "daemon"), else read directly (source: the port as given) with
@@ -136,7 +135,7 @@ def obtain_status(cfg: Any, port: str | None = None, profile: str | None = None,
     target = ModemTarget.from_config(cfg, port, profile)
     doc = asyncio.run(read_status_direct(target))
     try:
-        doc["binding"] = read_binding(state_dir or cfg.device.state_dir, BindingPolicy.from_config(cfg.binding), doc)
+        doc["binding"] = read_binding(state_dir or cfg.device.state_dir, cfg.binding.policy(), doc)
     except StoreError as exc:
         doc["binding"] = None
         return doc, target.port, exc

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.core.store import RESET_PENDING_KEY, Binding, Store, Transaction
+from at_commands.parsers import SIM_STATES  # the states the modem layer reports
 
 MODES = ("first-use", "provisioned", "observe")
 ON_VIOLATION = ("radio-off", "detach", "report")
-SIM_STATES = ("ready", "absent", "locked", "error", "unknown")
 
 # Decision statuses.
 OK = "ok"
@@ -73,17 +73,6 @@ class BindingPolicy:
             raise ValueError(f"on_violation: expected one of {', '.join(ON_VIOLATION)}, got {self.on_violation!r}")
         object.__setattr__(self, "imei_allowlist", tuple(self.imei_allowlist))
         object.__setattr__(self, "iccid_prefixes", tuple(self.iccid_prefixes))
-
-    @classmethod
-    def from_config(cls, section: Any) -> "BindingPolicy":
-        """From `Config.binding` (an object with these attribute names)."""
-        return cls(
-            mode=section.mode,
-            imei_allowlist=tuple(section.imei_allowlist),
-            iccid_prefixes=tuple(section.iccid_prefixes),
-            on_violation=section.on_violation,
-            radio_gate=bool(section.radio_gate),
-        )
 
     @property
     def enforcing(self) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 from agent import exitcodes
 from agent.core import facts as facts_module
 from agent.core.clock import kernel_clock_synchronised
+from agent.core.config import MqttConfig
 from agent.core.store import Caps, StoreError
 
 MiB = 1 << 20
@@ -256,7 +257,7 @@ class BrokerTarget:
     key_file: str | None = None
 
 
-def broker_target(mqtt: Any) -> BrokerTarget:
+def broker_target(mqtt: MqttConfig) -> BrokerTarget:
     """The broker `[mqtt]` names (config.mqtt or the reporter's settings)."""
     tls = mqtt.tls
     return BrokerTarget(mqtt.host, mqtt.port, tls=tls.enabled, ca_file=tls.ca_file or None,

@@ -7,8 +7,9 @@ file that was asked for explicitly is an error. Every error names the file and t
 
     /etc/simagent/agent.toml: [binding] on_violation: expected one of radio-off, detach, report, got "radiooff"
 
-The result is a tree of frozen dataclasses, one per section: ``cfg.binding.mode``,
-``cfg.mqtt.tls.ca_file``. Keys flagged secret hold the *path* of a file with the secret;
+The result is a tree of typed, frozen dataclasses, one per section (``BindingConfig``,
+``MqttConfig``...): ``cfg.binding.mode``, ``cfg.mqtt.tls.ca_file``; their fields are the
+schema. Keys flagged secret hold the *path* of a file with the secret;
 the secret itself is read only by :meth:`Config.read_secret` and never logged.
 """
 
@@ -20,11 +21,13 @@ import os
 import re
 import sys
 import tomllib
+import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent import exitcodes
+from agent.core import binding
 
 DEFAULT_PATH = "/etc/simagent/agent.toml"
 ENV_VAR = "SIMAGENT_CONFIG"
@@ -140,7 +143,108 @@ def _check_public_key(value: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------
-# The schema: one row per key.
+# The sections: typed, frozen dataclasses; each field's ``setting(...)`` is its row of the
+# schema (default and checks). The validators of a key another module owns are that
+# module's (binding modes, the Ed25519 key parser).
+
+
+def setting(default: Any, *, choices: tuple[str, ...] = (), range: tuple[float, float] | None = None,
+            check: _Check | None = None, secret: bool = False, normalise: Callable[[Any], Any] | None = None) -> Any:
+    """A configuration key: its default and how a value is checked. ``secret``: the value
+    is the path of a file holding a secret; ``normalise`` is applied after validation."""
+    spec = {"choices": choices, "range": range, "check": check, "secret": secret, "normalise": normalise}
+    return field(default=_freeze(default), metadata={"setting": spec})
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    id: str = setting("imei", check=_check_device_id)
+    state_dir: str = setting("/var/lib/simagent", check=_ABSOLUTE_PATH)
+
+
+@dataclass(frozen=True)
+class ModemConfig:
+    port: str = setting("auto", check=_check_port)
+    port_role: str = setting("secondary", choices=("primary", "secondary"))
+    baudrate: int = setting(115200, range=(300, 4_000_000))
+    profile: str = setting("auto", check=_check_profile)
+    command_timeout: float = setting(5.0, range=(0.1, 300))
+    sim_poll_interval: float = setting(5.0, range=(0.5, 3600))
+
+
+@dataclass(frozen=True)
+class BindingConfig:
+    mode: str = setting("first-use", choices=binding.MODES)
+    imei_allowlist: tuple[str, ...] = setting([], check=_each(_pattern(r"[0-9]{15}", "a 15-digit IMEI string")))
+    iccid_prefixes: tuple[str, ...] = setting(
+        [], check=_each(_pattern(r"89[0-9A-Fa-f]{0,18}", 'an ICCID prefix starting with "89"')),
+        normalise=lambda prefixes: [p.upper() for p in prefixes],  # ICCIDs are normalised upper-case
+    )
+    on_violation: str = setting("radio-off", choices=binding.ON_VIOLATION)
+    radio_gate: bool = setting(True)
+    trusted_keys: tuple[str, ...] = setting([], check=_each(_check_public_key))
+    provision_file: str = setting("", check=_OPTIONAL_PATH)
+
+    def policy(self) -> binding.BindingPolicy:
+        """The binding decision's policy these settings describe."""
+        return binding.BindingPolicy(mode=self.mode, imei_allowlist=self.imei_allowlist,
+                                     iccid_prefixes=self.iccid_prefixes, on_violation=self.on_violation,
+                                     radio_gate=self.radio_gate)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    enabled: bool = setting(True)
+    ca_file: str = setting("", check=_OPTIONAL_PATH)  # "": the system's trusted CAs
+    cert_file: str = setting("", check=_OPTIONAL_PATH)
+    key_file: str = setting("", check=_OPTIONAL_PATH, secret=True)
+    key_password_file: str = setting("", check=_OPTIONAL_PATH, secret=True)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = setting("localhost", check=_pattern(r"[A-Za-z0-9.:_-]+", "a host name or address"))
+    port: int = setting(8883, range=(1, 65535))
+    client_id: str = setting("simagent-{device_id}", check=_check_template)
+    topic_prefix: str = setting("simagent/{device_id}", check=_check_topic_prefix)
+    keepalive: int = setting(60, range=(5, 3600))
+    protocol: str = setting("5", choices=("5", "3.1.1"))  # "5" falls back to 3.1.1 when the broker refuses it
+    username: str = setting("")
+    password_file: str = setting("", check=_OPTIONAL_PATH, secret=True)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    interval: float = setting(60.0, range=(5, 86400))
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    max_events: int = setting(100_000, range=(100, 10_000_000))
+    max_telemetry: int = setting(10_000, range=(0, 10_000_000))
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = setting("/run/simagent/control.sock", check=_check_control_socket)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = setting("info", choices=("debug", "info", "warning", "error"))
+
+
+# Section name (TOML table) -> its class, parents before their nested tables.
+_SECTION_CLASSES: dict[str, type] = {
+    "device": DeviceConfig, "modem": ModemConfig, "binding": BindingConfig, "mqtt": MqttConfig,
+    "mqtt.tls": TlsConfig, "telemetry": TelemetryConfig, "outbox": OutboxConfig, "control": ControlConfig,
+    "log": LogConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -160,47 +264,23 @@ class Key:
         return f"[{self.section}] {self.name}"
 
 
-SCHEMA: tuple[Key, ...] = (
-    Key("device", "id", str, "imei", check=_check_device_id),
-    Key("device", "state_dir", str, "/var/lib/simagent", check=_ABSOLUTE_PATH),
-    Key("modem", "port", str, "auto", check=_check_port),
-    Key("modem", "port_role", str, "secondary", choices=("primary", "secondary")),
-    Key("modem", "baudrate", int, 115200, range=(300, 4_000_000)),
-    Key("modem", "profile", str, "auto", check=_check_profile),
-    Key("modem", "command_timeout", float, 5.0, range=(0.1, 300)),
-    Key("modem", "sim_poll_interval", float, 5.0, range=(0.5, 3600)),
-    Key("binding", "mode", str, "first-use", choices=("first-use", "provisioned", "observe")),
-    Key("binding", "imei_allowlist", list, [], check=_each(_pattern(r"[0-9]{15}", "a 15-digit IMEI string"))),
-    Key(
-        "binding", "iccid_prefixes", list, [],
-        check=_each(_pattern(r"89[0-9A-Fa-f]{0,18}", 'an ICCID prefix starting with "89"')),
-        normalise=lambda prefixes: [p.upper() for p in prefixes],  # ICCIDs are normalised upper-case
-    ),
-    Key("binding", "on_violation", str, "radio-off", choices=("radio-off", "detach", "report")),
-    Key("binding", "radio_gate", bool, True),
-    Key("binding", "trusted_keys", list, [], check=_each(_check_public_key)),
-    Key("binding", "provision_file", str, "", check=_OPTIONAL_PATH),
-    Key("mqtt", "host", str, "localhost", check=_pattern(r"[A-Za-z0-9.:_-]+", "a host name or address")),
-    Key("mqtt", "port", int, 8883, range=(1, 65535)),
-    Key("mqtt", "client_id", str, "simagent-{device_id}", check=_check_template),
-    Key("mqtt", "topic_prefix", str, "simagent/{device_id}", check=_check_topic_prefix),
-    Key("mqtt", "keepalive", int, 60, range=(5, 3600)),
-    Key("mqtt", "protocol", str, "5", choices=("5", "3.1.1")),
-    Key("mqtt", "username", str, ""),
-    Key("mqtt", "password_file", str, "", check=_OPTIONAL_PATH, secret=True),
-    Key("mqtt.tls", "enabled", bool, True),
-    Key("mqtt.tls", "ca_file", str, "", check=_OPTIONAL_PATH),
-    Key("mqtt.tls", "cert_file", str, "", check=_OPTIONAL_PATH),
-    Key("mqtt.tls", "key_file", str, "", check=_OPTIONAL_PATH, secret=True),
-    Key("mqtt.tls", "key_password_file", str, "", check=_OPTIONAL_PATH, secret=True),
-    Key("telemetry", "interval", float, 60.0, range=(5, 86400)),
-    Key("outbox", "max_events", int, 100_000, range=(100, 10_000_000)),
-    Key("outbox", "max_telemetry", int, 10_000, range=(0, 10_000_000)),
-    Key("control", "socket", str, "/run/simagent/control.sock", check=_check_control_socket),
-    Key("log", "level", str, "info", choices=("debug", "info", "warning", "error")),
-)
+def _schema() -> tuple[Key, ...]:
+    keys = []
+    for section, cls in _SECTION_CLASSES.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if "setting" in f.metadata:
+                kind = list if typing.get_origin(hints[f.name]) is tuple else hints[f.name]
+                keys.append(Key(section, f.name, kind, list(f.default) if kind is list else f.default,
+                                **f.metadata["setting"]))
+    return tuple(keys)
 
-SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(k.section for k in SCHEMA))
+
+# The schema, one row per key: loading, validation, defaults, redaction and the
+# documentation test of config/agent.toml read it.
+SCHEMA: tuple[Key, ...] = _schema()
+SECTIONS: tuple[str, ...] = tuple(_SECTION_CLASSES)
+_TOP_SECTIONS = [s for s in SECTIONS if "." not in s]
 
 
 def _cross_checks(values: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
@@ -213,46 +293,16 @@ def _cross_checks(values: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
     return None
 
 
-# ---------------------------------------------------------------------------
-# Result types, generated from the schema so the table stays the single source.
-
-
-def _make_section_class(section: str) -> type:
-    fields: list[tuple[str, type, Any]] = []
-    for key in SCHEMA:
-        if key.section == section:
-            ftype = tuple if key.type is list else key.type
-            fields.append((key.name, ftype, dataclasses.field(default=_freeze(key.default))))
-    for child in SECTIONS:
-        if child.startswith(section + "."):
-            leaf = child.rpartition(".")[2]
-            fields.append((leaf, _SECTION_CLASSES[child], dataclasses.field(default_factory=_SECTION_CLASSES[child])))
-    name = "".join(part.capitalize() for part in section.split(".")) + "Config"
-    cls = dataclasses.make_dataclass(name, fields, frozen=True)
-    cls.__module__ = __name__
-    return cls
-
-
-def _freeze(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-_SECTION_CLASSES: dict[str, type] = {}
-for _section in sorted(SECTIONS, key=lambda s: -s.count(".")):  # children before parents
-    _SECTION_CLASSES[_section] = _make_section_class(_section)
-_TOP_SECTIONS = [s for s in SECTIONS if "." not in s]
-
-
 @dataclass(frozen=True)
 class Config:
-    device: Any
-    modem: Any
-    binding: Any
-    mqtt: Any
-    telemetry: Any
-    outbox: Any
-    control: Any
-    log: Any
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    modem: ModemConfig = field(default_factory=ModemConfig)
+    binding: BindingConfig = field(default_factory=BindingConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     source: str = DEFAULT_PATH  # the file the values came from (shown in errors)
 
     def section(self, section: str) -> Any:

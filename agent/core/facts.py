@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from agent.core.binding import (BOUND, LAST_DECISION_KEY, LAST_IMEI_KEY, OK, BindingPolicy, Decision, Observation,
                                 binding_rows, decide)
+from agent.core.config import BindingConfig
 from agent.core.store import DB_NAME, LIVED_FILES, Binding, Store, StoreUnavailable
 from agent.core.tokens import key_id, load_trusted_keys
 
@@ -121,7 +122,7 @@ def state_document(known: dict[str, Any], *, mode: str, device_id: str | None, a
     }
 
 
-def binding_view(store: Store, binding_config: Any | None) -> dict:
+def binding_view(store: Store, binding_config: BindingConfig | None) -> dict:
     """What `bind show` reports (also the daemon's `bind_show` op)."""
     tx = store.read()
     return {

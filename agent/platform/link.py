@@ -29,7 +29,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.platform.errors import BrokerUnavailable, PlatformError, UsageError
-from agent.service.reporter import SettingsError, TlsSettings, build_tls_context, describe_connect_error, read_secret, refuses_protocol_version
+from agent.service.reporter import SettingsError, build_tls_context, describe_connect_error, read_secret, refuses_protocol_version
+from agent.core.config import TlsConfig
 
 MAX_PAYLOAD = 1024 * 1024  # the largest reply is an evidence export of at most 256 KiB
 QUEUE = 10_000
@@ -70,7 +71,7 @@ class LinkOptions:
         if not tls and (ca_file or cert_file or key_file):
             raise UsageError("--ca-file, --cert-file and --key-file need an mqtts:// broker")
         try:
-            context = build_tls_context(TlsSettings(True, ca_file, cert_file, key_file)) if tls else None
+            context = build_tls_context(TlsConfig(True, ca_file, cert_file, key_file)) if tls else None
             password = read_secret(password_file, "--password-file") if password_file else None
         except SettingsError as exc:
             raise UsageError(str(exc)) from None

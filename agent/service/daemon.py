@@ -308,7 +308,7 @@ class Daemon:
                 log.warning("provision file: token refused (%s): %s", result.code, result.message)
 
     def _policy(self) -> BindingPolicy:
-        return BindingPolicy.from_config(self.config.binding)
+        return self.config.binding.policy()
 
     # -- state and reporting -------------------------------------------------------------
     def _device_id(self) -> str | None:

@@ -49,9 +49,9 @@ import sqlite3
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -61,6 +61,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import __version__
 from agent.core.backoff import Backoff
+from agent.core.config import MqttConfig, TlsConfig
 from agent.core.store import Store, TELEMETRY_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -82,37 +83,6 @@ def refuses_protocol_version(reason_code: Any) -> bool:
 class SettingsError(Exception):
     """The MQTT settings cannot be used (unreadable secret, encrypted key without a
     password, bad certificate file, ...). The message names the file, never a secret."""
-
-
-# -- settings: the field names of `Config.mqtt`, so `cfg.mqtt` can be passed in -------
-@dataclass
-class TlsSettings:
-    enabled: bool = True
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    key_password_file: str | None = None
-
-
-@dataclass
-class MqttSettings:
-    host: str = "localhost"
-    port: int = 8883
-    client_id: str = ""  # empty: "simagent-{device_id}"
-    topic_prefix: str = "simagent/{device_id}"
-    keepalive: int = 60
-    protocol: str = "5"  # or "3.1.1"; "5" falls back to 3.1.1 when the broker refuses it
-    username: str | None = None
-    password_file: str | None = None
-    tls: TlsSettings = field(default_factory=TlsSettings)
-
-
-class TlsLike(Protocol):
-    enabled: bool
-    ca_file: str | None
-    cert_file: str | None
-    key_file: str | None
-    key_password_file: str | None
 
 
 @dataclass(frozen=True)
@@ -157,7 +127,7 @@ def read_secret(path: str, what: str) -> str:
     return lines[0] if lines else ""
 
 
-def build_tls_context(tls: TlsLike) -> ssl.SSLContext:
+def build_tls_context(tls: TlsConfig) -> ssl.SSLContext:
     """Server verification against `ca_file` (system CAs when unset), host name checked,
     optional client certificate. Never prompts for a key password."""
     try:
@@ -209,7 +179,7 @@ class Reporter:
 
     def __init__(
         self,
-        settings: Any,  # MqttSettings or the daemon's Config.mqtt (same field names)
+        settings: MqttConfig,  # the `[mqtt]` section
         store: Store,
         *,
         device_id: str,

@@ -1,5 +1,3 @@
-from types import SimpleNamespace
-
 import pytest
 
 from agent.core.binding import (
@@ -11,6 +9,7 @@ from agent.core.binding import (
     reset_bindings,
     LAST_IMEI_KEY,
 )
+from agent.core.config import BindingConfig
 from agent.core.store import Binding
 
 IMEI = "490154203237518"
@@ -140,9 +139,9 @@ def test_observe_without_gate_never_touches_the_radio():
 
 
 def test_policy_from_config_section_and_validation():
-    section = SimpleNamespace(mode="provisioned", imei_allowlist=[IMEI], iccid_prefixes=["8986"],
-                              on_violation="detach", radio_gate=False, trusted_keys=[], provision_file=None)
-    policy = BindingPolicy.from_config(section)
+    section = BindingConfig(mode="provisioned", imei_allowlist=(IMEI,), iccid_prefixes=("8986",),
+                            on_violation="detach", radio_gate=False)
+    policy = section.policy()
     assert policy == BindingPolicy("provisioned", (IMEI,), ("8986",), "detach", False)
     with pytest.raises(ValueError, match="radiooff"):
         BindingPolicy(on_violation="radiooff")

@@ -12,19 +12,20 @@ import pytest
 
 from agent.core.backoff import Backoff
 from agent.core.clock import Clock
-from agent.service.reporter import MqttSettings, Reporter, TlsSettings
+from agent.service.reporter import Reporter
+from agent.core.config import MqttConfig, TlsConfig
 from agent.core.store import Store
 
 DEVICE_ID = "490154203237518"
 PREFIX = f"simagent/{DEVICE_ID}"
 
 
-def reporter_settings(broker, **overrides: Any) -> MqttSettings:
+def reporter_settings(broker, **overrides: Any) -> MqttConfig:
     tls = overrides.pop("tls", None)
     if tls is None:
-        tls = TlsSettings(enabled=False)
+        tls = TlsConfig(enabled=False)
     fields = {"host": broker.host, "port": broker.port, "keepalive": 10, **overrides}
-    return MqttSettings(tls=tls, **fields)
+    return MqttConfig(tls=tls, **fields)
 
 
 def quick_backoff() -> Backoff:

@@ -10,13 +10,14 @@ import asyncio
 import sys
 
 from agent.core.backoff import Backoff
-from agent.service.reporter import MqttSettings, Reporter, TlsSettings
+from agent.service.reporter import Reporter
+from agent.core.config import MqttConfig, TlsConfig
 from agent.core.store import Store
 
 
 async def main(args: argparse.Namespace) -> None:
     store = Store.open(args.state)
-    settings = MqttSettings(host="127.0.0.1", port=args.port, keepalive=10, tls=TlsSettings(enabled=False))
+    settings = MqttConfig(host="127.0.0.1", port=args.port, keepalive=10, tls=TlsConfig(enabled=False))
     reporter = Reporter(settings, store, device_id=args.device, backoff=Backoff(0.05, 0.4))
     reporter.start()
     print("started", flush=True)

@@ -9,7 +9,8 @@ import logging
 import pytest
 
 from agent.core.backoff import Backoff
-from agent.service.reporter import MqttSettings, Reporter
+from agent.service.reporter import Reporter
+from agent.core.config import MqttConfig
 
 PASSWORD = "agent-pass"
 
@@ -25,7 +26,7 @@ class CountingBackoff(Backoff):
 
 
 def test_the_shipped_default_is_mqtt5():
-    assert MqttSettings().protocol == "5"
+    assert MqttConfig().protocol == "5"
 
 
 @pytest.mark.parametrize("answer", ["3.1.1", "5"])

@@ -3,6 +3,7 @@ connects where it should, refuses where it should, says why in one line, never b
 the loop and never logs a secret."""
 
 import asyncio
+import dataclasses
 import re
 import logging
 import socket
@@ -13,16 +14,15 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.service.reporter import Reporter, SettingsError, TlsSettings
+from agent.service.reporter import Reporter, SettingsError
+from agent.core.config import TlsConfig
 
 PASSWORD = "correct horse battery staple"
 
 
-def _tls(tls_material, **changes) -> TlsSettings:
-    settings = TlsSettings(enabled=True, ca_file=str(tls_material.ca_file))
-    for key, value in changes.items():
-        setattr(settings, key, str(value) if value is not None else None)
-    return settings
+def _tls(tls_material, **changes) -> TlsConfig:
+    fields = {"ca_file": tls_material.ca_file, **changes}
+    return TlsConfig(enabled=True, **{key: str(value) if value is not None else "" for key, value in fields.items()})
 
 
 async def _refused(reporter: Reporter, mq, caplog, text: str) -> str:
@@ -76,13 +76,13 @@ def test_encrypted_client_key_needs_its_password_file_and_never_prompts(make_bro
         Reporter(mq.reporter_settings(broker, tls=encrypted), store, device_id=mq.DEVICE_ID)
     wrong = tmp_path / "wrong-pass"
     wrong.write_text("not the pass phrase\n")
-    encrypted.key_password_file = str(wrong)
+    encrypted = dataclasses.replace(encrypted, key_password_file=str(wrong))
     with pytest.raises(SettingsError) as refused:
         Reporter(mq.reporter_settings(broker, tls=encrypted), store, device_id=mq.DEVICE_ID)
     assert "not the pass phrase" not in str(refused.value)
     right = tmp_path / "key-pass"
     right.write_text(tls_material.key_password + "\n")
-    encrypted.key_password_file = str(right)
+    encrypted = dataclasses.replace(encrypted, key_password_file=str(right))
 
     async def connects():
         async with mq.running(Reporter(mq.reporter_settings(broker, tls=encrypted), store, device_id=mq.DEVICE_ID)):
@@ -161,7 +161,7 @@ def test_a_hanging_broker_never_blocks_the_loop(store, mq, caplog):
     class Hanging:
         host, port = listener.getsockname()
 
-    settings = mq.reporter_settings(Hanging, tls=TlsSettings(enabled=True))
+    settings = mq.reporter_settings(Hanging, tls=TlsConfig(enabled=True))
     reporter = Reporter(settings, store, device_id=mq.DEVICE_ID, backoff=mq.quick_backoff(), connect_timeout=1.0)
 
     async def scenario():
