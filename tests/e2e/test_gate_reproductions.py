@@ -114,6 +114,11 @@ def test_1_hang_and_status_then_clear_the_next_foreign_card_is_gated(gate):
     deadline = time.monotonic() + HANG_RECOVERY_S
     while not sent_lines(transcript(modem), cleared) and time.monotonic() < deadline:
         time.sleep(0.05)
+    # A recovery that reopened the session gates first (radio off, then on for the home
+    # card): the swap comes once the radio is on again, or the gate's CFUN=4 for the foreign
+    # card would have been sent before the swap (seen on a loaded machine).
+    while modem.state()["cfun"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
 
     mark, inserted = gate.swap_in_foreign()
     gate.assert_gated(mark, inserted, within=5.0, wait=6.0,
