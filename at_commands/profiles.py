@@ -24,6 +24,15 @@ Sources (cited per entry below):
   [UAT]   u-blox AT manual: AT+CCID, AT+UDCONF=50 (SIM hot insertion), AT+USIMSTAT /
           +UUSIMSTAT, +READY (TOBY-L4, see [MM-U])
   [NAT]   Neoway N720/N723 AT manual: AT$MYCCID
+  [3GPP]  3GPP TS 27.007 (each command's "Test command" row) and TS 27.005 (+CNMI): the
+          syntax, with the values the fake implements (a subset of 27.007's). Every
+          profile answers these where no vendor line below is cited: the other vendor
+          ranges are not yet confirmed against the manuals.
+  [QAT-T] Quectel EC25&EC21 AT Commands Manual V1.3, the "Test Command" rows
+          (+CTZU: (0,1,3) also in the Quectel LTE Standard AT manual §6.6; +CNMI's
+          range as Quectel documents it is also quoted in gammu's test vectors)
+  [MM-CTZU] ModemManager src/mm-modem-helpers.c mm_parse_ctzu_test_response(): a
+          +CTZU test answer it parses is "+CTZU: (0,1)" or "+CTZU: (0,1,3)"
 Where a fact could not be confirmed the field is left empty/None and the reason is in
 ``notes``: the agent then falls back to 3GPP behaviour (+CRSM for the ICCID, polling
 +CPIN? for SIM presence).
@@ -66,6 +75,51 @@ UNPROFILED_URC_PREFIXES: tuple[str, ...] = (
 )
 UNPROFILED_URC_WORDS: tuple[str, ...] = ("CALL READY", "SMS READY", "SIM READY", "POWERED DOWN",
                                          "NORMAL POWER DOWN")
+
+
+@dataclass(frozen=True)
+class TestForm:
+    """What a module answers to ``AT<command>=?``: the information lines before ``OK``
+    (none: a bare ``OK``, as 27.007 gives for +CPIN=? and +CIMI=?), and where that range
+    comes from."""
+
+    command: str
+    lines: tuple[str, ...]
+    source: str
+
+
+def _forms(source: str, table: dict[str, tuple[str, ...]]) -> tuple[TestForm, ...]:
+    return tuple(TestForm(command, lines, source) for command, lines in table.items())
+
+
+# 27.007 / 27.005 test forms of every command the fake modem implements ([3GPP]); the
+# ranges are the ones the fake accepts. A profile lists the vendor's own lines in
+# ``test_forms``; a command it does not list answers this table's line.
+STANDARD_TEST_FORMS: tuple[TestForm, ...] = _forms("[3GPP]", {
+    "+CGMI": (), "+GMI": (), "+CGMM": (), "+GMM": (), "+CGMR": (), "+GMR": (),
+    "+CGSN": ("+CGSN: (0-3)",), "+GSN": (), "+CIMI": (), "+CPIN": (), "+CNUM": (), "+GCAP": (),
+    "+CCID": (), "+CRSM": (), "+CSIM": (),
+    "+CMEE": ("+CMEE: (0-2)",),
+    "+CSQ": ("+CSQ: (0-31,99),(0-7,99)",),
+    "+CESQ": ("+CESQ: (0-63,99),(0-7,99),(0-96,255),(0-49,255),(0-34,255),(0-97,255)",),
+    "+CREG": ("+CREG: (0-2)",), "+CGREG": ("+CGREG: (0-2)",), "+CEREG": ("+CEREG: (0-2)",),
+    "+COPS": (),  # a network search: the operator list is built from the fake's state
+    "+CFUN": ("+CFUN: (0,1,4),(0-1)",),
+    "+CGATT": ("+CGATT: (0-1)",),
+    "+CTZU": ("+CTZU: (0,1)",),
+    "+CTZR": ("+CTZR: (0-2)",),
+    "+CCLK": (),
+    "+WS46": ("+WS46: (12,22,25,28,29,30,31)",),
+    "+CSCS": ('+CSCS: ("GSM","IRA","UCS2")',),
+    "+CLCK": ('+CLCK: ("SC","AO","OI","OX","AI","IR","AB","AG","AC","PN","PU","PP","PC","FD")',),
+    "+CGDCONT": ('+CGDCONT: (1-15),"IP",,,(0-2),(0-4)', '+CGDCONT: (1-15),"IPV6",,,(0-2),(0-4)',
+                 '+CGDCONT: (1-15),"IPV4V6",,,(0-2),(0-4)'),
+    "+CUSD": ("+CUSD: (0-2)",),
+    "+CNMI": ("+CNMI: (0-2),(0-3),(0,2),(0-2),(0,1)",),
+    "+CPOL": ("+CPOL: (1-40),(0-2)",),
+    "+CPLS": ("+CPLS: (0-2)",),
+    "+CEMODE": ("+CEMODE: (0-3)",),
+})
 
 
 @dataclass(frozen=True)
@@ -126,6 +180,10 @@ class Profile:
     sample_manufacturer: str = ""
     sample_model: str = ""
     sample_revision: str = ""
+    # The vendor's own answers to test forms (cited per entry), over STANDARD_TEST_FORMS;
+    # the overall capabilities (+GCAP) and the <n>s of +WS46's test form it reports.
+    test_forms: tuple[TestForm, ...] = ()
+    gcap: str = "+GCAP: +CGSM"
     notes: str = ""
 
     def matches_vendor(self, text: str) -> bool:
@@ -157,6 +215,14 @@ class Profile:
 
     def is_imei_rewrite(self, command: str) -> bool:
         return any(re.search(p, command.strip(), re.IGNORECASE) for p in self.imei_rewrite_commands)
+
+    def test_form(self, command: str) -> TestForm | None:
+        """The answer to ``AT<command>=?`` (``command`` like ``+CTZU``): the vendor's
+        line, else 27.007's; None when the module does not implement the command."""
+        for form in (*self.test_forms, *STANDARD_TEST_FORMS):
+            if form.command == command:
+                return form
+        return None
 
     def layout_for(self, vid: int, pid: int) -> UsbLayout | None:
         return next((u for u in self.usb if u.vid == vid and u.pid == pid), None)
@@ -213,6 +279,11 @@ QUECTEL = Profile(
     sample_manufacturer="Quectel",
     sample_model="EC25",
     sample_revision="EC25EFAR06A06M4G",
+    test_forms=(
+        # [QAT-T] and [MM-CTZU]: 3 = update the RTC as well; a bare OK crashed MM 1.20.
+        TestForm("+CTZU", ("+CTZU: (0,1,3)",), "[QAT-T] +CTZU test command; [MM-CTZU]"),
+        TestForm("+CNMI", ("+CNMI: (0-2),(0-3),(0,2),(0-2),(0,1)",), "[QAT-T] +CNMI test command"),
+    ),
     notes="AT+CFUN=4 is not kept across power cycles; no documented NV setting to boot "
     "with RF off, so a window exists between RDY and the agent's CFUN=4.",
 )

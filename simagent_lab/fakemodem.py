@@ -60,6 +60,8 @@ def luhn_check_digit(digits: str) -> str:
 DEFAULT_IMEI = "86740003000001" + luhn_check_digit("86740003000001")
 DEFAULT_ICCID = "89860012345678901234"
 DEFAULT_IMSI = "460001234567890"
+DEFAULT_MSISDN = "+8613800138000"
+DEFAULT_SPN = "CMCC"
 
 _IMEI_RE = re.compile(r"^\d{15}$")
 # Issuer ranges of Chinese operators use hex digits after the 6th character (SPEC §3).
@@ -86,10 +88,42 @@ def check_imsi(value: str) -> str:
     return value
 
 
+def _swapped_bcd(digits: str, nbytes: int) -> str:
+    """Digits as a card stores them (TS 31.102): BCD, low nibble first, padded with F."""
+    padded = digits + "F" * (2 * nbytes - len(digits))
+    return "".join(padded[i + 1] + padded[i] for i in range(0, 2 * nbytes, 2))
+
+
 def ef_iccid_hex(iccid: str) -> str:
     """EF_ICCID as stored on the card: BCD with swapped nibbles, padded with F."""
-    padded = iccid + "F" * (20 - len(iccid))
-    return "".join(padded[i + 1] + padded[i] for i in range(0, 20, 2))
+    return _swapped_bcd(iccid, 10)
+
+
+def ef_imsi_hex(imsi: str) -> str:
+    """EF_IMSI (TS 31.102 §4.2.2): length byte, then the parity nibble (9 odd, 1 even)
+    and the digits as swapped BCD."""
+    return "08" + _swapped_bcd(("9" if len(imsi) % 2 else "1") + imsi, 8)
+
+
+def ef_ad_hex(mnc_digits: int) -> str:
+    """EF_AD (TS 31.102 §4.2.18): normal operation, no OFM, MNC length in byte 4."""
+    return f"000000{mnc_digits:02X}"
+
+
+def ef_spn_hex(spn: str) -> str:
+    """EF_SPN (TS 31.102 §4.2.12): display condition, then the name in the GSM default
+    alphabet (ASCII letters and digits are the same octets), padded with FF to 16."""
+    return "01" + spn.encode("ascii")[:16].hex().upper().ljust(32, "F")
+
+
+def ef_msisdn_hex(msisdn: str | None, alpha_len: int = 14) -> str:
+    """One EF_MSISDN record (TS 31.102 §4.2.26 / 51.011 EF_ADN): alpha identifier,
+    BCD length, TON/NPI (91 international, 81 unknown), 10 bytes of number, CCP, EXT."""
+    if not msisdn:
+        return "F" * (2 * (alpha_len + 14))
+    digits = msisdn.lstrip("+")
+    ton = "91" if msisdn.startswith("+") else "81"
+    return "F" * (2 * alpha_len) + f"{1 + (len(digits) + 1) // 2:02X}" + ton + _swapped_bcd(digits, 10) + "FFFF"
 
 
 # --- protocol constants ---------------------------------------------------------------
@@ -129,6 +163,15 @@ GARBAGE = b"\x00\x00\xfe\xff\x13~#@!\r\n+CSQ: 1\x00"
 
 CRLF = "\r\n"
 
+# Read forms of the simple settings the fake keeps (27.007 defaults where it gives one).
+POWER_ON_SETTINGS = {"+CSCS": '"GSM"', "+CNMI": "0,0,0,0,0", "+CUSD": "0", "+CPLS": "0", "+CEMODE": "2",
+                     "+WS46": "25"}
+# The card's files the fake answers +CRSM READ BINARY (176) for, by file id (TS 31.102).
+EF_ICCID, EF_IMSI, EF_AD, EF_SPN, EF_MSISDN = 0x2FE2, 0x6F07, 0x6FAD, 0x6F46, 0x6F40
+# ISO 7816-4 status words the fake's card gives (+CRSM <sw1>,<sw2>; +CSIM appends them).
+SW_OK, SW_NOT_FOUND, SW_INS_UNKNOWN, SW_WRONG_P1P2 = (144, 0), (106, 130), (109, 0), (106, 134)
+PIN_TRIES, PUK_TRIES = 3, 10
+
 
 def _frame(line: str) -> bytes:
     return f"{CRLF}{line}{CRLF}".encode("latin-1", "replace")
@@ -166,6 +209,8 @@ class FakeModemState:
     iccid: str | None = DEFAULT_ICCID
     imsi: str = DEFAULT_IMSI
     pin: str | None = None
+    msisdn: str | None = DEFAULT_MSISDN  # the card's EF_MSISDN (+CNUM); None: empty record
+    spn: str | None = DEFAULT_SPN  # the card's EF_SPN; None: the card has no EF_SPN
     signal_dbm: int | None = -85
     register_target: int = REG_HOME
     register_delay: float = 0.3
@@ -187,6 +232,9 @@ class FakeModemState:
     cops_deregistered: bool = field(init=False, default=False)
     ctzu: int = field(init=False, default=0)
     ctzr: int = field(init=False, default=0)
+    settings: dict[str, str] = field(init=False, default_factory=dict)  # +CSCS, +CNMI, ...
+    # PDP contexts (+CGDCONT): kept in the module's NV, so across reboots
+    contexts: dict[int, tuple[str, str]] = field(init=False, default_factory=lambda: {1: ("IPV4V6", "")})
     network_time: bool = field(init=False, default=False)
     hotswap_sent: set[str] = field(init=False, default_factory=set)
     faults: list[Fault] = field(init=False, default_factory=list)
@@ -313,6 +361,7 @@ class FakeModemState:
         self.ps_attached_wanted = True
         self.cops_deregistered = False
         self.ctzu = self.ctzr = 0
+        self.settings = dict(POWER_ON_SETTINGS)
         self.network_time = False
         self.hotswap_sent = set()
         self.faults = []
@@ -601,7 +650,7 @@ class FakeModemState:
         if m:
             self.echo = m.group(1) == "1"
             return []
-        if re.fullmatch(r"(Z0?|&F0?|&W0?|V1|Q0|&C1|&D[0-2])", upper):
+        if re.fullmatch(r"(Z0?|&F0?|&W0?|V1|Q0|&C1|&D[0-2]|X[0-4]?)", upper):
             return []
         m = re.fullmatch(r"S(\d+)\?", upper)
         if m:
@@ -624,7 +673,10 @@ class FakeModemState:
             if name == "+COPS":  # a network search: runs scan_seconds (see handle_line)
                 self._scan_requested = True
                 return [self._operator_list()]
-            return []
+            form = self.profile.test_form(name)
+            if form is None:  # a handler without a documented range: a test guards this
+                raise CommandError(4)
+            return list(form.lines)
         mode = "read" if suffix == "?" else "set" if suffix.startswith("=") else "exec"
         return handler(self, name, mode, _args(arg) if arg is not None else [])
 
@@ -675,12 +727,128 @@ class FakeModemState:
         return [f"+CCID: {self._read_iccid()}"]
 
     def _h_crsm(self, name: str, mode: str, args: list[str]) -> list[str]:
-        if mode != "set" or not args:
+        """27.007 §8.18 restricted SIM access: READ BINARY (176) of EF_ICCID, EF_IMSI,
+        EF_AD, EF_SPN and READ RECORD (178) of EF_MSISDN, from the card's data; any
+        other file is not on the card (6A82). Only EF_ICCID is readable before the PIN
+        (the others answer 6982, security status not satisfied)."""
+        if mode != "set" or len(args) < 2 or not all(a.isdigit() for a in args[:5]):
             raise CommandError(50)
         self._need_sim(pin=False)
-        if args[:2] == ["176", "12258"]:
-            return [f'+CRSM: 144,0,"{ef_iccid_hex(self.iccid or "")}"']
-        return ['+CRSM: 106,130,""']  # 6A82: file not found
+        command, fileid, *params = (int(a) for a in args[:5])
+        p1, p2, p3 = (params + [0, 0, 0])[:3]
+        data = self._card_file(command, fileid, p1, p2)
+        if data is None:
+            sw1, sw2 = SW_NOT_FOUND
+            return [f'+CRSM: {sw1},{sw2},""']
+        if fileid != EF_ICCID and not self.sim_ready:
+            return ['+CRSM: 105,130,""']
+        if p3:
+            data = data[:2 * p3]
+        sw1, sw2 = SW_OK
+        return [f'+CRSM: {sw1},{sw2},"{data}"']
+
+    def _card_file(self, command: int, fileid: int, p1: int, p2: int) -> str | None:
+        if command == 176 and (p1, p2) == (0, 0):
+            mnc_digits = 3 if self.imsi[:3] in ("310", "311", "312", "313", "316", "405") else 2
+            files = {EF_ICCID: ef_iccid_hex(self.iccid or ""), EF_IMSI: ef_imsi_hex(self.imsi),
+                     EF_AD: ef_ad_hex(mnc_digits), EF_SPN: ef_spn_hex(self.spn) if self.spn else None}
+            return files.get(fileid)
+        if command == 178 and fileid == EF_MSISDN and (p1, p2) == (1, 4):  # record 1, absolute
+            return ef_msisdn_hex(self.msisdn)
+        return None
+
+    def _h_csim(self, name: str, mode: str, args: list[str]) -> list[str]:
+        """27.007 §8.17 generic SIM access, for the PIN status APDUs clients send (TS 102
+        221 §11.1.9 VERIFY PIN / §11.1.13 UNBLOCK PIN without data): the card answers
+        63Cx, x tries left, for PIN1/PIN2 (P2 01/81) and their PUKs. Other instructions
+        are unknown to the fake's card (6D00)."""
+        if mode != "set" or len(args) != 2 or not args[0].isdigit() or int(args[0]) != len(args[1]):
+            raise CommandError(50)
+        self._need_sim(pin=False)
+        apdu = args[1].upper()
+        ins, p2, rest = apdu[2:4], apdu[6:8], apdu[8:]
+        if apdu[:2] == "00" and ins in ("20", "2C") and p2 in ("01", "81") and rest in ("", "00"):
+            status = f"63C{(PIN_TRIES if ins == '20' else PUK_TRIES):X}"
+        else:
+            status = "%02X%02X" % SW_INS_UNKNOWN
+        return [f'+CSIM: 4,"{status}"']
+
+    def _h_cnum(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode != "exec":
+            raise CommandError(4)
+        self._need_sim()
+        if not self.msisdn:
+            return []
+        return [f'+CNUM: ,"{self.msisdn}",{145 if self.msisdn.startswith("+") else 129}']
+
+    def _h_gcap(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode != "exec":
+            raise CommandError(4)
+        return [self.profile.gcap]
+
+    def _h_clck(self, name: str, mode: str, args: list[str]) -> list[str]:
+        """Facility lock: only the status query (<mode> 2) is implemented. SC (the SIM
+        PIN) is locked when the card asks for a PIN; no other facility is locked."""
+        if mode != "set" or len(args) < 2:
+            raise CommandError(50)
+        facility = args[0].upper()
+        if facility not in (self._allowed(name, 0) or ()):
+            raise CommandError(50)
+        if args[1] != "2":
+            raise CommandError(4)
+        self._need_sim(pin=facility != "SC")
+        return [f"+CLCK: {int(facility == 'SC' and self.pin is not None)}"]
+
+    def _h_cgdcont(self, name: str, mode: str, args: list[str]) -> list[str]:
+        if mode == "read":
+            return [f'+CGDCONT: {cid},"{pdp}","{apn}","",0,0' for cid, (pdp, apn) in sorted(self.contexts.items())]
+        if mode != "set" or not args or not args[0].isdigit() or not 1 <= int(args[0]) <= 15:
+            raise CommandError(50)
+        cid = int(args[0])
+        if len(args) == 1:  # 27.007: a context given by <cid> alone is undefined
+            self.contexts.pop(cid, None)
+            return []
+        if args[1].upper() not in ("IP", "IPV6", "IPV4V6"):
+            raise CommandError(50)
+        self.contexts[cid] = (args[1].upper(), args[2] if len(args) > 2 else "")
+        return []
+
+    def _h_setting(self, name: str, mode: str, args: list[str]) -> list[str]:
+        """Settings that only change what the module reports (+CSCS, +CNMI, +CUSD's <n>,
+        +CPLS, +CEMODE, +WS46): the read form gives them back; a set is checked against
+        the ranges of the profile's test form."""
+        if mode == "read":
+            return [f"{name}: {self.settings[name]}"]
+        if mode != "set" or not args:
+            raise CommandError(50)
+        if name == "+CUSD" and len(args) > 1:  # a USSD request: no USSD service in the fake
+            raise CommandError(4)
+        for i, value in enumerate(args):
+            allowed = self._allowed(name, i)
+            if value and allowed is not None and value.upper() not in allowed:
+                raise CommandError(50)
+        quoted = name == "+CSCS"
+        self.settings[name] = ",".join(f'"{a.upper()}"' if quoted else a for a in args)
+        return []
+
+    def _h_cpol(self, name: str, mode: str, args: list[str]) -> list[str]:
+        """The preferred operator list: the fake's card has none. Only the format
+        (``AT+CPOL=,<format>``) can be set."""
+        if mode == "read":
+            self._need_sim()
+            return []
+        if mode == "set" and len(args) == 2 and args[0] == "" and args[1] in ("0", "1", "2"):
+            return []
+        raise CommandError(4 if mode == "exec" else 50)
+
+    def _allowed(self, name: str, index: int) -> set[str] | None:
+        """The values the profile's test form lists for parameter ``index`` of ``name``
+        (None when it gives no list there): the fake accepts what it advertises."""
+        form = self.profile.test_form(name)
+        if form is None or not form.lines:
+            return None
+        groups = re.findall(r"\(([^()]*)\)", form.lines[0])
+        return _range_values(groups[index]) if index < len(groups) else None
 
     def _h_cpin(self, name: str, mode: str, args: list[str]) -> list[str]:
         if mode == "read":
@@ -774,10 +942,9 @@ class FakeModemState:
 
     def _h_ctz(self, name: str, mode: str, args: list[str]) -> list[str]:
         attr = "ctzu" if name == "+CTZU" else "ctzr"
-        top = 1 if name == "+CTZU" else 2
         if mode == "read":
             return [f"{name}: {getattr(self, attr)}"]
-        if mode == "set" and args and args[0].isdigit() and int(args[0]) <= top:
+        if mode == "set" and args and args[0] in (self._allowed(name, 0) or ()):
             setattr(self, attr, int(args[0]))
             return []
         raise CommandError(50)
@@ -811,7 +978,27 @@ class FakeModemState:
         "+CTZU": _h_ctz,
         "+CTZR": _h_ctz,
         "+CCLK": _h_cclk,
+        "+CSIM": _h_csim,
+        "+CNUM": _h_cnum,
+        "+GCAP": _h_gcap,
+        "+CLCK": _h_clck,
+        "+CGDCONT": _h_cgdcont,
+        "+CPOL": _h_cpol,
+        **dict.fromkeys(("+CSCS", "+CNMI", "+CUSD", "+CPLS", "+CEMODE", "+WS46"), _h_setting),
     }
+
+
+def _range_values(group: str) -> set[str]:
+    """The values of one test-form group: ``0,1,3`` and ``0-2`` (ranges expanded) and
+    ``"GSM","IRA"`` (quotes dropped), upper case."""
+    values: set[str] = set()
+    for item in (x.strip().strip('"').upper() for x in group.split(",")):
+        low, dash, high = item.partition("-")
+        if dash and low.isdigit() and high.isdigit():
+            values.update(str(n) for n in range(int(low), int(high) + 1))
+        elif item:
+            values.add(item)
+    return values
 
 
 def _non_negative(value: float) -> float:

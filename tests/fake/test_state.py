@@ -99,7 +99,7 @@ def test_crsm_returns_nibble_swapped_ef_iccid_padded_with_f():
     s.handle_line("ATE0")
     assert run(s, "AT+CRSM=176,12258,0,0,10") == ['+CRSM: 144,0,"986800214365870921F3"', "OK"]
     assert fakemodem.ef_iccid_hex("89860012345678901234") == "98680021436587092143"
-    assert run(s, "AT+CRSM=176,28423,0,0,9") == ['+CRSM: 106,130,""', "OK"]
+    assert run(s, "AT+CRSM=176,28478,0,0,0") == ['+CRSM: 106,130,""', "OK"]  # EF_GID1: not on the card
 
 
 def test_command_concatenation_and_quotes():
