@@ -11,8 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # mosquitto: the broker the tests and the demo start; umockdev (+ its GObject bindings for
-# the system python3): udev hot-plug tests; systemd: systemd-analyze; fakeroot: the .deb.
-DEB_PACKAGES=(mosquitto umockdev gir1.2-umockdev-1.0 python3-gi systemd openssl fakeroot)
+# the system python3): udev hot-plug tests; systemd: systemd-analyze; fakeroot: the .deb;
+# modemmanager (+ dbus-daemon for its private bus, gcc/libc6-dev for a TIOCEXCL shim):
+# ModemManager probing the fake modem (tests/fake/test_modemmanager.py).
+DEB_PACKAGES=(mosquitto umockdev gir1.2-umockdev-1.0 python3-gi systemd openssl fakeroot
+              modemmanager dbus-daemon gcc libc6-dev)
 
 need_python() {
     if ! command -v python3 >/dev/null 2>&1; then
