@@ -129,14 +129,16 @@ def normalise_iccid(raw: str) -> str:
 
 def parse_iccid(lines: Iterable[str] | str, tag: str) -> str:
     """A vendor ICCID answer tagged ``tag`` (the profile's ``iccid_tag``: ``+QCCID: …``,
-    ``+CCID: "…"``, ``^ICCID: …``) or a bare line (some firmware drops the tag)."""
+    ``+CCID: "…"``, ``^ICCID: …``, ``+SQNCCID: "…","<operator>"``) or a bare line (some
+    firmware drops the tag)."""
     plain = _plain_lines(lines)
     payload = _tagged(plain, tag.rstrip(":"))
     if payload is None:
         if not plain:
             raise ParseError("empty ICCID response")
         payload = plain[0]
-    return normalise_iccid(payload)
+    # Sequans adds the operator after a comma: +SQNCCID: "89…","". The ICCID is the first field.
+    return normalise_iccid(payload.split(",")[0])
 
 
 def parse_crsm_iccid(lines: Iterable[str] | str) -> str:

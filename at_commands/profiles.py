@@ -24,6 +24,19 @@ Sources (cited per entry below):
   [UAT]   u-blox AT manual: AT+CCID, AT+UDCONF=50 (SIM hot insertion), AT+USIMSTAT /
           +UUSIMSTAT, +READY (TOBY-L4, see [MM-U])
   [NAT]   Neoway N720/N723 AT manual: AT$MYCCID
+  [MM-SW] ModemManager src/plugins/sierra/77-mm-sierra.rules (1199:9071, 1199:9091: if#3
+          AT primary) and src/plugins/sierra/mm-sim-sierra.c (AT!ICCID?, "!ICCID:" answer)
+  [MM-C]  ModemManager src/plugins/cinterion/77-mm-cinterion-port-types.rules (PLS8
+          1e2d:0061, PLS62 1e2d:005b: if#0 AT primary, if#2 AT secondary)
+  [CAT]   Cinterion/Thales AT command sets (PLS8, PLS62, ELS61): AT^SCID (^SCID:),
+          AT^SCKS=1 / ^SCKS: <state> (0 = card removed, 1 = inserted), ^SYSSTART at boot
+  [NRF]   Nordic nRF91 AT Commands Reference: %XICCID (the raw ICCID, F-padded to 20),
+          %XSIM=1 / %XSIM: <state> (0 = UICC not initialised, 1 = ready), +CESQ; no +CSQ.
+          Field code reading it: "%XICCID: 8944501611212321532F"
+  [ZTE]   ZTE ME3630 AT manual: AT+ZGETICCID (+ZGETICCID: <iccid>; ERROR without a card),
+          as read by field drivers
+  [SQN]   Sequans Monarch (GM01Q / Monarch 2) AT manual: AT+SQNCCID ->
+          +SQNCCID: "<iccid>","<operator>" (field capture: +SQNCCID: "8901260852290270222","")
   [3GPP]  3GPP TS 27.007 (each command's "Test command" row) and TS 27.005 (+CNMI): the
           syntax, with the values the fake implements (a subset of 27.007's). Every
           profile answers these where no vendor line below is cited: the other vendor
@@ -148,6 +161,11 @@ class Profile:
     # None: use +CRSM=176,12258,0,0,10 (EF_ICCID), which every 3GPP module answers.
     iccid_command: str | None = None
     iccid_tag: str | None = None
+    # How the module prints its ICCID answer (what the fake serves): {tag} the tag above,
+    # {iccid} the ICCID, {iccid_f} the ICCID padded with F to 20 characters.
+    iccid_answer: str = "{tag} {iccid}"
+    # 27.007 commands the module does not implement (it answers ERROR), e.g. nRF91's +CSQ.
+    unsupported: tuple[str, ...] = ()
     # Commands that switch on SIM hot-swap reporting, and regexes of the URCs that
     # report insertion / removal. Without hot-swap URCs the agent polls +CPIN?.
     # Empty hotswap_enable with URCs set means the module reports them unasked.
@@ -216,9 +234,17 @@ class Profile:
     def is_imei_rewrite(self, command: str) -> bool:
         return any(re.search(p, command.strip(), re.IGNORECASE) for p in self.imei_rewrite_commands)
 
+    def iccid_line(self, iccid: str) -> str | None:
+        """The module's answer line to its own ICCID command (None: it has none)."""
+        if not self.iccid_command:
+            return None
+        return self.iccid_answer.format(tag=self.iccid_tag, iccid=iccid, iccid_f=iccid.ljust(20, "F"))
+
     def test_form(self, command: str) -> TestForm | None:
         """The answer to ``AT<command>=?`` (``command`` like ``+CTZU``): the vendor's
         line, else 27.007's; None when the module does not implement the command."""
+        if command in self.unsupported:
+            return None
         for form in (*self.test_forms, *STANDARD_TEST_FORMS):
             if form.command == command:
                 return form
@@ -467,8 +493,105 @@ NEOWAY = Profile(
     "so no USB layout: use an explicit port. SIM presence by polling.",
 )
 
+SIERRA = Profile(
+    name="sierra",
+    vendor_patterns=(r"\bsierra\b",),
+    usb=(
+        UsbLayout(0x1199, 0x9071, 3, None, "MC7455/EM7455", "[MM-SW] if#3 AT primary (if#0 QCDM, if#2 GPS)"),
+        UsbLayout(0x1199, 0x9091, 3, None, "EM7511/EM7565", "[MM-SW] if#3 AT primary (if#0 QCDM, if#2 GPS)"),
+    ),
+    iccid_command="AT!ICCID?",
+    iccid_tag="!ICCID:",
+    imei_rewrite_commands=(_EGMR_IMEI,),
+    boot_rf_off=None,
+    sample_manufacturer="Sierra Wireless, Incorporated",
+    sample_model="MC7455",
+    sample_revision="SWI9X30C_02.33.03.00",
+    notes="One AT port per composition (the rest is QMI/QCDM/GPS), so simagent's port is the "
+    "primary. Hot-swap and boot URCs not confirmed from public sources: SIM presence by polling. "
+    "A field script greps 'ICCID:' without the '!' on some firmware; the agent's parser takes "
+    "the first line then.",
+)
+
+NRF91 = Profile(
+    name="nrf91",
+    vendor_patterns=(r"\bnordic\b",),
+    iccid_command="AT%XICCID",
+    iccid_tag="%XICCID:",
+    iccid_answer="{tag} {iccid_f}",
+    unsupported=("+CSQ",),
+    hotswap_enable=("AT%XSIM=1",),
+    sim_inserted_urcs=(r"^%XSIM:\s*1\b",),
+    sim_removed_urcs=(r"^%XSIM:\s*0\b",),
+    sim_inserted_sample="%XSIM: 1",
+    sim_removed_sample="%XSIM: 0",
+    imei_rewrite_commands=(_EGMR_IMEI,),
+    boot_rf_off=None,
+    urc_prefixes=("%XSIM:",),
+    sample_manufacturer="Nordic Semiconductor ASA",
+    sample_model="nRF9160-SICA",
+    sample_revision="mfw_nrf9160_1.3.5",
+    notes="[NRF] A system-in-package on UART (no USB layout). No +CSQ: signal from +CESQ. No "
+    "boot URC, so SIM presence is polled although %XSIM reports changes. The modem starts in "
+    "+CFUN=0 under most application firmware; the fake boots with RF on like the others.",
+)
+
+CINTERION = Profile(
+    name="cinterion",
+    vendor_patterns=(r"\bcinterion\b", r"\bthales\b", r"\bgemalto\b"),
+    usb=(
+        UsbLayout(0x1E2D, 0x0061, 0, 2, "PLS8", "[MM-C] if#0 AT primary, if#2 AT secondary"),
+        UsbLayout(0x1E2D, 0x005B, 0, 2, "PLS62 (non-MBIM)", "[MM-C] if#0 AT primary, if#2 AT secondary"),
+    ),
+    iccid_command="AT^SCID",
+    iccid_tag="^SCID:",
+    hotswap_enable=("AT^SCKS=1",),
+    sim_inserted_urcs=(r"^\^SCKS:\s*1\b",),
+    sim_removed_urcs=(r"^\^SCKS:\s*0\b",),
+    sim_inserted_sample="^SCKS: 1",
+    sim_removed_sample="^SCKS: 0",
+    boot_urcs=(r"^\^SYSSTART$",),
+    boot_lines=("^SYSSTART",),
+    imei_rewrite_commands=(_EGMR_IMEI,),
+    boot_rf_off=None,
+    urc_prefixes=("^SCKS:", "^SYSSTART"),
+    sample_manufacturer="Cinterion",
+    sample_model="PLS8-E",
+    sample_revision="REVISION 03.017",
+    notes="[CAT] Thales (formerly Gemalto) modules still answer +CGMI with Cinterion.",
+)
+
+ZTE = Profile(
+    name="zte",
+    vendor_patterns=(r"\bzte\b",),
+    iccid_command="AT+ZGETICCID",
+    iccid_tag="+ZGETICCID:",
+    imei_rewrite_commands=(_EGMR_IMEI,),
+    boot_rf_off=None,
+    sample_manufacturer="ZTE CORPORATION",
+    sample_model="ME3630",
+    sample_revision="ME3630E1CV1.0B11",
+    notes="[ZTE] The ME3630's AT interface numbers are not in ModemManager's ZTE rules: no USB "
+    "layout, use an explicit port. Hot-swap and boot URCs not documented: polling.",
+)
+
+SEQUANS = Profile(
+    name="sequans",
+    vendor_patterns=(r"\bsequans\b",),
+    iccid_command="AT+SQNCCID",
+    iccid_tag="+SQNCCID:",
+    iccid_answer='{tag} "{iccid}",""',
+    imei_rewrite_commands=(_EGMR_IMEI,),
+    boot_rf_off=None,
+    sample_manufacturer="SEQUANS Communications",
+    sample_model="GM01Q",
+    sample_revision="UE6.0.0.0",
+    notes="[SQN] A UART module (no USB layout). Boot and SIM URCs not confirmed: polling.",
+)
+
 PROFILES: dict[str, Profile] = {
-    p.name: p for p in (GENERIC, QUECTEL, SIMCOM, FIBOCOM, HUAWEI, UBLOX, TELIT, NEOWAY, MEIG)
+    p.name: p for p in (GENERIC, QUECTEL, SIMCOM, FIBOCOM, HUAWEI, UBLOX, TELIT, NEOWAY, MEIG,
+                        SIERRA, NRF91, CINTERION, ZTE, SEQUANS)
 }
 
 

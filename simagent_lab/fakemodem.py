@@ -643,7 +643,7 @@ class FakeModemState:
                 self.hotswap_sent.discard(_norm(enable))
                 return []
         if self.profile.iccid_command and _norm(full) == _norm(self.profile.iccid_command):
-            return [f"{self.profile.iccid_tag} {self._read_iccid()}"]
+            return [self.profile.iccid_line(self._read_iccid()) or ""]
         if upper == "":
             return []
         m = re.fullmatch(r"E([01]?)", upper)
@@ -665,7 +665,7 @@ class FakeModemState:
             self.counters["unknown_commands"] += 1
             raise CommandError(None)
         name, suffix, arg = m.group(1), m.group(2) or "", m.group(3)
-        handler = self._HANDLERS.get(name)
+        handler = None if name in self.profile.unsupported else self._HANDLERS.get(name)
         if handler is None:
             self.counters["unknown_commands"] += 1
             raise CommandError(None)

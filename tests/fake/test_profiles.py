@@ -14,7 +14,8 @@ IDS = [p.name for p in ALL]
 
 def test_names_unique_and_required_set_present():
     assert len(IDS) == len(set(IDS))
-    assert {"generic", "quectel", "simcom", "fibocom", "huawei", "ublox", "telit", "neoway", "meig"} <= set(IDS)
+    assert {"generic", "quectel", "simcom", "fibocom", "huawei", "ublox", "telit", "neoway", "meig",
+            "sierra", "nrf91", "cinterion", "zte", "sequans"} <= set(IDS)
     for name, p in profiles.PROFILES.items():
         assert name == p.name
 
@@ -39,7 +40,7 @@ def test_commands_are_at_commands(p):
 def test_iccid_command_and_tag_come_together(p):
     assert (p.iccid_command is None) == (p.iccid_tag is None)
     if p.iccid_tag:
-        assert p.iccid_tag.endswith(":") and p.iccid_tag[0] in "+^#$"
+        assert p.iccid_tag.endswith(":") and p.iccid_tag[0] in "+^#$!%"
 
 
 @pytest.mark.parametrize("p", ALL, ids=IDS)

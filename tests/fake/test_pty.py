@@ -27,7 +27,7 @@ def test_dialect_per_profile(fake_modem_factory, open_port, name):
     assert port.command("AT+CGSN") == [fm.state()["imei"], "OK"]
     iccid = fm.state()["iccid"]
     if p.iccid_command:
-        assert port.command(p.iccid_command) == [f"{p.iccid_tag} {iccid}", "OK"]
+        assert port.command(p.iccid_command) == [p.iccid_line(iccid), "OK"]
     assert port.command("AT+CRSM=176,12258,0,0,10")[0].startswith('+CRSM: 144,0,"98')
     assert port.command("AT+NOSUCHTHING") == ["ERROR"]
     for command in p.hotswap_enable:
