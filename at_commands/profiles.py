@@ -151,6 +151,10 @@ class UsbLayout:
         return f"{self.vid:04x}:{self.pid:04x}"
 
 
+# MediaTek-style NV write of the IMEI (+EGMR=1,7): answered by Quectel, Fibocom, MeiG
+# and many white-label modules, so every profile refuses it.
+_EGMR_IMEI = r"^AT\+EGMR\s*=\s*1\s*,\s*7\b"
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -182,7 +186,7 @@ class Profile:
     boot_lines: tuple[str, ...] = ()
     boot_sim_lines: tuple[str, ...] = ()
     # Regexes of commands that rewrite the IMEI: always refused, whoever asks.
-    imei_rewrite_commands: tuple[str, ...] = ()
+    imei_rewrite_commands: tuple[str, ...] = (_EGMR_IMEI,)
     # Commands that make the module boot with RF off (None: no known way).
     boot_rf_off: tuple[str, ...] | None = None
     # The +CFUN level the module is in after power-on.
@@ -253,10 +257,6 @@ class Profile:
     def layout_for(self, vid: int, pid: int) -> UsbLayout | None:
         return next((u for u in self.usb if u.vid == vid and u.pid == pid), None)
 
-
-# MediaTek-style NV write of the IMEI (+EGMR=1,7): answered by Quectel, Fibocom, MeiG
-# and many white-label modules, so every profile refuses it.
-_EGMR_IMEI = r"^AT\+EGMR\s*=\s*1\s*,\s*7\b"
 
 
 GENERIC = Profile(
@@ -502,8 +502,6 @@ SIERRA = Profile(
     ),
     iccid_command="AT!ICCID?",
     iccid_tag="!ICCID:",
-    imei_rewrite_commands=(_EGMR_IMEI,),
-    boot_rf_off=None,
     sample_manufacturer="Sierra Wireless, Incorporated",
     sample_model="MC7455",
     sample_revision="SWI9X30C_02.33.03.00",
@@ -525,8 +523,6 @@ NRF91 = Profile(
     sim_removed_urcs=(r"^%XSIM:\s*0\b",),
     sim_inserted_sample="%XSIM: 1",
     sim_removed_sample="%XSIM: 0",
-    imei_rewrite_commands=(_EGMR_IMEI,),
-    boot_rf_off=None,
     urc_prefixes=("%XSIM:",),
     sample_manufacturer="Nordic Semiconductor ASA",
     sample_model="nRF9160-SICA",
@@ -552,8 +548,6 @@ CINTERION = Profile(
     sim_removed_sample="^SCKS: 0",
     boot_urcs=(r"^\^SYSSTART$",),
     boot_lines=("^SYSSTART",),
-    imei_rewrite_commands=(_EGMR_IMEI,),
-    boot_rf_off=None,
     urc_prefixes=("^SCKS:", "^SYSSTART"),
     sample_manufacturer="Cinterion",
     sample_model="PLS8-E",
@@ -566,8 +560,6 @@ ZTE = Profile(
     vendor_patterns=(r"\bzte\b",),
     iccid_command="AT+ZGETICCID",
     iccid_tag="+ZGETICCID:",
-    imei_rewrite_commands=(_EGMR_IMEI,),
-    boot_rf_off=None,
     sample_manufacturer="ZTE CORPORATION",
     sample_model="ME3630",
     sample_revision="ME3630E1CV1.0B11",
@@ -581,8 +573,6 @@ SEQUANS = Profile(
     iccid_command="AT+SQNCCID",
     iccid_tag="+SQNCCID:",
     iccid_answer='{tag} "{iccid}",""',
-    imei_rewrite_commands=(_EGMR_IMEI,),
-    boot_rf_off=None,
     sample_manufacturer="SEQUANS Communications",
     sample_model="GM01Q",
     sample_revision="UE6.0.0.0",
