@@ -1346,9 +1346,18 @@ class FakeModem:
     def _on_client_closed(self) -> None:
         """A USB tty forgets TIOCEXCL when its last user closes it; a pty whose master we
         hold never would, so a client killed with the flag set would lock its successor
-        out. Once no other process has the port open, clear the flag."""
-        if self._closes.drain() and self._slave is not None and not _opened_elsewhere(os.ttyname(self._slave)):
-            fcntl.ioctl(self._slave, termios.TIOCNXCL)
+        out. Once no other process has the port open, clear the flag. The look at /proc and
+        the clear are not one step: a client that opened and took the port in between would
+        lose its flag, so a client found there afterwards gets it back (clients that open
+        a modem port take it exclusively)."""
+        if not self._closes.drain() or self._slave is None:
+            return
+        device = os.ttyname(self._slave)
+        if _opened_elsewhere(device):
+            return
+        fcntl.ioctl(self._slave, termios.TIOCNXCL)
+        if _opened_elsewhere(device):
+            fcntl.ioctl(self._slave, termios.TIOCEXCL)
 
     def _on_pty(self) -> None:
         try:

@@ -201,7 +201,8 @@ def check_outcome(caller: Caller) -> None:
     if isinstance(exc, CommandAborted):
         assert caller.kind == "scan", f"{caller.command} aborted but it is not abortable"
         if exc.response is not None:
-            assert all(line.startswith("+COPS: ") or line in GARBAGE_LINES for line in exc.response.lines)
+            foreign = [line for line in exc.response.lines if not line.startswith("+COPS: ") and line not in GARBAGE_LINES]
+            assert not foreign, f"an aborted scan's answer holds another command's lines: {foreign!r}"
         return
     assert isinstance(exc, (CommandTimeout, PortLost)), f"{caller.command}: unexpected {exc!r}"
 
