@@ -52,9 +52,9 @@ def test_lost_state_fails_closed_until_root_resets(home_modem, agent_process, su
         (agent.state_dir / sidecar).unlink(missing_ok=True)
     damage(agent.state_dir / "state.db", how)
     attaches_before = len(home_modem.state()["attaches"])
+    mark = max(e["seq"] for e in events(platform))  # before the restart: its events come fast
     agent.restart()
 
-    mark = max(e["seq"] for e in events(platform))
     reset = wait_event(platform, "state_reset", timeout=TIMEOUT)
     assert reset["seq"] > mark, "event seq goes on across a reset (the anchor keeps it)"
     assert reset["data"]["reason"] == DAMAGE[how]
