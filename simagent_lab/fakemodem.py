@@ -1094,6 +1094,11 @@ def read_transcript(path: str | os.PathLike) -> list[dict[str, Any]]:
 # --- the I/O shell -----------------------------------------------------------------------
 
 
+# How long a client that opened the port while a stale exclusive flag was cleared is given
+# to show whether it keeps the port (see FakeModem._on_client_closed).
+EXCL_SETTLE_S = 0.05
+
+
 def _opened_elsewhere(device: str) -> bool:
     """Whether a process other than this one has `device` open (from /proc/*/fd)."""
     for proc in Path("/proc").iterdir():
@@ -1324,12 +1329,16 @@ class FakeModem:
             due = self.state.next_due()
             timeout = None if due is None else max(0.0, due - self.state.clock())
             for key, _ in self._sel.select(timeout):
+                # An event of this batch may concern a pty that an earlier one (a control
+                # request: unplug, replug) has closed since: only the current pty's count.
                 if key.data == "wake":
                     os.read(self._wake_r, 4096)
                 elif key.data == "pty":
-                    self._on_pty()
+                    if key.fileobj == self._master:
+                        self._on_pty()
                 elif key.data == "closed":
-                    self._on_client_closed()
+                    if self._slave is not None and key.fileobj == self._closes.fd:
+                        self._on_client_closed()
                 elif key.data == "listen":
                     self._accept()
                 else:
@@ -1348,8 +1357,10 @@ class FakeModem:
         hold never would, so a client killed with the flag set would lock its successor
         out. Once no other process has the port open, clear the flag. The look at /proc and
         the clear are not one step: a client that opened and took the port in between would
-        lose its flag, so a client found there afterwards gets it back (clients that open
-        a modem port take it exclusively)."""
+        lose its flag. So when someone has the port open right after the clear, look again
+        a moment later: a client that still holds it then gets the flag back (clients that
+        keep a modem port open take it exclusively), while a client's short look at the
+        flag (the AT client's probe fd) is over by then and finds it clear."""
         if not self._closes.drain() or self._slave is None:
             return
         device = os.ttyname(self._slave)
@@ -1357,7 +1368,9 @@ class FakeModem:
             return
         fcntl.ioctl(self._slave, termios.TIOCNXCL)
         if _opened_elsewhere(device):
-            fcntl.ioctl(self._slave, termios.TIOCEXCL)
+            time.sleep(EXCL_SETTLE_S)  # rare: a client opened during the clear
+            if _opened_elsewhere(device):
+                fcntl.ioctl(self._slave, termios.TIOCEXCL)
 
     def _on_pty(self) -> None:
         try:

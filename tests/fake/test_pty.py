@@ -198,3 +198,4 @@ def test_a_bug_in_the_fake_stops_it_loudly_not_silently(fake_modem, open_port, m
     assert wait_for(lambda: fake_modem.modem.crash)
     with pytest.raises(RuntimeError, match="ZeroDivisionError: a bug in the fake"):
         fake_modem.state()
+
