@@ -51,12 +51,15 @@ def _modem_facts(config_path: str | None, port: str | None, state_dir: str | os.
         if exc.kind == "daemon":
             not_checked["modem_found"] = f"not checked: {exc}"
             return {}
-        return {"modem_found": True, "modem_port": where, "at_ok": False}  # busy, silent or lost
+        return {"modem_found": True, "modem_port": where, "at_ok": False, "at_problem": exc.kind}  # busy, silent, lost
     if store_problem is not None:
         not_checked["binding"] = f"not checked: state store: {store_problem}"
     elif doc.get("binding") is None:
         not_checked["binding"] = "not checked: no state store yet"
-    return {**facts_module.diag_facts(doc), "modem_port": "held by the daemon" if source == DAEMON else source}
+    found = facts_module.diag_facts(doc)
+    if source == DAEMON and found.get("modem_found"):
+        found["modem_port"] = f"{found.get('modem_port') or '?'} (held by the daemon)"
+    return found
 
 
 # -- redaction and the support bundle ----------------------------------------------------

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,8 @@ from agent.core import config
 from agent import exitcodes
 from agent.core.at_rules import Refused, at_result, check_command
 from agent.service.control import BlockingControlClient, ControlError
-from agent.core.facts import read_binding, read_modem_status
+from agent.core.facts import (ANSWERING, LIVE, MISSING, NOT_ANSWERING, NOT_READ, SECTIONS, modem_link, read_binding, read_modem_status,
+                              source)
 from agent.cli.status import format_status
 from agent.core.store import StoreDamaged, StoreError
 from at_commands import discovery, profiles
@@ -107,7 +109,12 @@ async def opened_modem(target: ModemTarget) -> AsyncIterator[Modem]:
 async def read_status_direct(target: ModemTarget) -> dict[str, Any]:
     async with opened_modem(target) as modem:
         await modem.initialise()
-        return await read_modem_status(modem)
+        doc = await read_modem_status(modem)
+    now = time.time()
+    doc["modem"]["port"] = modem.client.port
+    doc["modem_link"] = modem_link(ANSWERING, modem.client.port)
+    doc["freshness"] = {section: source(LIVE, now, now) for section in SECTIONS}
+    return doc
 
 
 def connect_daemon(cfg: config.Config) -> BlockingControlClient | None:
@@ -138,6 +145,7 @@ def obtain_status(cfg: config.Config, port: str | None = None, profile: str | No
         doc["binding"] = read_binding(state_dir or cfg.device.state_dir, cfg.binding.policy(), doc)
     except StoreError as exc:
         doc["binding"] = None
+        doc["freshness"]["binding"] = source(NOT_READ, None, 0.0)
         return doc, target.port, exc
     return doc, target.port, None
 
@@ -162,7 +170,10 @@ def status_command(args: argparse.Namespace) -> int:
     except Unavailable as exc:
         print(f"simagent status: {exc}", file=sys.stderr)
         return exitcodes.UNAVAILABLE
-    print(json.dumps(doc, indent=2, ensure_ascii=False) if args.json else format_status(doc))
+    via = "held by the daemon" if _source == DAEMON else "opened directly"
+    print(json.dumps(doc, indent=2, ensure_ascii=False) if args.json else format_status(doc, via=via))
+    if (doc.get("modem_link") or {}).get("state") in (MISSING, NOT_ANSWERING):  # SPEC §8: 69, said first
+        return exitcodes.UNAVAILABLE
     if isinstance(store_problem, StoreDamaged):  # SPEC §8: a check failed; the daemon records the reset
         print(f"simagent status: the state store is damaged, binding unknown: {store_problem}", file=sys.stderr)
         return exitcodes.CHECK_FAILED

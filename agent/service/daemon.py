@@ -23,6 +23,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from typing import Any
 
 from agent import __version__, exitcodes
@@ -77,6 +78,8 @@ class Daemon:
         self._modem_port: str | None = None
         self._modem_lost_recorded = False  # since the modem was last found (or since start)
         self._last_modem_state: dict[str, Any] = {}
+        self._last_read_at: float | None = None  # wall time the modem last answered the gate's read
+        self._modem_problem: str | None = None  # why the daemon is waiting for the modem
         self._tasks: list[asyncio.Task] = []
         self.supervisor: Supervisor | None = None
         self.offload = Offloader()  # exports and diag's facts: off the loop, one at a time
@@ -187,6 +190,9 @@ class Daemon:
                 self._modem_lost_recorded = True
             finally:
                 modem.close()
+                if self.enforcer is not None:
+                    self._last_read_at = self.enforcer.read_at or self._last_read_at
+                self._modem_problem = f"{port} went away"
                 self.enforcer = None
                 self._modem_port = None
                 self._state_changed()
@@ -274,6 +280,7 @@ class Daemon:
 
     def _waiting_for_modem(self, why: str) -> None:
         log.warning("waiting for the modem: %s", why)
+        self._modem_problem = why
         since_start = asyncio.get_running_loop().time() - self._started_at
         if not self._modem_lost_recorded and since_start >= MODEM_BOOT_GRACE_S:  # missing at boot
             self._record("modem_lost", {"port": self.config.modem.port, "reason": why})
@@ -319,6 +326,7 @@ class Daemon:
     def _state_changed(self) -> None:
         if self.enforcer is not None:
             self._last_modem_state = self.enforcer.state()
+            self._last_read_at = self.enforcer.read_at or self._last_read_at
         if not self._identity_known.is_set() and self._device_id() is not None:
             self._identity_known.set()
         if self.reporter is not None:
@@ -327,22 +335,42 @@ class Daemon:
 
     def state_document(self) -> dict[str, Any]:
         """The retained `P/state` document (SPEC §6)."""
+        enforcer = self.enforcer
+        read_at = (enforcer.read_at if enforcer is not None else None) or self._last_read_at
         return facts.state_document(self._last_modem_state, mode=self.config.binding.mode, device_id=self._device_id(),
                                     agent_version=__version__, device_pubkey=self.device_pubkey,
-                                    modem_present=self.enforcer is not None)
+                                    modem_present=enforcer is not None, read_at=read_at, now=time.time())
+
+    def _live_read_budget(self) -> float:
+        """How long `status` waits for the modem's live answer before it says the modem
+        does not answer (the gate's reads may be queued ahead: one command's time, and a bit)."""
+        return self.config.modem.command_timeout + 1.0
 
     async def status_document(self) -> dict[str, Any]:
         """What `simagent status` shows: the state document, live network facts, the
-        MQTT link and the outbox depth."""
+        MQTT link and the outbox depth; where the modem is missing or does not answer
+        within a bounded time, ``modem_link`` says so and the facts are the last read."""
         doc = self.state_document()
         enforcer = self.enforcer
-        if enforcer is not None:
-            with contextlib.suppress(PortLost, CommandTimeout, ATCommandError):
-                live = await facts.read_modem_status(enforcer.modem)
+        if enforcer is None:
+            doc["modem_link"] = facts.modem_link(facts.MISSING, self.config.modem.port, self._modem_problem)
+        else:
+            budget = self._live_read_budget()
+            try:
+                async with asyncio.timeout(budget):
+                    live = await facts.read_modem_status(enforcer.modem)
+            except (TimeoutError, PortLost, CommandTimeout, ATCommandError) as exc:
+                detail = f"no answer within {budget:g} s" if isinstance(exc, (TimeoutError, CommandTimeout)) else str(exc)
+                doc["modem_link"] = facts.modem_link(facts.NOT_ANSWERING, self._modem_port, detail)
+            else:
+                doc["modem_link"] = facts.modem_link(facts.ANSWERING, self._modem_port)
                 doc["network"] = live["network"]
                 doc["modem"] = {**live["modem"], **doc["modem"]}
+                now = time.time()
+                doc["freshness"]["modem"] = doc["freshness"]["network"] = facts.source(facts.LIVE, now, now)
         doc.setdefault("network", dict(facts.UNKNOWN_NETWORK))
-        doc["modem"]["port"] = self._modem_port
+        doc["freshness"].setdefault("network", facts.source(facts.NOT_READ, None, 0.0))
+        doc["modem"]["port"] = self._modem_port or self.config.modem.port
         doc["mqtt"] = self.reporter.link_status() if self.reporter else {"connected": False, "last_error": "waiting for the device id"}
         # Counting a full outbox (110k rows) takes milliseconds: in a thread, on a read-only connection.
         doc["outbox"] = await asyncio.to_thread(facts.outbox_depth, self.config.device.state_dir)
@@ -454,8 +482,7 @@ class Daemon:
         found = await self.offload.run_thread(
             "diag", checks.gather_facts, state_dir=self.config.device.state_dir, broker=checks.broker_target(self.config.mqtt),
         )
-        found.update(facts.diag_facts(doc) if self.enforcer is not None
-                     else {"modem_found": False, "modem_port": self.config.modem.port})
+        found.update(facts.diag_facts(doc))
         return checks.report_json(checks.run_checks(found))
 
     # -- control socket ---------------------------------------------------------------------

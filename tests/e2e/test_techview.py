@@ -1,0 +1,58 @@
+"""Issue 13: what the technician sees through the daemon is true and fresh. A modem that
+hangs is blamed on the modem within a bounded time, a modem that is gone is the first line
+of `status` and a FAIL in `diag`; every section of `status --json` says where it came from.
+The real `simagent run`, the fake modem process on a pty, no broker (not needed here)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .conftest import HOME_ICCID, IMEI, wait_modem
+
+COMMAND_TIMEOUT = 2.0  # base_sections' [modem] command_timeout
+
+
+def checks(agent) -> tuple[int, dict[str, tuple[str, str]]]:
+    done = agent.cli("diag", "--json")
+    report = json.loads(done.stdout)
+    return done.returncode, {c["name"]: (c["result"], c["hint"]) for c in report["checks"]}
+
+
+def test_a_hung_then_missing_modem_is_said_first_and_fails_diag(fake_modem_process, agent_process):
+    modem = fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID, register_delay=0.0)
+    agent = agent_process(modem, None)
+    agent.wait_ready()
+    wait_modem(modem, lambda s: s["cfun"] == 1, "the radio on for the home card")
+
+    healthy = json.loads(agent.cli("status", "--json", check=True).stdout)
+    assert healthy["modem_link"] == {"state": "answering", "port": modem.port, "detail": None}
+    assert healthy["freshness"]["network"]["from"] == "modem"  # read for this answer
+    assert healthy["freshness"]["sim"]["from"] == "daemon" and healthy["freshness"]["sim"]["age_s"] >= 0
+    assert healthy["freshness"]["sim"]["read_at"].endswith("Z")
+
+    modem.fault("hang")
+    started = time.monotonic()
+    hung = agent.cli("status")
+    took = time.monotonic() - started
+    first = hung.stdout.splitlines()[0]
+    assert hung.returncode == 69, hung.stdout + hung.stderr
+    assert first.startswith(f"MODEM NOT ANSWERING on {modem.port}") and "power-cycle" in first, first
+    assert "daemon did not answer" not in hung.stdout + hung.stderr
+    assert took < COMMAND_TIMEOUT + 5, f"status took {took:.1f} s with a hung modem"
+    code, diag = checks(agent)
+    assert code == 1 and diag["at_answers"][0] == "FAIL" and "hangs" in diag["at_answers"][1], diag
+
+    modem.fault("clear")
+    modem.unplug()
+    gone = agent.cli("status")
+    assert gone.returncode == 69
+    lines = gone.stdout.splitlines()
+    assert lines[0].startswith(f"MODEM MISSING ({modem.port}") and "USB cable" in lines[0], lines[0]
+    assert "  source        unknown (never read)" in lines  # the network facts: nothing to say
+    assert any("the daemon's last read" in line for line in lines)  # SIM etc.: marked as the last read
+    as_json = json.loads(agent.cli("status", "--json").stdout)
+    assert as_json["modem_link"]["state"] == "missing" and as_json["modem_present"] is False
+    assert {s["from"] for s in as_json["freshness"].values()} <= {"daemon", "unknown"}
+    code, diag = checks(agent)
+    assert code == 1 and diag["modem_found"][0] == "FAIL" and "check the port name" in diag["modem_found"][1], diag
