@@ -216,6 +216,9 @@ def _open_serial(port: str, baudrate: int) -> serial.SerialBase:
             raise PortBusy(f"{port}: in exclusive use by another program") from exc
         raise PortNotFound(f"{port}: {exc.strerror}") from exc
     try:
+        if not os.isatty(probe_fd):  # a file, a directory's device: pyserial would fail with an ioctl errno
+            raise PortNotFound(f"{port}: not a serial port (no terminal device): name the modem's AT port, "
+                               "e.g. /dev/ttyUSB2")
         buf = fcntl.ioctl(probe_fd, TIOCGEXCL, struct.pack("i", 0))
         if struct.unpack("i", buf)[0]:
             raise PortBusy(f"{port}: in exclusive use by another program")

@@ -155,8 +155,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "diag", help="run diagnostic checks", description="Ordered checks, each PASS, WARN, FAIL or SKIP with a one-line hint; exit 1 on any FAIL."
     )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--state-dir", help="state directory to check (default: the configuration's [device] state_dir)")
     parser.add_argument("--bundle", metavar="FILE", help="also write a support tarball (secrets redacted)")
     parser.add_argument("--port", help="open this AT port directly (path or pyserial URL), even if the daemon runs")
     parser.set_defaults(func=_run)

@@ -166,7 +166,7 @@ def status_command(args: argparse.Namespace) -> int:
     if cfg is None:
         return exitcodes.CONFIG
     try:
-        doc, _source, store_problem = obtain_status(cfg, args.port, args.profile)
+        doc, _source, store_problem = obtain_status(cfg, args.port, args.profile, state_dir=args.state_dir)
     except Unavailable as exc:
         print(f"simagent status: {exc}", file=sys.stderr)
         return exitcodes.UNAVAILABLE
@@ -244,11 +244,18 @@ def _exchange(session: _DirectSession | _DaemonSession, command: str, unsafe: bo
 
 
 def _console_lines() -> Iterator[str]:
+    """The console's lines; at a terminal with line editing and history (readline), and
+    Ctrl-D or Ctrl-C at the prompt end it cleanly on a line of its own."""
     interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (input() edits lines and keeps history once it is loaded)
     while True:
         try:
             line = input("AT> " if interactive else "")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print()  # the shell prompt starts on a line of its own
             return
         if line.strip().lower() in ("quit", "exit"):
             return
@@ -264,7 +271,9 @@ def at_command(args: argparse.Namespace) -> int:
         try:
             check_command(command, args.unsafe)
         except Refused as exc:
-            print(f"{command.strip()}: {exc}", file=sys.stderr)
+            others = len(args.commands) - 1
+            nothing = f"; nothing was sent (a batch is checked whole before any of its {others + 1} commands goes out)" if others else ""
+            print(f"{command.strip()}: {exc}{nothing}", file=sys.stderr)
             return exitcodes.CHECK_FAILED
     urcs: list[str] = []
     try:
@@ -296,7 +305,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Through the daemon when it runs; otherwise opens the modem itself. "
         "Exit 0, or 69 when the modem is missing or busy.",
     )
-    status.add_argument("--json", action="store_true", help="print the status document as JSON")
     status.add_argument("--port", help="open this AT port directly (path or pyserial URL), even if the daemon runs")
     status.add_argument("--profile", choices=profile_names, help="vendor profile (default: from the configuration)")
     status.set_defaults(func=status_command)

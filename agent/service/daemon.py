@@ -626,12 +626,11 @@ class Daemon:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="run the daemon (foreground; logs to stderr/journald)")
-    parser.add_argument("--config", dest="run_config", help="configuration file")
     parser.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    config_path = args.run_config or args.config
+    config_path = args.config
     try:
         cfg = config_module.load(config_path)
     except ConfigError as exc:
