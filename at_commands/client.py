@@ -31,6 +31,7 @@ import os
 import socket
 import struct
 import termios
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -240,6 +241,30 @@ def _open_serial(port: str, baudrate: int) -> serial.SerialBase:
     return ser
 
 
+class Transcript:
+    """A bounded ring of the recent AT traffic for a support bundle: one entry per line,
+    ``(wall time, ">" sent or "<" received, text)``; received bytes are framed into lines
+    across reads. Secrets are the reader's to redact (``agent.core.redact``)."""
+
+    MAX_LINE = 300
+
+    def __init__(self, max_lines: int = 400) -> None:
+        self._ring: deque[tuple[float, str, str]] = deque(maxlen=max_lines)
+        self._partial = {">": "", "<": ""}
+
+    def add(self, direction: str, data: bytes) -> None:
+        text = self._partial[direction] + data.decode("ascii", errors="replace").replace("\r", "\n")
+        *lines, self._partial[direction] = text.split("\n")
+        self._partial[direction] = self._partial[direction][-self.MAX_LINE:]
+        now = time.time()
+        self._ring.extend((now, direction, line[:self.MAX_LINE]) for line in lines if line.strip())
+
+    def lines(self) -> list[str]:
+        """``HH:MM:SS.mmm > AT+CSQ`` lines, oldest first (UTC)."""
+        return [f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}.{int(t % 1 * 1000):03d}Z {d} {text}"
+                for t, d, text in self._ring]
+
+
 class ATClient:
     """One exclusive AT port. Create with ``await ATClient.open(port)``."""
 
@@ -272,6 +297,7 @@ class ATClient:
         self.max_failures = max_failures
         self.abort_grace = abort_grace
         self.lost: asyncio.Future = self._loop.create_future()  # result: the cause or None
+        self.transcript: Transcript | None = None  # set by an owner that keeps one (the daemon)
         self.port = getattr(ser, "portstr", None) or getattr(ser, "port", "")
         self._loop.add_reader(self._fd, self._on_readable)
 
@@ -481,6 +507,8 @@ class ATClient:
         try:
             # A short command fits the tty's buffer at once: no coroutine for the write on
             # the hot path of every round trip; `_write` waits for room when it does not.
+            if self.transcript is not None:
+                self.transcript.add(">", data)
             rest = data if self._sock is not None else self._write_now(data)
             if rest:
                 await self._write(rest)
@@ -552,6 +580,8 @@ class ATClient:
                     # the probe is a line of its own.
                     data = b"\r" + data
                     self._line_dirty = False
+                if self.transcript is not None:
+                    self.transcript.add(">", data)
                 await self._write(data)
                 wait = min(self.resync_timeout, PRIORITY_PROBE_WAIT) if level else self.resync_timeout
                 flight.timer = self._loop.call_later(wait, _expire, waiter)
@@ -615,6 +645,8 @@ class ATClient:
         if not data:
             self._shutdown(EOFError("end of file"))
             return
+        if self.transcript is not None:
+            self.transcript.add("<", data)
         self._conn.receive_data(data)
         while (event := self._conn.next_event()) is not NEED_DATA:
             self._dispatch(event)

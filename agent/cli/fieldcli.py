@@ -29,13 +29,15 @@ from agent.core.facts import (ANSWERING, LIVE, MISSING, NOT_ANSWERING, NOT_READ,
 from agent.cli.status import format_status
 from agent.core.store import StoreDamaged, StoreError
 from at_commands import discovery, profiles
-from at_commands.client import CommandError, CommandTimeout, PortBusy, PortLost, PortNotFound
+from at_commands.client import CommandError, CommandTimeout, PortBusy, PortLost, PortNotFound, Transcript
 from at_commands.commands import is_abortable
 from at_commands.modem import Modem
 
 # Slow commands (an operator scan, AT+COPS=?) take minutes; same bound as the daemon's op.
 AT_TIMEOUT = 180.0
 DAEMON = "daemon"
+# This process's own AT traffic when it opens the modem directly (a support bundle's).
+DIRECT_TRANSCRIPT = Transcript()
 
 
 async def run_at(modem: Modem, command: str, unsafe: bool, timeout: float = AT_TIMEOUT) -> dict[str, Any]:
@@ -92,6 +94,7 @@ async def opened_modem(target: ModemTarget) -> AsyncIterator[Modem]:
         raise Unavailable("missing", str(exc)) from None
     except PortBusy:
         raise Unavailable("busy", f"{port}: held by another program (is simagent running?)") from None
+    modem.client.transcript = DIRECT_TRANSCRIPT
     try:
         try:
             await modem.client.command("AT", target.command_timeout)

@@ -111,6 +111,7 @@ def operations(telemetry_range: tuple[int, int] = TELEMETRY_INTERVAL_RANGE) -> d
                   writes=_at_writes, socket=True, platform="token_for_writes", unsafe_flag=True, timeout=180.0),
         Operation("export_evidence", {"since": Arg(str, required=False, max_length=64)}, socket=True, platform="open"),
         Operation("bind_show", socket=True),
+        Operation("at_transcript", socket=True),  # the recent AT traffic, redacted (a support bundle's)
         Operation("bind_accept", {"token": Arg(str, max_length=16_384)}, writes=True, socket=True),
         Operation("bind_reset", {"reason": Arg(str, max_length=1_000)}, writes=True, socket=True),
         Operation("set_telemetry_interval", {"interval": Arg(int, minimum=low, maximum=high)}, writes=True,

@@ -38,12 +38,13 @@ from agent.service.offload import ChildOutput, OffloadError, Offloader
 from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
 from agent.service.reporter import Reporter
 from agent.service.sdnotify import LoopHealth, Notifier, Watchdog
+from agent.core.redact import redact_text
 from agent.core.store import Caps, Store, StoreUnavailable
 from agent.service.supervise import Supervisor
 from agent.core import at_rules, checks, facts, tokens
 from at_commands import commands as at_vocabulary, discovery
 from at_commands.client import CommandError as ATCommandError
-from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound
+from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound, Transcript
 from at_commands.modem import Modem
 from at_commands.parsers import ParseError
 
@@ -83,6 +84,7 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self.supervisor: Supervisor | None = None
         self.offload = Offloader()  # exports and diag's facts: off the loop, one at a time
+        self.transcript = Transcript()  # the recent AT traffic across modem sessions (support bundles)
 
     # -- life cycle -------------------------------------------------------------------
     async def run(self) -> int:
@@ -180,6 +182,7 @@ class Daemon:
                     await asyncio.sleep(wait)
                     wait = min(wait * 2, MODEM_RETRY_S[1])
                 continue
+            modem.client.transcript = self.transcript
             opened_at = asyncio.get_running_loop().time()
             try:
                 await self._modem_session(modem, port)
@@ -496,6 +499,9 @@ class Daemon:
         async def at(args: dict, peer: Peer) -> Any:
             return await self.run_at(str(args["command"]), unsafe=bool(args.get("unsafe")), who={"uid": peer.uid})
 
+        async def at_transcript(args: dict, peer: Peer) -> Any:
+            return {"lines": [redact_text(line) for line in self.transcript.lines()]}
+
         async def bind_show(args: dict, peer: Peer) -> Any:
             return facts.binding_view(self.store, self.config.binding)
 
@@ -519,6 +525,7 @@ class Daemon:
             socket_op("diag", run_diag),
             socket_op("at", at),
             socket_op("bind_show", bind_show),
+            socket_op("at_transcript", at_transcript),
             socket_op("bind_accept", bind_accept),
             socket_op("bind_reset", bind_reset),
             socket_op("export_evidence", export_evidence),

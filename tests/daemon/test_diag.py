@@ -452,3 +452,12 @@ def test_a_hint_names_the_condition_that_produced_it(condition, check, result, h
     got, hint = outcome[check]
     assert got is result and hint_word in hint, (got, hint)
     assert not [h for _r, h in outcome.values() if never in h], outcome
+
+
+def test_redaction_keeps_the_shipped_configuration_comments_readable():
+    """Issue 13: `# Secret: the password is read from this file` is prose, not a field."""
+    shipped = (__import__("pathlib").Path(__file__).resolve().parents[2] / "config" / "agent.toml").read_text()
+    redacted = redact_text(shipped)
+    assert "Secret: the password is read from this file" in redacted
+    assert redacted == shipped  # the shipped file holds no secret values
+    assert redact_text('# password = "hunter2"\n# token: "abc"\n') == '# password = "[redacted]"\n# token: "[redacted]"\n'

@@ -6,6 +6,7 @@ The real `simagent run`, the fake modem process on a pty, no broker (not needed 
 from __future__ import annotations
 
 import json
+import tarfile
 import time
 
 from .conftest import HOME_ICCID, IMEI, wait_modem
@@ -56,3 +57,22 @@ def test_a_hung_then_missing_modem_is_said_first_and_fails_diag(fake_modem_proce
     assert {s["from"] for s in as_json["freshness"].values()} <= {"daemon", "unknown"}
     code, diag = checks(agent)
     assert code == 1 and diag["modem_found"][0] == "FAIL" and "check the port name" in diag["modem_found"][1], diag
+
+
+def test_the_support_bundle_carries_the_daemons_recent_at_transcript_redacted(fake_modem_process, agent_process,
+                                                                                tmp_path):
+    modem = fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID, register_delay=0.0)
+    agent = agent_process(modem, None)
+    agent.wait_ready()
+    agent.cli("at", "AT+CSQ", check=True)
+    agent.cli("at", "--unsafe", 'AT+CPIN="4321"')  # refused or not: the PIN must not leave the box
+    bundle = tmp_path / "support.tar.gz"
+    done = agent.cli("diag", "--bundle", str(bundle))
+    assert done.returncode in (0, 1), done.stderr
+    with tarfile.open(bundle) as tar:
+        transcript = tar.extractfile("simagent-support/at-transcript.txt").read().decode()
+    lines = transcript.splitlines()
+    assert any(line.endswith("> AT+CSQ") for line in lines), transcript
+    assert any(" < +CSQ: " in line for line in lines) and any(line.endswith("< OK") for line in lines), transcript
+    assert any("AT+CPIN=[redacted]" in line for line in lines), transcript
+    assert "4321" not in transcript
