@@ -33,6 +33,7 @@ from agent.core.clock import Clock
 from agent.core.config import Config, ConfigError
 from agent.service.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, socket_op
 from agent.service.enforcer import Enforcer, GateRefused
+from agent.service.journal import JournalHandler, journal_socket, log_event
 from agent.core.evidence import device_public_key, parse_since
 from agent.service.offload import ChildOutput, OffloadError, Offloader
 from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
@@ -102,6 +103,7 @@ class Daemon:
         except StoreUnavailable as exc:  # not damage: left alone; systemd starts us again
             log.error("state store unavailable, not touched: %s", exc)
             return exitcodes.TEMPFAIL
+        self.store.record_listener = log_event  # one log line (journald: with fields) per event
         self.device_pubkey = device_public_key(cfg.device.state_dir)  # creates the key on first start
         self._record("agent_started", {"version": __version__, "pid": os.getpid(), "config": cfg.source})
         if self._device_id() is not None:
@@ -643,9 +645,15 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"simagent: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
-    logging.basicConfig(
-        level=cfg.log.level.upper(), stream=sys.stderr,
-        # journald adds its own time stamps; a terminal run still wants to see them.
-        format="%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    journal = journal_socket()
+    if journal is not None:  # structured fields (`journalctl -o verbose`); journald stamps and ranks each line
+        handler = JournalHandler(journal)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.basicConfig(level=cfg.log.level.upper(), handlers=[handler])
+    else:
+        logging.basicConfig(
+            level=cfg.log.level.upper(), stream=sys.stderr,
+            # journald adds its own time stamps; a terminal run still wants to see them.
+            format="%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     return asyncio.run(Daemon(cfg, config_path=config_path).run())

@@ -5,11 +5,14 @@ The real `simagent run`, the fake modem process on a pty, no broker (not needed 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import tarfile
 import time
 
-from .conftest import HOME_ICCID, IMEI, wait_modem
+from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, swap_to, wait_modem
 
 COMMAND_TIMEOUT = 2.0  # base_sections' [modem] command_timeout
 
@@ -76,3 +79,41 @@ def test_the_support_bundle_carries_the_daemons_recent_at_transcript_redacted(fa
     assert any(" < +CSQ: " in line for line in lines) and any(line.endswith("< OK") for line in lines), transcript
     assert any("AT+CPIN=[redacted]" in line for line in lines), transcript
     assert "4321" not in transcript
+
+
+def test_journald_gets_one_line_with_fields_per_sim_event_decision_and_gate_action(
+        fake_modem_process, agent_process, tmp_path):
+    """A stand-in for journald's native socket (`$SIMAGENT_JOURNAL_SOCKET`, JOURNAL_STREAM set as systemd
+    does): what `journalctl -u simagent -o verbose` would show."""
+    path = f"/tmp/sa-journal-{os.getpid()}.sock"
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(path)
+    journal.settimeout(0.2)
+    try:
+        modem = fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID, register_delay=0.0)
+        agent = agent_process(modem, None, env={"JOURNAL_STREAM": "8:1234", "SIMAGENT_JOURNAL_SOCKET": path},
+                              binding={"mode": "first-use"})
+        agent.wait_ready()
+        swap_to(modem, FOREIGN_ICCID)
+        wait_modem(modem, lambda s: s["cfun"] == 4, "the radio held off for the foreign card")
+        entries = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not {"sim_removed", "sim_inserted", "radio_blocked"} <= {
+                e.get("SIMAGENT_EVENT") for e in entries}:
+            with contextlib.suppress(TimeoutError):
+                entries.append(dict(line.split("=", 1) for line in journal.recv(65536).decode().splitlines()))
+        assert agent.stop() == 0
+    finally:
+        journal.close()
+        os.unlink(path)
+    by_event = {}
+    for entry in entries:
+        by_event.setdefault(entry.get("SIMAGENT_EVENT"), []).append(entry)
+    assert len(by_event.get("sim_removed", [])) == 1 and len(by_event.get("sim_inserted", [])) == 1, entries
+    assert by_event["radio_blocked"][-1]["MESSAGE"].startswith("radio_blocked: reason=sim_removed"), entries
+    for event in ("sim_removed", "sim_inserted", "radio_blocked"):
+        entry = by_event[event][0]
+        assert entry["PRIORITY"] == "6" and entry["MESSAGE"].startswith(event) and len(entry["MESSAGE_ID"]) == 32
+    assert by_event["sim_inserted"][0]["ICCID"] == FOREIGN_ICCID
+    assert len({by_event[e][0]["MESSAGE_ID"] for e in ("sim_removed", "sim_inserted", "radio_blocked")}) == 3
+    assert any(e.get("SIMAGENT_EVENT") == "bound" and e.get("ICCID") == HOME_ICCID for e in entries), entries
