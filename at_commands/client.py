@@ -220,6 +220,11 @@ def _open_serial(port: str, baudrate: int) -> serial.SerialBase:
         if not os.isatty(probe_fd):  # a file, a directory's device: pyserial would fail with an ioctl errno
             raise PortNotFound(f"{port}: not a serial port (no terminal device): name the modem's AT port, "
                                "e.g. /dev/ttyUSB2")
+        try:  # a program that locks the port the pyserial way (exclusive=True: flock) holds it too
+            fcntl.flock(probe_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(probe_fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise PortBusy(f"{port}: locked by another program (flock)") from None
         buf = fcntl.ioctl(probe_fd, TIOCGEXCL, struct.pack("i", 0))
         if struct.unpack("i", buf)[0]:
             raise PortBusy(f"{port}: in exclusive use by another program")

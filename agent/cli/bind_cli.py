@@ -83,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     show.set_defaults(func=with_settings(show_command))
 
     accept = actions.add_parser("accept", help="apply a signed rebind/unbind token ('-' reads it from stdin)")
-    accept.add_argument("token", metavar="TOKEN")
+    accept.add_argument("token", metavar="TOKEN", help="the signed rebind/unbind token, or - to read it from stdin")
     accept.set_defaults(func=with_settings(accept_command))
 
     reset = actions.add_parser("reset", help="forget all bindings (root only, audited)")
@@ -197,4 +197,7 @@ def reset_command(args: argparse.Namespace, settings: CliSettings) -> int:
         finally:
             store.close()
     print(f"removed {count} binding(s); recorded as 'unbound' with your reason")
+    if settings.binding is not None and settings.binding.mode == "first-use":
+        print("first-use mode: the card in the tray is bound to this terminal again at the next check "
+              "(at once while the daemon runs)")
     return exitcodes.OK

@@ -19,15 +19,21 @@ Who may call (``Operation.allowed``):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.core import at_rules
+from agent.core.config import TelemetryConfig
 from at_commands.commands import is_query
 
 MAX_AT_LENGTH = 256
-TELEMETRY_INTERVAL_RANGE = (10, 86_400)  # seconds
+# Seconds: the bounds `[telemetry] interval` takes in the configuration (issue 13: the
+# platform could not set what the configuration accepts).
+TELEMETRY_INTERVAL_RANGE = tuple(int(bound) for bound in
+                                 next(f for f in dataclasses.fields(TelemetryConfig)
+                                      if f.name == "interval").metadata["setting"]["range"])
 SOCKET, PLATFORM = "socket", "platform"
 
 

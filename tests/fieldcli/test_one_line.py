@@ -159,3 +159,27 @@ def test_run_with_an_unreadable_state_dir_is_one_line():
     shutil.rmtree(tmp_path, ignore_errors=True)
     line = assert_one_line(done, 75)
     assert str(locked) in line and "Permission denied" in line
+
+
+def test_a_port_another_program_locked_with_flock_is_busy(cli, registered_modem):
+    """pyserial's exclusive=True takes a flock, not TIOCEXCL: still another program's port."""
+    import fcntl
+
+    fm = registered_modem(profile="quectel")
+    fd = os.open(fm.port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        line = assert_one_line(simagent("--config", str(cli.config), "status", "--port", fm.port), 69)
+        assert "held by another program" in line, line
+    finally:
+        os.close(fd)
+
+
+def test_bind_help_and_reset_say_what_they_do(cli):
+    assert "- to read it from stdin" in simagent("bind", "accept", "-h").stdout
+    if os.geteuid() != 0:
+        pytest.skip("bind reset needs root")
+    cli.config.write_text(cli.config.read_text() + '[binding]\nmode = "first-use"\n')
+    done = simagent("bind", "reset", "--reason", "RMA 7", "--config", str(cli.config), "--state-dir", str(cli.state_dir))
+    assert done.returncode == 0, done.stderr
+    assert "bound to this terminal again at the next check" in done.stdout
