@@ -146,6 +146,8 @@ def obtain_status(cfg: config.Config, port: str | None = None, profile: str | No
     doc = asyncio.run(read_status_direct(target))
     try:
         doc["binding"] = read_binding(state_dir or cfg.device.state_dir, cfg.binding.policy(), doc)
+        if doc["binding"] is None:  # no state store yet: nothing is known about the binding
+            doc["freshness"]["binding"] = source(NOT_READ, None, 0.0)
     except StoreError as exc:
         doc["binding"] = None
         doc["freshness"]["binding"] = source(NOT_READ, None, 0.0)
