@@ -217,9 +217,6 @@ def _open_serial(port: str, baudrate: int) -> serial.SerialBase:
             raise PortBusy(f"{port}: in exclusive use by another program") from exc
         raise PortNotFound(f"{port}: {exc.strerror}") from exc
     try:
-        if not os.isatty(probe_fd):  # a file, a directory's device: pyserial would fail with an ioctl errno
-            raise PortNotFound(f"{port}: not a serial port (no terminal device): name the modem's AT port, "
-                               "e.g. /dev/ttyUSB2")
         try:  # a program that locks the port the pyserial way (exclusive=True: flock) holds it too
             fcntl.flock(probe_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(probe_fd, fcntl.LOCK_UN)
@@ -237,6 +234,9 @@ def _open_serial(port: str, baudrate: int) -> serial.SerialBase:
     except serial.SerialException as exc:
         if exc.errno == errno.EBUSY:
             raise PortBusy(f"{port}: in exclusive use by another program") from exc
+        if f"({errno.ENOTTY}," in str(exc):  # "Could not configure port: (25, 'Inappropriate ioctl for device')"
+            raise PortNotFound(f"{port}: not a serial port (no terminal device): name the modem's AT port, "
+                               "e.g. /dev/ttyUSB2") from exc
         raise PortNotFound(f"{port}: {exc}") from exc
     try:
         fcntl.ioctl(ser.fd, termios.TIOCEXCL)
