@@ -31,6 +31,7 @@ import os
 import socket
 import struct
 import termios
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -216,6 +217,11 @@ def _open_serial(port: str, baudrate: int) -> serial.SerialBase:
             raise PortBusy(f"{port}: in exclusive use by another program") from exc
         raise PortNotFound(f"{port}: {exc.strerror}") from exc
     try:
+        try:  # a program that locks the port the pyserial way (exclusive=True: flock) holds it too
+            fcntl.flock(probe_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(probe_fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise PortBusy(f"{port}: locked by another program (flock)") from None
         buf = fcntl.ioctl(probe_fd, TIOCGEXCL, struct.pack("i", 0))
         if struct.unpack("i", buf)[0]:
             raise PortBusy(f"{port}: in exclusive use by another program")
@@ -228,6 +234,9 @@ def _open_serial(port: str, baudrate: int) -> serial.SerialBase:
     except serial.SerialException as exc:
         if exc.errno == errno.EBUSY:
             raise PortBusy(f"{port}: in exclusive use by another program") from exc
+        if f"({errno.ENOTTY}," in str(exc):  # "Could not configure port: (25, 'Inappropriate ioctl for device')"
+            raise PortNotFound(f"{port}: not a serial port (no terminal device): name the modem's AT port, "
+                               "e.g. /dev/ttyUSB2") from exc
         raise PortNotFound(f"{port}: {exc}") from exc
     try:
         fcntl.ioctl(ser.fd, termios.TIOCEXCL)
@@ -235,6 +244,30 @@ def _open_serial(port: str, baudrate: int) -> serial.SerialBase:
         ser.close()
         raise PortNotFound(f"{port}: cannot take exclusive use ({exc.strerror})") from exc
     return ser
+
+
+class Transcript:
+    """A bounded ring of the recent AT traffic for a support bundle: one entry per line,
+    ``(wall time, ">" sent or "<" received, text)``; received bytes are framed into lines
+    across reads. Secrets are the reader's to redact (``agent.core.redact``)."""
+
+    MAX_LINE = 300
+
+    def __init__(self, max_lines: int = 400) -> None:
+        self._ring: deque[tuple[float, str, str]] = deque(maxlen=max_lines)
+        self._partial = {">": "", "<": ""}
+
+    def add(self, direction: str, data: bytes) -> None:
+        text = self._partial[direction] + data.decode("ascii", errors="replace").replace("\r", "\n")
+        *lines, self._partial[direction] = text.split("\n")
+        self._partial[direction] = self._partial[direction][-self.MAX_LINE:]
+        now = time.time()
+        self._ring.extend((now, direction, line[:self.MAX_LINE]) for line in lines if line.strip())
+
+    def lines(self) -> list[str]:
+        """``HH:MM:SS.mmm > AT+CSQ`` lines, oldest first (UTC)."""
+        return [f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}.{int(t % 1 * 1000):03d}Z {d} {text}"
+                for t, d, text in self._ring]
 
 
 class ATClient:
@@ -269,6 +302,7 @@ class ATClient:
         self.max_failures = max_failures
         self.abort_grace = abort_grace
         self.lost: asyncio.Future = self._loop.create_future()  # result: the cause or None
+        self.transcript: Transcript | None = None  # set by an owner that keeps one (the daemon)
         self.port = getattr(ser, "portstr", None) or getattr(ser, "port", "")
         self._loop.add_reader(self._fd, self._on_readable)
 
@@ -478,6 +512,8 @@ class ATClient:
         try:
             # A short command fits the tty's buffer at once: no coroutine for the write on
             # the hot path of every round trip; `_write` waits for room when it does not.
+            if self.transcript is not None:
+                self.transcript.add(">", data)
             rest = data if self._sock is not None else self._write_now(data)
             if rest:
                 await self._write(rest)
@@ -549,6 +585,8 @@ class ATClient:
                     # the probe is a line of its own.
                     data = b"\r" + data
                     self._line_dirty = False
+                if self.transcript is not None:
+                    self.transcript.add(">", data)
                 await self._write(data)
                 wait = min(self.resync_timeout, PRIORITY_PROBE_WAIT) if level else self.resync_timeout
                 flight.timer = self._loop.call_later(wait, _expire, waiter)
@@ -612,6 +650,8 @@ class ATClient:
         if not data:
             self._shutdown(EOFError("end of file"))
             return
+        if self.transcript is not None:
+            self.transcript.add("<", data)
         self._conn.receive_data(data)
         while (event := self._conn.next_event()) is not NEED_DATA:
             self._dispatch(event)

@@ -3,12 +3,21 @@
 Each sub-command lives in the module that owns its subject; that module exposes
 ``add_parser(subparsers)`` which registers the sub-command(s) with
 ``set_defaults(func=...)``. ``func(args) -> int`` returns the exit code.
+
+One parser convention (SPEC §8): the global options (``--config``, ``--state-dir``,
+``--json``) are added here to the top parser and to every sub-command's, so they are
+accepted before or after the sub-command (a sub-parser's copy has no default of its own,
+so it never overwrites a value given before); a usage error is one line with the usage
+of the sub-command it concerns, exit 2. No traceback reaches the user: Ctrl-C, a closed
+pipe (``| head``) and an operating-system refusal end with one line (or, for the pipe,
+quietly) and an exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from agent import __version__, exitcodes
@@ -29,17 +38,52 @@ LAB_COMMAND_MODULES = (
 
 
 class UsageParser(argparse.ArgumentParser):
-    """Usage errors exit 2 with one line (the `simagent` and `simagent-platform` parsers)."""
+    """Usage errors exit 2 with one line naming the command whose ``-h`` helps (the
+    `simagent` and `simagent-platform` parsers)."""
 
     def error(self, message: str) -> None:
-        self.print_usage(sys.stderr)
-        self.exit(exitcodes.USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(exitcodes.USAGE, f"{self.prog}: error: {message} (see: {self.prog} -h)\n")
+
+
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader went away (`| head`)
+
+
+def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--config``, ``--state-dir`` and ``--json``; on a sub-parser without defaults
+    (argparse.SUPPRESS), so a value given before the sub-command stands."""
+    if "--config" in parser._option_string_actions:
+        return
+    unset = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--config", metavar="FILE", **unset,
+                        help="configuration file (default: $SIMAGENT_CONFIG or /etc/simagent/agent.toml)")
+    parser.add_argument("--state-dir", metavar="DIR", **unset,
+                        help="state directory (default: the configuration's [device] state_dir)")
+    parser.add_argument("--json", action="store_true", **({} if top else {"default": argparse.SUPPRESS}),
+                        help="machine-readable output, where the command prints data")
+
+
+def _sub_parsers(parser: argparse.ArgumentParser):
+    seen: set[int] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if id(sub) not in seen:
+                    seen.add(id(sub))
+                    yield sub
+
+
+def _give_every_command_the_global_options(parser: argparse.ArgumentParser) -> None:
+    for sub in _sub_parsers(parser):
+        add_global_options(sub, top=False)
+        sub.set_defaults(usage_parser=sub)  # a later usage error names this sub-command's usage
+        _give_every_command_the_global_options(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(prog="simagent", description="Machine-card binding agent for IoT terminals: daemon and field-technician CLI.")
     parser.add_argument("--version", action="version", version=f"simagent {__version__}")
-    parser.add_argument("--config", help="configuration file (default: $SIMAGENT_CONFIG or /etc/simagent/agent.toml)")
+    add_global_options(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=UsageParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
@@ -51,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(subparsers)
+    _give_every_command_the_global_options(parser)
     return parser
 
 
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parses and runs the chosen sub-command's `func(args) -> exit code` (also for
     `simagent-platform`); no sub-command prints the help and is a usage error."""
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # with the usage of the sub-command the words were given to
+        getattr(args, "usage_parser", parser).error(f"unrecognized arguments: {' '.join(extras)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return exitcodes.USAGE
@@ -65,7 +112,29 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch(build_parser(), argv)
+    try:
+        return dispatch(build_parser(), argv)
+    except KeyboardInterrupt:
+        print("\nsimagent: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:
+        # Nothing more can be written; stdout is pointed at /dev/null so the interpreter's
+        # last flush does not complain either.
+        with _suppressed_oserror():
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
+    except OSError as exc:  # a permission, a device that is no terminal...: one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"simagent: {where}{exc.strerror or exc}", file=sys.stderr)
+        return exitcodes.TEMPFAIL
+
+
+class _suppressed_oserror:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        return kind is not None and issubclass(kind, OSError)
 
 
 if __name__ == "__main__":

@@ -75,27 +75,19 @@ def daemon_call(settings: CliSettings, op: str, **args: Any) -> Any | None:
         return client.call(op, **args)
 
 
-def add_state_dir_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", metavar="DIR", help=f"state directory (default: from the configuration, else {DEFAULT_STATE_DIR})")
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     bind = subparsers.add_parser("bind", help="show or change the machine-card binding")
     actions = bind.add_subparsers(dest="bind_command", metavar="ACTION", required=True, parser_class=type(bind))
 
     show = actions.add_parser("show", help="stored bindings and the last decision (exit 1 on a violation)")
-    show.add_argument("--json", action="store_true", help="machine-readable output")
-    add_state_dir_argument(show)
     show.set_defaults(func=with_settings(show_command))
 
     accept = actions.add_parser("accept", help="apply a signed rebind/unbind token ('-' reads it from stdin)")
-    accept.add_argument("token", metavar="TOKEN")
-    add_state_dir_argument(accept)
+    accept.add_argument("token", metavar="TOKEN", help="the signed rebind/unbind token, or - to read it from stdin")
     accept.set_defaults(func=with_settings(accept_command))
 
     reset = actions.add_parser("reset", help="forget all bindings (root only, audited)")
     reset.add_argument("--reason", required=True, help="why (recorded in the evidence log)")
-    add_state_dir_argument(reset)
     reset.set_defaults(func=with_settings(reset_command))
 
 
@@ -205,4 +197,7 @@ def reset_command(args: argparse.Namespace, settings: CliSettings) -> int:
         finally:
             store.close()
     print(f"removed {count} binding(s); recorded as 'unbound' with your reason")
+    if settings.binding is not None and settings.binding.mode == "first-use":
+        print("first-use mode: the card in the tray is bound to this terminal again at the next check "
+              "(at once while the daemon runs)")
     return exitcodes.OK

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import platform
-import re
 import sqlite3
 import sys
 import tarfile
@@ -21,7 +20,9 @@ from typing import Any
 from agent import __version__
 from agent.core import config, facts as facts_module
 from agent.core.checks import Check, broker_target, exit_code, gather_facts, report_json, run_checks
-from agent.cli.fieldcli import DAEMON, Unavailable, obtain_status
+from agent.cli.fieldcli import DAEMON, DIRECT_TRANSCRIPT, Unavailable, connect_daemon, obtain_status
+from agent.service.control import ControlError
+from agent.core.redact import REDACTED, redact_text, redact_value  # noqa: F401  (tests use them from here)
 from agent.core.store import StoreError
 
 EVIDENCE_TAIL = 200  # evidence entries in a support bundle
@@ -35,74 +36,35 @@ def format_table(checks: list[Check]) -> str:
 
 
 def _modem_facts(config_path: str | None, port: str | None, state_dir: str | os.PathLike | None,
-                 not_checked: dict[str, str]) -> dict[str, Any]:
+                 not_checked: dict[str, str]) -> tuple[dict[str, Any], str | None]:
+    """(modem facts, where they came from: DAEMON, the port, or None when not read)."""
     try:
         cfg = config.load(config_path)
     except config.ConfigError as exc:
         not_checked.update(dict.fromkeys(("modem_found", "at_answers", "sim_ready", "identity", "binding", "registered", "signal"),
                                          f"not checked: {exc}"))
-        return {}
+        return {}, None
     try:
         doc, source, store_problem = obtain_status(cfg, port, state_dir=None if state_dir is None else os.fspath(state_dir))
     except Unavailable as exc:
         where = port or cfg.modem.port
         if exc.kind == "missing":
-            return {"modem_found": False, "modem_port": where}
+            return {"modem_found": False, "modem_port": where}, None
         if exc.kind == "daemon":
             not_checked["modem_found"] = f"not checked: {exc}"
-            return {}
-        return {"modem_found": True, "modem_port": where, "at_ok": False}  # busy, silent or lost
+            return {}, None
+        return {"modem_found": True, "modem_port": where, "at_ok": False, "at_problem": exc.kind}, where  # busy, silent, lost
     if store_problem is not None:
         not_checked["binding"] = f"not checked: state store: {store_problem}"
     elif doc.get("binding") is None:
         not_checked["binding"] = "not checked: no state store yet"
-    return {**facts_module.diag_facts(doc), "modem_port": "held by the daemon" if source == DAEMON else source}
+    found = facts_module.diag_facts(doc)
+    if source == DAEMON and found.get("modem_found"):
+        found["modem_port"] = f"{found.get('modem_port') or '?'} (held by the daemon)"
+    return found, source
 
 
-# -- redaction and the support bundle ----------------------------------------------------
-
-REDACTED = "[redacted]"
-# A field holding a secret: the name is, or ends in, one of these words.
-_SECRET_NAME = r"(?:[\w.-]*[_.-])?(?:password|passwd|pass|passphrase|secret|token|key|psk|pin|puk|credentials?)"
-_SECRET_NAME_RE = re.compile(rf"^{_SECRET_NAME}$", re.IGNORECASE)
-# Public PEM material is useful for support; every other PEM block is key material.
-_PUBLIC_PEM = {"CERTIFICATE", "PUBLIC KEY", "X509 CRL", "CERTIFICATE REQUEST"}
-_PEM_RE = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----.*?(?:-----END \1-----|\Z)", re.DOTALL)
-_JWT_RE = re.compile(r"\beyJ[\w-]*\.[\w-]+\.[\w-]*")
-_FIELD_VALUE = "|".join(
-    (r'"""[\s\S]*?"""', r"'''[\s\S]*?'''", r'"(?:[^"\\\n]|\\.)*"', r"'[^'\n]*'", r"[^\s,;}\]]+")
-)
-_FIELD_RE = re.compile(rf"""(?P<name>["']?\b{_SECRET_NAME}\b["']?\s*[=:]\s*)(?:{_FIELD_VALUE})""", re.IGNORECASE)
-# AT commands whose arguments are PINs, passwords or APN credentials.
-_AT_SECRET_RE = re.compile(r"(\bAT\s*[+^$#]?(?:CPIN2?|CPWD|CLCK|CGAUTH|QICSGP|CSTT|MIPCALL|SICS|CNCFG)\s*=)[^\r\n]*", re.IGNORECASE)
-
-
-def redact_text(text: str) -> str:
-    """Removes secrets from free text: key PEM blocks, JWTs, `name = value` / `"name": value`
-    fields named like secrets, and the arguments of AT commands that carry PINs or
-    passwords. Errs towards removing too much."""
-    text = _PEM_RE.sub(lambda m: m.group(0) if m.group(1) in _PUBLIC_PEM else f"-----BEGIN {m.group(1)}----- {REDACTED}", text)
-    text = _JWT_RE.sub(REDACTED, text)
-    text = _AT_SECRET_RE.sub(lambda m: m.group(1) + REDACTED, text)
-    return _FIELD_RE.sub(_redact_field, text)
-
-
-def _redact_field(match: re.Match) -> str:
-    quoted = match.group(0)[len(match.group("name")) :].startswith(("'", '"'))
-    return match.group("name") + (f'"{REDACTED}"' if quoted else REDACTED)  # keeps JSON/TOML parseable
-
-
-def redact_value(value: Any) -> Any:
-    """Redacts a JSON-like value: secret-named keys lose their value, strings are
-    cleaned by ``redact_text``."""
-    if isinstance(value, dict):
-        return {k: REDACTED if _SECRET_NAME_RE.match(str(k)) else redact_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact_value(v) for v in value]
-    if isinstance(value, str):
-        return redact_text(value)
-    return value
-
+# -- the support bundle ------------------------------------------------------------------
 
 def collect_versions() -> dict[str, str]:
     versions = {"simagent": __version__, "python": platform.python_version(), "kernel": platform.release(), "machine": platform.machine()}
@@ -152,8 +114,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "diag", help="run diagnostic checks", description="Ordered checks, each PASS, WARN, FAIL or SKIP with a one-line hint; exit 1 on any FAIL."
     )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--state-dir", help="state directory to check (default: the configuration's [device] state_dir)")
     parser.add_argument("--bundle", metavar="FILE", help="also write a support tarball (secrets redacted)")
     parser.add_argument("--port", help="open this AT port directly (path or pyserial URL), even if the daemon runs")
     parser.set_defaults(func=_run)
@@ -168,7 +128,8 @@ def _run(args: argparse.Namespace) -> int:
     except config.ConfigError:
         pass  # the modem facts name the configuration error
     facts = gather_facts(state_dir=state_dir, broker=broker)
-    facts.update(_modem_facts(args.config, args.port, state_dir, facts["not_checked"]))
+    modem_facts, source = _modem_facts(args.config, args.port, state_dir, facts["not_checked"])
+    facts.update(modem_facts)
     checks = run_checks(facts)
     report = report_json(checks)
     print(json.dumps(report, indent=2) if args.json else format_table(checks))
@@ -177,12 +138,27 @@ def _run(args: argparse.Namespace) -> int:
             args.bundle,
             config_text=_read_config_text(args.config),
             evidence_tail=_evidence_tail_or_empty(state_dir),
-            transcript="",  # the AT transcript comes with the modem layer
+            transcript=_at_transcript(args.config, through_daemon=source == DAEMON),
             versions=collect_versions(),
             diag_result={**report, "facts": facts},
         )
         print(f"support bundle written to {written}", file=sys.stderr)
     return exit_code(checks)
+
+
+def _at_transcript(config_path: str | None, *, through_daemon: bool) -> str:
+    """The recent AT traffic: the daemon's ring (redacted there) when it holds the modem,
+    else this process's own exchange with it."""
+    lines = DIRECT_TRANSCRIPT.lines()
+    if through_daemon:
+        try:
+            client = connect_daemon(config.load(config_path))
+            if client is not None:
+                with client:
+                    lines = client.call("at_transcript")["lines"]
+        except (config.ConfigError, Unavailable, ControlError, ConnectionError, OSError) as exc:
+            return f"# the daemon's AT transcript could not be read: {exc}\n"
+    return "".join(line + "\n" for line in lines) or "# no AT traffic recorded\n"
 
 
 def _read_config_text(config: str | None) -> str | None:

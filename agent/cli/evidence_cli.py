@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from agent import exitcodes
-from agent.cli.bind_cli import CliSettings, add_state_dir_argument, daemon_call, with_settings
+from agent.cli.bind_cli import CliSettings, daemon_call, with_settings
 from agent.core.binding import LAST_IMEI_KEY
 from agent.core.clock import Clock
 from agent.core.evidence import EvidenceError, load_device_key, parse_public_key, parse_since, verify_bundle, write_bundle
@@ -27,7 +27,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export = actions.add_parser("export", help="write a signed JSON bundle of the evidence log")
     export.add_argument("--since", metavar="T", help="an entry number (that entry on) or an ISO-8601 time (the first entry stamped at or after it, and everything later)")
     export.add_argument("--out", metavar="FILE", help="write here instead of standard output")
-    add_state_dir_argument(export)
     export.set_defaults(func=with_settings(export_command))
 
     add_verify_parser(actions)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,17 +24,20 @@ from agent.core import config
 from agent import exitcodes
 from agent.core.at_rules import Refused, at_result, check_command
 from agent.service.control import BlockingControlClient, ControlError
-from agent.core.facts import read_binding, read_modem_status
+from agent.core.facts import (ANSWERING, LIVE, MISSING, NOT_ANSWERING, NOT_READ, SECTIONS, modem_link, read_binding, read_modem_status,
+                              source)
 from agent.cli.status import format_status
 from agent.core.store import StoreDamaged, StoreError
 from at_commands import discovery, profiles
-from at_commands.client import CommandError, CommandTimeout, PortBusy, PortLost, PortNotFound
+from at_commands.client import CommandError, CommandTimeout, PortBusy, PortLost, PortNotFound, Transcript
 from at_commands.commands import is_abortable
 from at_commands.modem import Modem
 
 # Slow commands (an operator scan, AT+COPS=?) take minutes; same bound as the daemon's op.
 AT_TIMEOUT = 180.0
 DAEMON = "daemon"
+# This process's own AT traffic when it opens the modem directly (a support bundle's).
+DIRECT_TRANSCRIPT = Transcript()
 
 
 async def run_at(modem: Modem, command: str, unsafe: bool, timeout: float = AT_TIMEOUT) -> dict[str, Any]:
@@ -90,6 +94,7 @@ async def opened_modem(target: ModemTarget) -> AsyncIterator[Modem]:
         raise Unavailable("missing", str(exc)) from None
     except PortBusy:
         raise Unavailable("busy", f"{port}: held by another program (is simagent running?)") from None
+    modem.client.transcript = DIRECT_TRANSCRIPT
     try:
         try:
             await modem.client.command("AT", target.command_timeout)
@@ -107,7 +112,12 @@ async def opened_modem(target: ModemTarget) -> AsyncIterator[Modem]:
 async def read_status_direct(target: ModemTarget) -> dict[str, Any]:
     async with opened_modem(target) as modem:
         await modem.initialise()
-        return await read_modem_status(modem)
+        doc = await read_modem_status(modem)
+    now = time.time()
+    doc["modem"]["port"] = modem.client.port
+    doc["modem_link"] = modem_link(ANSWERING, modem.client.port)
+    doc["freshness"] = {section: source(LIVE, now, now) for section in SECTIONS}
+    return doc
 
 
 def connect_daemon(cfg: config.Config) -> BlockingControlClient | None:
@@ -136,8 +146,11 @@ def obtain_status(cfg: config.Config, port: str | None = None, profile: str | No
     doc = asyncio.run(read_status_direct(target))
     try:
         doc["binding"] = read_binding(state_dir or cfg.device.state_dir, cfg.binding.policy(), doc)
+        if doc["binding"] is None:  # no state store yet: nothing is known about the binding
+            doc["freshness"]["binding"] = source(NOT_READ, None, 0.0)
     except StoreError as exc:
         doc["binding"] = None
+        doc["freshness"]["binding"] = source(NOT_READ, None, 0.0)
         return doc, target.port, exc
     return doc, target.port, None
 
@@ -158,11 +171,14 @@ def status_command(args: argparse.Namespace) -> int:
     if cfg is None:
         return exitcodes.CONFIG
     try:
-        doc, _source, store_problem = obtain_status(cfg, args.port, args.profile)
+        doc, _source, store_problem = obtain_status(cfg, args.port, args.profile, state_dir=args.state_dir)
     except Unavailable as exc:
         print(f"simagent status: {exc}", file=sys.stderr)
         return exitcodes.UNAVAILABLE
-    print(json.dumps(doc, indent=2, ensure_ascii=False) if args.json else format_status(doc))
+    via = "held by the daemon" if _source == DAEMON else "opened directly"
+    print(json.dumps(doc, indent=2, ensure_ascii=False) if args.json else format_status(doc, via=via))
+    if (doc.get("modem_link") or {}).get("state") in (MISSING, NOT_ANSWERING):  # SPEC §8: 69, said first
+        return exitcodes.UNAVAILABLE
     if isinstance(store_problem, StoreDamaged):  # SPEC §8: a check failed; the daemon records the reset
         print(f"simagent status: the state store is damaged, binding unknown: {store_problem}", file=sys.stderr)
         return exitcodes.CHECK_FAILED
@@ -233,11 +249,18 @@ def _exchange(session: _DirectSession | _DaemonSession, command: str, unsafe: bo
 
 
 def _console_lines() -> Iterator[str]:
+    """The console's lines; at a terminal with line editing and history (readline), and
+    Ctrl-D or Ctrl-C at the prompt end it cleanly on a line of its own."""
     interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (input() edits lines and keeps history once it is loaded)
     while True:
         try:
             line = input("AT> " if interactive else "")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print()  # the shell prompt starts on a line of its own
             return
         if line.strip().lower() in ("quit", "exit"):
             return
@@ -253,7 +276,9 @@ def at_command(args: argparse.Namespace) -> int:
         try:
             check_command(command, args.unsafe)
         except Refused as exc:
-            print(f"{command.strip()}: {exc}", file=sys.stderr)
+            others = len(args.commands) - 1
+            nothing = f"; nothing was sent (a batch is checked whole before any of its {others + 1} commands goes out)" if others else ""
+            print(f"{command.strip()}: {exc}{nothing}", file=sys.stderr)
             return exitcodes.CHECK_FAILED
     urcs: list[str] = []
     try:
@@ -285,7 +310,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Through the daemon when it runs; otherwise opens the modem itself. "
         "Exit 0, or 69 when the modem is missing or busy.",
     )
-    status.add_argument("--json", action="store_true", help="print the status document as JSON")
     status.add_argument("--port", help="open this AT port directly (path or pyserial URL), even if the daemon runs")
     status.add_argument("--profile", choices=profile_names, help="vendor profile (default: from the configuration)")
     status.set_defaults(func=status_command)

@@ -1,71 +1,135 @@
-"""`simagent status`'s human form: short aligned lines for a small terminal, one fact per
-line, from the status document that ``agent.core.facts`` builds (SPEC §8 keys).
+"""`simagent status`'s human form: sections like `mmcli -m 0` (hardware, SIM, network,
+radio, binding, platform), one fact per line, each section saying where its facts came
+from and how old they are; a modem that is missing or does not answer is the first line.
+Built from the status document that ``agent.core.facts`` makes (SPEC §8 keys).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from agent.core.facts import LIVE, MISSING, NOT_ANSWERING
+
+Row = tuple[str, str]
+
 
 def _value(value: Any, missing: str = "?") -> str:
     return missing if value is None else str(value)
 
 
-def _modem_lines(modem: dict[str, Any]) -> list[tuple[str, str]]:
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "age unknown"
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def source_words(source: dict[str, Any] | None) -> str:
+    """Where a section came from, in words."""
+    if not source or source.get("from") == "unknown":
+        return "unknown (never read)"
+    if source["from"] == LIVE:
+        return "live (read from the modem now)"
+    return f"the daemon's last read, {_age(source.get('age_s'))}"
+
+
+def link_line(doc: dict[str, Any]) -> str | None:
+    """The first line when the modem is missing or does not answer, else None."""
+    link = doc.get("modem_link") or {}
+    state, port = link.get("state"), link.get("port") or "?"
+    detail = f": {link['detail']}" if link.get("detail") else ""
+    if state == MISSING:
+        return (f"MODEM MISSING ({port}{detail}): check the USB cable and power (lsusb); "
+                "the facts below are from before it went away")
+    if state == NOT_ANSWERING:
+        return (f"MODEM NOT ANSWERING on {port}{detail}: the module hangs; power-cycle it "
+                "(the daemon is fine); the facts below are its last answers")
+    return None
+
+
+def _hardware(doc: dict[str, Any], via: str | None) -> list[Row]:
+    modem = doc["modem"]
+    rows: list[Row] = []
+    if modem.get("port") or via:
+        rows.append(("port", f"{_value(modem.get('port'))}" + (f" ({via})" if via else "")))
     name = " ".join(v for v in (modem.get("vendor"), modem.get("model")) if v) or "?"
-    lines = [("modem", f"{name} ({modem['profile']})" if modem.get("profile") else name)]
+    rows.append(("modem", f"{name} ({modem['profile']})" if modem.get("profile") else name))
     if modem.get("revision"):
-        lines.append(("firmware", modem["revision"]))
-    imei = modem.get("imei")
-    luhn = {True: "", False: "  CHECK DIGIT WRONG", None: ""}[modem.get("imei_luhn_ok")]
-    lines.append(("IMEI", f"{_value(imei, 'not readable')}{luhn}"))
-    return lines
+        rows.append(("firmware", modem["revision"]))
+    luhn = "  CHECK DIGIT WRONG" if modem.get("imei_luhn_ok") is False else ""
+    rows.append(("IMEI", f"{_value(modem.get('imei'), 'not readable')}{luhn}"))
+    return rows
 
 
-def _sim_lines(sim: dict[str, Any]) -> list[tuple[str, str]]:
-    lines = [("SIM", sim["state"])]
+def _sim(sim: dict[str, Any]) -> list[Row]:
+    rows = [("state", sim["state"])]
     if sim["state"] != "absent":
-        lines += [("ICCID", _value(sim.get("iccid"), "not readable")), ("IMSI", _value(sim.get("imsi"), "not readable"))]
-    return lines
+        rows += [("ICCID", _value(sim.get("iccid"), "not readable")), ("IMSI", _value(sim.get("imsi"), "not readable"))]
+    return rows
 
 
-def _network_lines(network: dict[str, Any], radio: dict[str, Any] | None) -> list[tuple[str, str]]:
+def _network(network: dict[str, Any]) -> list[Row]:
     where = [network["registration"]]
     if network.get("operator"):
         where.append(network["operator"])
     if network.get("access_tech") not in (None, "unknown"):
         where.append(network["access_tech"].upper())
     dbm = network.get("signal_dbm")
-    lines = [("network", ", ".join(where)), ("signal", "unknown" if dbm is None else f"{dbm} dBm")]
-    if radio is not None:
-        cfun = radio.get("cfun")
-        word = "unknown" if cfun is None else f"{'on' if cfun == 1 else 'off'} (CFUN={cfun})"
-        gated = ", held off by the binding gate" if radio.get("gated") else ""
-        lines.append(("radio", word + gated))
-    return lines
+    return [("registration", ", ".join(where)), ("signal", "unknown" if dbm is None else f"{dbm} dBm")]
 
 
-def _binding_lines(binding: dict[str, Any] | None) -> list[tuple[str, str]]:
+def _radio(radio: dict[str, Any]) -> list[Row]:
+    cfun = radio.get("cfun")
+    word = "unknown" if cfun is None else f"{'on' if cfun == 1 else 'off'} (CFUN={cfun})"
+    return [("radio", word + (", held off by the binding gate" if radio.get("gated") else ""))]
+
+
+def _binding(binding: dict[str, Any] | None) -> list[Row]:
     if binding is None:
-        return [("binding", "unknown (no state store, or not readable)")]
+        return [("status", "unknown (no state store, or not readable)")]
     status = binding["status"] + (f" ({binding['reason']})" if binding.get("reason") else "")
-    lines = [("binding", f"{status}, mode {binding['mode']}")]
+    rows = [("status", f"{status}, mode {binding['mode']}")]
     if binding.get("bound_iccid"):
-        lines.append(("bound to", f"ICCID {binding['bound_iccid']}"))
-        lines.append(("", f"IMEI  {binding['bound_imei']}"))
-        lines.append(("", f"since {binding['since']}"))
-    return lines
+        rows += [("bound to", f"ICCID {binding['bound_iccid']}"), ("", f"IMEI  {binding['bound_imei']}"),
+                 ("", f"since {binding['since']}")]
+    return rows
 
 
-def format_status(doc: dict[str, Any]) -> str:
-    """``doc`` as aligned ``label  value`` lines, one fact per line."""
-    rows = _modem_lines(doc["modem"]) + _sim_lines(doc["sim"]) + _network_lines(doc["network"], doc.get("radio"))
-    if "binding" in doc:
-        rows += _binding_lines(doc["binding"])
+def _platform(doc: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
     if "mqtt" in doc:
         rows.append(("MQTT", "connected" if doc["mqtt"].get("connected") else "not connected"))
     if "outbox" in doc:
         outbox = doc["outbox"]
-        rows.append(("outbox", f"{outbox.get('events', 0)} events, {outbox.get('telemetry', 0)} telemetry"))
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+        events = outbox.get("event", outbox.get("events", 0))
+        rows.append(("outbox", f"{events} events, {outbox.get('telemetry', 0)} telemetry"))
+    return rows
+
+
+def format_status(doc: dict[str, Any], *, via: str | None = None) -> str:
+    """``doc`` as titled sections of aligned ``label  value`` lines; ``via`` says how the
+    port was reached ("held by the daemon", "opened directly")."""
+    fresh = doc.get("freshness") or {}
+    sections: list[tuple[str, list[Row], str | None]] = [
+        ("Hardware", _hardware(doc, via), "modem"),
+        ("SIM", _sim(doc["sim"]), "sim"),
+        ("Network", _network(doc["network"]), "network"),
+    ]
+    if doc.get("radio") is not None:
+        sections.append(("Radio", _radio(doc["radio"]), "radio"))
+    if "binding" in doc:
+        sections.append(("Binding", _binding(doc["binding"]), "binding"))
+    if platform := _platform(doc):
+        sections.append(("Platform", platform, None))
+    for _title, rows, key in sections:
+        if key is not None and fresh:
+            rows.append(("source", source_words(fresh.get(key))))
+    width = max(len(label) for _t, rows, _k in sections for label, _v in rows)
+    lines = [first] if (first := link_line(doc)) else []
+    for title, rows, _key in sections:
+        lines.append(title)
+        lines += [f"  {label:<{width}}  {value}".rstrip() for label, value in rows]
+    return "\n".join(lines)

@@ -6,7 +6,8 @@ Functional core, imperative shell: ``gather_facts`` looks at the world (state di
 broker, clock); each check is a pure function of the ``facts`` dict. A fact that was
 not gathered makes its check SKIP with a hint, never a guess. Fact keys:
 
-  modem_found bool · modem_port str · at_ok bool · sim_state ready|absent|locked|error|unknown
+  modem_found bool · modem_port str · at_ok bool · at_problem busy|hung|silent|lost · at_detail str
+  cfun int|None · sim_state ready|absent|locked|error|unknown
   imei str|None · imei_luhn_ok bool · iccid str|None · binding_status ok|no_sim|<violation>
   registration ModemManager word · signal_dbm int|None · broker (``probe_broker`` result)
   clock_trusted bool · disk (``disk_usage`` result) · outbox {"event", "telemetry"}
@@ -60,15 +61,27 @@ Verdict = tuple[Result, str]
 
 
 def _modem_found(f: dict) -> Verdict:
+    port = f.get("modem_port") or "auto"
     if f["modem_found"]:
-        return Result.PASS, f"AT port {f.get('modem_port', '?')}"
-    return Result.FAIL, "no modem AT port: check USB cable and power (lsusb), or name the port with --port"
+        return Result.PASS, f"AT port {port}"
+    if port == "auto":
+        return Result.FAIL, "no modem found by udev: check USB cable and power (lsusb), or name the port with --port"
+    return Result.FAIL, f"no device at {port}: check the port name (ls /dev/ttyUSB*), the USB cable and power (lsusb)"
+
+
+_AT_PROBLEMS = {
+    "busy": "{port} is held by another program (is simagent running? see `fuser {port}`)",
+    "hung": "the modem on {port} does not answer ({detail}): it hangs; power-cycle the module (the agent is fine)",
+    "silent": "no answer to AT on {port}: not the modem's AT interface (try another ttyUSB), or the module hangs",
+    "lost": "the modem on {port} went away while being read: check the USB cable and power",
+}
 
 
 def _at_answers(f: dict) -> Verdict:
     if f["at_ok"]:
         return Result.PASS, "modem answers AT"
-    return Result.FAIL, "no answer to AT: wrong interface (try another ttyUSB), or another program owns the port"
+    problem = _AT_PROBLEMS.get(f.get("at_problem"), _AT_PROBLEMS["silent"])
+    return Result.FAIL, problem.format(port=f.get("modem_port") or "the AT port", detail=f.get("at_detail") or "no answer")
 
 
 _SIM_HINTS = {
@@ -89,6 +102,8 @@ def _identity(f: dict) -> Verdict:
     imei, iccid = f["imei"], f["iccid"]
     if not imei:
         return Result.FAIL, "IMEI not readable: the modem firmware may be damaged; reflash or replace the module"
+    if not iccid and f.get("sim_state") == "absent":
+        return Result.PASS, f"IMEI {imei}; no card to read an ICCID from (see sim_ready)"
     if not iccid:
         return Result.FAIL, "ICCID not readable: reseat the SIM; a card that stays unreadable is faulty"
     if f.get("imei_luhn_ok") is False:
@@ -132,12 +147,23 @@ _REGISTRATION_HINTS = {
 
 def _registered(f: dict) -> Verdict:
     state = f["registration"]
+    if state == "idle":
+        cfun = f.get("cfun")
+        if cfun is not None and cfun != 1:
+            return Result.FAIL, f"not registered: the radio is off (CFUN={cfun}; see the binding check)"
+        if f.get("sim_state") not in (None, "ready"):
+            return Result.FAIL, f"not registered: the SIM is {f['sim_state']} (see sim_ready)"
     return _REGISTRATION_HINTS.get(state, (Result.WARN, f"registration {state}: wait a minute and run diag again"))
 
 
 def _signal(f: dict) -> Verdict:
     dbm = f["signal_dbm"]
     if dbm is None:
+        cfun = f.get("cfun")
+        if cfun is not None and cfun != 1:
+            return Result.WARN, f"no signal reading: the radio is off (CFUN={cfun})"
+        if f.get("sim_state") not in (None, "ready"):
+            return Result.WARN, f"no signal reading: the SIM is {f['sim_state']} (see sim_ready)"
         return Result.WARN, "signal strength unknown: check the antenna connection"
     if dbm < SIGNAL_FAIL_BELOW:
         return Result.FAIL, f"{dbm} dBm is too weak: connect/reposition the antenna or move the terminal"
@@ -161,7 +187,8 @@ def _broker(f: dict) -> Verdict:
 def _clock(f: dict) -> Verdict:
     if f["clock_trusted"]:
         return Result.PASS, "wall clock synchronised"
-    return Result.WARN, "wall clock not synchronised: evidence times are marked untrusted; enable NTP"
+    return Result.WARN, ("wall clock not synchronised by NTP: the agent trusts the network's time when the modem "
+                         "reports it, otherwise it marks evidence times untrusted; enable NTP")
 
 
 def _disk(f: dict) -> Verdict:

@@ -509,14 +509,11 @@ def check_files(config: Config) -> list[ConfigError]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("check-config", help="validate the configuration file", description="Validate the configuration and the files it names; exit 0 when usable, 78 when not.")
-    # dest differs from the top-level --config so argparse's sub-parser defaults do not
-    # overwrite a value given before the sub-command.
-    p.add_argument("--config", dest="check_config_path", metavar="PATH", help="configuration file (default: $SIMAGENT_CONFIG or /etc/simagent/agent.toml)")
     p.set_defaults(func=run_check_config)
 
 
 def run_check_config(args: argparse.Namespace) -> int:
-    explicit = getattr(args, "check_config_path", None) or getattr(args, "config", None)
+    explicit = getattr(args, "config", None)
     try:
         config = load(explicit)
     except ConfigError as exc:

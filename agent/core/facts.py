@@ -16,6 +16,13 @@ Document keys (all present; a value that could not be read is null)::
   radio   {cfun, gated}
   binding {mode, status, reason, bound_iccid, bound_imei, since} | null   (CLI / daemon)
   mqtt    {connected, ...}, outbox {events, telemetry}                    (daemon only)
+  modem_link {state: answering|missing|not_answering, port, detail}
+  freshness  {modem, sim, network, radio, binding: {from, read_at, age_s}}
+
+Freshness (SPEC §8): every section says where it came from: ``modem`` (read from the
+modem for this document), ``daemon`` (the daemon's last read, ``read_at`` and ``age_s``
+old) or ``unknown`` (never read). A modem that is missing or does not answer is
+``modem_link``; the sections then hold the last facts read, marked ``daemon``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Sequence
 
+from agent.core.clock import format_utc
 from agent.core.binding import (BOUND, LAST_DECISION_KEY, LAST_IMEI_KEY, OK, BindingPolicy, Decision, Observation,
                                 binding_rows, decide)
 from agent.core.config import BindingConfig
@@ -38,6 +46,25 @@ UNBOUND = "unbound"
 UNKNOWN_MODEM = dict.fromkeys(("vendor", "model", "revision", "imei", "imei_luhn_ok"))
 UNKNOWN_SIM = {"state": "unknown", "iccid": None, "imsi": None}
 UNKNOWN_NETWORK = {"registration": "unknown", "operator": None, "access_tech": "unknown", "signal_dbm": None}
+
+# Where a fact came from.
+LIVE = "modem"  # read from the modem for this document
+LAST_READ = "daemon"  # the daemon's last read (read_at, age_s)
+NOT_READ = "unknown"
+SECTIONS = ("modem", "sim", "network", "radio", "binding")
+# The modem link: whether the facts could be read now.
+ANSWERING, MISSING, NOT_ANSWERING = "answering", "missing", "not_answering"
+
+
+def source(origin: str, read_at: float | None, now: float) -> dict[str, Any]:
+    """One section's origin: ``{"from", "read_at", "age_s"}`` (``read_at`` a wall time)."""
+    if origin == NOT_READ or read_at is None:
+        return {"from": NOT_READ, "read_at": None, "age_s": None}
+    return {"from": origin, "read_at": format_utc(read_at), "age_s": round(max(0.0, now - read_at), 1)}
+
+
+def modem_link(state: str, port: str | None, detail: str | None = None) -> dict[str, Any]:
+    return {"state": state, "port": port, "detail": detail}
 
 
 def binding_fact(mode: str, decision: Decision | None, bindings: Sequence[Binding], iccid: str | None,
@@ -105,10 +132,12 @@ def evidence_tail(state_dir: str | os.PathLike, count: int) -> list[dict]:
 
 
 def state_document(known: dict[str, Any], *, mode: str, device_id: str | None, agent_version: str,
-                   device_pubkey: str | None, modem_present: bool) -> dict[str, Any]:
+                   device_pubkey: str | None, modem_present: bool, read_at: float | None = None,
+                   now: float | None = None) -> dict[str, Any]:
     """The retained `P/state` document (SPEC §6) from the gate's last view (``known``:
-    ``Enforcer.state()``, empty before the first)."""
+    ``Enforcer.state()``, empty before the first, read at wall time ``read_at``)."""
     binding = shown_binding(known.get("binding") or binding_fact(mode, None, (), None, None), carried_out=True)
+    last = source(LAST_READ if known else NOT_READ, read_at, read_at if now is None else now)
     return {
         "device_id": device_id,
         "agent_version": agent_version,
@@ -119,6 +148,7 @@ def state_document(known: dict[str, Any], *, mode: str, device_id: str | None, a
         "radio": dict(known.get("radio") or {"cfun": None, "gated": False}),  # nothing is held off without a modem
         "device_pubkey": device_pubkey,
         "modem_present": modem_present,
+        "freshness": {"modem": dict(last), "sim": dict(last), "radio": dict(last), "binding": dict(last)},
     }
 
 
@@ -138,9 +168,17 @@ def binding_view(store: Store, binding_config: BindingConfig | None) -> dict:
 def diag_facts(doc: dict[str, Any]) -> dict[str, Any]:
     """The modem facts `diag` judges (agent.core.checks fact keys), from a status document;
     no binding fact when the document has no binding verdict."""
+    link = doc.get("modem_link") or modem_link(ANSWERING, doc["modem"].get("port"))
+    port = link.get("port")
+    if link["state"] == MISSING:
+        return {"modem_found": False, "modem_port": port, "modem_problem": link.get("detail")}
+    if link["state"] == NOT_ANSWERING:
+        return {"modem_found": True, "modem_port": port, "at_ok": False, "at_problem": "hung",
+                "at_detail": link.get("detail")}
     modem, sim, network = doc["modem"], doc["sim"], doc["network"]
     facts = {
         "modem_found": True,
+        "modem_port": port,
         "at_ok": True,
         "sim_state": sim["state"],
         "imei": modem["imei"],
@@ -148,6 +186,7 @@ def diag_facts(doc: dict[str, Any]) -> dict[str, Any]:
         "iccid": sim["iccid"],
         "registration": network["registration"],
         "signal_dbm": network["signal_dbm"],
+        "cfun": (doc.get("radio") or {}).get("cfun"),
     }
     binding = doc.get("binding")
     if binding:

@@ -19,15 +19,21 @@ Who may call (``Operation.allowed``):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.core import at_rules
+from agent.core.config import TelemetryConfig
 from at_commands.commands import is_query
 
 MAX_AT_LENGTH = 256
-TELEMETRY_INTERVAL_RANGE = (10, 86_400)  # seconds
+# Seconds: the bounds `[telemetry] interval` takes in the configuration (issue 13: the
+# platform could not set what the configuration accepts).
+TELEMETRY_INTERVAL_RANGE = tuple(int(bound) for bound in
+                                 next(f for f in dataclasses.fields(TelemetryConfig)
+                                      if f.name == "interval").metadata["setting"]["range"])
 SOCKET, PLATFORM = "socket", "platform"
 
 
@@ -111,6 +117,7 @@ def operations(telemetry_range: tuple[int, int] = TELEMETRY_INTERVAL_RANGE) -> d
                   writes=_at_writes, socket=True, platform="token_for_writes", unsafe_flag=True, timeout=180.0),
         Operation("export_evidence", {"since": Arg(str, required=False, max_length=64)}, socket=True, platform="open"),
         Operation("bind_show", socket=True),
+        Operation("at_transcript", socket=True),  # the recent AT traffic, redacted (a support bundle's)
         Operation("bind_accept", {"token": Arg(str, max_length=16_384)}, writes=True, socket=True),
         Operation("bind_reset", {"reason": Arg(str, max_length=1_000)}, writes=True, socket=True),
         Operation("set_telemetry_interval", {"interval": Arg(int, minimum=low, maximum=high)}, writes=True,

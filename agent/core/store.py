@@ -164,6 +164,7 @@ class Transaction:
         self._store = store
         self.enqueued = False  # something was added to the outbox
         self.appended = False  # something was added to the evidence chain
+        self.recorded: list[tuple[str, dict]] = []  # (type, data) of each record, for the listener
 
     # -- facts -------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
@@ -224,6 +225,7 @@ class Transaction:
     def record(self, type_: str, data: dict, *, event: bool = True, evidence: bool = True) -> Stamp:
         """Appends an evidence entry and/or queues an event, stamped now."""
         stamp = self.now()
+        self.recorded.append((type_, data))
         if evidence:
             self.append_evidence(type_, data, stamp)
         if event:
@@ -338,6 +340,9 @@ class Store:
         # Called (from the committing thread) after a commit that added to the outbox,
         # so the reporter sends at once; it must be cheap and must not raise.
         self.outbox_listener: Callable[[], None] | None = None
+        # Called after a commit with each record it made, (type, data): the daemon's log
+        # line per event (journald); it must be cheap and must not raise.
+        self.record_listener: Callable[[str, dict], None] | None = None
 
     @classmethod
     def open(cls, state_dir: str | os.PathLike, *, clock: Clock | None = None, caps: Caps = Caps(),
@@ -435,6 +440,9 @@ class Store:
             self.write_anchor()
         if tx.enqueued and self.outbox_listener is not None:
             self.outbox_listener()
+        if self.record_listener is not None:
+            for type_, data in tx.recorded:
+                self.record_listener(type_, data)
 
     def record(self, type_: str, data: dict, **kwargs) -> Stamp:
         with self.transaction() as tx:

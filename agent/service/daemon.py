@@ -23,6 +23,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from typing import Any
 
 from agent import __version__, exitcodes
@@ -32,17 +33,19 @@ from agent.core.clock import Clock
 from agent.core.config import Config, ConfigError
 from agent.service.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, socket_op
 from agent.service.enforcer import Enforcer, GateRefused
+from agent.service.journal import JournalHandler, journal_socket, log_event
 from agent.core.evidence import device_public_key, parse_since
 from agent.service.offload import ChildOutput, OffloadError, Offloader
 from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
 from agent.service.reporter import Reporter
 from agent.service.sdnotify import LoopHealth, Notifier, Watchdog
+from agent.core.redact import redact_text
 from agent.core.store import Caps, Store, StoreUnavailable
 from agent.service.supervise import Supervisor
 from agent.core import at_rules, checks, facts, tokens
 from at_commands import commands as at_vocabulary, discovery
 from at_commands.client import CommandError as ATCommandError
-from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound
+from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound, Transcript
 from at_commands.modem import Modem
 from at_commands.parsers import ParseError
 
@@ -77,9 +80,12 @@ class Daemon:
         self._modem_port: str | None = None
         self._modem_lost_recorded = False  # since the modem was last found (or since start)
         self._last_modem_state: dict[str, Any] = {}
+        self._last_read_at: float | None = None  # wall time the modem last answered the gate's read
+        self._modem_problem: str | None = None  # why the daemon is waiting for the modem
         self._tasks: list[asyncio.Task] = []
         self.supervisor: Supervisor | None = None
         self.offload = Offloader()  # exports and diag's facts: off the loop, one at a time
+        self.transcript = Transcript()  # the recent AT traffic across modem sessions (support bundles)
 
     # -- life cycle -------------------------------------------------------------------
     async def run(self) -> int:
@@ -97,6 +103,7 @@ class Daemon:
         except StoreUnavailable as exc:  # not damage: left alone; systemd starts us again
             log.error("state store unavailable, not touched: %s", exc)
             return exitcodes.TEMPFAIL
+        self.store.record_listener = log_event  # one log line (journald: with fields) per event
         self.device_pubkey = device_public_key(cfg.device.state_dir)  # creates the key on first start
         self._record("agent_started", {"version": __version__, "pid": os.getpid(), "config": cfg.source})
         if self._device_id() is not None:
@@ -177,6 +184,7 @@ class Daemon:
                     await asyncio.sleep(wait)
                     wait = min(wait * 2, MODEM_RETRY_S[1])
                 continue
+            modem.client.transcript = self.transcript
             opened_at = asyncio.get_running_loop().time()
             try:
                 await self._modem_session(modem, port)
@@ -187,6 +195,9 @@ class Daemon:
                 self._modem_lost_recorded = True
             finally:
                 modem.close()
+                if self.enforcer is not None:
+                    self._last_read_at = self.enforcer.read_at or self._last_read_at
+                self._modem_problem = f"{port} went away"
                 self.enforcer = None
                 self._modem_port = None
                 self._state_changed()
@@ -274,6 +285,7 @@ class Daemon:
 
     def _waiting_for_modem(self, why: str) -> None:
         log.warning("waiting for the modem: %s", why)
+        self._modem_problem = why
         since_start = asyncio.get_running_loop().time() - self._started_at
         if not self._modem_lost_recorded and since_start >= MODEM_BOOT_GRACE_S:  # missing at boot
             self._record("modem_lost", {"port": self.config.modem.port, "reason": why})
@@ -319,6 +331,7 @@ class Daemon:
     def _state_changed(self) -> None:
         if self.enforcer is not None:
             self._last_modem_state = self.enforcer.state()
+            self._last_read_at = self.enforcer.read_at or self._last_read_at
         if not self._identity_known.is_set() and self._device_id() is not None:
             self._identity_known.set()
         if self.reporter is not None:
@@ -327,22 +340,42 @@ class Daemon:
 
     def state_document(self) -> dict[str, Any]:
         """The retained `P/state` document (SPEC §6)."""
+        enforcer = self.enforcer
+        read_at = (enforcer.read_at if enforcer is not None else None) or self._last_read_at
         return facts.state_document(self._last_modem_state, mode=self.config.binding.mode, device_id=self._device_id(),
                                     agent_version=__version__, device_pubkey=self.device_pubkey,
-                                    modem_present=self.enforcer is not None)
+                                    modem_present=enforcer is not None, read_at=read_at, now=time.time())
+
+    def _live_read_budget(self) -> float:
+        """How long `status` waits for the modem's live answer before it says the modem
+        does not answer (the gate's reads may be queued ahead: one command's time, and a bit)."""
+        return self.config.modem.command_timeout + 1.0
 
     async def status_document(self) -> dict[str, Any]:
         """What `simagent status` shows: the state document, live network facts, the
-        MQTT link and the outbox depth."""
+        MQTT link and the outbox depth; where the modem is missing or does not answer
+        within a bounded time, ``modem_link`` says so and the facts are the last read."""
         doc = self.state_document()
         enforcer = self.enforcer
-        if enforcer is not None:
-            with contextlib.suppress(PortLost, CommandTimeout, ATCommandError):
-                live = await facts.read_modem_status(enforcer.modem)
+        if enforcer is None:
+            doc["modem_link"] = facts.modem_link(facts.MISSING, self.config.modem.port, self._modem_problem)
+        else:
+            budget = self._live_read_budget()
+            try:
+                async with asyncio.timeout(budget):
+                    live = await facts.read_modem_status(enforcer.modem)
+            except (TimeoutError, PortLost, CommandTimeout, ATCommandError) as exc:
+                detail = f"no answer within {budget:g} s" if isinstance(exc, (TimeoutError, CommandTimeout)) else str(exc)
+                doc["modem_link"] = facts.modem_link(facts.NOT_ANSWERING, self._modem_port, detail)
+            else:
+                doc["modem_link"] = facts.modem_link(facts.ANSWERING, self._modem_port)
                 doc["network"] = live["network"]
                 doc["modem"] = {**live["modem"], **doc["modem"]}
+                now = time.time()
+                doc["freshness"]["modem"] = doc["freshness"]["network"] = facts.source(facts.LIVE, now, now)
         doc.setdefault("network", dict(facts.UNKNOWN_NETWORK))
-        doc["modem"]["port"] = self._modem_port
+        doc["freshness"].setdefault("network", facts.source(facts.NOT_READ, None, 0.0))
+        doc["modem"]["port"] = self._modem_port or self.config.modem.port
         doc["mqtt"] = self.reporter.link_status() if self.reporter else {"connected": False, "last_error": "waiting for the device id"}
         # Counting a full outbox (110k rows) takes milliseconds: in a thread, on a read-only connection.
         doc["outbox"] = await asyncio.to_thread(facts.outbox_depth, self.config.device.state_dir)
@@ -454,8 +487,7 @@ class Daemon:
         found = await self.offload.run_thread(
             "diag", checks.gather_facts, state_dir=self.config.device.state_dir, broker=checks.broker_target(self.config.mqtt),
         )
-        found.update(facts.diag_facts(doc) if self.enforcer is not None
-                     else {"modem_found": False, "modem_port": self.config.modem.port})
+        found.update(facts.diag_facts(doc))
         return checks.report_json(checks.run_checks(found))
 
     # -- control socket ---------------------------------------------------------------------
@@ -468,6 +500,9 @@ class Daemon:
 
         async def at(args: dict, peer: Peer) -> Any:
             return await self.run_at(str(args["command"]), unsafe=bool(args.get("unsafe")), who={"uid": peer.uid})
+
+        async def at_transcript(args: dict, peer: Peer) -> Any:
+            return {"lines": [redact_text(line) for line in self.transcript.lines()]}
 
         async def bind_show(args: dict, peer: Peer) -> Any:
             return facts.binding_view(self.store, self.config.binding)
@@ -492,6 +527,7 @@ class Daemon:
             socket_op("diag", run_diag),
             socket_op("at", at),
             socket_op("bind_show", bind_show),
+            socket_op("at_transcript", at_transcript),
             socket_op("bind_accept", bind_accept),
             socket_op("bind_reset", bind_reset),
             socket_op("export_evidence", export_evidence),
@@ -599,20 +635,25 @@ class Daemon:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="run the daemon (foreground; logs to stderr/journald)")
-    parser.add_argument("--config", dest="run_config", help="configuration file")
     parser.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    config_path = args.run_config or args.config
+    config_path = args.config
     try:
         cfg = config_module.load(config_path)
     except ConfigError as exc:
         print(f"simagent: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
-    logging.basicConfig(
-        level=cfg.log.level.upper(), stream=sys.stderr,
-        # journald adds its own time stamps; a terminal run still wants to see them.
-        format="%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    journal = journal_socket()
+    if journal is not None:  # structured fields (`journalctl -o verbose`); journald stamps and ranks each line
+        handler = JournalHandler(journal)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.basicConfig(level=cfg.log.level.upper(), handlers=[handler])
+    else:
+        logging.basicConfig(
+            level=cfg.log.level.upper(), stream=sys.stderr,
+            # journald adds its own time stamps; a terminal run still wants to see them.
+            format="%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     return asyncio.run(Daemon(cfg, config_path=config_path).run())

@@ -39,6 +39,7 @@ import asyncio
 import enum
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -170,6 +171,8 @@ class Enforcer:
         self._workers: list[asyncio.Task] = []
         self._unsubscribe: Callable[[], None] | None = None
         self._published: dict | None = None
+        # Wall time of the last read the modem answered (SPEC §8: facts say how fresh they are).
+        self.read_at: float | None = None
 
     # -- public API -------------------------------------------------------------------
 
@@ -566,6 +569,7 @@ class Enforcer:
             self._rebooted(f"+CFUN: {cfun} (was {self._cfun}; module reset)")
             self._feed(Input.FACTS_FAILED, {"reason": "modem_rebooted"})
             return
+        self.read_at = time.time()
         facts = Facts(sim_state, iccid, imsi)
         same = self._sim_known and not self._removal_seen and (sim_state, iccid) == (self._sim["state"], self._sim["iccid"])
         why = {"reason": "sim_changed", "trigger": self._reason}
@@ -593,6 +597,7 @@ class Enforcer:
         if boots != self._boots:
             return  # the module rebooted meanwhile: the gate handles that
         self._cfun = level
+        self.read_at = time.time()
         self._publish()
         if self._cfun == RADIO_ON_CFUN and self.held_off:
             self._feed(Input.RADIO_FOUND_ON, {"reason": "radio_found_on", "trigger": "at_write"})
@@ -607,6 +612,7 @@ class Enforcer:
                     tx.record("imei_changed", {"previous": previous, "imei": identity.imei}, event=False)
                 tx.set_meta(LAST_IMEI_KEY, identity.imei)
         self._identity = identity
+        self.read_at = time.time()
         if self._on_identity is not None:
             self._on_identity(identity.imei)
 

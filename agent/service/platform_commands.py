@@ -40,6 +40,7 @@ REFUSALS_RECORDED = 20
 MAX_EXPORT_REPLY_BYTES = 256 * 1024
 COMMAND_SCHEMA = "simagent/command/1"
 RESULT_SCHEMA = "simagent/cmd_result/1"
+COMMAND_DONE_MESSAGE_ID = "8a3b0c5e2f6d4e1a9b7c3d2e1f0a4b5c"  # journald: a platform command carried out
 MAX_ID_LENGTH = 128
 _DOCUMENT_KEYS = frozenset({"schema", "id", "name", "args", "token"})
 
@@ -110,6 +111,9 @@ class CommandProcessor:
             if handler is None:
                 raise CommandError("unsupported", f"{command.name} is not available on this device")
             result = await handler(command)
+            log.info("platform command %s (id %s) done", command.name, command.id,
+                     extra={"journal_fields": {"SIMAGENT_EVENT": "command_done", "SIMAGENT_COMMAND": command.name,
+                                               "MESSAGE_ID": COMMAND_DONE_MESSAGE_ID}})
             return reply_ok(command.id, result)
         except CommandError as exc:
             return self._refuse(request_id, name, exc.code, exc.message)

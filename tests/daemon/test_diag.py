@@ -65,8 +65,13 @@ def test_a_healthy_terminal_passes_everything():
 @pytest.mark.parametrize(
     ("change", "check", "result", "hint_word"),
     [
-        ({"modem_found": False}, "modem_found", Result.FAIL, "--port"),
+        ({"modem_found": False, "modem_port": "auto"}, "modem_found", Result.FAIL, "--port"),
+        # issue 13: each hint matches the condition that produced it
+        ({"modem_found": False}, "modem_found", Result.FAIL, "no device at /dev/ttyUSB2: check the port name"),
         ({"at_ok": False}, "at_answers", Result.FAIL, "interface"),
+        ({"at_ok": False, "at_problem": "busy"}, "at_answers", Result.FAIL, "held by another program"),
+        ({"at_ok": False, "at_problem": "hung", "at_detail": "no answer within 3 s"}, "at_answers", Result.FAIL,
+         "does not answer (no answer within 3 s): it hangs; power-cycle"),
         ({"sim_state": "absent"}, "sim_ready", Result.FAIL, "insert"),
         ({"sim_state": "locked"}, "sim_ready", Result.FAIL, "PIN"),
         ({"sim_state": "error"}, "sim_ready", Result.FAIL, "reseat"),
@@ -420,3 +425,39 @@ def test_cli_bundle_redacts_the_configuration(tmp_path, capsys):
         text = "\n".join(tar.extractfile(m).read().decode() for m in tar.getmembers())
     assert "mqtt.example.com" in text and "token_accepted" in text
     assert SECRETS["mqtt_password"] not in text and JWT not in text and SECRETS["private_key_body"] not in text
+
+
+# issue 13: a condition that shows in several checks; each hint says what is true, and no
+# check sends the technician after a part that is fine.
+NO_SIM_RADIO_OFF = {"sim_state": "absent", "iccid": None, "cfun": 4, "signal_dbm": None, "registration": "idle",
+                    "binding_status": "no_sim"}
+LOCKED_RADIO_ON = {"sim_state": "locked", "cfun": 1, "signal_dbm": None, "registration": "idle",
+                   "binding_status": "sim_unreadable"}
+
+
+@pytest.mark.parametrize(
+    ("condition", "check", "result", "hint_word", "never"),
+    [
+        (NO_SIM_RADIO_OFF, "identity", Result.PASS, "no card to read", "faulty"),
+        (NO_SIM_RADIO_OFF, "signal", Result.WARN, "the radio is off (CFUN=4)", "antenna"),
+        (NO_SIM_RADIO_OFF, "registered", Result.FAIL, "the radio is off (CFUN=4", "antenna"),
+        (LOCKED_RADIO_ON, "registered", Result.FAIL, "the SIM is locked", "radio is off"),
+        (LOCKED_RADIO_ON, "signal", Result.WARN, "the SIM is locked", "antenna"),
+        ({"modem_found": True, "modem_port": "/dev/ttyUSB2", "at_ok": False, "at_problem": "busy"},
+         "at_answers", Result.FAIL, "/dev/ttyUSB2 is held by another program", "no answer to AT"),
+    ],
+)
+def test_a_hint_names_the_condition_that_produced_it(condition, check, result, hint_word, never):
+    outcome = results({**HEALTHY, **condition})
+    got, hint = outcome[check]
+    assert got is result and hint_word in hint, (got, hint)
+    assert not [h for _r, h in outcome.values() if never in h], outcome
+
+
+def test_redaction_keeps_the_shipped_configuration_comments_readable():
+    """Issue 13: `# Secret: the password is read from this file` is prose, not a field."""
+    shipped = (__import__("pathlib").Path(__file__).resolve().parents[2] / "config" / "agent.toml").read_text()
+    redacted = redact_text(shipped)
+    assert "Secret: the password is read from this file" in redacted
+    assert redacted == shipped  # the shipped file holds no secret values
+    assert redact_text('# password = "hunter2"\n# token: "abc"\n') == '# password = "[redacted]"\n# token: "[redacted]"\n'

@@ -19,7 +19,8 @@ def test_bind_foreign_sim_blocked_right_sim_restored_then_offline_on_sigterm(mos
     bound = wait_event(platform, "bound")
     assert (bound["data"]["iccid"], bound["data"]["imei"]) == (HOME_ICCID, IMEI)
     wait_event(platform, "radio_restored")
-    assert wait_modem(home_modem, lambda s: s["cfun"] == 1, "CFUN=1")["attaches"]
+    # The attach comes after the fake's register_delay, not with CFUN=1: wait for it (issue 13).
+    wait_modem(home_modem, lambda s: s["cfun"] == 1 and s["attaches"], "CFUN=1 and the home card attached")
     platform.wait_for(lambda sub: any(d["online"] for d in sub.documents(f"{P}/status")), what="online status")
 
     mark = last_seq(platform)

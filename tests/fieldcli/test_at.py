@@ -80,7 +80,8 @@ def test_write_needs_unsafe(cli, registered_modem):
     before = fm.state()["counters"]["commands"]
     refused = cli("at", "--port", fm.port, "AT+CSQ", "AT+CFUN=4")
     assert refused.returncode == 1 and refused.stdout == ""
-    assert refused.stderr.strip() == "AT+CFUN=4: refused: this command changes the modem; repeat it with --unsafe"
+    assert refused.stderr.strip() == ("AT+CFUN=4: refused: this command changes the modem; repeat it with --unsafe; "
+                                      "nothing was sent (a batch is checked whole before any of its 2 commands goes out)")
     assert fm.state()["cfun"] == 1 and fm.state()["counters"]["commands"] == before  # nothing was sent
 
     done = cli("at", "--port", fm.port, "--unsafe", "AT+CFUN=4")

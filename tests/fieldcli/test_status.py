@@ -17,10 +17,12 @@ from agent.service.control import socket_op
 from agent.core.store import Binding, Store
 
 SPEC_KEYS = {
-    "modem": {"vendor", "model", "revision", "imei", "imei_luhn_ok", "profile"},
+    "modem": {"vendor", "model", "revision", "imei", "imei_luhn_ok", "profile", "port"},
     "sim": {"state", "iccid", "imsi"},
     "network": {"registration", "operator", "access_tech", "signal_dbm"},
     "radio": {"cfun"},
+    "modem_link": {"state", "port", "detail"},
+    "freshness": {"modem", "sim", "network", "radio", "binding"},
 }
 
 
@@ -115,13 +117,21 @@ def test_human_output_is_aligned_and_short(cli, registered_modem):
     done = cli("status", "--port", fm.port)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    rows = dict(line.split(None, 1) for line in lines if not line.startswith(" "))
-    assert rows["IMEI"] == state["imei"] and rows["ICCID"] == state["iccid"] and rows["SIM"] == "ready"
-    assert rows["network"] == "home, CHINA MOBILE, LTE" and rows["signal"] == "-85 dBm"
-    assert rows["radio"] == "on (CFUN=1)" and rows["modem"] == "Quectel EC25 (quectel)"
-    value_columns = {len(line) - len(line[len(line.split(None, 1)[0]):].lstrip()) for line in lines}
+    titles = [line for line in lines if not line.startswith(" ")]
+    assert titles == ["Hardware", "SIM", "Network", "Radio", "Binding"]  # sections like `mmcli -m 0`
+    rows = [line.split(None, 1) for line in lines if line.startswith("  ") and line.strip()]
+    by_label = {}
+    for label, value in (row for row in rows if len(row) == 2):
+        by_label.setdefault(label, value)
+    assert by_label["IMEI"] == state["imei"] and by_label["ICCID"] == state["iccid"] and by_label["state"] == "ready"
+    assert by_label["registration"] == "home, CHINA MOBILE, LTE" and by_label["signal"] == "-85 dBm"
+    assert by_label["radio"] == "on (CFUN=1)" and by_label["modem"] == "Quectel EC25 (quectel)"
+    assert by_label["port"] == f"{fm.port} (opened directly)"
+    assert by_label["source"] == "live (read from the modem now)"
+    value_columns = {len(line) - len(line.split(None, 1)[1]) for line in lines
+                     if line.startswith("  ") and len(line.split(None, 1)) == 2 and not line.startswith("   ")}
     assert len(value_columns) == 1  # every value starts in the same column
-    assert max(map(len, lines)) <= 60
+    assert max(len(line) for line in lines if not line.lstrip().startswith("port")) <= 60
 
 
 def test_missing_port_exits_69_with_one_line(cli, tmp_path):
@@ -181,8 +191,8 @@ def test_status_asks_the_daemon_when_it_runs(cli, control_server, registered_mod
     assert json.loads(done.stdout) == document and len(asked) == 1
 
     human = cli("status").stdout
-    assert "MQTT      connected" in human and "outbox    3 events, 12 telemetry" in human
-    assert "signal    -77 dBm" in human
+    assert "  MQTT          connected" in human and "  outbox        3 events, 12 telemetry" in human
+    assert "  signal        -77 dBm" in human
 
     # --port bypasses the daemon and reads the modem itself.
     fm = registered_modem(profile="ublox")

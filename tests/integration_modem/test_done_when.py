@@ -33,8 +33,13 @@ def test_status_reports_what_the_fake_modem_is(name, fake_modem_process, tmp_pat
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {
-        "modem": {"vendor": profile.sample_manufacturer, "model": profile.sample_model,
+    doc = json.loads(done.stdout)
+    # Read for this answer: every section live from the modem (issue 13), the port named.
+    fresh = {section: s["from"] for section, s in doc.pop("freshness").items()}
+    assert fresh == {"modem": "modem", "sim": "modem", "network": "modem", "radio": "modem", "binding": "unknown"}
+    assert doc.pop("modem_link") == {"state": "answering", "port": fm.port, "detail": None}
+    assert doc == {
+        "modem": {"vendor": profile.sample_manufacturer, "model": profile.sample_model, "port": fm.port,
                   "revision": profile.sample_revision, "imei": IMEI, "imei_luhn_ok": True, "profile": name},
         "sim": {"state": "ready", "iccid": ICCID, "imsi": IMSI},
         "network": {"registration": "home", "operator": "CHINA MOBILE", "access_tech": "lte", "signal_dbm": -91},

@@ -2,6 +2,7 @@
 `command_refused` event, and nothing else changes."""
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -275,3 +276,16 @@ def test_a_flood_is_summarised_and_no_genuine_command_is_lost(mosquitto, subscri
     assert REFUSALS_RECORDED <= len(records) <= REFUSALS_RECORDED * 4, len(records)
     summarised = sum(e["data"].get("count", 0) for e in records if e["data"].get("burst"))
     assert summarised + sum(1 for e in records if not e["data"].get("burst")) == flood
+
+
+def test_the_platform_may_set_every_telemetry_interval_the_configuration_accepts():
+    """Issue 13: `[telemetry] interval = 5` was valid while `set_telemetry_interval` refused 5 s."""
+    from agent.core.config import TelemetryConfig
+    from agent.core.operations import OPERATIONS, OperationRefused
+
+    low, high = next(f for f in dataclasses.fields(TelemetryConfig) if f.name == "interval").metadata["setting"]["range"]
+    check = OPERATIONS["set_telemetry_interval"].check_args
+    check({"interval": int(low)})
+    check({"interval": int(high)})
+    with pytest.raises(OperationRefused):
+        check({"interval": int(low) - 1})

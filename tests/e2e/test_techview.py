@@ -1,0 +1,119 @@
+"""Issue 13: what the technician sees through the daemon is true and fresh. A modem that
+hangs is blamed on the modem within a bounded time, a modem that is gone is the first line
+of `status` and a FAIL in `diag`; every section of `status --json` says where it came from.
+The real `simagent run`, the fake modem process on a pty, no broker (not needed here)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tarfile
+import time
+
+from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, swap_to, wait_modem
+
+COMMAND_TIMEOUT = 2.0  # base_sections' [modem] command_timeout
+
+
+def checks(agent) -> tuple[int, dict[str, tuple[str, str]]]:
+    done = agent.cli("diag", "--json")
+    report = json.loads(done.stdout)
+    return done.returncode, {c["name"]: (c["result"], c["hint"]) for c in report["checks"]}
+
+
+def test_a_hung_then_missing_modem_is_said_first_and_fails_diag(fake_modem_process, agent_process):
+    modem = fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID, register_delay=0.0)
+    agent = agent_process(modem, None)
+    agent.wait_ready()
+    wait_modem(modem, lambda s: s["cfun"] == 1, "the radio on for the home card")
+
+    healthy = json.loads(agent.cli("status", "--json", check=True).stdout)
+    assert healthy["modem_link"] == {"state": "answering", "port": modem.port, "detail": None}
+    assert healthy["freshness"]["network"]["from"] == "modem"  # read for this answer
+    assert healthy["freshness"]["sim"]["from"] == "daemon" and healthy["freshness"]["sim"]["age_s"] >= 0
+    assert healthy["freshness"]["sim"]["read_at"].endswith("Z")
+
+    modem.fault("hang")
+    started = time.monotonic()
+    hung = agent.cli("status")
+    took = time.monotonic() - started
+    first = hung.stdout.splitlines()[0]
+    assert hung.returncode == 69, hung.stdout + hung.stderr
+    assert first.startswith(f"MODEM NOT ANSWERING on {modem.port}") and "power-cycle" in first, first
+    assert "daemon did not answer" not in hung.stdout + hung.stderr
+    assert took < COMMAND_TIMEOUT + 5, f"status took {took:.1f} s with a hung modem"
+    code, diag = checks(agent)
+    assert code == 1 and diag["at_answers"][0] == "FAIL" and "hangs" in diag["at_answers"][1], diag
+
+    modem.fault("clear")
+    modem.unplug()
+    gone = agent.cli("status")
+    assert gone.returncode == 69
+    lines = gone.stdout.splitlines()
+    assert lines[0].startswith(f"MODEM MISSING ({modem.port}") and "USB cable" in lines[0], lines[0]
+    assert "  source        unknown (never read)" in lines  # the network facts: nothing to say
+    assert any("the daemon's last read" in line for line in lines)  # SIM etc.: marked as the last read
+    as_json = json.loads(agent.cli("status", "--json").stdout)
+    assert as_json["modem_link"]["state"] == "missing" and as_json["modem_present"] is False
+    assert {s["from"] for s in as_json["freshness"].values()} <= {"daemon", "unknown"}
+    code, diag = checks(agent)
+    assert code == 1 and diag["modem_found"][0] == "FAIL" and "check the port name" in diag["modem_found"][1], diag
+
+
+def test_the_support_bundle_carries_the_daemons_recent_at_transcript_redacted(fake_modem_process, agent_process,
+                                                                                tmp_path):
+    modem = fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID, register_delay=0.0)
+    agent = agent_process(modem, None)
+    agent.wait_ready()
+    agent.cli("at", "AT+CSQ", check=True)
+    agent.cli("at", "--unsafe", 'AT+CPIN="4321"')  # refused or not: the PIN must not leave the box
+    bundle = tmp_path / "support.tar.gz"
+    done = agent.cli("diag", "--bundle", str(bundle))
+    assert done.returncode in (0, 1), done.stderr
+    with tarfile.open(bundle) as tar:
+        transcript = tar.extractfile("simagent-support/at-transcript.txt").read().decode()
+    lines = transcript.splitlines()
+    assert any(line.endswith("> AT+CSQ") for line in lines), transcript
+    assert any(" < +CSQ: " in line for line in lines) and any(line.endswith("< OK") for line in lines), transcript
+    assert any("AT+CPIN=[redacted]" in line for line in lines), transcript
+    assert "4321" not in transcript
+
+
+def test_journald_gets_one_line_with_fields_per_sim_event_decision_and_gate_action(
+        fake_modem_process, agent_process, tmp_path):
+    """A stand-in for journald's native socket (`$SIMAGENT_JOURNAL_SOCKET`, JOURNAL_STREAM set as systemd
+    does): what `journalctl -u simagent -o verbose` would show."""
+    path = f"/tmp/sa-journal-{os.getpid()}.sock"
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(path)
+    journal.settimeout(0.2)
+    try:
+        modem = fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID, register_delay=0.0)
+        agent = agent_process(modem, None, env={"JOURNAL_STREAM": "8:1234", "SIMAGENT_JOURNAL_SOCKET": path},
+                              binding={"mode": "first-use"})
+        agent.wait_ready()
+        swap_to(modem, FOREIGN_ICCID)
+        wait_modem(modem, lambda s: s["cfun"] == 4, "the radio held off for the foreign card")
+        entries = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not {"sim_removed", "sim_inserted", "radio_blocked"} <= {
+                e.get("SIMAGENT_EVENT") for e in entries}:
+            with contextlib.suppress(TimeoutError):
+                entries.append(dict(line.split("=", 1) for line in journal.recv(65536).decode().splitlines()))
+        assert agent.stop() == 0
+    finally:
+        journal.close()
+        os.unlink(path)
+    by_event = {}
+    for entry in entries:
+        by_event.setdefault(entry.get("SIMAGENT_EVENT"), []).append(entry)
+    assert len(by_event.get("sim_removed", [])) == 1 and len(by_event.get("sim_inserted", [])) == 1, entries
+    assert by_event["radio_blocked"][-1]["MESSAGE"].startswith("radio_blocked: reason=sim_removed"), entries
+    for event in ("sim_removed", "sim_inserted", "radio_blocked"):
+        entry = by_event[event][0]
+        assert entry["PRIORITY"] == "6" and entry["MESSAGE"].startswith(event) and len(entry["MESSAGE_ID"]) == 32
+    assert by_event["sim_inserted"][0]["ICCID"] == FOREIGN_ICCID
+    assert len({by_event[e][0]["MESSAGE_ID"] for e in ("sim_removed", "sim_inserted", "radio_blocked")}) == 3
+    assert any(e.get("SIMAGENT_EVENT") == "bound" and e.get("ICCID") == HOME_ICCID for e in entries), entries
