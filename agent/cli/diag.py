@@ -22,7 +22,7 @@ from agent.core import config, facts as facts_module
 from agent.core.checks import Check, broker_target, exit_code, gather_facts, report_json, run_checks
 from agent.cli.fieldcli import DAEMON, DIRECT_TRANSCRIPT, Unavailable, connect_daemon, obtain_status
 from agent.service.control import ControlError
-from agent.core.redact import REDACTED, redact_text, redact_value  # noqa: F401  (tests use them from here)
+from agent.core.redact import redact_text, redact_value
 from agent.core.store import StoreError
 
 EVIDENCE_TAIL = 200  # evidence entries in a support bundle

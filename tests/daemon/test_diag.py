@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from agent import cli
 from agent.core.checks import CHECKS, BrokerTarget, Result, disk_usage, exit_code, gather_facts, probe_broker, report_json, run_checks
-from agent.cli.diag import REDACTED, format_table, redact_text, redact_value, write_bundle
+from agent.cli.diag import format_table, write_bundle
+from agent.core.redact import REDACTED, redact_text, redact_value
 from agent.core.store import DB_NAME, Store
 
 HEALTHY = {
