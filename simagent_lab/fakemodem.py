@@ -29,6 +29,7 @@ import re
 import selectors
 import signal
 import socket
+import struct
 import sys
 import termios
 import threading
@@ -1094,11 +1095,6 @@ def read_transcript(path: str | os.PathLike) -> list[dict[str, Any]]:
 # --- the I/O shell -----------------------------------------------------------------------
 
 
-# How long a client that opened the port while a stale exclusive flag was cleared is given
-# to show whether it keeps the port (see FakeModem._on_client_closed).
-EXCL_SETTLE_S = 0.05
-
-
 def _opened_elsewhere(device: str) -> bool:
     """Whether a process other than this one has `device` open (from /proc/*/fd)."""
     for proc in Path("/proc").iterdir():
@@ -1112,25 +1108,29 @@ def _opened_elsewhere(device: str) -> bool:
     return False
 
 
-class _CloseWatch:
-    """inotify on the pty's device node: an event each time some process closes it."""
+class _OpenCloseWatch:
+    """inotify on the pty's device node: an event each time some process opens or closes it."""
 
-    _IN_CLOSE = 0x00000008 | 0x00000010  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
+    IN_OPEN = 0x00000020
+    IN_CLOSE = 0x00000008 | 0x00000010  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
+    _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (no name: a file watch)
     _libc = ctypes.CDLL(None, use_errno=True)
 
     def __init__(self, path: str) -> None:
         self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0 or self._libc.inotify_add_watch(self.fd, path.encode(), self._IN_CLOSE) < 0:
+        if self.fd < 0 or self._libc.inotify_add_watch(self.fd, path.encode(), self.IN_OPEN | self.IN_CLOSE) < 0:
             raise OSError(ctypes.get_errno(), f"inotify on {path}")
 
-    def drain(self) -> bool:
-        """True when at least one close happened since the last call."""
-        seen = False
+    def drain(self) -> int:
+        """The union of the event masks since the last call (0: nothing happened)."""
+        seen = 0
         while True:
             try:
-                seen |= bool(os.read(self.fd, 4096))
+                data = os.read(self.fd, 4096)
             except BlockingIOError:
                 return seen
+            for offset in range(0, len(data) - self._EVENT.size + 1, self._EVENT.size):
+                seen |= self._EVENT.unpack_from(data, offset)[1]
 
     def close(self) -> None:
         os.close(self.fd)
@@ -1267,7 +1267,7 @@ class FakeModem:
         tty.setraw(slave)  # no line discipline: bytes pass unchanged, no echo by the tty
         os.set_blocking(master, False)
         self._master, self._slave = master, slave
-        self._closes = _CloseWatch(os.ttyname(slave))
+        self._closes = _OpenCloseWatch(os.ttyname(slave))
         self._sel.register(self._closes.fd, selectors.EVENT_READ, "closed")
         tmp = self.link.with_name(self.link.name + ".new")
         tmp.unlink(missing_ok=True)
@@ -1355,22 +1355,17 @@ class FakeModem:
     def _on_client_closed(self) -> None:
         """A USB tty forgets TIOCEXCL when its last user closes it; a pty whose master we
         hold never would, so a client killed with the flag set would lock its successor
-        out. Once no other process has the port open, clear the flag. The look at /proc and
-        the clear are not one step: a client that opened and took the port in between would
-        lose its flag. So when someone has the port open right after the clear, look again
-        a moment later: a client that still holds it then gets the flag back (clients that
-        keep a modem port open take it exclusively), while a client's short look at the
-        flag (the AT client's probe fd) is over by then and finds it clear."""
-        if not self._closes.drain() or self._slave is None:
+        out. Once no other process has the port open, clear the flag. The look at /proc
+        takes a while: a client that opens the port meanwhile may take it exclusively
+        before the clear, so an open seen during the look leaves the flag (that client's
+        close brings the next look)."""
+        if not self._closes.drain() & _OpenCloseWatch.IN_CLOSE or self._slave is None:
             return
-        device = os.ttyname(self._slave)
-        if _opened_elsewhere(device):
+        if _opened_elsewhere(os.ttyname(self._slave)):
+            return
+        if self._closes.drain() & _OpenCloseWatch.IN_OPEN:
             return
         fcntl.ioctl(self._slave, termios.TIOCNXCL)
-        if _opened_elsewhere(device):
-            time.sleep(EXCL_SETTLE_S)  # rare: a client opened during the clear
-            if _opened_elsewhere(device):
-                fcntl.ioctl(self._slave, termios.TIOCEXCL)
 
     def _on_pty(self) -> None:
         try:
