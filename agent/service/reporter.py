@@ -172,6 +172,11 @@ def describe_connect_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def payload_json(message: dict[str, Any]) -> str:
+    """Every topic's JSON style: compact, as the outbox stores events."""
+    return json.dumps(message, separators=(",", ":"))
+
+
 class Reporter:
     """Publishes to `P/...` and receives `P/cmd`. Create and use it on the daemon's loop:
     `task = reporter.start()`; `reporter.publish_state(doc)`; `reporter.publish_telemetry(sample)`;
@@ -270,13 +275,18 @@ class Reporter:
             loop.call_soon_threadsafe(self._schedule_pump)
 
     def publish_state(self, doc: dict[str, Any]) -> None:
-        """Retained `P/state`; republished on change and after every reconnect."""
+        """Retained `P/state`; republished on change and after every reconnect, each time
+        with the `ts` it is published at."""
         message = {"schema": STATE_SCHEMA, **doc}
         if message == self._state_doc:
             return
         self._state_doc = message
         if self.connected:
-            self._publish(self.topics.state, message, qos=1, retain=True)
+            self._publish_state()
+
+    def _publish_state(self) -> None:
+        if self._state_doc is not None:
+            self._publish(self.topics.state, {**self._state_doc, "ts": self.store.clock.now().iso()}, qos=1, retain=True)
 
     def publish_telemetry(self, sample: dict[str, Any]) -> None:
         """QoS 0 when connected; otherwise queued in the store and replayed at QoS 1."""
@@ -384,7 +394,7 @@ class Reporter:
             client.username_pw_set(self.settings.username, self._password)
         if self._tls_context is not None:
             client.tls_set_context(self._tls_context)
-        client.will_set(self.topics.status, json.dumps(self._status(False)), qos=1, retain=True)
+        client.will_set(self.topics.status, payload_json(self._last_will()), qos=1, retain=True)
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -498,8 +508,7 @@ class Reporter:
         self._logged_cause = None
         client.subscribe(self.topics.cmd, qos=1)
         self._publish(self.topics.status, self._status(True), qos=1, retain=True)
-        if self._state_doc is not None:
-            self._publish(self.topics.state, self._state_doc, qos=1, retain=True)
+        self._publish_state()
         self._refused_until = None
         self._schedule_pump()
 
@@ -613,7 +622,7 @@ class Reporter:
                 self._resume_reading()
             try:
                 reply = await self._on_command(payload)
-                body = json.dumps(reply)
+                body = payload_json(reply)
                 self._publish(self.topics.cmd_result, body, qos=1)
                 self._reply_to_response_topic(properties, body)
             except Exception:  # the command layer replies to bad input itself; this is a bug
@@ -641,13 +650,19 @@ class Reporter:
     def _status(self, online: bool) -> dict[str, Any]:
         return {"schema": STATUS_SCHEMA, "online": online, "ts": self.store.clock.now().iso(), "agent_version": self.agent_version}
 
+    def _last_will(self) -> dict[str, Any]:
+        """`online: false` for the broker to publish when the session dies, at a time the
+        agent cannot know: no `ts`, but when the session it ends began."""
+        return {"schema": STATUS_SCHEMA, "online": False, "session_started": self.store.clock.now().iso(),
+                "agent_version": self.agent_version}
+
     def _publish(self, topic: str, message: dict[str, Any] | str, *, qos: int, retain: bool = False,
                  properties: Properties | None = None) -> mqtt.MQTTMessageInfo | None:
         client = self._client
         if client is None or not self.connected:
             log.debug("MQTT not connected: %s not published", topic)
             return None
-        payload = message if isinstance(message, str) else json.dumps(message)
+        payload = message if isinstance(message, str) else payload_json(message)
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         return info if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS else None
 

@@ -118,3 +118,8 @@ def test_last_will_marks_the_device_offline_after_a_crash(mosquitto, subscriber,
     retained.wait_for(lambda s: s.messages())
     message = retained.messages()[0]
     assert message.retain and message.json()["online"] is False
+    # The broker published it at a time the agent could not know: no `ts`, but when the
+    # session it ends began (issue 13: the Will's `ts` was the connect time).
+    will = message.json()
+    online = next(d for d in sub.documents("/status") if d["online"])
+    assert "ts" not in will and will["session_started"] <= online["ts"]

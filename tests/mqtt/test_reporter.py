@@ -23,10 +23,15 @@ def test_status_state_telemetry_and_events_reach_the_platform(mosquitto, subscri
             await mq.until(lambda: store.outbox_depth()["event"] == 0, what="outbox drained")
 
     asyncio.run(scenario())
+    # The graceful stop's offline status is on its way to the subscriber: wait for it.
+    sub.wait_for(lambda s: s.messages("/status")[-1].json()["online"] is False, what="the offline status")
     status = sub.messages("/status")
     assert status[0].retain is False and status[0].json()["online"] is True  # live delivery of a retained publish
-    assert status[-1].json()["online"] is False  # graceful stop
     assert [m.json()["radio"]["cfun"] for m in sub.messages("/state")] == [1, 4]
+    # One JSON style on every topic (compact, as events are stored), and a `ts` on each
+    # document: the state's is when it was published.
+    assert all(", " not in m.payload.decode() and ": " not in m.payload.decode() for m in sub.messages())
+    assert all("ts" in m.json() for m in sub.messages("/state"))
     telemetry = sub.messages("/telemetry")
     assert len(telemetry) == 1 and telemetry[0].qos == 0 and telemetry[0].json()["signal_dbm"] == -85
     events = sub.documents("/events")
