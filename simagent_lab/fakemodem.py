@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -29,7 +30,6 @@ import re
 import selectors
 import signal
 import socket
-import struct
 import sys
 import termios
 import threading
@@ -1095,42 +1095,44 @@ def read_transcript(path: str | os.PathLike) -> list[dict[str, Any]]:
 # --- the I/O shell -----------------------------------------------------------------------
 
 
-def _opened_elsewhere(device: str) -> bool:
-    """Whether a process other than this one has `device` open (from /proc/*/fd)."""
+def _opened_elsewhere(slave: int) -> bool:
+    """Whether a process other than this one has the tty that `slave` is open on (from
+    /proc/*/fd). Compared by device, not by name: a container's own devpts has the same
+    /dev/pts/N names for other terminals."""
+    mine = os.fstat(slave)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if any(os.readlink(fd) == device for fd in (proc / "fd").iterdir()):
-                return True
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    st = os.stat(fd)
+                    if (st.st_rdev, st.st_dev) == (mine.st_rdev, mine.st_dev):
+                        return True
         except OSError:  # gone, or not ours to look at
             continue
     return False
 
 
-class _OpenCloseWatch:
-    """inotify on the pty's device node: an event each time some process opens or closes it."""
+class _CloseWatch:
+    """inotify on the pty's device node: an event each time some process closes it."""
 
-    IN_OPEN = 0x00000020
-    IN_CLOSE = 0x00000008 | 0x00000010  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
-    _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (no name: a file watch)
+    _IN_CLOSE = 0x00000008 | 0x00000010  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
     _libc = ctypes.CDLL(None, use_errno=True)
 
     def __init__(self, path: str) -> None:
         self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0 or self._libc.inotify_add_watch(self.fd, path.encode(), self.IN_OPEN | self.IN_CLOSE) < 0:
+        if self.fd < 0 or self._libc.inotify_add_watch(self.fd, path.encode(), self._IN_CLOSE) < 0:
             raise OSError(ctypes.get_errno(), f"inotify on {path}")
 
-    def drain(self) -> int:
-        """The union of the event masks since the last call (0: nothing happened)."""
-        seen = 0
+    def drain(self) -> bool:
+        """True when at least one close happened since the last call."""
+        seen = False
         while True:
             try:
-                data = os.read(self.fd, 4096)
+                seen |= bool(os.read(self.fd, 4096))
             except BlockingIOError:
                 return seen
-            for offset in range(0, len(data) - self._EVENT.size + 1, self._EVENT.size):
-                seen |= self._EVENT.unpack_from(data, offset)[1]
 
     def close(self) -> None:
         os.close(self.fd)
@@ -1267,7 +1269,7 @@ class FakeModem:
         tty.setraw(slave)  # no line discipline: bytes pass unchanged, no echo by the tty
         os.set_blocking(master, False)
         self._master, self._slave = master, slave
-        self._closes = _OpenCloseWatch(os.ttyname(slave))
+        self._closes = _CloseWatch(os.ttyname(slave))
         self._sel.register(self._closes.fd, selectors.EVENT_READ, "closed")
         tmp = self.link.with_name(self.link.name + ".new")
         tmp.unlink(missing_ok=True)
@@ -1355,17 +1357,9 @@ class FakeModem:
     def _on_client_closed(self) -> None:
         """A USB tty forgets TIOCEXCL when its last user closes it; a pty whose master we
         hold never would, so a client killed with the flag set would lock its successor
-        out. Once no other process has the port open, clear the flag. The look at /proc
-        takes a while: a client that opens the port meanwhile may take it exclusively
-        before the clear, so an open seen during the look leaves the flag (that client's
-        close brings the next look)."""
-        if not self._closes.drain() & _OpenCloseWatch.IN_CLOSE or self._slave is None:
-            return
-        if _opened_elsewhere(os.ttyname(self._slave)):
-            return
-        if self._closes.drain() & _OpenCloseWatch.IN_OPEN:
-            return
-        fcntl.ioctl(self._slave, termios.TIOCNXCL)
+        out. Once no other process has the port open, clear the flag."""
+        if self._closes.drain() and self._slave is not None and not _opened_elsewhere(self._slave):
+            fcntl.ioctl(self._slave, termios.TIOCNXCL)
 
     def _on_pty(self) -> None:
         try:

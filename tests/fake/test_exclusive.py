@@ -3,10 +3,13 @@ has the port open and is gone once the owner died, so a restarted agent is not l
 
 import fcntl
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import time
+
+import pytest
 
 TIOCGEXCL = 0x80045440
 
@@ -44,3 +47,52 @@ def test_exclusive_flag_outlives_probes_but_not_its_owner(fake_modem_process):
         owner.wait()
         owner.stdout.close()
     wait_until(lambda: not exclusive(modem.port))
+
+
+CONTAINER_TERMINAL = r"""
+import os, sys
+target = sys.argv[1]
+held = []
+while True:  # ptys in this private devpts until one has the fake's name
+    master, slave = os.openpty()
+    held.append((master, slave))
+    if os.ttyname(slave) == target:
+        break
+    if len(held) > 64:
+        sys.exit("no such pty number")
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_containers_terminal_of_the_same_name_is_not_the_port(fake_modem_process):
+    """A container (its own devpts) has /dev/pts/N names of its own: a process there holding
+    its /dev/pts/N is no user of the fake's /dev/pts/N, so it must not keep a dead owner's
+    flag (it did while a packaging test's container ran beside the suite)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) for a private devpts")
+    modem = fake_modem_process(profile="quectel")
+    pty = modem.state()["pty"]
+    other = subprocess.Popen(
+        ["unshare", "--mount", "--fork", "sh", "-c",
+         f'mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts && mount --bind /dev/pts/ptmx /dev/ptmx '
+         f'&& exec {sys.executable} -c "$0" {pty}', CONTAINER_TERMINAL],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = other.stdout.readline().strip()
+        if line != "held":
+            pytest.skip(f"no private devpts here: {other.stderr.read().strip()[-200:]}")
+        owner = subprocess.Popen([sys.executable, "-c", (
+            "import fcntl, os, termios, time\n"
+            f"fd = os.open({modem.port!r}, os.O_RDWR | os.O_NOCTTY)\n"
+            "fcntl.ioctl(fd, termios.TIOCEXCL)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+        assert owner.stdout.readline().strip() == "held"
+        owner.kill()
+        owner.wait()
+        owner.stdout.close()
+        wait_until(lambda: not exclusive(modem.port))
+    finally:
+        other.kill()
+        other.wait()
