@@ -24,6 +24,9 @@ its commands is classified:
 * *IMEI rewrite* (``is_imei_rewrite``): in any profile's dialect.
 * *session breaking* (``breaks_the_session``): V0, Q1, S3=, S4= change how answers are
   framed.
+* *secrets* (``redact_secrets``): the arguments of commands that carry PINs, passwords or
+  APN credentials, and the answer lines that show credentials back. What leaves the box
+  (a support bundle, a recorded transcript) goes through it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from . import profiles
 
 __all__ = ["ABORTABLE_COMMANDS", "NETWORK_SCAN_COMMANDS", "READ_ONLY_ACTIONS", "normalise", "split_line",
            "is_command_line", "is_abortable", "is_network_scan", "is_query", "is_harmless_write",
-           "is_imei_rewrite", "breaks_the_session"]
+           "is_imei_rewrite", "breaks_the_session", "SECRET_COMMANDS", "CREDENTIAL_ANSWERS", "REDACTED",
+           "redact_secrets"]
 
 # 27.007 §7.3: "+COPS=? ... can be aborted" (the operator list is a network search that
 # takes seconds to minutes). Normalised form: upper case, no blanks, no AT prefix.
@@ -153,3 +157,27 @@ def breaks_the_session(command_line: str) -> bool:
     the framing of the module's answers."""
     basic = (re.split(r"[+^#$%*]", c, maxsplit=1)[0] for c in split_line(command_line))
     return any(_SESSION_BREAKING.search(part) for part in basic)
+
+
+# Commands whose arguments carry a PIN, a password or APN credentials (27.007 +CPIN,
+# +CPIN2, +CPWD, +CLCK, +CGAUTH; vendor APN set-up: Quectel +QICSGP, SIMCom +CSTT and
+# +CNCFG, Fibocom +MIPCALL, Cinterion ^SICS). Everything after their "=" is secret
+# (errs towards removing too much: +CLCK="SC",2 loses its facility too).
+SECRET_COMMANDS: tuple[str, ...] = ("CPIN2", "CPIN", "CPWD", "CLCK", "CGAUTH", "QICSGP", "CSTT", "MIPCALL",
+                                    "SICS", "CNCFG")
+# Of those, the ones whose read answer shows the credentials back (+QICSGP: 1,"apn","user","pw",1).
+CREDENTIAL_ANSWERS: tuple[str, ...] = ("CGAUTH", "QICSGP", "CSTT", "MIPCALL", "SICS", "CNCFG")
+REDACTED = "[redacted]"
+_SECRET_ARGUMENTS = re.compile(
+    rf"((?:\bAT\s*|;\s*)[+^$#]?(?:{'|'.join(SECRET_COMMANDS)})\s*=)[^\r\n]*", re.IGNORECASE)
+# An answer line: at a line's start or after a blank (a log line's "12:00:01 < +QICSGP: ...").
+_CREDENTIAL_ANSWER = re.compile(rf"((?:^|(?<=\s))[+^$#](?:{'|'.join(CREDENTIAL_ANSWERS)})\s*:)[^\r\n]*",
+                                re.IGNORECASE | re.MULTILINE)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` (a command line, an answer line or free text) without the secrets above:
+    the arguments of a secret command (in a chain too: ``AT+CSQ;+CPIN=1234``) and the
+    rest of a credential answer line become ``REDACTED``."""
+    text = _SECRET_ARGUMENTS.sub(lambda m: m.group(1) + REDACTED, text)
+    return _CREDENTIAL_ANSWER.sub(lambda m: m.group(1) + REDACTED, text)

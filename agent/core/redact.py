@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-REDACTED = "[redacted]"
+from at_commands.commands import REDACTED, redact_secrets
+
 # A field holding a secret: the name is, or ends in, one of these words.
 _SECRET_NAME = r"(?:[\w.-]*[_.-])?(?:password|passwd|pass|passphrase|secret|token|key|psk|pin|puk|credentials?)"
 _SECRET_NAME_RE = re.compile(rf"^{_SECRET_NAME}$", re.IGNORECASE)
@@ -18,8 +19,6 @@ _FIELD_VALUE = "|".join(
     (r'"""[\s\S]*?"""', r"'''[\s\S]*?'''", r'"(?:[^"\\\n]|\\.)*"', r"'[^'\n]*'", r"[^\s,;}\]]+")
 )
 _FIELD_RE = re.compile(rf"""(?P<name>["']?\b{_SECRET_NAME}\b["']?\s*[=:]\s*)(?:{_FIELD_VALUE})""", re.IGNORECASE)
-# AT commands whose arguments are PINs, passwords or APN credentials.
-_AT_SECRET_RE = re.compile(r"(\bAT\s*[+^$#]?(?:CPIN2?|CPWD|CLCK|CGAUTH|QICSGP|CSTT|MIPCALL|SICS|CNCFG)\s*=)[^\r\n]*", re.IGNORECASE)
 
 
 def redact_text(text: str) -> str:
@@ -29,7 +28,7 @@ def redact_text(text: str) -> str:
     (``# Secret: the password is read from this file``)."""
     text = _PEM_RE.sub(lambda m: m.group(0) if m.group(1) in _PUBLIC_PEM else f"-----BEGIN {m.group(1)}----- {REDACTED}", text)
     text = _JWT_RE.sub(REDACTED, text)
-    text = _AT_SECRET_RE.sub(lambda m: m.group(1) + REDACTED, text)
+    text = redact_secrets(text)  # AT commands that carry PINs or passwords (at_commands' vocabulary)
     return _FIELD_RE.sub(_redact_field, text)
 
 
