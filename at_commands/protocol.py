@@ -82,6 +82,15 @@ class FinalResult:
     def ok(self) -> bool:
         return self.kind is ResultKind.OK
 
+    @property
+    def line(self) -> str:
+        """The final result as the module printed it (a +CME/+CMS error re-assembled)."""
+        if self.kind is ResultKind.CME_ERROR:
+            return f"+CME ERROR: {self.text}"
+        if self.kind is ResultKind.CMS_ERROR:
+            return f"+CMS ERROR: {self.text}"
+        return self.text
+
 
 @dataclass(frozen=True)
 class Urc:

@@ -22,7 +22,6 @@ from typing import Any
 from at_commands.client import Response
 from at_commands.commands import (breaks_the_session, is_abortable, is_command_line, is_imei_rewrite,
                                   is_network_scan, is_query)
-from at_commands.protocol import FinalResult, ResultKind
 
 
 class Refused(Exception):
@@ -54,14 +53,6 @@ def check_command(command: str, unsafe: bool) -> None:
         raise Refused("unsafe_required", f"refused: {what}; repeat it with --unsafe")
 
 
-def final_line(final: FinalResult) -> str:
-    if final.kind is ResultKind.CME_ERROR:
-        return f"+CME ERROR: {final.text}"
-    if final.kind is ResultKind.CMS_ERROR:
-        return f"+CMS ERROR: {final.text}"
-    return final.text
-
-
 def at_result(response: Response) -> dict[str, Any]:
     """The JSON result of one AT command (also the daemon's `at` op result)."""
-    return {"lines": list(response.lines), "final": final_line(response.final), "ok": response.final.ok}
+    return {"lines": list(response.lines), "final": response.final.line, "ok": response.final.ok}
