@@ -34,11 +34,12 @@ import termios
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 import serial
 
 from .commands import is_abortable
+from .transcript import Recorder
 from .protocol import (Aborted, Connection, Discarded, FinalResult, Line, Prompt, ResultKind,
                        Resynchronised, State, Urc, NEED_DATA)
 
@@ -298,6 +299,8 @@ class ATClient:
         # AT+CPIN?) gets the URC as its answer. The gate hears of them too.
         self._lookalike_subscribers: list[UrcCallback] = []
         self._offer_stale = False  # the command whose late answer may still come was a caller's
+        self._recorder: Recorder | None = None
+        self._commands_sent = 0  # tells the recorder whether a command that failed went out
         self.resync_timeout = resync_timeout
         self.max_failures = max_failures
         self.abort_grace = abort_grace
@@ -329,6 +332,11 @@ class ATClient:
 
         return unsubscribe
 
+    def record(self, recorder: Recorder | None) -> None:
+        """Every command sent from now on (resynchronisation probes and abort bytes aside)
+        with its answer, and every URC, go to ``recorder`` (``transcript``); None stops."""
+        self._recorder = recorder
+
     def subscribe_lookalikes(self, callback: UrcCallback) -> Callable[[], None]:
         """``callback(line)`` for each answer line of a non-priority command (and each
         discarded late answer line of one): a URC naming the pending command's tag is
@@ -358,7 +366,8 @@ class ATClient:
         written; an exception it raises is raised here and nothing is sent (the radio
         gate's last word on a caller's write that waited for the channel)."""
         priority = max(int(priority), GATE_PRIORITY.get())
-        response = await self._run(command, timeout, priority=priority, abortable=abortable, guard=guard)
+        response = await self._recorded(command, self._run(command, timeout, priority=priority, abortable=abortable,
+                                                           guard=guard))
         if check and not response.final.ok:
             raise CommandError(command, response)
         return response
@@ -366,7 +375,8 @@ class ATClient:
     async def command_with_payload(self, command: str, payload: bytes, timeout: float = 5.0, *,
                                    priority: bool = False) -> Response:
         """A command that answers ``> `` and then takes ``payload`` (Ctrl-Z appended)."""
-        response = await self._run(command, timeout, priority=priority, abortable=False, payload=payload)
+        response = await self._recorded(command, self._run(command, timeout, priority=priority, abortable=False,
+                                                           payload=payload))
         if not response.final.ok:
             raise CommandError(command, response)
         return response
@@ -399,6 +409,26 @@ class ATClient:
 
     # -- internals --------------------------------------------------------------------
 
+    async def _recorded(self, command: str, exchange: Awaitable[Response]) -> Response:
+        """Awaits the exchange; tells the recorder (if any) how it ended. A command that
+        never went out (refused by its guard, the port already lost) is not recorded."""
+        recorder = self._recorder
+        sent = self._commands_sent
+        try:
+            response = await exchange
+        except CommandAborted as exc:
+            if recorder is not None:
+                recorder.exchange(command, exc.response.lines if exc.response else (),
+                                  exc.response.final.line if exc.response else None, aborted=True)
+            raise
+        except (CommandTimeout, PortLost, asyncio.CancelledError):
+            if recorder is not None and self._commands_sent != sent:
+                recorder.exchange(command, (), None)
+            raise
+        if recorder is not None:
+            recorder.exchange(command, response.lines, response.final.line)
+        return response
+
     def _ensure_alive(self) -> None:
         if self.lost.done():
             cause = self.lost.result()
@@ -428,6 +458,7 @@ class ATClient:
                     guard()
                 self._lines = []
                 data = self._conn.send_command(command, expect_prompt=payload is not None)
+                self._commands_sent += 1
                 result = await self._exchange(data, command, timeout, abortable=abortable, priority=priority)
                 if payload is not None and isinstance(result, Prompt):
                     result = await self._exchange(self._conn.send_payload(payload), command, timeout,
@@ -665,6 +696,8 @@ class ATClient:
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(event)
         elif isinstance(event, Urc):
+            if self._recorder is not None:
+                self._recorder.urc(event.line)
             for callback in list(self._subscribers):
                 try:
                     callback(event.line)

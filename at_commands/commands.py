@@ -161,15 +161,15 @@ def breaks_the_session(command_line: str) -> bool:
 
 # Commands whose arguments carry a PIN, a password or APN credentials (27.007 +CPIN,
 # +CPIN2, +CPWD, +CLCK, +CGAUTH; vendor APN set-up: Quectel +QICSGP, SIMCom +CSTT and
-# +CNCFG, Fibocom +MIPCALL, Cinterion ^SICS). Everything after their "=" is secret
-# (errs towards removing too much: +CLCK="SC",2 loses its facility too).
+# +CNCFG, Fibocom +MIPCALL, Cinterion ^SICS). Everything after their "=" is secret, the
+# test form "=?" aside (errs towards removing too much: +CLCK="SC",2 loses its facility too).
 SECRET_COMMANDS: tuple[str, ...] = ("CPIN2", "CPIN", "CPWD", "CLCK", "CGAUTH", "QICSGP", "CSTT", "MIPCALL",
                                     "SICS", "CNCFG")
 # Of those, the ones whose read answer shows the credentials back (+QICSGP: 1,"apn","user","pw",1).
 CREDENTIAL_ANSWERS: tuple[str, ...] = ("CGAUTH", "QICSGP", "CSTT", "MIPCALL", "SICS", "CNCFG")
 REDACTED = "[redacted]"
 _SECRET_ARGUMENTS = re.compile(
-    rf"((?:\bAT\s*|;\s*)[+^$#]?(?:{'|'.join(SECRET_COMMANDS)})\s*=)[^\r\n]*", re.IGNORECASE)
+    rf"((?:\bAT\s*|;\s*)[+^$#]?(?:{'|'.join(SECRET_COMMANDS)})\s*=)(?!\s*\?)[^\r\n]*", re.IGNORECASE)
 # An answer line: at a line's start or after a blank (a log line's "12:00:01 < +QICSGP: ...").
 _CREDENTIAL_ANSWER = re.compile(rf"((?:^|(?<=\s))[+^$#](?:{'|'.join(CREDENTIAL_ANSWERS)})\s*:)[^\r\n]*",
                                 re.IGNORECASE | re.MULTILINE)
