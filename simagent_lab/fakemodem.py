@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from at_commands import profiles
+from at_commands import profiles, transcript as at_transcript
 from at_commands.profiles import Profile
+from simagent_lab.replay import ReplayState
 
 # --- identities -----------------------------------------------------------------------
 
@@ -204,6 +205,10 @@ class _Timer:
 @dataclass
 class FakeModemState:
     """The modem's behaviour, no I/O. All times come from ``clock``."""
+
+    # The control operations this state serves (a replay serves fewer: ReplayState).
+    CONTROL_OPS: ClassVar[frozenset[str]] = frozenset({
+        "state", "sim-remove", "sim-insert", "set", "register", "reboot", "unplug", "replug", "fault", "urc"})
 
     profile: Profile = profiles.GENERIC
     imei: str = DEFAULT_IMEI
@@ -1144,7 +1149,7 @@ class FakeModem:
     def __init__(
         self,
         link: str | os.PathLike,
-        state: FakeModemState | None = None,
+        state: FakeModemState | ReplayState | None = None,
         control_path: str | os.PathLike | None = None,
         transcript_path: str | os.PathLike | None = None,
     ):
@@ -1227,7 +1232,13 @@ class FakeModem:
 
     def _dispatch(self, op: str, args: dict[str, Any]) -> None:
         s = self.state
+        if op not in s.CONTROL_OPS:
+            raise ValueError(f"{op}: not served by this fake" + (" (a replay: the transcript is the whole truth)"
+                                                                  if isinstance(s, ReplayState) else ""))
         if op == "state":
+            return
+        if isinstance(s, ReplayState):
+            self._dispatch_replay(s, op, args)
             return
         if op == "sim-remove":
             self._write(b"".join(s.sim_remove()))
@@ -1240,10 +1251,7 @@ class FakeModem:
         elif op == "reboot":
             self._write(b"".join(s.reboot()))
         elif op == "urc":
-            line = str(args["line"])
-            if not line or "\r" in line or "\n" in line:
-                raise ValueError("urc: expected one non-empty line")
-            self._write(_frame(line))
+            self._write(b"".join(_urc_output(args)))
         elif op == "fault":
             s.fault(str(args["kind"]), args.get("seconds"), int(args.get("count", 1)))
         elif op == "unplug":
@@ -1254,6 +1262,19 @@ class FakeModem:
                 self._write(b"".join(s.reboot()))
         else:
             raise ValueError(f"unknown operation {op!r}")
+
+    def _dispatch_replay(self, s: ReplayState, op: str, args: dict[str, Any]) -> None:
+        if op == "replay-urc":
+            self._write(b"".join(s.replay_urc(bool(args.get("all", False)))))
+        elif op == "urc":
+            self._write(b"".join(_urc_output(args)))
+        elif op == "reboot":
+            self._write(b"".join(s.reboot()))
+        elif op == "unplug":
+            self._unplug()
+        elif op == "replug" and self._master is None:
+            self._plug()
+            self._write(b"".join(s.reboot()))
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.state.snapshot()
@@ -1428,6 +1449,13 @@ class FakeModem:
             conn.setblocking(False)
 
 
+def _urc_output(args: dict[str, Any]) -> list[bytes]:
+    line = str(args["line"])
+    if not line or "\r" in line or "\n" in line:
+        raise ValueError("urc: expected one non-empty line")
+    return [_frame(line)]
+
+
 # --- control client ----------------------------------------------------------------------
 
 
@@ -1459,6 +1487,11 @@ def parse_ctl_words(op: str, words: list[str]) -> dict[str, Any]:
         if not words:
             raise ValueError("urc needs the line to emit, e.g. '+CPIN: NOT READY'")
         request["line"] = " ".join(words)
+    elif op == "replay-urc":
+        if words not in ([], ["all"]):
+            raise ValueError("replay-urc takes nothing (the next recorded URC) or 'all'")
+        if words:
+            request["all"] = True
     elif op == "register":
         if len(positional) != 1:
             raise ValueError("register needs one of home, roaming, denied, searching")
@@ -1482,7 +1515,8 @@ def parse_ctl_words(op: str, words: list[str]) -> dict[str, Any]:
     return request
 
 
-CTL_OPS = ("sim-remove", "sim-insert", "set", "register", "reboot", "unplug", "replug", "fault", "urc", "state")
+CTL_OPS = ("sim-remove", "sim-insert", "set", "register", "reboot", "unplug", "replug", "fault", "urc", "replay-urc",
+           "state")
 
 
 def _ctl_main(argv: list[str]) -> int:
@@ -1523,7 +1557,20 @@ def _serve_main(argv: list[str]) -> int:
                         help="how long AT+COPS=? searches (abortable by any input)")
     parser.add_argument("--control", help="Unix socket for JSON-lines control")
     parser.add_argument("--transcript", help="append every line in/out as JSON lines")
+    parser.add_argument("--replay", metavar="FILE",
+                        help="answer as the AT transcript FILE recorded (simagent at --record); "
+                        "the modem options above do not apply")
     args = parser.parse_args(argv)
+    if args.replay:
+        given = [f"--{name.replace('_', '-')}" for name, default in REPLAY_EXCLUDES.items()
+                 if getattr(args, name) != default]
+        if given:
+            parser.error(f"--replay: the transcript is the modem; {', '.join(given)} do not apply")
+        try:
+            replay = ReplayState(at_transcript.load(args.replay), source=args.replay)
+        except (OSError, at_transcript.TranscriptError) as exc:
+            parser.error(f"--replay {args.replay}: {exc}")
+        return _serve(FakeModem(args.link, replay, control_path=args.control, transcript_path=args.transcript))
     try:
         state = FakeModemState(
             profile=profiles.get(args.profile), imei=args.imei, iccid=None if args.no_sim else args.iccid,
@@ -1531,7 +1578,16 @@ def _serve_main(argv: list[str]) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    modem = FakeModem(args.link, state, control_path=args.control, transcript_path=args.transcript)
+    return _serve(FakeModem(args.link, state, control_path=args.control, transcript_path=args.transcript))
+
+
+# The modem options --replay refuses (their defaults: an option left at it was not given).
+REPLAY_EXCLUDES = {"profile": "generic", "imei": DEFAULT_IMEI, "iccid": DEFAULT_ICCID, "no_sim": False,
+                   "imsi": DEFAULT_IMSI, "pin": None, "register_delay": 0.3, "scan_seconds": DEFAULT_SCAN_SECONDS}
+
+
+def _serve(modem: FakeModem) -> int:
+    """Serves until SIGTERM/SIGINT; the exit code."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -13,15 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from simagent_lab import fakemodem
-from at_commands import profiles
+from simagent_lab.replay import ReplayState
+from at_commands import profiles, transcript as at_transcript
 
 MODEM_KEYWORDS = ("profile", "imei", "iccid", "no_sim", "imsi", "pin", "register_delay", "scan_seconds")
+# replay=FILE: the fake answers as that AT transcript recorded (no other keyword applies).
+REPLAY_KEYWORD = "replay"
 
 
 def _check_keywords(kwargs: dict[str, Any]) -> None:
-    unknown = set(kwargs) - set(MODEM_KEYWORDS)
+    unknown = set(kwargs) - {*MODEM_KEYWORDS, REPLAY_KEYWORD}
     if unknown:
-        raise TypeError(f"fake modem: unknown option(s) {sorted(unknown)}; known: {MODEM_KEYWORDS}")
+        raise TypeError(f"fake modem: unknown option(s) {sorted(unknown)}; known: {(*MODEM_KEYWORDS, REPLAY_KEYWORD)}")
+    if kwargs.get(REPLAY_KEYWORD) is not None and len(kwargs) > 1:
+        raise TypeError(f"fake modem: replay= takes no other option (the transcript is the modem), got {sorted(kwargs)}")
 
 
 class _ControlMixin(abc.ABC):
@@ -58,6 +63,10 @@ class _ControlMixin(abc.ABC):
     def urc(self, line: str) -> dict[str, Any]:
         return self._ok("urc", line=line)
 
+    def replay_urc(self, every: bool = False) -> dict[str, Any]:
+        """A replay's next recorded URC (``every``: all that are left)."""
+        return self._ok("replay-urc", **({"all": True} if every else {}))
+
     def unplug(self) -> dict[str, Any]:
         return self._ok("unplug")
 
@@ -89,11 +98,16 @@ class InProcessFakeModem(_ControlMixin):
 
 def start_in_process(directory: Path, name: str = "modem", **kwargs: Any) -> InProcessFakeModem:
     _check_keywords(kwargs)
+    replay = kwargs.pop(REPLAY_KEYWORD, None)
     no_sim = kwargs.pop("no_sim", False)
     profile = profiles.get(kwargs.pop("profile", "generic"))
     if no_sim:
         kwargs["iccid"] = None
-    state = fakemodem.FakeModemState(profile=profile, **kwargs)
+    state: fakemodem.FakeModemState | ReplayState
+    if replay is not None:
+        state = ReplayState(at_transcript.load(replay), source=str(replay))
+    else:
+        state = fakemodem.FakeModemState(profile=profile, **kwargs)
     modem = fakemodem.FakeModem(directory / name, state, transcript_path=directory / f"{name}.transcript")
     return InProcessFakeModem(modem.start())
 

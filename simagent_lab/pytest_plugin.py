@@ -3,13 +3,15 @@
 Fixtures:
   fake_modem           one in-process fake (background thread), configured by
                        ``@pytest.mark.fake_modem(profile=..., imei=..., iccid=..., no_sim=..., scan_seconds=...,
-                       imsi=..., pin=..., register_delay=...)``
+                       imsi=..., pin=..., register_delay=...)``, or by ``replay=FILE``: the
+                       fake answers as that AT transcript recorded (``simagent at --record``)
   fake_modem_factory   ``factory(**same keywords)`` for several modems in one test
   fake_modem_process   ``start(**same keywords)`` runs the real ``simagent-fakemodem``
                        in a subprocess with a control socket (end-to-end tests)
 All of them give ``.port`` (a symlink in tmp_path), ``.control(op, **args)``,
 ``sim_remove()``, ``sim_insert(iccid)``, ``reboot()``, ``unplug()``, ``replug()``,
-``fault(kind, seconds=None, count=1)``, ``urc(line)``, ``set(**values)``, ``register(state)``,
+``fault(kind, seconds=None, count=1)``, ``urc(line)``, ``replay_urc(every=False)``, ``set(**values)``,
+``register(state)``,
 ``state()`` and ``.transcript`` (list of {"t", "dir", "line"}).
 """
 
@@ -33,7 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "fake_modem(profile='generic', imei=..., iccid=..., no_sim=False, imsi=..., pin=None, "
-        "register_delay=0.3, scan_seconds=3.0): configure the fake_modem fixture",
+        "register_delay=0.3, scan_seconds=3.0) or fake_modem(replay=TRANSCRIPT): configure the fake_modem fixture",
     )
 
 
