@@ -32,6 +32,7 @@ from at_commands import discovery, profiles
 from at_commands.client import CommandError, CommandTimeout, PortBusy, PortLost, PortNotFound, Transcript
 from at_commands.commands import is_abortable
 from at_commands.modem import Modem
+from at_commands.transcript import Recorder
 
 # Slow commands (an operator scan, AT+COPS=?) take minutes; same bound as the daemon's op.
 AT_TIMEOUT = 180.0
@@ -85,8 +86,9 @@ class ModemTarget:
 
 
 @contextlib.asynccontextmanager
-async def opened_modem(target: ModemTarget) -> AsyncIterator[Modem]:
-    """The modem, opened exclusively and answering AT; ``Unavailable`` otherwise."""
+async def opened_modem(target: ModemTarget, recorder: Recorder | None = None) -> AsyncIterator[Modem]:
+    """The modem, opened exclusively and answering AT; ``Unavailable`` otherwise.
+    ``recorder``: gets the session's AT transcript, from the first ``AT`` on."""
     port, profile = target.resolve()
     try:
         modem = await Modem.open(port, profile, baudrate=target.baudrate, command_timeout=target.command_timeout)
@@ -95,6 +97,7 @@ async def opened_modem(target: ModemTarget) -> AsyncIterator[Modem]:
     except PortBusy:
         raise Unavailable("busy", f"{port}: held by another program (is simagent running?)") from None
     modem.client.transcript = DIRECT_TRANSCRIPT
+    modem.client.record(recorder)
     try:
         try:
             await modem.client.command("AT", target.command_timeout)
@@ -109,8 +112,8 @@ async def opened_modem(target: ModemTarget) -> AsyncIterator[Modem]:
         modem.close()
 
 
-async def read_status_direct(target: ModemTarget) -> dict[str, Any]:
-    async with opened_modem(target) as modem:
+async def read_status_direct(target: ModemTarget, recorder: Recorder | None = None) -> dict[str, Any]:
+    async with opened_modem(target, recorder) as modem:
         await modem.initialise()
         doc = await read_modem_status(modem)
     now = time.time()
@@ -128,12 +131,14 @@ def connect_daemon(cfg: config.Config) -> BlockingControlClient | None:
 
 
 def obtain_status(cfg: config.Config, port: str | None = None, profile: str | None = None,
-                  state_dir: str | None = None) -> tuple[dict[str, Any], str, StoreError | None]:
+                  state_dir: str | None = None, recorder: Recorder | None = None
+                  ) -> tuple[dict[str, Any], str, StoreError | None]:
     """(status document, source, store problem): from the daemon when it answers and no
     port was named (source "daemon"), else read directly (source: the port as given) with
     the binding verdict from the state store (``state_dir`` or the configured one) added;
     a store that is damaged or cannot be read leaves the verdict null and is returned for
-    the caller to report (nothing is repaired by looking)."""
+    the caller to report (nothing is repaired by looking). ``recorder`` gets the AT
+    transcript of a direct read."""
     if port is None:
         client = connect_daemon(cfg)
         if client is not None:
@@ -143,7 +148,7 @@ def obtain_status(cfg: config.Config, port: str | None = None, profile: str | No
                 except (ControlError, ConnectionError) as exc:
                     raise Unavailable("daemon", f"the daemon did not answer status: {exc}") from None
     target = ModemTarget.from_config(cfg, port, profile)
-    doc = asyncio.run(read_status_direct(target))
+    doc = asyncio.run(read_status_direct(target, recorder))
     try:
         doc["binding"] = read_binding(state_dir or cfg.device.state_dir, cfg.binding.policy(), doc)
         if doc["binding"] is None:  # no state store yet: nothing is known about the binding
@@ -191,11 +196,11 @@ def status_command(args: argparse.Namespace) -> int:
 class _DirectSession:
     """One modem held open for a series of commands, on an event loop of its own."""
 
-    def __init__(self, target: ModemTarget, on_urc: Callable[[str], None]) -> None:
+    def __init__(self, target: ModemTarget, on_urc: Callable[[str], None], recorder: Recorder | None = None) -> None:
         self._runner = asyncio.Runner()
         self._stack = contextlib.AsyncExitStack()
         try:
-            self._modem = self._runner.run(self._stack.enter_async_context(opened_modem(target)))
+            self._modem = self._runner.run(self._stack.enter_async_context(opened_modem(target, recorder)))
         except BaseException:
             self._runner.close()
             raise
@@ -212,12 +217,16 @@ class _DirectSession:
 
 
 class _DaemonSession:
-    def __init__(self, client: BlockingControlClient) -> None:
+    def __init__(self, client: BlockingControlClient, recorder: Recorder | None = None) -> None:
         self._client = client
+        self._recorder = recorder  # the daemon's answers (its URCs do not come this way)
 
     def send(self, command: str, unsafe: bool) -> dict[str, Any]:
         try:
-            return self._client.call("at", command=command.strip(), unsafe=unsafe)
+            result = self._client.call("at", command=command.strip(), unsafe=unsafe)
+            if self._recorder is not None:
+                self._recorder.exchange(command, result["lines"], result["final"])
+            return result
         except ControlError as exc:
             raise Refused(exc.code, f"daemon: {exc.message}") from None
         except ConnectionError as exc:
@@ -281,10 +290,19 @@ def at_command(args: argparse.Namespace) -> int:
             print(f"{command.strip()}: {exc}{nothing}", file=sys.stderr)
             return exitcodes.CHECK_FAILED
     urcs: list[str] = []
+    recorder = None
     try:
         client = None if args.port else connect_daemon(cfg)
-        session = _DaemonSession(client) if client else _DirectSession(ModemTarget.from_config(cfg, args.port, args.profile), urcs.append)
+        if args.record:
+            recorder = Recorder(args.record, port=DAEMON if client else (args.port or cfg.modem.port), tool="simagent at")
+        session = (_DaemonSession(client, recorder) if client else
+                   _DirectSession(ModemTarget.from_config(cfg, args.port, args.profile), urcs.append, recorder))
+    except OSError as exc:
+        print(f"simagent at: --record: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
     except Unavailable as exc:
+        if recorder is not None:
+            recorder.close()
         print(f"simagent at: {exc}", file=sys.stderr)
         return exitcodes.UNAVAILABLE
     failed = False
@@ -298,6 +316,8 @@ def at_command(args: argparse.Namespace) -> int:
         return exitcodes.UNAVAILABLE
     finally:
         session.close()
+        if recorder is not None:
+            recorder.close()
     return exitcodes.CHECK_FAILED if failed else exitcodes.OK
 
 
@@ -324,5 +344,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     at.add_argument("--port", help="open this AT port directly (path or pyserial URL), even if the daemon runs")
     at.add_argument("--unsafe", action="store_true", help="allow commands that change the modem")
     at.add_argument("--profile", choices=profile_names, help="vendor profile (default: from the configuration)")
+    at.add_argument("--record", metavar="FILE",
+                    help="save the session's AT transcript to FILE (secrets redacted; "
+                    "simagent-fakemodem --replay FILE serves it)")
     at.add_argument("commands", nargs="*", metavar="CMD", help="e.g. AT+CSQ; none: interactive console")
     at.set_defaults(func=at_command)
