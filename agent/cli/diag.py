@@ -24,6 +24,7 @@ from agent.cli.fieldcli import DAEMON, DIRECT_TRANSCRIPT, Unavailable, connect_d
 from agent.service.control import ControlError
 from agent.core.redact import redact_text, redact_value
 from agent.core.store import StoreError
+from at_commands.transcript import Recorder
 
 EVIDENCE_TAIL = 200  # evidence entries in a support bundle
 
@@ -36,8 +37,9 @@ def format_table(checks: list[Check]) -> str:
 
 
 def _modem_facts(config_path: str | None, port: str | None, state_dir: str | os.PathLike | None,
-                 not_checked: dict[str, str]) -> tuple[dict[str, Any], str | None]:
-    """(modem facts, where they came from: DAEMON, the port, or None when not read)."""
+                 not_checked: dict[str, str], recorder: Recorder | None = None) -> tuple[dict[str, Any], str | None]:
+    """(modem facts, where they came from: DAEMON, the port, or None when not read);
+    ``recorder`` gets the AT transcript of a direct read."""
     try:
         cfg = config.load(config_path)
     except config.ConfigError as exc:
@@ -45,7 +47,8 @@ def _modem_facts(config_path: str | None, port: str | None, state_dir: str | os.
                                          f"not checked: {exc}"))
         return {}, None
     try:
-        doc, source, store_problem = obtain_status(cfg, port, state_dir=None if state_dir is None else os.fspath(state_dir))
+        doc, source, store_problem = obtain_status(cfg, port, state_dir=None if state_dir is None else os.fspath(state_dir),
+                                                   recorder=recorder)
     except Unavailable as exc:
         where = port or cfg.modem.port
         if exc.kind == "missing":
@@ -84,9 +87,11 @@ def write_bundle(
     transcript: str,
     versions: dict[str, Any],
     diag_result: dict[str, Any],
+    replayable: str | None = None,
 ) -> Path:
     """Writes a support tarball (tar.gz, mode 0600). Every member is redacted here, so a
-    caller cannot forget to; the evidence keeps IMEI/ICCID, which support needs."""
+    caller cannot forget to; the evidence keeps IMEI/ICCID, which support needs.
+    ``replayable``: the same traffic as a simagent/at-transcript/1 (at-transcript.jsonl)."""
     members = {
         "config.toml": redact_text(config_text) if config_text is not None else "# no configuration file\n",
         "evidence-tail.jsonl": "".join(json.dumps(redact_value(e), ensure_ascii=False) + "\n" for e in evidence_tail),
@@ -94,6 +99,8 @@ def write_bundle(
         "versions.json": json.dumps(redact_value(versions), indent=2) + "\n",
         "diag.json": json.dumps(redact_value(diag_result), indent=2, ensure_ascii=False) + "\n",
     }
+    if replayable is not None:
+        members["at-transcript.jsonl"] = redact_text(replayable)
     path = Path(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
@@ -128,7 +135,10 @@ def _run(args: argparse.Namespace) -> int:
     except config.ConfigError:
         pass  # the modem facts name the configuration error
     facts = gather_facts(state_dir=state_dir, broker=broker)
-    modem_facts, source = _modem_facts(args.config, args.port, state_dir, facts["not_checked"])
+    # The replayable transcript (simagent-fakemodem --replay) of diag's own read of the modem.
+    at_log = io.StringIO()
+    recorder = Recorder(at_log, port=args.port or "configured", tool="simagent diag") if args.bundle else None
+    modem_facts, source = _modem_facts(args.config, args.port, state_dir, facts["not_checked"], recorder)
     facts.update(modem_facts)
     checks = run_checks(facts)
     report = report_json(checks)
@@ -141,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
             transcript=_at_transcript(args.config, through_daemon=source == DAEMON),
             versions=collect_versions(),
             diag_result={**report, "facts": facts},
+            replayable=None if source == DAEMON else at_log.getvalue(),
         )
         print(f"support bundle written to {written}", file=sys.stderr)
     return exit_code(checks)

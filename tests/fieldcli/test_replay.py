@@ -6,10 +6,12 @@ status` reads the same identity from it."""
 from __future__ import annotations
 
 import json
+import tarfile
 
 from at_commands import transcript
 from at_commands.transcript import Exchange
 from simagent_lab.pytest_plugin import wait_for
+from simagent_lab.replay import ReplayState
 
 # What `simagent status` reads (README, "Record on a terminal, replay in CI").
 STATUS_COMMANDS = ["AT+CGMI", "AT+CGMM", "AT+CGMR", "AT+CGSN", "AT+CPIN?", "AT+QCCID", "AT+CIMI",
@@ -76,3 +78,18 @@ def test_a_record_file_that_cannot_be_written_is_a_usage_error(cli, registered_m
     fm = registered_modem(profile="quectel")
     done = cli("at", "--port", fm.port, "--record", str(tmp_path / "no" / "such" / "dir.jsonl"), "AT")
     assert done.returncode == 2 and "--record" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_diag_bundle_carries_diags_own_at_transcript_ready_to_replay(cli, registered_modem, tmp_path):
+    fm = registered_modem(profile="simcom", imei="356938035643809", iccid="89314404000123456789")
+    bundle = tmp_path / "support.tar.gz"
+    done = cli("diag", "--port", fm.port, "--bundle", str(bundle))
+    assert bundle.exists(), done.stderr
+    with tarfile.open(bundle) as tar:
+        member = tar.extractfile("simagent-support/at-transcript.jsonl")
+        assert member is not None
+        recorded = transcript.parse(member.read().decode())
+    assert recorded.header["tool"] == "simagent diag"
+    replay = ReplayState(recorded)
+    assert b"356938035643809" in b"".join(replay.handle_line("AT+CGSN"))
+    assert b"+ICCID: 89314404000123456789" in b"".join(replay.handle_line("AT+CICCID"))
