@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, TextIO, Union
@@ -117,16 +118,28 @@ def load(path: str | os.PathLike) -> Transcript:
 
 class Recorder:
     """Writes a transcript as the client talks: the header at once, then one line per
-    exchange or URC, redacted and flushed. ``close()`` closes a file it opened."""
+    exchange or URC, redacted and flushed, to ``out`` (a path or a text file; ``close()``
+    closes a file it opened). ``keep``: also (or, without ``out``, only) keep the newest
+    records of at most that many bytes in memory, for ``text()`` (a daemon's recent
+    traffic: bounded, however long it runs)."""
 
-    def __init__(self, out: str | os.PathLike | TextIO, *, port: str = "", tool: str = "",
-                 clock: Callable[[], float] = time.monotonic):
-        self._owned = not hasattr(out, "write")
-        self._file: TextIO = open(out, "w", encoding="utf-8", buffering=1) if self._owned else out  # type: ignore[arg-type]
+    def __init__(self, out: str | os.PathLike | TextIO | None = None, *, keep: int = 0, port: str = "",
+                 tool: str = "", clock: Callable[[], float] = time.monotonic):
+        self._owned = out is not None and not hasattr(out, "write")
+        self._file: TextIO | None = (open(out, "w", encoding="utf-8", buffering=1)  # type: ignore[arg-type]
+                                     if self._owned else out)  # type: ignore[assignment]
+        self._keep = keep
+        self._kept: deque[str] = deque()
+        self._kept_bytes = 0
         self._clock = clock
         self._start = clock()
-        self._write({"schema": SCHEMA, "recorded_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
-                     "port": port, "tool": tool, "redacted": True})
+        self._header = json.dumps({"schema": SCHEMA, "recorded_at": datetime.now(timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z", "port": port, "tool": tool, "redacted": True}) + "\n"
+        self._emit(self._header)
+
+    def text(self) -> str:
+        """The header and the records kept in memory (``keep``), as a transcript file."""
+        return self._header + "".join(self._kept)
 
     def exchange(self, command: str, lines: Iterable[str], final: str | None, *, aborted: bool = False) -> None:
         record: dict[str, Any] = {"t": self._t(), "cmd": redact_secrets(command.strip()),
@@ -139,14 +152,22 @@ class Recorder:
         self._write({"t": self._t(), "urc": redact_secrets(line)})
 
     def close(self) -> None:
-        if self._owned and not self._file.closed:
+        if self._owned and self._file is not None and not self._file.closed:
             self._file.close()
 
     def _t(self) -> float:
         return round(self._clock() - self._start, 3)
 
     def _write(self, obj: dict[str, Any]) -> None:
-        if self._file.closed:
-            return
-        self._file.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self._file.flush()
+        line = json.dumps(obj, ensure_ascii=False) + "\n"
+        if self._keep:
+            self._kept.append(line)
+            self._kept_bytes += len(line)
+            while self._kept_bytes > self._keep:
+                self._kept_bytes -= len(self._kept.popleft())
+        self._emit(line)
+
+    def _emit(self, line: str) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.write(line)
+            self._file.flush()

@@ -144,32 +144,36 @@ def _run(args: argparse.Namespace) -> int:
     report = report_json(checks)
     print(json.dumps(report, indent=2) if args.json else format_table(checks))
     if args.bundle:
+        transcript, daemon_replayable = _at_transcript(args.config, through_daemon=source == DAEMON)
         written = write_bundle(
             args.bundle,
             config_text=_read_config_text(args.config),
             evidence_tail=_evidence_tail_or_empty(state_dir),
-            transcript=_at_transcript(args.config, through_daemon=source == DAEMON),
+            transcript=transcript,
             versions=collect_versions(),
             diag_result={**report, "facts": facts},
-            replayable=None if source == DAEMON else at_log.getvalue(),
+            replayable=daemon_replayable if source == DAEMON else at_log.getvalue(),
         )
         print(f"support bundle written to {written}", file=sys.stderr)
     return exit_code(checks)
 
 
-def _at_transcript(config_path: str | None, *, through_daemon: bool) -> str:
+def _at_transcript(config_path: str | None, *, through_daemon: bool) -> tuple[str, str | None]:
     """The recent AT traffic: the daemon's ring (redacted there) when it holds the modem,
-    else this process's own exchange with it."""
+    else this process's own exchange with it; and the daemon's replayable transcript
+    (None when not through the daemon or not had)."""
     lines = DIRECT_TRANSCRIPT.lines()
+    replayable = None
     if through_daemon:
         try:
             client = connect_daemon(config.load(config_path))
             if client is not None:
                 with client:
-                    lines = client.call("at_transcript")["lines"]
+                    answer = client.call("at_transcript")
+                lines, replayable = answer["lines"], answer.get("transcript")
         except (config.ConfigError, Unavailable, ControlError, ConnectionError, OSError) as exc:
-            return f"# the daemon's AT transcript could not be read: {exc}\n"
-    return "".join(line + "\n" for line in lines) or "# no AT traffic recorded\n"
+            return f"# the daemon's AT transcript could not be read: {exc}\n", None
+    return "".join(line + "\n" for line in lines) or "# no AT traffic recorded\n", replayable
 
 
 def _read_config_text(config: str | None) -> str | None:

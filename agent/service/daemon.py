@@ -48,10 +48,13 @@ from at_commands.client import CommandError as ATCommandError
 from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound, Transcript
 from at_commands.modem import Modem
 from at_commands.parsers import ParseError
+from at_commands.transcript import Recorder
 
 log = logging.getLogger("simagent")
 
 MODEM_RETRY_S = (1.0, 30.0)  # first and longest wait before looking for the modem again
+# The newest AT traffic the daemon keeps for `at_transcript` (diag --bundle): bytes of records.
+AT_TRANSCRIPT_KEEP = 128 * 1024
 PORT_WATCH_S = 0.02  # how often a configured device path that is missing is looked for
 DISCOVERY_POLL_S = 5.0  # udev events wake us sooner; this covers a missed event
 PORT_SETTLE_S = 2.0  # how long a found modem may take to create the AT port of the wanted role
@@ -86,6 +89,8 @@ class Daemon:
         self.supervisor: Supervisor | None = None
         self.offload = Offloader()  # exports and diag's facts: off the loop, one at a time
         self.transcript = Transcript()  # the recent AT traffic across modem sessions (support bundles)
+        # The same, replayable (simagent-fakemodem --replay): newest AT_TRANSCRIPT_KEEP bytes of records.
+        self.at_recorder = Recorder(keep=AT_TRANSCRIPT_KEEP, port=config.modem.port, tool="simagent run")
 
     # -- life cycle -------------------------------------------------------------------
     async def run(self) -> int:
@@ -185,6 +190,7 @@ class Daemon:
                     wait = min(wait * 2, MODEM_RETRY_S[1])
                 continue
             modem.client.transcript = self.transcript
+            modem.client.record(self.at_recorder)
             opened_at = asyncio.get_running_loop().time()
             try:
                 await self._modem_session(modem, port)
@@ -502,7 +508,8 @@ class Daemon:
             return await self.run_at(str(args["command"]), unsafe=bool(args.get("unsafe")), who={"uid": peer.uid})
 
         async def at_transcript(args: dict, peer: Peer) -> Any:
-            return {"lines": [redact_text(line) for line in self.transcript.lines()]}
+            # "transcript": the same traffic, replayable (simagent/at-transcript/1, redacted as recorded)
+            return {"lines": [redact_text(line) for line in self.transcript.lines()], "transcript": self.at_recorder.text()}
 
         async def bind_show(args: dict, peer: Peer) -> Any:
             return facts.binding_view(self.store, self.config.binding)

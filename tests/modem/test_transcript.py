@@ -118,3 +118,14 @@ def test_the_client_records_answers_errors_timeouts_and_urcs_but_not_what_it_nev
     assert qccid.lines == ("+QCCID: 89860012345678901230",)
     assert cimi.final is None  # no final result came
     assert csq.final == "OK" and csq.lines[0].startswith("+CSQ:")
+
+
+def test_a_recorder_that_keeps_holds_only_the_newest_records_within_its_bound():
+    recorder = Recorder(keep=300, port="/dev/ttyUSB2")
+    for n in range(50):
+        recorder.exchange(f"AT+X{n}", ["+X: 1"], "OK")
+    text = recorder.text()
+    kept = transcript.parse(text).exchanges
+    assert len(text) - len(text.splitlines(keepends=True)[0]) <= 300
+    assert kept and [e.command for e in kept] == [f"AT+X{n}" for n in range(50 - len(kept), 50)]
+    assert Recorder(io.StringIO()).text().count("\n") == 1  # a recorder that keeps nothing: the header
