@@ -1232,6 +1232,8 @@ class FakeModem:
 
     def _dispatch(self, op: str, args: dict[str, Any]) -> None:
         s = self.state
+        if op not in CTL_OPS:
+            raise ValueError(f"unknown operation {op!r}")
         if op not in s.CONTROL_OPS:
             raise ValueError(f"{op}: not served by this fake" + (" (a replay: the transcript is the whole truth)"
                                                                   if isinstance(s, ReplayState) else ""))
