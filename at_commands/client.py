@@ -67,6 +67,12 @@ PRIORITY_PROBE_WAIT = 0.5
 # older probe's late OK would otherwise chain re-probes; a probe is never answered OK
 # without its marker.)
 PROBE_REFUSALS_AT_ONCE = 5
+# The gate's radio command still unanswered this long after it was written, when the
+# module speaks (a URC), is taken as lost - sent into a hang that has since ended - and
+# given up, so that the gate sends it again at once instead of after its timeout (a
+# card pushed in meanwhile would register). A module still executing it answers the
+# repeat as well: +CFUN and +CGATT are idempotent.
+RADIO_LOST_AFTER = 0.5
 # Priority levels: a caller's command (0), the radio gate's reads (GATE_READ) and its
 # radio commands (GATE_RADIO). Both gate levels go before every caller; a command in
 # flight of a lower level than one that arrives is aborted (an abortable caller command)
@@ -194,6 +200,7 @@ class _InFlight:
     interrupted: bool = False  # the module restarted: no answer will come (see interrupt())
     given_up: bool = False  # a caller's command given up for a waiting priority command
     give_up_timer: asyncio.TimerHandle | None = None
+    written_at: float | None = None  # loop time the line was out
     abort_bytes: bytes = b""
     abort_repeat: asyncio.TimerHandle | None = None
 
@@ -549,6 +556,7 @@ class ATClient:
             if rest:
                 await self._write(rest)
             flight.timer = self._loop.call_later(timeout, _expire, waiter)
+            flight.written_at = self._loop.time()
             if flight.abort_wanted and self._conn.state is State.AWAITING:
                 self._abort(flight)
             try:
@@ -696,6 +704,7 @@ class ATClient:
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(event)
         elif isinstance(event, Urc):
+            self._give_up_lost_radio_command()
             if self._recorder is not None:
                 self._recorder.urc(event.line)
             for callback in list(self._subscribers):
@@ -712,6 +721,17 @@ class ATClient:
                 self._probe_refusals += 1
                 self._waiter.set_result(event)  # re-probe at once (see _resync)
             log.debug("%s: discarded %s input %r (%d bytes)", self.port, event.reason, event.text, event.length)
+
+    def _give_up_lost_radio_command(self) -> None:
+        """See RADIO_LOST_AFTER: the module speaks, the gate's radio command waits."""
+        flight = self._inflight
+        if (flight is None or flight.priority != GATE_RADIO or flight.written_at is None or flight.waiter.done()
+                or self._conn.state is not State.AWAITING or self._loop.time() - flight.written_at < RADIO_LOST_AFTER):
+            return
+        log.info("%s: the module speaks but %r is unanswered after %.1f s: taken as lost", self.port,
+                 self._conn.pending, self._loop.time() - flight.written_at)
+        flight.given_up = True
+        _expire(flight.waiter)
 
     def _offer_lookalike(self, line: str) -> None:
         for callback in list(self._lookalike_subscribers):

@@ -327,3 +327,35 @@ def test_a_probe_refused_by_a_busy_module_is_repeated_at_once(fake_modem):
     assert took < PRIORITY_PROBE_WAIT / 2, took
     probes = [e["line"] for e in fake_modem.transcript if e["dir"] == "in" and e["line"].startswith("ATS")]
     assert len(probes) == 4, probes  # three refused, the fourth answered
+
+
+def test_a_radio_command_lost_to_a_hang_is_given_up_when_the_module_speaks(fake_modem):
+    """The gate sent `AT+CFUN=4` into a hang; the module came back without it (a hung
+    module drops its input). The first URC it prints (a card pushed in) shows it alive:
+    the command is given up at once and sent again, instead of after its 3 s timeout
+    while the card registers (seen in the invariant run: an attach 0.8 s after a hang)."""
+    from at_commands.client import GATE_RADIO, RADIO_LOST_AFTER
+
+    async def scenario():
+        client = await ATClient.open(fake_modem.port)
+        try:
+            await client.command("ATE0")
+            fake_modem.fault("hang")
+            lost = asyncio.ensure_future(client.command("AT+CFUN=4", timeout=3.0, priority=GATE_RADIO))
+            await asyncio.sleep(RADIO_LOST_AFTER + 0.1)
+            fake_modem.fault("clear")
+            assert fake_modem.state()["cfun"] == 1  # the module never took it
+            started = time.monotonic()
+            fake_modem.urc("+QSIMSTAT: 1,1")
+            with pytest.raises(CommandTimeout):
+                await lost
+            given_up = time.monotonic() - started
+            assert (await client.command("AT+CFUN=4", timeout=3.0, priority=GATE_RADIO)).final.ok
+            return given_up, time.monotonic() - started, client._failures
+        finally:
+            client.close()
+
+    given_up, radio_off, failures = run(scenario())
+    assert given_up < 0.3 and radio_off < 0.6, (given_up, radio_off)
+    assert failures == 0  # a lost command is not the module's unresponsiveness
+    assert fake_modem.state()["cfun"] == 4
