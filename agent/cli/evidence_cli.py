@@ -9,6 +9,7 @@ import io
 import json
 import os
 import sqlite3
+import stat
 import sys
 from pathlib import Path
 
@@ -40,6 +41,21 @@ def add_verify_parser(actions: argparse._SubParsersAction) -> None:
     verify.set_defaults(func=verify_command)
 
 
+def _write_out(path: Path, data: bytes) -> None:
+    """A file is replaced atomically (a crash leaves the old or the new one); anything else
+    that is there - a device such as /dev/null, a pipe - is written to, never replaced (as
+    root, a rename over /dev/null would put a regular file in its place)."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        regular = True
+    if regular:
+        write_atomically(path, data)
+        return
+    with open(path, "wb") as target:
+        target.write(data)
+
+
 def export_command(args: argparse.Namespace, settings: CliSettings) -> int:
     try:
         since = parse_since(args.since) if args.since is not None else None
@@ -56,7 +72,7 @@ def export_command(args: argparse.Namespace, settings: CliSettings) -> int:
             return exitcodes.CHECK_FAILED
     text = json.dumps(bundle, indent=1, ensure_ascii=False) + "\n"
     if args.out:
-        write_atomically(Path(args.out), text.encode())
+        _write_out(Path(args.out), text.encode())
         print(f"wrote {len(bundle['entries'])} entries to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

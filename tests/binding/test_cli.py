@@ -188,3 +188,25 @@ def test_export_since_that_is_no_entry_or_time_is_a_usage_error(state, since):
     result = simagent("evidence", "export", "--state-dir", str(state), "--since", since)
     assert result.returncode != 0 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
     assert "--since" in result.stderr
+
+
+def test_evidence_export_to_a_device_or_pipe_writes_to_it_and_never_replaces_it(state, tmp_path):
+    """`--out /dev/null` as root renamed a regular file over /dev/null (the invariant test
+    does exactly that, and the machine's /dev/null kept turning into a file). A pipe stands
+    in for the device here: it is written to and stays a pipe."""
+    import stat
+    import threading
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    done = simagent("evidence", "export", "--out", str(pipe), "--state-dir", str(state))
+    if reader.is_alive():  # the export never opened the pipe: unblock the reader
+        with open(pipe, "wb"):
+            pass
+    reader.join(5)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode), "the pipe was replaced by a file"
+    assert json.loads(received[0])["entries"]
