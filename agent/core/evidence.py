@@ -277,7 +277,10 @@ def write_bundle(conn: sqlite3.Connection, key: Ed25519PrivateKey, out: BinaryIO
         if max_bytes is not None and size > max_bytes:
             raise BundleTooLarge(size, max_bytes, count)
         with mmap.mmap(message.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            signature = base64.b64encode(key.sign(view))
+            try:
+                signature = base64.b64encode(key.sign(view))
+            except TypeError:  # cryptography 38 (Debian 12) signs bytes only: one copy
+                signature = base64.b64encode(key.sign(view[:]))
         message.seek(0)
         remaining = unsigned - 1  # the closing brace comes after the signature
         while remaining:

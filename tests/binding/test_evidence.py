@@ -227,3 +227,24 @@ def test_private_key_never_in_bundle(store, key, bundle):
     secret_b64 = pem.splitlines()[1]
     assert secret_b64 not in json.dumps(bundle)
     assert os.stat(store.path.parent / "device_key.pem").st_mode & 0o077 == 0
+
+
+class _BytesOnlyKey:
+    """An Ed25519 key as cryptography 38 (Debian 12's python3-cryptography) signs: its
+    sign() takes bytes only and raises TypeError for an mmap."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+
+    def sign(self, data) -> bytes:
+        if not isinstance(data, bytes):
+            raise TypeError(f"initializer for ctype 'unsigned char *' must be a cdata pointer, not {type(data).__name__}")
+        return self._key.sign(data)
+
+    def public_key(self):
+        return self._key.public_key()
+
+
+def test_export_signs_with_a_key_that_takes_bytes_only(store, key, bundle):
+    """Found by packaging/test-matrix on bookworm: the export worker failed there."""
+    assert export_bundle(store, _BytesOnlyKey(key), device_id="490154203237518") == bundle

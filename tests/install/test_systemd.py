@@ -18,7 +18,7 @@ from at_commands import discovery
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 UNIT = SYSTEMD / "simagent.service"
-INSTALLED_EXEC = "/opt/simagent/bin/simagent"
+INSTALLED_EXEC = "/usr/bin/simagent"
 
 
 def _tool(name: str) -> str:
@@ -46,7 +46,7 @@ def test_exposure_is_at_most_2() -> None:
 
 def test_verify_is_clean(tmp_path: Path) -> None:
     # The unit names the packaged binary; point a copy at an existing executable so
-    # verify checks everything else rather than failing on the missing /opt path.
+    # verify checks everything else rather than failing on a missing /usr/bin/simagent.
     executable = ROOT / ".venv" / "bin" / "simagent"
     if not executable.exists():
         executable = Path(sys.executable)
