@@ -16,6 +16,9 @@ from .conftest import HOME_ICCID, IMEI
 def test_the_diag_bundle_carries_the_daemons_at_traffic(fake_modem_process, agent_process, tmp_path):
     modem = fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID, register_delay=0.0)
     agent = agent_process(modem, None)
+    # Before READY=1 a `status` may find no control socket yet and read the port itself,
+    # holding it while the daemon opens it: the daemon then waits for the modem.
+    agent.wait_ready()
 
     def sim_read():
         done = agent.cli("status", "--json")
