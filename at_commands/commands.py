@@ -100,6 +100,7 @@ _QUERY_FORMS = (
     re.compile(r"S\d+\?"),  # S-register read
     re.compile(r"\+CRSM=(176|178|192|242)(,.*)?"),  # SIM file reads
     re.compile(r"\+CGSN=[0-3]"),  # serial number reads (IMEI, IMEISV, SVN)
+    re.compile(r'\+CLCK=("[A-Z0-9]{2}"|[A-Z0-9]{2}),2'),  # facility lock status (mode 2, no password)
 )
 # Writes that cannot bring a card onto the network: radio off (27.007 +CFUN 0/4, without
 # the reset flag), detach, deregister or only the operator name format, URC/format/error
