@@ -7,6 +7,7 @@ the outboxes drained, the agents stopped; then the figures (`figures`) from the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -131,8 +132,9 @@ def figures(scenario: Scenario, fleet: Fleet, marks: dict[str, float], cpu: meas
     messages = fleet.observer.snapshot()
     broker_connects = measure.parse_broker_connects(fleet.broker.log())
 
-    # Series: 1-second bins from a little before the stop to the end; x = seconds from the stop.
-    start = max(marks["all_online"], stop - 20)
+    # Series: 1-second bins from a little before the stop to the end, one bin edge at the
+    # stop; x = seconds from the stop.
+    start = stop - math.ceil(stop - max(marks["all_online"], stop - 20))
     end = marks["end"]
 
     def bins(times: list[float]) -> list[int]:
@@ -153,7 +155,8 @@ def figures(scenario: Scenario, fleet: Fleet, marks: dict[str, float], cpu: meas
         "observer_events_per_s": bins(events),
         "broker_publish_received_per_s": measure.counter_per_second(
             sys_samples("publish/messages/received"), start, end),
-        "broker_clients_connected": measure.held_value_per_second(sys_samples("clients/connected"), start, end),
+        "broker_clients_connected": [None if stop <= start + i < up else value for i, value in enumerate(
+            measure.held_value_per_second(sys_samples("clients/connected"), start, end))],  # none while down
         "cpu_busy_pct": _mean_per_second([(t, busy) for t, busy, _, _ in cpu.samples], start, end),
         "fleet_cpu_pct": _mean_per_second([(t, own) for t, _, own, _ in cpu.samples], start, end),
     }
@@ -177,6 +180,8 @@ def figures(scenario: Scenario, fleet: Fleet, marks: dict[str, float], cpu: meas
         "marks_from_broker_stop_s": {k: round(v - stop, 2) for k, v in marks.items()},
         "outage_s": round(outage, 2),
         "peak_connect_attempts_per_s": max(bins([t for t in attempts if t >= stop]), default=0),
+        # While the broker was down: the count the model predicts for this outage, measured.
+        "connect_attempts_during_outage": sum(1 for t in attempts if stop <= t < up),
         "peak_agent_connects_per_s_after_restart": max(bins([t for log in logs.values() for t in log.connects
                                                              if t >= up]), default=0),
         "peak_broker_connects_per_s_after_restart": max(bins([t for t in broker_connects if t >= int(up)]), default=0),
@@ -210,6 +215,9 @@ def figures(scenario: Scenario, fleet: Fleet, marks: dict[str, float], cpu: meas
         "model": {
             **{k: v for k, v in prediction.items() if k != "mean_attempts_per_s"},
             # Where the measured time sits among the simulated fleets' (50: the median).
+            # every simulated terminal's attempts but its last (the one that succeeded)
+            "attempts_during_outage": round(statistics.fmean(sum(run.attempts_per_s) - scenario.n
+                                                             for run in simulated)),
             "measured_all_back_percentile": round(100 * sum(run.back_after_s <= measured_back for run in simulated)
                                                   / len(simulated)) if measured_back is not None else None,
             "mean_attempts_per_s_from_loss": prediction["mean_attempts_per_s"],
