@@ -32,9 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, metavar="FILE", help="write everything, series included")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="draw the run (needs the [fleet] extra: matplotlib)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs, stores, broker)")
+    parser.add_argument("--replot", type=Path, metavar="FILE",
+                        help="no run: draw --plot from a --json FILE of an earlier run")
     args = parser.parse_args(argv)
     if args.plot is not None:
         from benchmarks.fleet import plot  # before the run: a missing matplotlib fails at once
+    if args.replot is not None:
+        if args.plot is None:
+            parser.error("--replot needs --plot")
+        plot.render(json.loads(args.replot.read_text()), args.plot)
+        return 0
     scenario = Scenario(n=args.n, outage_s=args.outage, settle_s=args.settle, swap_share=args.swap_share)
 
     for signum in (signal.SIGTERM, signal.SIGHUP):

@@ -55,14 +55,19 @@ class FleetRun:
     attempts_per_s: list[int]  # bin i: attempts in [i, i + 1) s after the loss
     connects_per_s: list[int]  # the successful ones
     back_after_s: float  # the last terminal's success, seconds after the broker came back
+    half_back_after_s: float  # the median terminal's
+    p99_back_after_s: float
 
 
 def fleet(n: int, outage_s: float, rng: random.Random) -> FleetRun:
     terminals = [terminal(outage_s, rng) for _ in range(n)]
+    back = sorted(term.online_at - outage_s for term in terminals)
     return FleetRun(
         attempts_per_s=per_second([t for term in terminals for t in term.attempts]),
         connects_per_s=per_second([term.online_at for term in terminals]),
-        back_after_s=max(term.online_at for term in terminals) - outage_s,
+        back_after_s=back[-1],
+        half_back_after_s=back[len(back) // 2],
+        p99_back_after_s=back[min(len(back) - 1, int(0.99 * len(back)))],
     )
 
 
@@ -86,6 +91,8 @@ def summary(n: int, outage_s: float, simulated: list[FleetRun]) -> dict:
         "peak_connects_per_s": statistics.median(max(run.connects_per_s) for run in simulated),
         "all_back_after_s": {"median": round(statistics.median(back), 1), "min": round(back[0], 1),
                              "max": round(back[-1], 1)},
+        "half_back_after_s": round(statistics.median(run.half_back_after_s for run in simulated), 1),
+        "p99_back_after_s": round(statistics.median(run.p99_back_after_s for run in simulated), 1),
         "mean_attempts_per_s": [round(x, 2) for x in mean_attempts],
     }
 

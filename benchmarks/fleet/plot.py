@@ -36,7 +36,7 @@ def render(result: dict, path: Path) -> None:
     connects.set_title(f"{n} agents, broker stopped for {result['outage_s']:.1f} s: all back "
                        f"{back} s after the restart; events lost: {result['events']['lost']}")
     handles = connects.get_legend_handles_labels()[0] + clients.get_legend_handles_labels()[0]
-    connects.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=8)
+    connects.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
 
     messages.step(t, series["observer_messages_per_s"], where="post", label="messages/s at the observer")
     messages.step(t, series["observer_events_per_s"], where="post", label="of which events")
@@ -57,11 +57,12 @@ def render(result: dict, path: Path) -> None:
                             ("restore", ":")):
             if name in marks:
                 axis.axvline(marks[name], color="black", linestyle=style, linewidth=0.8)
-    for name, label in (("broker_stop", "stop"), ("broker_up", "start"), ("swap_before", "swaps"),
-                        ("swap_during", "swaps"), ("restore", "cards back")):
+    labels = (("swap_before", "swaps"), ("broker_stop", "broker stop"), ("swap_during", "swaps (broker down)"),
+              ("broker_up", "broker start"), ("restore", "cards back"))
+    for row, (name, label) in enumerate(labels):  # marks a second apart: labels on alternate heights
         if name in marks:
-            connects.annotate(label, (marks[name], 1.0), xycoords=("data", "axes fraction"), fontsize=7,
-                              rotation=90, va="top", ha="right")
+            connects.annotate(label, (marks[name], 0.98 - 0.35 * (row % 2)), xycoords=("data", "axes fraction"),
+                              fontsize=7, rotation=90, va="top", ha="right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
