@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -75,6 +76,15 @@ def per_second(times: list[float], start: float, end: float) -> list[int]:
         if start <= t < end:
             counts[int(t - start)] += 1
     return counts
+
+
+def mean_per_second(samples: list[tuple[float, float]], start: float, end: float) -> list[float | None]:
+    """The mean of the samples in each second (None: no sample in it)."""
+    groups: list[list[float]] = [[] for _ in range(max(0, int(end - start) + 1))]
+    for t, value in samples:
+        if start <= t < end:
+            groups[int(t - start)].append(value)
+    return [round(statistics.fmean(g), 1) if g else None for g in groups]
 
 
 def counter_per_second(samples: list[tuple[float, float]], start: float, end: float) -> list[float]:

@@ -23,6 +23,7 @@ import statistics
 from dataclasses import dataclass
 
 from agent.core.backoff import Backoff
+from benchmarks.fleet import measure
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,8 @@ def terminal(outage_s: float, rng: random.Random) -> Terminal:
 
 
 def per_second(times: list[float]) -> list[int]:
-    """Counts in 1-second bins from t = 0."""
-    counts = [0] * (int(max(times, default=0.0)) + 1)
-    for t in times:
-        counts[int(t)] += 1
-    return counts
+    """Counts in 1-second bins from t = 0 to the last time."""
+    return measure.per_second(times, 0.0, max(times, default=0.0) + 1)
 
 
 @dataclass(frozen=True)

@@ -157,8 +157,8 @@ def figures(scenario: Scenario, fleet: Fleet, marks: dict[str, float], cpu: meas
             sys_samples("publish/messages/received"), start, end),
         "broker_clients_connected": [None if stop <= start + i < up else value for i, value in enumerate(
             measure.held_value_per_second(sys_samples("clients/connected"), start, end))],  # none while down
-        "cpu_busy_pct": _mean_per_second([(t, busy) for t, busy, _, _ in cpu.samples], start, end),
-        "fleet_cpu_pct": _mean_per_second([(t, own) for t, _, own, _ in cpu.samples], start, end),
+        "cpu_busy_pct": measure.mean_per_second([(t, busy) for t, busy, _, _ in cpu.samples], start, end),
+        "fleet_cpu_pct": measure.mean_per_second([(t, own) for t, _, own, _ in cpu.samples], start, end),
     }
 
     # Recovery: per agent, the first connect after the restart (its log) and the observer's
@@ -214,10 +214,10 @@ def figures(scenario: Scenario, fleet: Fleet, marks: dict[str, float], cpu: meas
         },
         "model": {
             **{k: v for k, v in prediction.items() if k != "mean_attempts_per_s"},
-            # Where the measured time sits among the simulated fleets' (50: the median).
             # every simulated terminal's attempts but its last (the one that succeeded)
             "attempts_during_outage": round(statistics.fmean(sum(run.attempts_per_s) - scenario.n
                                                              for run in simulated)),
+            # where the measured time sits among the simulated fleets' (50: the median)
             "measured_all_back_percentile": round(100 * sum(run.back_after_s <= measured_back for run in simulated)
                                                   / len(simulated)) if measured_back is not None else None,
             "mean_attempts_per_s_from_loss": prediction["mean_attempts_per_s"],
@@ -228,14 +228,6 @@ def figures(scenario: Scenario, fleet: Fleet, marks: dict[str, float], cpu: meas
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3 if abs(value) < 10 else 1)
-
-
-def _mean_per_second(samples: list[tuple[float, float]], start: float, end: float) -> list[float | None]:
-    groups: list[list[float]] = [[] for _ in range(max(0, int(end - start) + 1))]
-    for t, value in samples:
-        if start <= t < end:
-            groups[int(t - start)].append(value)
-    return [round(statistics.fmean(g), 1) if g else None for g in groups]
 
 
 def machine() -> dict:
