@@ -15,8 +15,15 @@ from pathlib import Path
 from benchmarks.fleet.scenario import Scenario, run
 
 
-def _exit_on_signal(signum, frame) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the fleet's clean-up like Ctrl-C does
+def end_on_signals() -> None:
+    """SIGTERM and SIGHUP unwind through the fleet's clean-up as Ctrl-C does; SIGINT too when
+    started in the background (a shell starts background jobs with SIGINT ignored)."""
+    def exit_on_signal(signum, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, exit_on_signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     scenario = Scenario(n=args.n, outage_s=args.outage, settle_s=args.settle, swap_share=args.swap_share)
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _exit_on_signal)
     directory = Path(tempfile.mkdtemp(prefix="fleet-", dir="/tmp"))  # short: AF_UNIX paths inside
     try:
         result = run(scenario, directory, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:  # the fleet is already ended (run's clean-up)
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         if args.keep:
             print(f"run directory kept: {directory}", file=sys.stderr)
@@ -65,4 +73,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    end_on_signals()  # here, not in main(): a test that calls main() keeps pytest's handlers
     raise SystemExit(main())
