@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="no run: draw --plot from a --json FILE of an earlier run")
     args = parser.parse_args(argv)
     if args.plot is not None:
-        from benchmarks.fleet import plot  # before the run: a missing matplotlib fails at once
+        try:
+            from benchmarks.fleet import plot  # before the run: a missing matplotlib fails at once
+        except ImportError as exc:
+            parser.error(f"--plot needs matplotlib ({exc}): pip install -e '.[fleet]' (./dev.sh fleet does)")
     if args.replot is not None:
         if args.plot is None:
             parser.error("--replot needs --plot")
