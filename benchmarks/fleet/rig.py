@@ -88,7 +88,7 @@ class Observer:
 
     def __init__(self, port: int, client_id: str = "fleet-observer") -> None:
         self.messages: list[tuple[float, str, bytes, bool]] = []
-        self.connects: list[float] = []
+        self.session_present: list[bool] = []  # per connect: did the broker still hold our session?
         self._lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         self.client.on_connect = self._on_connect
@@ -100,7 +100,7 @@ class Observer:
         self.client.loop_start()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connects.append(time.time())
+        self.session_present.append(bool(flags.session_present))
         client.subscribe([("simagent/#", 1), ("$SYS/broker/clients/connected", 0),
                           ("$SYS/broker/publish/messages/received", 0)])
 

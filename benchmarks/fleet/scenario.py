@@ -191,6 +191,8 @@ def figures(scenario: Scenario, fleet: Fleet, marks: dict[str, float], cpu: meas
             "agents_back": len(back_agent_log),
             "median_agent_logs": round(statistics.median(back_agent_log), 2) if back_agent_log else None,
         },
+        # the broker's persistence at work: the observer reconnected to the session it had
+        "observer_session_present_after_restart": fleet.observer.session_present[1:],
         "retained_online_true": sum(1 for p in retained.values() if json.loads(p).get("online") is True),
         "events": measure.delivery(committed, measure.observed_events(messages)),
         "events_received_by_type": measure.event_types(messages),

@@ -29,6 +29,7 @@ def test_three_agents_survive_a_broker_restart_without_losing_an_event(tmp_path,
     assert kinds["agent_started"] == kinds["agent_stopping"] == 3
     assert kinds["binding_violation"] == 2 and kinds["radio_restored"] >= 2
     assert result["retained_online_true"] == 3
+    assert result["observer_session_present_after_restart"] == [True]
     assert result["all_back_after_restart_s"]["agents_back"] == 3
     assert result["agent_exit_codes"] == {"0": 3}
 
