@@ -5,6 +5,8 @@
 #   ./dev.sh bench    install what is missing, then run the benchmarks (JSON)
 #   ./dev.sh faults [--long] [pytest args]   the fault suite (pytest -m faults) and its table;
 #                     --long: 30+ trials each (SIMAGENT_FAULT_TRIALS) and a fresh seed
+#   ./dev.sh fleet [args]   the fleet simulation (100 agents, a broker restart; JSON + PNG),
+#                     after installing its plot extra; under nice: it fills both cores
 #   ./dev.sh setup    only install
 # Debian packages are installed with apt-get when missing (as root, or through sudo).
 set -euo pipefail
@@ -67,6 +69,10 @@ case "$cmd" in
     demo) setup; exec .venv/bin/simagent demo "$@" ;;
     test) setup; exec .venv/bin/python -m pytest "$@" ;;
     bench) setup; exec .venv/bin/python -m benchmarks --json "$@" ;;
+    fleet)
+        setup
+        .venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/python -m pip install -q -e '.[fleet]'
+        exec nice -n 10 .venv/bin/python -m benchmarks.fleet "$@" ;;
     faults)
         setup
         if [ "${1:-}" = "--long" ]; then
@@ -80,5 +86,5 @@ case "$cmd" in
         [ -s "$report" ] && .venv/bin/python tests/fault_table.py "$report"
         rm -f "$report"
         exit $rc ;;
-    *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

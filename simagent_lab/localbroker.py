@@ -44,6 +44,7 @@ class Broker:
     users: dict[str, str] | None = None
     acl: str | None = None
     persistence: bool = False  # sessions and queued messages survive stop()/start()
+    sys_interval: int | None = None  # seconds between $SYS/broker/# updates (None: mosquitto's 10 s)
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
@@ -56,6 +57,8 @@ class Broker:
         persistence = ["persistence true", f"persistence_location {self.directory}/"] if self.persistence else ["persistence false"]
         lines = [f"listener {self.port} {self.host}", *persistence, f"log_dest file {self.log_path}",
                  "log_type error", "log_type warning", "log_type notice", "log_type information"]
+        if self.sys_interval is not None:
+            lines.append(f"sys_interval {self.sys_interval}")
         if os.geteuid() == 0:
             lines.insert(0, "user root")  # keep access to the files in pytest's 0700 tmp dirs
         if self.tls:
