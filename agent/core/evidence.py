@@ -38,10 +38,10 @@ if TYPE_CHECKING:
 
 # cryptography is imported where a key is used, not here: its native module (with PyJWT,
 # about 9 MB) would be more than a quarter of the idle daemon's memory. The daemon never
-# imports it: exports are signed and token signatures checked in helper processes
-# (agent.service.offload), public keys are read and named by `public_key_bytes` (plain
-# Python), and the public key it publishes comes from DEVICE_PUBKEY_NAME. It creates the
-# device key itself once, on first start.
+# imports it: the device key is created (first start), exports signed and token signatures
+# checked in helper processes (agent.service.offload); public keys are read and named by
+# `public_key_bytes` (plain Python), and the public key it publishes comes from
+# DEVICE_PUBKEY_NAME.
 
 BUNDLE_SCHEMA = "simagent/evidence-bundle/1"
 DEVICE_PUBKEY_NAME = "device_key.pub"  # base64 raw public key, written with the key

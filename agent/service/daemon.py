@@ -34,8 +34,8 @@ from agent.core.config import Config, ConfigError
 from agent.service.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, socket_op
 from agent.service.enforcer import Enforcer, GateRefused
 from agent.service.journal import JournalHandler, journal_socket, log_event
-from agent.core.evidence import device_public_key, parse_since
-from agent.service.offload import ChildOutput, OffloadError, Offloader, open_tokens
+from agent.core.evidence import parse_since
+from agent.service.offload import ChildOutput, OffloadError, Offloader, device_public_key, open_tokens
 from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
 from agent.service.reporter import Reporter
 from agent.service.sdnotify import LoopHealth, Notifier, Watchdog
@@ -109,7 +109,7 @@ class Daemon:
             log.error("state store unavailable, not touched: %s", exc)
             return exitcodes.TEMPFAIL
         self.store.record_listener = log_event  # one log line (journald: with fields) per event
-        self.device_pubkey = device_public_key(cfg.device.state_dir)  # creates the key on first start
+        self.device_pubkey = await device_public_key(cfg.device.state_dir)  # a child creates the key on first start
         self._record("agent_started", {"version": __version__, "pid": os.getpid(), "config": cfg.source})
         if self._device_id() is not None:
             self._identity_known.set()

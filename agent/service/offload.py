@@ -23,6 +23,8 @@ open-tokens`, `open_tokens`), for memory alone: PyJWT and cryptography, which on
 check and the export's signature need, would add about 9 MB to a daemon of 30 (issue 12),
 for a request a terminal sees a few times in its life. The daemon refuses what the header
 already tells (malformed, wrong algorithm, untrusted key: agent.core.tokens) without one.
+For the same reason the device key is created by a child on first start
+(`device_public_key`); later starts read the published public key from its file.
 Diag's fact gathering is I/O on objects of the daemon (configuration, broker target): it
 runs in one dedicated worker thread, through the same slot.
 
@@ -63,6 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.core.evidence import DEVICE_PUBKEY_NAME, EvidenceError
 from agent.core.tokens import Opened, TokenError, TrustedKey, load_trusted_keys, open_token
 
 log = logging.getLogger(__name__)
@@ -190,6 +193,25 @@ async def open_tokens(tokens: list[str], keys: list[TrustedKey]) -> list[Opened]
     return opened
 
 
+async def device_public_key(state_dir: str | os.PathLike) -> str:
+    """The device public key (base64) as published, or, on first start, made by a child
+    that creates the key (agent.core.evidence.device_public_key). Raises EvidenceError
+    when the key cannot be created or read (never replaced)."""
+    try:
+        return (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip()
+    except FileNotFoundError:
+        pass
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-P", "-m", "agent.service.offload", "device-key", os.fspath(state_dir),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, env=_child_environment(),
+    )
+    output, _ = await proc.communicate()
+    text = output.decode(errors="replace").strip()
+    if proc.returncode != 0:
+        raise EvidenceError(text or f"the device key worker failed (exit status {proc.returncode})")
+    return text
+
+
 def _child_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
 
@@ -310,12 +332,26 @@ def open_tokens_child(job: dict[str, Any], raw) -> int:
     return 0
 
 
+def device_key_child(state_dir: str) -> int:
+    from agent.core.evidence import device_public_key
+
+    try:
+        print(device_public_key(state_dir))
+    except EvidenceError as exc:
+        print(exc)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["open-tokens"]:
         return open_tokens_child(json.load(sys.stdin), sys.stdout.buffer)
+    if len(argv) == 2 and argv[0] == "device-key":
+        return device_key_child(argv[1])
     if len(argv) != 2 or argv[0] != "export":
-        print("usage: python -m agent.service.offload export JOB | open-tokens (the daemon runs this)", file=sys.stderr)
+        print("usage: python -m agent.service.offload export JOB | open-tokens | device-key STATE_DIR "
+              "(the daemon runs this)", file=sys.stderr)
         return 2
     try:
         return export_child(json.loads(argv[1]), sys.stdout.buffer)
