@@ -17,7 +17,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from simagent_lab.localagent import AgentProcess, loopback_sections
+from simagent_lab.localagent import AgentProcess, loopback_sections, merge
 from simagent_lab.localbroker import Broker
 from simagent_lab.fakemodem_handles import ProcessFakeModem
 
@@ -29,12 +29,14 @@ UNIT_FILE = Path(__file__).resolve().parent.parent / "systemd" / "simagent.servi
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def start_agent(directory: Path, broker_port: int, modem_port: str) -> AgentProcess:
+def start_agent(directory: Path, broker_port: int, modem_port: str, **sections: dict) -> AgentProcess:
     """`simagent run` with defaults everywhere (telemetry every 60 s, keepalive 60 s) but
-    for the local broker without TLS, the fake's port and paths in `directory`; the
-    watchdog armed as systemd arms it for the shipped unit. Returns once READY=1 came:
-    `agent.wait_ready().received_at - agent.spawned` is the start time."""
-    agent = AgentProcess(directory, loopback_sections(directory, modem_port, broker_port, log_level="warning"),
+    for the local broker without TLS, the fake's port, paths in `directory` and
+    `sections` (e.g. `binding={...}`); the watchdog armed as systemd arms it for the
+    shipped unit. Returns once READY=1 came: `agent.wait_ready().received_at -
+    agent.spawned` is the start time."""
+    agent = AgentProcess(directory, merge(loopback_sections(directory, modem_port, broker_port, log_level="warning"),
+                                          sections),
                          env={"WATCHDOG_USEC": str(unit_watchdog_usec())})
     agent.start()
     try:
@@ -107,8 +109,8 @@ class Rig:
         self.control_socket = self.directory / "control.sock"
         return self
 
-    def start_agent(self) -> AgentProcess:
-        return start_agent(self.directory, self.broker.port, self.modem.port)
+    def start_agent(self, **sections: dict) -> AgentProcess:
+        return start_agent(self.directory, self.broker.port, self.modem.port, **sections)
 
     def __exit__(self, *exc_info: object) -> None:
         self.modem.stop()

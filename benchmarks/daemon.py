@@ -7,15 +7,24 @@ start to READY=1, idle CPU and wake-ups, idle RSS and RSS growth under load (SPE
 - idle: the daemon with the modem present, the card bound, the broker connected and the
   default telemetry interval (60 s), watchdog armed as the shipped unit arms it; CPU from
   /proc/PID/stat, wake-ups = context switches of all its threads, over IDLE_S seconds.
-- RSS: VmRSS when idle, then again after AT_COMMANDS `at` control operations (one
-  persistent connection, as root) and EVENTS `command_refused` events (hostile MQTT
-  commands: each one is refused, recorded in the outbox and published), both after a
-  warm-up of the same work so caches and the allocator have settled.
+- RSS: VmRSS when idle (`rss_mb`); beside it, in the same run, the baseline: a bare
+  interpreter that imports what the daemon cannot do without (asyncio, sqlite3, ssl,
+  paho, pyudev, pyserial). Then after one token check (`bind accept` of a signed rebind
+  token on the control socket) and one evidence export (`rss_after_crypto_mb`: both are
+  done in helper processes, so cryptography never loads into the daemon). Then again
+  after AT_COMMANDS `at` control operations (one persistent connection, as root) and
+  EVENTS `token_refused` events (malformed tokens given to `bind accept`: each one is
+  refused, recorded in the outbox and published), both after a warm-up of the same work
+  so caches and the allocator have settled. (Hostile MQTT commands were the event load
+  until refusals were rate-limited: 20 recorded per 10 s, the rest counted in a summary.)
+- The agent's modules are byte-compiled first, as the Debian package's postinst does:
+  modules compiled at every start (PYTHONDONTWRITEBYTECODE) cost about 0.3 MB more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import compileall
 import statistics
 import subprocess
 import sys
@@ -23,8 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from agent.platform import keys
 from agent.service.control import ControlClient
-from benchmarks._daemon_rig import IMEI, Platform, Rig, context_switches, cpu_seconds, rss_mb
+from benchmarks._daemon_rig import HOME_ICCID, IMEI, Platform, Rig, context_switches, cpu_seconds, rss_mb
 
 START_RUNS = 5
 IDLE_S = 20.0
@@ -33,7 +43,10 @@ AT_COMMANDS = 100_000
 AT_WARMUP = 5_000
 EVENTS = 10_000
 EVENT_WARMUP = 1_000
-EVENT_BATCH = 50  # below the reporter's command queue (64), so no command is dropped
+EVENT_BATCH = 50  # refusals sent before their events are awaited
+BASELINE_RUNS = 3
+BASELINE_IMPORTS = "import asyncio, sqlite3, ssl, paho.mqtt.client, pyudev, serial"
+AGENT_PACKAGES = ("agent", "at_commands")
 
 
 def _python_import_s(runs: int = START_RUNS) -> float:
@@ -44,6 +57,32 @@ def _python_import_s(runs: int = START_RUNS) -> float:
         subprocess.run([sys.executable, "-c", "import agent.service.daemon"], check=True)
         times.append(time.monotonic() - started)
     return statistics.median(times)
+
+
+def _baseline_rss_mb(runs: int = BASELINE_RUNS) -> float:
+    """Median VmRSS of a fresh interpreter that imports BASELINE_IMPORTS."""
+    script = BASELINE_IMPORTS + "\nprint(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])"
+    return statistics.median(
+        int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout) / 1024
+        for _ in range(runs))
+
+
+def _byte_compile() -> None:
+    root = Path(__file__).resolve().parent.parent
+    for package in AGENT_PACKAGES:
+        compileall.compile_dir(root / package, quiet=1)
+
+
+async def _token_check_and_export(socket_path: Path, token: str) -> None:
+    """One `bind accept` of `token` and one evidence export, as root on the control socket."""
+    client = await ControlClient.connect(socket_path)
+    if client is None:
+        raise RuntimeError(f"no daemon answers on {socket_path}")
+    async with client:
+        answer = await client.call("bind_accept", token=token)
+        if not answer.get("accepted"):
+            raise RuntimeError(f"the token was refused: {answer}")
+        await client.call("export_evidence")
 
 
 def _start_to_ready(rig: Rig) -> list[float]:
@@ -76,37 +115,47 @@ async def _at_commands(socket_path: Path, count: int) -> float:
         return count / (time.monotonic() - started)
 
 
-def _hostile_commands(platform: Platform, count: int) -> float:
-    """`count` malformed commands on P/cmd, in batches; waits for each batch's
-    `command_refused` events at the platform. Returns events per second."""
-    topic = f"simagent/{IMEI}/cmd"
-    started = time.monotonic()
-    sent = 0
-    while sent < count:
-        batch = min(EVENT_BATCH, count - sent)
-        for i in range(batch):
-            platform.publish(topic, b"{not json " + str(sent + i).encode())
-        for _ in range(batch):
-            platform.wait_event("command_refused", timeout=30)
-        sent += batch
-    return count / (time.monotonic() - started)
+async def _refused_tokens(socket_path: Path, platform: Platform, count: int) -> float:
+    """`count` malformed tokens to `bind_accept` in batches; waits for each batch's
+    `token_refused` events at the platform. Returns events per second."""
+    client = await ControlClient.connect(socket_path)
+    if client is None:
+        raise RuntimeError(f"no daemon answers on {socket_path}")
+    async with client:
+        started = time.monotonic()
+        sent = 0
+        while sent < count:
+            batch = min(EVENT_BATCH, count - sent)
+            for i in range(batch):
+                await client.call("bind_accept", token=f"not-a-token-{sent + i}")
+            for _ in range(batch):
+                await asyncio.to_thread(platform.wait_event, "token_refused", 30)
+            sent += batch
+        return count / (time.monotonic() - started)
 
 
 def run() -> dict:
+    _byte_compile()
     with tempfile.TemporaryDirectory(prefix="simagent-bench-daemon-") as name, Rig(Path(name)) as rig:
         python_import = _python_import_s()
+        baseline_rss = _baseline_rss_mb()
         starts = _start_to_ready(rig)
-        agent = rig.start_agent()
+        operator = keys.generate(Path(name) / "operator.key")
+        agent = rig.start_agent(binding={"trusted_keys": [operator.trusted_keys_value]})
         platform = Platform(rig.broker.port)
         try:
             time.sleep(SETTLE_S)
             idle_cpu, wakeups = _idle(agent.pid)
             idle_rss = rss_mb(agent.pid)
+            token = keys.mint(keys.load_private_key(operator.private_path), "rebind", IMEI, iccid=HOME_ICCID, ttl_s=600)
+            asyncio.run(_token_check_and_export(rig.control_socket, token))
+            time.sleep(1.0)  # the re-check the accepted token started
+            crypto_rss = rss_mb(agent.pid)
             asyncio.run(_at_commands(rig.control_socket, AT_WARMUP))
-            _hostile_commands(platform, EVENT_WARMUP)
+            asyncio.run(_refused_tokens(rig.control_socket, platform, EVENT_WARMUP))
             rss_before = rss_mb(agent.pid)
             at_rate = asyncio.run(_at_commands(rig.control_socket, AT_COMMANDS))
-            event_rate = _hostile_commands(platform, EVENTS)
+            event_rate = asyncio.run(_refused_tokens(rig.control_socket, platform, EVENTS))
             rss_after = rss_mb(agent.pid)
         finally:
             platform.close()
@@ -121,6 +170,10 @@ def run() -> dict:
         "idle_wakeups_per_s": round(wakeups, 2),
         "idle_window_s": IDLE_S,
         "rss_mb": round(idle_rss, 1),
+        "rss_after_crypto_mb": round(crypto_rss, 1),
+        "rss_baseline_mb": round(baseline_rss, 1),
+        "rss_over_baseline_mb": round(idle_rss - baseline_rss, 1),
+        "rss_ratio_to_baseline": round(idle_rss / baseline_rss, 3),
         "rss_growth_mb": round(rss_after - rss_before, 2),
         "rss_load_at_commands": AT_COMMANDS,
         "rss_load_events": EVENTS,

@@ -7,6 +7,10 @@ is blocked before the card can attach -> the right SIM comes back -> the radio i
 restored -> the evidence bundle is exported and verified -> the agent stops and the
 platform sees it go offline. Every process it started is stopped again; it exits 0 when
 the story went as it should and 1 (naming the step) when it did not.
+
+`simagent run` builds the whole command parser and so imports this module: the lab it
+drives (broker, fake modem, agent process) is imported when the demo runs, not here, so
+the daemon does not carry it (about 3 MB).
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import exitcodes
-from simagent_lab.localagent import AgentProcess, CliFailed, loopback_sections
-from simagent_lab.localbroker import Broker
-from simagent_lab.fakemodem_handles import ProcessFakeModem
+
+if TYPE_CHECKING:
+    from simagent_lab.fakemodem_handles import ProcessFakeModem
+    from simagent_lab.localagent import AgentProcess
 
 IMEI = "864505040000013"
 HOME_ICCID = "89860321234567890123"
@@ -137,6 +142,9 @@ class Demo:
         return exitcodes.OK
 
     def _story(self) -> None:
+        from simagent_lab.fakemodem_handles import ProcessFakeModem
+        from simagent_lab.localbroker import Broker
+
         self.say("simagent demo: a terminal with a cellular modem and its own IoT SIM, an MQTT platform,")
         self.say("and the agent in between - all on this machine, nothing real is touched.")
 
@@ -202,6 +210,8 @@ class Demo:
         self.say("    agent exited 0")
 
     def _start_agent(self, broker_port: int, modem_port: str) -> AgentProcess:
+        from simagent_lab.localagent import AgentProcess, loopback_sections
+
         agent = AgentProcess(self.dir, loopback_sections(self.dir, modem_port, broker_port))
         self.agent = agent
         self.processes.append(agent.close)
@@ -214,6 +224,8 @@ class Demo:
         return agent
 
     def _cli(self, *args: str) -> str:
+        from simagent_lab.localagent import CliFailed
+
         try:
             return self.agent.cli(*args, check=True).stdout
         except CliFailed as exc:

@@ -1,18 +1,19 @@
 """`simagent diag`: the checks of ``agent.core.checks`` over the facts it gathers, the modem's
 read like `simagent status` does, as a table or JSON; and the support bundle (SPEC §8).
+
+`simagent run` builds the whole command parser, so this module is imported by the daemon
+too: what only the bundle needs (tarfile, importlib.metadata, platform) is imported when a
+bundle is written, not here.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import io
 import json
 import os
-import platform
 import sqlite3
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,9 @@ def _modem_facts(config_path: str | None, port: str | None, state_dir: str | os.
 # -- the support bundle ------------------------------------------------------------------
 
 def collect_versions() -> dict[str, str]:
+    import importlib.metadata
+    import platform
+
     versions = {"simagent": __version__, "python": platform.python_version(), "kernel": platform.release(), "machine": platform.machine()}
     for package in ("pyserial", "pyudev", "paho-mqtt", "cryptography", "PyJWT"):
         try:
@@ -92,6 +96,8 @@ def write_bundle(
     """Writes a support tarball (tar.gz, mode 0600). Every member is redacted here, so a
     caller cannot forget to; the evidence keeps IMEI/ICCID, which support needs.
     ``replayable``: the same traffic as a simagent/at-transcript/1 (at-transcript.jsonl)."""
+    import tarfile
+
     members = {
         "config.toml": redact_text(config_text) if config_text is not None else "# no configuration file\n",
         "evidence-tail.jsonl": "".join(json.dumps(redact_value(e), ensure_ascii=False) + "\n" for e in evidence_tail),

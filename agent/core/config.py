@@ -28,6 +28,7 @@ from typing import Any
 
 from agent import exitcodes
 from agent.core import binding
+from agent.core.evidence import public_key_bytes  # the one key parser: tokens and evidence use it too
 
 DEFAULT_PATH = "/etc/simagent/agent.toml"
 ENV_VAR = "SIMAGENT_CONFIG"
@@ -133,10 +134,8 @@ def _check_topic_prefix(value: str) -> str | None:
 
 
 def _check_public_key(value: str) -> str | None:
-    from agent.core.evidence import parse_public_key  # the one parser tokens and evidence use; late: cryptography
-
     try:
-        parse_public_key(value)
+        public_key_bytes(value)
     except ValueError as exc:
         return f"not a usable Ed25519 public key: {exc}"
     return None

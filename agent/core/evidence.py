@@ -36,9 +36,12 @@ from agent.core.store import DEVICE_KEY_NAME, GENESIS_HASH, Store, canonical_jso
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-# cryptography is imported where a key is used, not here: its native module is about a
-# fifth of the idle daemon's memory, and the daemon needs it only to sign an export or
-# check a token. The public key it publishes comes from DEVICE_PUBKEY_NAME.
+# cryptography is imported where a key is used, not here: its native module (with PyJWT,
+# about 9 MB) would be more than a quarter of the idle daemon's memory. The daemon never
+# imports it: the device key is created (first start), exports signed and token signatures
+# checked in helper processes (agent.service.offload); public keys are read and named by
+# `public_key_bytes` (plain Python), and the public key it publishes comes from
+# DEVICE_PUBKEY_NAME.
 
 BUNDLE_SCHEMA = "simagent/evidence-bundle/1"
 DEVICE_PUBKEY_NAME = "device_key.pub"  # base64 raw public key, written with the key
@@ -154,35 +157,52 @@ def device_public_key_b64(key: Ed25519PrivateKey) -> str:
     return public_key_b64(key.public_key())
 
 
-def parse_public_key(text: str) -> Ed25519PublicKey:
-    """An Ed25519 public key given as PEM (SubjectPublicKeyInfo), or as base64 of the raw
-    32 bytes or of the DER SubjectPublicKeyInfo. The one parser: configuration
-    (`trusted_keys`), tokens and evidence verification all use it."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+# An Ed25519 public key in DER SubjectPublicKeyInfo form is this prefix and the 32 raw
+# key bytes: SEQUENCE { SEQUENCE { OID 1.3.101.112 }, BIT STRING } (RFC 8410 §4; DER has
+# one encoding, so anything else is not an Ed25519 key).
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_PEM_BEGIN, _PEM_END = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
 
+
+def public_key_bytes(text: str) -> bytes:
+    """The raw 32 bytes of an Ed25519 public key given as PEM (SubjectPublicKeyInfo), or as
+    base64 of the raw 32 bytes or of the DER SubjectPublicKeyInfo. The one parser:
+    configuration (`trusted_keys`), tokens and evidence verification all use it. Plain
+    Python, so the daemon checks its configuration and names keys without cryptography
+    (any 32 bytes are a key to Ed25519PublicKey.from_public_bytes as well)."""
     text = text.strip()
     if text.startswith("-----BEGIN"):
+        lines = [line.strip() for line in text.splitlines()]
+        if lines[0] != _PEM_BEGIN or lines[-1] != _PEM_END:
+            raise ValueError(f"not a PEM public key: expected {_PEM_BEGIN} ... {_PEM_END}")
         try:
-            key = serialization.load_pem_public_key(text.encode())
-        except ValueError as exc:
-            raise ValueError(f"not a PEM public key: {exc}") from exc
-        if not isinstance(key, Ed25519PublicKey):
+            der = base64.b64decode("".join(lines[1:-1]), validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"not a PEM public key: {exc}") from None
+        if not _is_ed25519_spki(der):
             raise ValueError("PEM key is not Ed25519")
-        return key
+        return der[len(_ED25519_SPKI_PREFIX):]
     try:
         raw = base64.b64decode(text, validate=True)
     except binascii.Error as exc:
         raise ValueError("neither PEM nor base64") from exc
     if len(raw) == 32:
-        return Ed25519PublicKey.from_public_bytes(raw)
-    try:
-        key = serialization.load_der_public_key(raw)
-    except ValueError:
-        raise ValueError(f"base64 key is {len(raw)} bytes: neither a raw Ed25519 key (32) nor DER") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError("DER key is not Ed25519")
-    return key
+        return raw
+    if _is_ed25519_spki(raw):
+        return raw[len(_ED25519_SPKI_PREFIX):]
+    raise ValueError(f"base64 key is {len(raw)} bytes: neither a raw Ed25519 key (32) nor an Ed25519 DER "
+                     "SubjectPublicKeyInfo")
+
+
+def _is_ed25519_spki(der: bytes) -> bool:
+    return len(der) == len(_ED25519_SPKI_PREFIX) + 32 and der.startswith(_ED25519_SPKI_PREFIX)
+
+
+def parse_public_key(text: str) -> Ed25519PublicKey:
+    """`public_key_bytes` as a key object, for checking a signature."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    return Ed25519PublicKey.from_public_bytes(public_key_bytes(text))
 
 
 # -- export -------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from agent.core.binding import (BOUND, LAST_DECISION_KEY, LAST_IMEI_KEY, OK, Bin
                                 binding_rows, decide)
 from agent.core.config import BindingConfig
 from agent.core.store import DB_NAME, LIVED_FILES, Binding, Store, StoreUnavailable
-from agent.core.tokens import key_id, load_trusted_keys
+from agent.core.tokens import load_trusted_keys
 
 # A read-only verdict that would create a binding is shown as this: nothing is bound yet
 # (the daemon binds on its next check), and looking itself never writes.
@@ -161,7 +161,7 @@ def binding_view(store: Store, binding_config: BindingConfig | None) -> dict:
         "bindings": binding_rows(tx.bindings()),
         "last_decision": tx.get_meta(LAST_DECISION_KEY),
         "trusted_time_floor": tx.time_floor(),
-        "trusted_key_ids": [key_id(k.key) for k in load_trusted_keys(binding_config.trusted_keys)] if binding_config else None,
+        "trusted_key_ids": [k.id for k in load_trusted_keys(binding_config.trusted_keys)] if binding_config else None,
     }
 
 

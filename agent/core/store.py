@@ -57,6 +57,11 @@ ANCHOR_INTERVAL = 1.0  # seconds between anchor rewrites (each costs two fsyncs)
 # After a reset, event seq goes on from the anchored one plus this: more than the events
 # one ANCHOR_INTERVAL can commit, so a seq the platform has seen is never reused.
 EVENT_SEQ_GAP = 100_000
+# SQLite's page cache of the store's connection, in KiB. Its default (2,000 KiB) is filled
+# by the integrity check at open and by a growing log, and then held for the daemon's
+# life: 2 MB of a 30 MB daemon (issue 12). What the daemon touches (the ends of the
+# evidence and outbox b-trees, the small tables) fits in far less.
+CACHE_KIB = 512
 # Files whose presence shows that an agent has run in a state directory.
 LIVED_FILES = (INITIALISED_MARKER, ANCHOR_NAME, DEVICE_KEY_NAME)
 # Meta key: set with `state_reset`, cleared by a rebind token or `bind reset`; while set,
@@ -545,6 +550,7 @@ def _connect(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, bool]
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise StoreDamaged(f"integrity check: {check}")

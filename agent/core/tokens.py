@@ -14,26 +14,32 @@ clock a token whose `exp` is after the floor is accepted and the evidence says
 
 Each `jti` is accepted once (persisted). A refused token changes nothing but the
 `token_refused` evidence entry and event.
+
+Two steps. `open_token` checks the header and the signature and gives the signed payload:
+the one step that needs PyJWT and cryptography (about 9 MB of native code and modules),
+so the daemon runs it in a short-lived helper process (agent.service.offload) and hands
+its `Opened` result to `verify_token` / `accept_token`; the CLI and the platform run it
+in-process. Everything else (the header read before the signature, the claims, expiry,
+replay, key ids) is plain Python.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import hashlib
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
+from typing import Any
 
 from agent.core.binding import LAST_DECISION_KEY
 from agent.core.clock import Stamp, format_utc
-from agent.core.evidence import parse_public_key, raw_public_key
+from agent.core.evidence import public_key_bytes
 from agent.core.store import RESET_PENDING_KEY, Binding, Store, Transaction
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 ALGORITHM = "EdDSA"
 BINDING_ACTIONS = ("rebind", "unbind")
@@ -46,14 +52,6 @@ MAX_TOKEN_LENGTH = 8192
 _DIGITS = re.compile(r"[0-9]{6,22}")  # IMEI (15), IMEISV (16), ICCID (18-20, 22 with check digits)
 
 
-def _jwt():
-    """PyJWT, imported on first use: it pulls in http.client, email and x509 (about 2 MB
-    of the daemon's RSS), and the daemon sees a token rarely, if ever."""
-    import jwt
-
-    return jwt
-
-
 class TokenError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -63,7 +61,7 @@ class TokenError(Exception):
 
 @dataclass(frozen=True)
 class TrustedKey:
-    key: Ed25519PublicKey
+    raw: bytes  # the raw 32-byte Ed25519 public key
     id: str
 
 
@@ -87,8 +85,17 @@ class TokenResult:
     time_trusted: bool | None = None
 
 
-def key_id(key: Ed25519PublicKey) -> str:
-    return hashlib.sha256(raw_public_key(key)).hexdigest()[:16]
+@dataclass(frozen=True)
+class Opened:
+    """What `open_token` found: the payload a trusted key signed, or the refusal."""
+
+    payload: Any = None
+    refusal: TokenError | None = None
+
+
+def key_id(raw: bytes) -> str:
+    """`kid` of a raw 32-byte public key."""
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def load_trusted_keys(entries: Iterable[str]) -> list[TrustedKey]:
@@ -96,34 +103,67 @@ def load_trusted_keys(entries: Iterable[str]) -> list[TrustedKey]:
     keys = []
     for index, text in enumerate(entries):
         try:
-            key = parse_public_key(text)
+            raw = public_key_bytes(text)
         except ValueError as exc:
             raise ValueError(f"trusted_keys[{index}]: {exc}") from None
-        keys.append(TrustedKey(key, key_id(key)))
+        keys.append(TrustedKey(raw, key_id(raw)))
     return keys
 
 
-def verify_token(token: str, keys: list[TrustedKey], device_imei: str | None, now: Stamp,
-                 time_floor: float | None, *, actions: Iterable[str] = BINDING_ACTIONS) -> Claims:
-    """Checks everything but replay (that needs the store); `actions` are the `act`
-    values the caller is about to carry out. Raises TokenError."""
+def signing_candidates(token: str, keys: list[TrustedKey]) -> list[TrustedKey]:
+    """The refusals that come before the signature, from the unverified header: a
+    malformed token, an algorithm other than EdDSA, a key that is not trusted. Returns
+    the keys the signature may be checked with. Plain Python: the daemon refuses such
+    tokens without starting a helper process."""
     token = token.strip()
     if not token or len(token) > MAX_TOKEN_LENGTH:
         raise TokenError("malformed", "empty or oversized token")
-    jwt = _jwt()
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.InvalidTokenError as exc:
-        raise TokenError("malformed", f"not a JWT ({exc})") from None
+    header = _unverified_part(token, 0)
+    if not isinstance(header, dict):
+        raise TokenError("malformed", "not a JWT (the header is not a JSON object)")
     if header.get("alg") != ALGORITHM:
         # Never let the token pick its algorithm ("none", or HS256 keyed with a public key).
         raise TokenError("bad_signature", f"alg {header.get('alg')!r} is not allowed, only {ALGORITHM}")
     kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise TokenError("malformed", "not a JWT (the kid header is not a string)")
     candidates = [k for k in keys if kid is None or k.id == kid]
     if not candidates:
         raise TokenError("untrusted_key", "no trusted key configured" if not keys else f"key {kid!r} is not trusted")
-    payload = _verified_payload(token, candidates)
-    claims = _claims(payload)
+    return candidates
+
+
+def _unverified_part(token: str, index: int) -> Any:
+    """The JSON of the header (0) or the payload (1), nothing checked."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenError("malformed", "not a JWT (expected three dot-separated parts)")
+    try:
+        return json.loads(base64.urlsafe_b64decode(parts[index] + "=" * (-len(parts[index]) % 4)))
+    except (binascii.Error, ValueError, RecursionError) as exc:
+        raise TokenError("malformed", f"not a JWT ({type(exc).__name__} in part {index + 1})") from None
+
+
+def open_token(token: str, keys: list[TrustedKey]) -> Opened:
+    """The header checks and the signature (PyJWT and cryptography, imported here)."""
+    try:
+        candidates = signing_candidates(token, keys)
+        return Opened(payload=_verified_payload(token.strip(), candidates))
+    except TokenError as refusal:
+        return Opened(refusal=refusal)
+
+
+def verify_token(token: str, keys: list[TrustedKey], device_imei: str | None, now: Stamp,
+                 time_floor: float | None, *, actions: Iterable[str] = BINDING_ACTIONS,
+                 opened: Opened | None = None) -> Claims:
+    """Checks everything but replay (that needs the store); `actions` are the `act`
+    values the caller is about to carry out; `opened`: what `open_token` gave for this
+    token where it ran (the daemon's helper process), else it runs here. Raises TokenError."""
+    if opened is None:
+        opened = open_token(token, keys)
+    if opened.refusal is not None:
+        raise opened.refusal
+    claims = _claims(opened.payload)
     actions = tuple(actions)
     if claims.act not in actions:
         raise TokenError("bad_claims", f"token authorises {claims.act}, not {' or '.join(actions)}")
@@ -138,11 +178,14 @@ def verify_token(token: str, keys: list[TrustedKey], device_imei: str | None, no
 
 
 def _verified_payload(token: str, candidates: list[TrustedKey]) -> Any:
-    jwt = _jwt()
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     options = {"verify_exp": False, "verify_iat": False, "verify_nbf": False, "verify_aud": False, "verify_iss": False}
     for candidate in candidates:
         try:
-            return jwt.decode(token, candidate.key, algorithms=[ALGORITHM], options=options)
+            return jwt.decode(token, Ed25519PublicKey.from_public_bytes(candidate.raw), algorithms=[ALGORITHM],
+                              options=options)
         except jwt.InvalidSignatureError:
             continue
         except jwt.DecodeError as exc:
@@ -186,13 +229,15 @@ IAT_AGREEMENT = 900.0
 
 
 def accept_token(store: Store, token: str, keys: list[TrustedKey], device_imei: str | None, *,
-                 source: str = "token", actions: Iterable[str] = BINDING_ACTIONS) -> TokenResult:
-    """Verifies and applies a token in one transaction. Accepted: the binding change (for
-    rebind/unbind), `token_accepted` and `bound`/`unbound`. Refused: only `token_refused`."""
+                 source: str = "token", actions: Iterable[str] = BINDING_ACTIONS,
+                 opened: Opened | None = None) -> TokenResult:
+    """Verifies and applies a token in one transaction (`opened`: see verify_token).
+    Accepted: the binding change (for rebind/unbind), `token_accepted` and
+    `bound`/`unbound`. Refused: only `token_refused`."""
     with store.transaction() as tx:
         now = tx.now()
         try:
-            claims = verify_token(token, keys, device_imei, now, tx.time_floor(), actions=actions)
+            claims = verify_token(token, keys, device_imei, now, tx.time_floor(), actions=actions, opened=opened)
             _apply(tx, claims, now, source)
             if claims.iat is not None and now.trusted and 0 <= now.wall - claims.iat <= IAT_AGREEMENT:
                 # The platform's signed issue time and our trusted clock agree: two sources.
@@ -233,37 +278,54 @@ def _apply(tx: Transaction, claims: Claims, now: Stamp, source: str) -> None:
 def _identity(token: str) -> dict:
     """What a refused token said it was, for the record - never the token itself (a valid
     one would be a usable credential in the evidence and on MQTT)."""
-    jwt = _jwt()
     try:
-        payload = jwt.decode(token.strip(), options={"verify_signature": False})
-    except jwt.InvalidTokenError:
+        payload = _unverified_part(token.strip(), 1)
+    except TokenError:
         return {}
     if not isinstance(payload, dict):
         return {}
     return {k: payload[k] for k in ("jti", "act", "sub", "iccid") if isinstance(payload.get(k), str) and len(payload[k]) <= 128}
 
 
-def provision_from_file(store: Store, path: str | Path, keys: list[TrustedKey], device_imei: str | None) -> list[TokenResult]:
+@dataclass(frozen=True)
+class Provision:
+    """A provision file's content not processed yet: its tokens and its digest."""
+
+    tokens: list[str]
+    digest: str
+
+
+def pending_provision(store: Store, path: str | Path, device_imei: str | None) -> Provision | None:
     """Tokens written at manufacturing (`[binding] provision_file`), one per line; blank
     lines and lines starting with '#' are skipped. Read at start; a file already processed
     (same content) is not read again, so its tokens are not refused as replays each boot.
-    Nothing is read while this terminal's IMEI is still unknown."""
+    Nothing is read while this terminal's IMEI is still unknown. None: nothing to do."""
     if device_imei is None:
-        return []  # judged once the modem has told us who we are
-    path = Path(path)
+        return None  # judged once the modem has told us who we are
     try:
-        content = path.read_bytes()
+        content = Path(path).read_bytes()
     except FileNotFoundError:
-        return []
+        return None
     digest = hashlib.sha256(content).hexdigest()
     if store.read().get_meta(PROVISION_DIGEST_KEY) == digest:
-        return []
+        return None
     lines = content.decode("utf-8", errors="replace").splitlines()
-    results = [
-        accept_token(store, line, keys, device_imei, source="provision-file")
-        for line in lines
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+    return Provision([line for line in lines if line.strip() and not line.lstrip().startswith("#")], digest)
+
+
+def apply_provision(store: Store, provision: Provision, keys: list[TrustedKey], device_imei: str,
+                    opened: list[Opened] | None = None) -> list[TokenResult]:
+    """Accepts or refuses each token (`opened`: `open_token` of each, run elsewhere), then
+    marks the file's content processed."""
+    opened = opened or [None] * len(provision.tokens)
+    results = [accept_token(store, token, keys, device_imei, source="provision-file", opened=each)
+               for token, each in zip(provision.tokens, opened, strict=True)]
     with store.transaction() as tx:
-        tx.set_meta(PROVISION_DIGEST_KEY, digest)
+        tx.set_meta(PROVISION_DIGEST_KEY, provision.digest)
     return results
+
+
+def provision_from_file(store: Store, path: str | Path, keys: list[TrustedKey], device_imei: str | None) -> list[TokenResult]:
+    """`pending_provision` and `apply_provision` in one process (tests, tools)."""
+    provision = pending_provision(store, path, device_imei)
+    return apply_provision(store, provision, keys, device_imei) if provision else []

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from agent.core import tokens
 from agent.core.clock import Stamp
-from agent.core.evidence import public_key_b64
+from agent.core.evidence import public_key_b64, raw_public_key
 from agent.platform.errors import PlatformError, UsageError
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def generate(private_path: Path, *, force: bool = False) -> KeyPair:
         raise PlatformError(f"cannot write {exc.filename or private_path}: {exc.strerror}") from None
     finally:
         temporary.unlink(missing_ok=True)
-    return KeyPair(private_path, public_path, tokens.key_id(key.public_key()), public_key_b64(key.public_key()))
+    return KeyPair(private_path, public_path, tokens.key_id(raw_public_key(key.public_key())), public_key_b64(key.public_key()))
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -120,9 +120,10 @@ def mint(key: Ed25519PrivateKey, act: str, device_imei: str, *, iccid: str | Non
         claims["iccid"] = iccid
     if reason:
         claims["reason"] = reason
-    kid = tokens.key_id(key.public_key())
+    raw = raw_public_key(key.public_key())
+    kid = tokens.key_id(raw)
     token = jwt.encode(claims, key, algorithm=tokens.ALGORITHM, headers={"kid": kid})
-    trusted = [tokens.TrustedKey(key.public_key(), kid)]
+    trusted = [tokens.TrustedKey(raw, kid)]
     stamp = Stamp(wall=now, trusted=True, mono=0.0, boot_id="platform")
     try:
         tokens.verify_token(token, trusted, device_imei, stamp, None, actions=(act,))

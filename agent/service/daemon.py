@@ -34,8 +34,8 @@ from agent.core.config import Config, ConfigError
 from agent.service.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, socket_op
 from agent.service.enforcer import Enforcer, GateRefused
 from agent.service.journal import JournalHandler, journal_socket, log_event
-from agent.core.evidence import device_public_key, parse_since
-from agent.service.offload import ChildOutput, OffloadError, Offloader
+from agent.core.evidence import parse_since
+from agent.service.offload import ChildOutput, OffloadError, Offloader, device_public_key, open_tokens
 from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
 from agent.service.reporter import Reporter
 from agent.service.sdnotify import LoopHealth, Notifier, Watchdog
@@ -109,7 +109,7 @@ class Daemon:
             log.error("state store unavailable, not touched: %s", exc)
             return exitcodes.TEMPFAIL
         self.store.record_listener = log_event  # one log line (journald: with fields) per event
-        self.device_pubkey = device_public_key(cfg.device.state_dir)  # creates the key on first start
+        self.device_pubkey = await device_public_key(cfg.device.state_dir)  # a child creates the key on first start
         self._record("agent_started", {"version": __version__, "pid": os.getpid(), "config": cfg.source})
         if self._device_id() is not None:
             self._identity_known.set()
@@ -220,14 +220,14 @@ class Daemon:
         self._modem_port = port
         found = False
 
-        def on_identity(imei: str | None) -> None:
+        async def on_identity(imei: str | None) -> None:
             nonlocal found
             if not found:
                 found = True
                 log.info("modem found on %s (profile %s)", port, modem.profile.name)
                 self._record("modem_found", {"port": port, "profile": modem.profile.name})
                 self._modem_lost_recorded = False
-            self._provision(imei)
+            await self._provision(imei)
 
         enforcer = Enforcer(
             modem, self.store, self._policy(), sim_poll_interval=self.config.modem.sim_poll_interval,
@@ -307,16 +307,22 @@ class Daemon:
             self._ready_sent = True
             self.notifier.ready(status)
 
-    def _provision(self, imei: str | None) -> None:
+    async def _provision(self, imei: str | None) -> None:
         """Tokens written at manufacturing (`[binding] provision_file`): judged once the
         terminal knows its IMEI, before its first binding decision; a file already read
-        (same content) is not read again."""
+        (same content) is not read again. Their signatures are checked in one helper
+        process, outside the offload queue (nothing is refused as busy here)."""
         path = self.config.binding.provision_file
         if not path or imei is None:
             return
         try:
-            results = tokens.provision_from_file(self.store, path, self._trusted_keys(), imei)
-        except (OSError, sqlite3.Error) as exc:
+            provision = tokens.pending_provision(self.store, path, imei)
+            if provision is None:
+                return
+            keys = self._trusted_keys()
+            opened = await open_tokens(provision.tokens, keys) if provision.tokens else []
+            results = tokens.apply_provision(self.store, provision, keys, imei, opened)
+        except (OSError, sqlite3.Error, OffloadError) as exc:
             log.error("provision file %s not read: %s", path, exc)
             return
         for result in results:
@@ -436,12 +442,28 @@ class Daemon:
     def _trusted_keys(self) -> list:
         return tokens.load_trusted_keys(self.config.binding.trusted_keys)
 
-    async def accept_token(self, token: str, source: str, actions=tokens.BINDING_ACTIONS) -> dict[str, Any]:
+    async def _open_token(self, token: str, keys: list[tokens.TrustedKey]) -> tokens.Opened:
+        """What the header tells is refused here; the signature is checked in a helper
+        process (agent.service.offload), so PyJWT and cryptography never load in the
+        daemon. Raises OffloadError (busy, or the helper failed)."""
+        try:
+            tokens.signing_candidates(token, keys)
+        except tokens.TokenError as refusal:
+            return tokens.Opened(refusal=refusal)
+        (opened,) = await self.offload.open_tokens([token], keys)
+        return opened
+
+    async def accept_token(self, token: str, source: str, actions=tokens.BINDING_ACTIONS,
+                           opened: tokens.Opened | None = None) -> dict[str, Any]:
+        """`opened`: the token's signed payload when a platform command's check opened it."""
+        keys = self._trusted_keys()
+        if opened is None:
+            opened = await self._open_token(token, keys)
         if self.enforcer is not None:
-            result = await self.enforcer.accept_token(token, self._trusted_keys(), source=source, actions=actions)
+            result = await self.enforcer.accept_token(token, keys, source=source, actions=actions, opened=opened)
         else:  # no modem: the binding still changes; the next modem session checks it
-            result = tokens.accept_token(self.store, token, self._trusted_keys(), self._device_id(),
-                                         source=source, actions=actions)
+            result = tokens.accept_token(self.store, token, keys, self._device_id(),
+                                         source=source, actions=actions, opened=opened)
             self._state_changed()
         return {"accepted": result.accepted, "code": result.code, "message": result.message,
                 "act": result.claims.act if result.claims else None}
@@ -515,7 +537,10 @@ class Daemon:
             return facts.binding_view(self.store, self.config.binding)
 
         async def bind_accept(args: dict, peer: Peer) -> Any:
-            return await self.accept_token(str(args["token"]), source=f"cli uid {peer.uid}")
+            try:
+                return await self.accept_token(str(args["token"]), source=f"cli uid {peer.uid}")
+            except OffloadError as exc:
+                raise ControlError(exc.code, exc.message) from exc
 
         async def bind_reset(args: dict, peer: Peer) -> Any:
             return await self.reset_binding(str(args["reason"]), peer.uid)
@@ -541,15 +566,19 @@ class Daemon:
         ]
 
     # -- platform commands (P/cmd) -------------------------------------------------------------
-    def _verify_command_token(self, token: str, action: str) -> Any:
-        """Checks a command's token before the command runs; the handler then consumes
-        it (rebind/unbind apply it in one transaction with its `jti`)."""
-        return tokens.verify_token(token, self._trusted_keys(), self._device_id(), self.clock.now(),
-                                   self.store.read().time_floor(), actions=(action,))
+    async def _verify_command_token(self, token: str, action: str) -> dict[str, Any]:
+        """Checks a command's token before the command runs and returns its signed
+        claims; the handler then consumes it with them (rebind/unbind apply it in one
+        transaction with its `jti`), so the signature is checked once."""
+        keys = self._trusted_keys()
+        opened = await self._open_token(token, keys)
+        tokens.verify_token(token, keys, self._device_id(), self.clock.now(), self.store.read().time_floor(),
+                            actions=(action,), opened=opened)
+        return opened.payload
 
     def _consume_command_token(self, command: Command) -> None:
         result = tokens.accept_token(self.store, command.token, self._trusted_keys(), self._device_id(),
-                                     source="mqtt", actions=(command.name,))
+                                     source="mqtt", actions=(command.name,), opened=tokens.Opened(payload=command.claims))
         if not result.accepted:
             raise CommandError(result.code or "token_refused", result.message)
 
@@ -569,7 +598,8 @@ class Daemon:
             return {"interval": self.telemetry_interval}
 
         async def token_command(command: Command) -> dict:
-            result = await self.accept_token(command.token, source="mqtt", actions=(command.name,))
+            result = await self.accept_token(command.token, source="mqtt", actions=(command.name,),
+                                             opened=tokens.Opened(payload=command.claims))
             if not result.get("accepted"):
                 raise CommandError(result.get("code") or "token_refused", result.get("message") or "token refused")
             return result

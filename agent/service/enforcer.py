@@ -40,7 +40,7 @@ import enum
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +129,7 @@ class Enforcer:
 
     def __init__(self, modem: Modem, store: Store, policy: BindingPolicy, *, sim_poll_interval: float = 5.0,
                  on_change: Callable[[], None] | None = None,
-                 on_identity: Callable[[str | None], None] | None = None) -> None:
+                 on_identity: Callable[[str | None], Awaitable[None]] | None = None) -> None:
         """`on_identity(imei)` runs each time the IMEI has been read, before the binding
         decision that follows (the daemon reads the manufacturing provision file there)."""
         if sim_poll_interval <= 0:
@@ -257,10 +257,13 @@ class Enforcer:
         self._feed(Input.RECHECK)
 
     async def accept_token(self, token: str, keys: Sequence[tokens.TrustedKey], *, source: str = "token",
-                           actions: Sequence[str] = tokens.BINDING_ACTIONS) -> tokens.TokenResult:
-        """A rebind/unbind token; an accepted one is applied at once (the radio comes back
-        when the card is now allowed). A refused one changes nothing but its record."""
-        result = tokens.accept_token(self.store, token, list(keys), self._imei(), source=source, actions=actions)
+                           actions: Sequence[str] = tokens.BINDING_ACTIONS,
+                           opened: tokens.Opened | None = None) -> tokens.TokenResult:
+        """A rebind/unbind token (`opened`: see tokens.verify_token); an accepted one is
+        applied at once (the radio comes back when the card is now allowed). A refused one
+        changes nothing but its record."""
+        result = tokens.accept_token(self.store, token, list(keys), self._imei(), source=source, actions=actions,
+                                     opened=opened)
         if result.accepted:
             await self.check("token_accepted")
         return result
@@ -614,7 +617,7 @@ class Enforcer:
         self._identity = identity
         self.read_at = time.time()
         if self._on_identity is not None:
-            self._on_identity(identity.imei)
+            await self._on_identity(identity.imei)
 
     def _imei(self) -> str | None:
         return self._identity.imei if self._identity else None

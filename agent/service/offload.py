@@ -18,6 +18,13 @@ Where the work runs. An evidence export runs in a child process
   in pymalloc arenas (README: idle RSS <= 40 MB).
 Its cost, an interpreter start (about 0.1 s; a 10,000-entry export takes 0.25 s in all)
 per export, is small for a rare request.
+A token's signature is checked in a child too (`python -m agent.service.offload
+open-tokens`, `open_tokens`), for memory alone: PyJWT and cryptography, which only that
+check and the export's signature need, would add about 9 MB to a daemon of 30 (issue 12),
+for a request a terminal sees a few times in its life. The daemon refuses what the header
+already tells (malformed, wrong algorithm, untrusted key: agent.core.tokens) without one.
+For the same reason the device key is created by a child on first start
+(`device_public_key`); later starts read the published public key from its file.
 Diag's fact gathering is I/O on objects of the daemon (configuration, broker target): it
 runs in one dedicated worker thread, through the same slot.
 
@@ -28,18 +35,24 @@ MQTT commands) cannot pile up threads or memory. Waiting counts against the call
 timeout. Why wait rather than refuse: a technician's export that meets the platform's (or
 a diag) should simply come a moment later, not fail; refusing is kept for a real flood.
 
-The child. The job is its one argument (JSON). On stdout it writes one header line,
+The export child. The job is its one argument (JSON). On stdout it writes one header line,
 `{"ok": true}` followed by the bundle (one line of canonical JSON, see
 `evidence.write_bundle`, written only once it is built and signed) or
 `{"ok": false, "error": {"code", "message"}}`. Its stderr is the daemon's (journald). It
 opens the state database read-only and the device key as it is: an export creates,
 moves and records nothing. The daemon relays the bundle in CHUNK pieces; the pipe's and
 the socket's flow control bound what is buffered on the way.
+
+The token child reads its job from stdin, never from its command line (a token is a
+credential, and every user can read a process's arguments): `{"tokens": [...], "keys":
+[base64 raw public keys]}`. It writes one JSON line, a list with for each token
+`{"payload": ...}` (the signed payload) or `{"refusal": {"code", "message"}}`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -52,11 +65,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.core.evidence import DEVICE_PUBKEY_NAME, EvidenceError
+from agent.core.tokens import Opened, TokenError, TrustedKey, load_trusted_keys, open_token
+
 log = logging.getLogger(__name__)
 
 MAX_WAITING = 8  # requests that may wait while one runs; more are refused with `busy`
 CHUNK = 256 * 1024  # bytes relayed from the child at a time
 HEADER_LIMIT = 64 * 1024  # the child's header line
+TOKEN_CHECK_TIMEOUT_S = 60.0  # a child that starts in 0.2 s natively, 2-3 s under qemu
 # Variables meant for the daemon alone: a child must not talk to systemd in its name.
 _NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 
@@ -120,7 +137,7 @@ class Offloader:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-P", "-m", "agent.service.offload", "export", json.dumps(job),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, limit=HEADER_LIMIT,
-                env={k: v for k, v in os.environ.items() if k not in _NOT_INHERITED},
+                env=_child_environment(),
             )
         except BaseException:
             self._release()
@@ -133,8 +150,70 @@ class Offloader:
             raise
         return output
 
+    async def open_tokens(self, tokens: list[str], keys: list[TrustedKey]) -> list[Opened]:
+        """`open_tokens` in its turn."""
+        await self._take_turn("token check")
+        try:
+            return await open_tokens(tokens, keys)
+        finally:
+            self._release()
+
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+async def open_tokens(tokens: list[str], keys: list[TrustedKey]) -> list[Opened]:
+    """`agent.core.tokens.open_token` of each token, in a child process. Raises
+    OffloadError when the child fails or takes longer than TOKEN_CHECK_TIMEOUT_S (it is
+    killed then, and when the caller is cancelled)."""
+    job = json.dumps({"tokens": tokens, "keys": [base64.b64encode(key.raw).decode() for key in keys]}).encode()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-P", "-m", "agent.service.offload", "open-tokens",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_child_environment(),
+    )
+    try:
+        async with asyncio.timeout(TOKEN_CHECK_TIMEOUT_S):
+            output, _ = await proc.communicate(job)
+    except TimeoutError:
+        raise OffloadError("internal", f"the token check took longer than {TOKEN_CHECK_TIMEOUT_S:g} s") from None
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    try:
+        results = json.loads(output)
+        opened = [Opened(refusal=TokenError(**r["refusal"])) if "refusal" in r else Opened(payload=r["payload"])
+                  for r in results]
+    except (ValueError, TypeError, KeyError):
+        opened = None
+    if proc.returncode != 0 or opened is None or len(opened) != len(tokens):
+        log.error("token check worker failed (exit status %s)", proc.returncode)
+        raise OffloadError("internal", f"the token check failed (exit status {proc.returncode}); see the daemon's log")
+    return opened
+
+
+async def device_public_key(state_dir: str | os.PathLike) -> str:
+    """The device public key (base64) as published, or, on first start, made by a child
+    that creates the key (agent.core.evidence.device_public_key). Raises EvidenceError
+    when the key cannot be created or read (never replaced)."""
+    try:
+        return (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip()
+    except FileNotFoundError:
+        pass
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-P", "-m", "agent.service.offload", "device-key", os.fspath(state_dir),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, env=_child_environment(),
+    )
+    output, _ = await proc.communicate()
+    text = output.decode(errors="replace").strip()
+    if proc.returncode != 0:
+        raise EvidenceError(text or f"the device key worker failed (exit status {proc.returncode})")
+    return text
+
+
+def _child_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
 
 
 class ChildOutput:
@@ -239,10 +318,40 @@ def export_child(job: dict[str, Any], raw) -> int:
     return 1
 
 
+def open_tokens_child(job: dict[str, Any], raw) -> int:
+    keys = load_trusted_keys(job["keys"])
+    results = []
+    for token in job["tokens"]:
+        opened = open_token(token, keys)
+        if opened.refusal is not None:
+            results.append({"refusal": {"code": opened.refusal.code, "message": opened.refusal.message}})
+        else:
+            results.append({"payload": opened.payload})
+    raw.write(json.dumps(results).encode() + b"\n")
+    raw.flush()
+    return 0
+
+
+def device_key_child(state_dir: str) -> int:
+    from agent.core.evidence import device_public_key
+
+    try:
+        print(device_public_key(state_dir))
+    except EvidenceError as exc:
+        print(exc)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["open-tokens"]:
+        return open_tokens_child(json.load(sys.stdin), sys.stdout.buffer)
+    if len(argv) == 2 and argv[0] == "device-key":
+        return device_key_child(argv[1])
     if len(argv) != 2 or argv[0] != "export":
-        print("usage: python -m agent.service.offload export JOB (the daemon runs this)", file=sys.stderr)
+        print("usage: python -m agent.service.offload export JOB | open-tokens | device-key STATE_DIR "
+              "(the daemon runs this)", file=sys.stderr)
         return 2
     try:
         return export_child(json.loads(argv[1]), sys.stdout.buffer)

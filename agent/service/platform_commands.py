@@ -20,7 +20,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.core.operations import PLATFORM, TELEMETRY_INTERVAL_RANGE, OperationRefused, offered, operations
@@ -66,7 +66,8 @@ class Command:
 Handler = Callable[[Command], Awaitable[dict[str, Any] | None]]
 # (token, action) -> claims. `action` is the command name (for `at`: "at"). Raises an
 # exception carrying `.code` (e.g. "token_expired", "token_replayed") when it refuses.
-TokenVerifier = Callable[[str, str], Mapping[str, Any]]
+# A coroutine: the daemon checks the signature in a helper process.
+TokenVerifier = Callable[[str, str], Awaitable[Mapping[str, Any]]]
 
 
 def reply_ok(request_id: str, result: dict[str, Any] | None) -> dict[str, Any]:
@@ -107,6 +108,8 @@ class CommandProcessor:
             request_id = _request_id(document)
             name = document.get("name") if isinstance(document.get("name"), str) else None
             command = self._validate(document)
+            if command.token is not None:
+                command = replace(command, claims=await self._verify(command.token, command.name))
             handler = self.handlers.get(command.name)
             if handler is None:
                 raise CommandError("unsupported", f"{command.name} is not available on this device")
@@ -146,16 +149,15 @@ class CommandProcessor:
             operation.check_args(args)
         except OperationRefused as exc:
             raise CommandError(exc.code, exc.message) from exc
-        claims = None
-        if operation.needs_token(args):
-            if not token:
-                raise CommandError("token_required", f"{name} needs a signed token")
-            claims = self._verify(token, name)
-        return Command(request_id, name, args, claims, token if claims is not None else None)
+        if not operation.needs_token(args):
+            return Command(request_id, name, args)  # a token given anyway is not used
+        if not token:
+            raise CommandError("token_required", f"{name} needs a signed token")
+        return Command(request_id, name, args, token=token)  # `handle` verifies it next
 
-    def _verify(self, token: str, action: str) -> Mapping[str, Any]:
+    async def _verify(self, token: str, action: str) -> Mapping[str, Any]:
         try:
-            return self.verify_token(token, action)
+            return await self.verify_token(token, action)
         except Exception as exc:  # fail closed, whatever the verifier raised
             raise CommandError(getattr(exc, "code", None) or "token_invalid", f"token refused: {exc}") from exc
 

@@ -58,7 +58,7 @@ def snapshot(store):
 
 
 def test_keys_load_from_pem_and_raw_base64_and_bad_ones_are_named():
-    assert [k.id for k in load_trusted_keys([pem(SIGNER), raw_b64(SIGNER)])] == [key_id(SIGNER.public_key())] * 2
+    assert [k.id for k in load_trusted_keys([pem(SIGNER), raw_b64(SIGNER)])] == [key_id(SIGNER.public_key().public_bytes_raw())] * 2
     with pytest.raises(ValueError, match=r"trusted_keys\[1\].*32"):
         load_trusted_keys([pem(SIGNER), base64.b64encode(b"short").decode()])
 
@@ -85,7 +85,7 @@ def test_unbind_deletes_the_binding(bound_store, events, evidence_types):
 
 
 def test_token_can_name_its_key(bound_store):
-    assert accept_token(bound_store, token(headers={"kid": key_id(SIGNER.public_key())}), KEYS, IMEI).accepted
+    assert accept_token(bound_store, token(headers={"kid": key_id(SIGNER.public_key().public_bytes_raw())}), KEYS, IMEI).accepted
 
 
 REFUSALS = {
@@ -96,11 +96,14 @@ REFUSALS = {
     ),
     "bad_signature: alg none": (lambda: unsigned({"alg": "none", "typ": "JWT"}, CLAIMS), "bad_signature"),
     "bad_signature: HS256 keyed with the public key": (lambda: _hs256_confusion(), "bad_signature"),
-    "untrusted_key: kid not trusted": (lambda: token(signer=STRANGER, headers={"kid": key_id(STRANGER.public_key())}), "untrusted_key"),
+    "untrusted_key: kid not trusted": (lambda: token(signer=STRANGER, headers={"kid": key_id(STRANGER.public_key().public_bytes_raw())}), "untrusted_key"),
     "expired: before now": (lambda: token(exp=NOW - 1), "expired"),
     "wrong_device": (lambda: token(sub=OTHER_IMEI), "wrong_device"),
     "malformed: not a JWT": (lambda: "not-a-token", "malformed"),
     "malformed: empty": (lambda: "  ", "malformed"),
+    "malformed: four parts": (lambda: token() + ".x", "malformed"),
+    "malformed: header not JSON": (lambda: "bm90IGpzb24." + token().split(".", 1)[1], "malformed"),
+    "malformed: kid not a string": (lambda: unsigned({"alg": "EdDSA", "kid": 7}, CLAIMS), "malformed"),
     "bad_claims: unknown act": (lambda: token(act="steal"), "bad_claims"),
     "bad_claims: no jti": (lambda: token(jti=None), "bad_claims"),
     "bad_claims: exp not a number": (lambda: token(exp="tomorrow"), "bad_claims"),

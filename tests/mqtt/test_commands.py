@@ -38,7 +38,7 @@ def make_processor(store):
     """A processor with small real handlers and a real EdDSA verifier that burns jti."""
     calls: list[str] = []
 
-    def verify(encoded: str, action: str) -> dict:
+    async def verify(encoded: str, action: str) -> dict:
         try:
             claims = jwt.decode(encoded, SIGNING_KEY.public_key(), algorithms=["EdDSA"],
                                 options={"require": ["sub", "iccid", "act", "exp", "jti"]})

@@ -53,7 +53,7 @@ def test_keygen_makes_a_key_the_agent_trusts_and_tokens_it_accepts(operator_key,
     assert code == exitcodes.USAGE and out == "" and err.count("\n") == 1 and "exists" in err  # never overwritten silently
     keys = tokens.load_trusted_keys([made["trusted_key"]])  # the terminal's own parser of trusted_keys
     assert keys[0].id == made["kid"]
-    assert parse_public_key(open(made["public_key"]).read()).public_bytes_raw() == keys[0].key.public_bytes_raw()
+    assert parse_public_key(open(made["public_key"]).read()).public_bytes_raw() == keys[0].raw
 
     minted = []
     for _ in range(2):
