@@ -19,10 +19,10 @@ the trusted floor that token expiry falls back on (`agent.core.store`).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import datetime as dt
 import functools
 import time
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,19 +54,23 @@ def format_utc(epoch: float) -> str:
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
-    # find_library runs ldconfig/gcc: far too slow to repeat for every stamp.
-    libc_name = ctypes.util.find_library("c")
-    return None if libc_name is None else ctypes.CDLL(libc_name, use_errno=True)
+def _adjtimex() -> Any:
+    # The interpreter's own symbols include the C library's (dlopen(NULL)): no
+    # ctypes.util.find_library, which runs ldconfig in a subprocess and imports shutil,
+    # tempfile, bz2 and lzma into the daemon for good.
+    try:
+        return ctypes.CDLL(None, use_errno=True).adjtimex
+    except (OSError, AttributeError):
+        return None
 
 
 def kernel_clock_synchronised() -> bool:
     """True when the kernel says NTP (or PTP, chrony, ...) keeps the clock in sync."""
-    libc = _libc()
-    if libc is None:
+    adjtimex = _adjtimex()
+    if adjtimex is None:
         return False
     timex = ctypes.create_string_buffer(512)  # struct timex, modes = 0: read only
-    state = libc.adjtimex(timex)
+    state = adjtimex(timex)
     return state not in (-1, _TIME_ERROR)
 
 
