@@ -340,6 +340,7 @@ class Enforcer:
                 "revision": identity.revision if identity else None,
                 "imei": imei,
                 "imei_luhn_ok": identity.imei_luhn_ok if identity else None,
+                "profile": self.modem.profile.name,
             },
             "sim": dict(self._sim),
             "binding": binding_fact(self.policy.mode, self._decision, self.store.read().bindings(),
