@@ -161,15 +161,25 @@ class Modem:
             return None
 
     async def initialise(self) -> Profile:
+        """Sets the module up for the agent's session: echo off, numeric errors, the
+        profile (`identify`), registration and time-zone URCs, the profile's hot-swap
+        reports. These are writes, some kept in the module's NV (Quectel ``AT+QSIMDET``):
+        only the daemon initialises; a read-only caller calls `identify`."""
         await self._try("ATE0")
         await self._try("AT+CMEE=1")
-        if self._auto:
-            self.profile = await self._detect_profile()
-            self._set_urc_rules()
+        await self.identify()
         for command in ("AT+CREG=2", "AT+CGREG=2", "AT+CEREG=2", "AT+CTZR=2"):
             await self._try(command)
         for command in self.profile.hotswap_enable:
             await self._try(command if command.upper().startswith("AT") else "AT" + command)
+        return self.profile
+
+    async def identify(self) -> Profile:
+        """The profile, detected from ``AT+CGMI`` / ``ATI`` when it was "auto": queries
+        only, so every read (`snapshot`) works without changing a setting."""
+        if self._auto:
+            self.profile = await self._detect_profile()
+            self._set_urc_rules()
         return self.profile
 
     async def _detect_profile(self) -> Profile:

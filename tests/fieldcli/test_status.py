@@ -15,6 +15,7 @@ import pytest
 from agent.core.binding import LAST_IMEI_KEY
 from agent.service.control import socket_op
 from agent.core.store import Binding, Store
+from at_commands.commands import is_query
 
 SPEC_KEYS = {
     "modem": {"vendor", "model", "revision", "imei", "imei_luhn_ok", "profile", "port"},
@@ -34,6 +35,10 @@ def status_json(cli, port: str) -> dict:
 
 def test_sim_absent_radio_off_and_unknown_signal_use_the_spec_words(cli, registered_modem):
     fm = registered_modem(profile="simcom", no_sim=True)
+    # Numeric errors are off after power-on: +CPIN? answers a bare ERROR, and a read-only
+    # status does not switch them on (it sends only queries), so it cannot say why.
+    assert status_json(cli, fm.port)["sim"]["state"] == "unknown"
+    assert cli("at", "--port", fm.port, "--unsafe", "AT+CMEE=1").returncode == 0  # as the daemon leaves it
     doc = status_json(cli, fm.port)
     assert {k: set(v) for k, v in doc.items() if k != "binding"} == SPEC_KEYS
     assert doc["sim"] == {"state": "absent", "iccid": None, "imsi": None}
@@ -213,3 +218,19 @@ def test_bad_configuration_exits_78(cli):
     cli.config.write_text('[modem]\nbaudrate = "fast"\n')
     done = cli("status")
     assert done.returncode == 78 and "[modem] baudrate" in done.stderr
+
+
+@pytest.mark.parametrize("profile", ["quectel", "ublox", "generic"])
+def test_direct_status_and_diag_send_only_queries(cli, registered_modem, profile):
+    """A read-only command changes nothing on the module: no echo or error-format setting,
+    no URC switch, and above all no hot-swap enable that the module keeps in NV
+    (Quectel AT+QSIMDET, u-blox AT+UDCONF=50)."""
+    fm = registered_modem(profile=profile)
+    assert status_json(cli, fm.port)["sim"]["state"] == "ready"
+    assert cli("status", "--port", fm.port).returncode == 0
+    done = cli("diag", "--json", "--port", fm.port)
+    assert done.returncode in (0, 1), done.stderr
+    assert {c["name"]: c["result"] for c in json.loads(done.stdout)["checks"]}["at_answers"] == "PASS"
+    sent = [e["line"] for e in fm.transcript if e["dir"] == "in"]
+    assert sent and "AT+CGSN" in sent
+    assert [line for line in sent if not is_query(line)] == []
