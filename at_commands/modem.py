@@ -62,6 +62,7 @@ class Registration:
 @dataclass(frozen=True)
 class Signal:
     dbm: int | None
+    measure: str | None  # parsers.SIGNAL_MEASURES: what dbm is
     csq: Csq | None
     cesq: Cesq | None
 
@@ -326,11 +327,8 @@ class Modem:
                 cesq = parsers.parse_cesq(response.lines)
             except ParseError:
                 pass
-        dbm = csq.dbm if csq else None
-        if dbm is None and cesq is not None:
-            # LTE-only modules often answer +CSQ: 99,99; RSRP is then the usable figure.
-            dbm = cesq.rssi_dbm if cesq.rssi_dbm is not None else cesq.rsrp_dbm
-        return Signal(dbm, csq, cesq)
+        dbm, measure = parsers.signal_reading(csq, cesq)
+        return Signal(dbm, measure, csq, cesq)
 
     async def get_cfun(self, *, priority: bool = False, timeout: float | None = None) -> int:
         return parsers.parse_cfun((await self._cmd("AT+CFUN?", timeout, priority=priority)).lines)
@@ -400,6 +398,7 @@ class Modem:
                       "imei": identity.imei, "imei_luhn_ok": identity.imei_luhn_ok},
             "sim": {"state": sim_state, "iccid": iccid, "imsi": imsi},
             "network": {"registration": registration.state, "operator": operator,
-                        "access_tech": registration.access_tech, "signal_dbm": signal.dbm},
+                        "access_tech": registration.access_tech, "signal_dbm": signal.dbm,
+                        "signal_measure": signal.measure},
             "radio": {"cfun": cfun},
         }

@@ -14,7 +14,7 @@ Document keys (all present; a value that could not be read is null)::
   modem   {vendor, model, revision, imei, imei_luhn_ok, profile, port}
   sim     {state: ready|absent|locked|error|unknown, iccid, imsi}
   network {registration: ModemManager word, operator, access_tech: gsm|umts|lte|nr5g|unknown,
-           signal_dbm: int|null}
+           signal_dbm: int|null, signal_measure: rsrp|ss_rsrp|rscp|rssi|null}
   radio   {cfun, gated}                                                   (gated: daemon)
   binding {mode, status, reason, bound_iccid, bound_imei, since} | null   (CLI / daemon)
   freshness  {modem, sim, network, radio, binding: {from, read_at, age_s}}
@@ -53,7 +53,8 @@ UNBOUND = "unbound"
 STATE_SCHEMA = "simagent/state/1"
 UNKNOWN_MODEM = dict.fromkeys(("vendor", "model", "revision", "imei", "imei_luhn_ok", "profile"))
 UNKNOWN_SIM = {"state": "unknown", "iccid": None, "imsi": None}
-UNKNOWN_NETWORK = {"registration": "unknown", "operator": None, "access_tech": "unknown", "signal_dbm": None}
+UNKNOWN_NETWORK = {"registration": "unknown", "operator": None, "access_tech": "unknown", "signal_dbm": None,
+                   "signal_measure": None}
 
 # Where a fact came from.
 LIVE = "modem"  # read from the modem for this document
@@ -200,6 +201,7 @@ def diag_facts(doc: dict[str, Any]) -> dict[str, Any]:
         "iccid": sim["iccid"],
         "registration": network["registration"],
         "signal_dbm": network["signal_dbm"],
+        "signal_measure": network["signal_measure"],
         "cfun": (doc.get("radio") or {}).get("cfun"),
     }
     binding = doc.get("binding")

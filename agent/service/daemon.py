@@ -447,6 +447,7 @@ class Daemon:
             "operator": await modem.read_operator(),
             "cell": {"lac": registration.lac, "cell_id": registration.cell_id},
             "signal_dbm": signal_.dbm,
+            "signal_measure": signal_.measure,
             "data": await asyncio.to_thread(discovery.data_counters, port) if port and "://" not in port else None,
         }
 

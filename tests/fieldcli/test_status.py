@@ -20,7 +20,7 @@ from at_commands.commands import is_query
 SPEC_KEYS = {
     "modem": {"vendor", "model", "revision", "imei", "imei_luhn_ok", "profile", "port"},
     "sim": {"state", "iccid", "imsi"},
-    "network": {"registration", "operator", "access_tech", "signal_dbm"},
+    "network": {"registration", "operator", "access_tech", "signal_dbm", "signal_measure"},
     "radio": {"cfun"},
     "modem_link": {"state", "port", "detail"},
     "freshness": {"modem", "sim", "network", "radio", "binding"},
@@ -129,7 +129,7 @@ def test_human_output_is_aligned_and_short(cli, registered_modem):
     for label, value in (row for row in rows if len(row) == 2):
         by_label.setdefault(label, value)
     assert by_label["IMEI"] == state["imei"] and by_label["ICCID"] == state["iccid"] and by_label["state"] == "ready"
-    assert by_label["registration"] == "home, CHINA MOBILE, LTE" and by_label["signal"] == "-85 dBm"
+    assert by_label["registration"] == "home, CHINA MOBILE, LTE" and by_label["signal"] == "-85 dBm RSRP"
     assert by_label["radio"] == "on (CFUN=1)" and by_label["modem"] == "Quectel EC25 (quectel)"
     assert by_label["port"] == f"{fm.port} (opened directly)"
     assert by_label["source"] == "live (read from the modem now)"
