@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.core import tokens
-from agent.core.binding import (DETACH, IMEI_UNREADABLE, LAST_IMEI_KEY, RADIO_OFF, RADIO_ON, SIM_UNREADABLE,
-                           BindingPolicy, Decision, Observation, evaluate, reset_bindings)
+from agent.core.binding import (DETACH, IMEI_UNREADABLE, LAST_IMEI_KEY, RADIO_OFF, RADIO_ON, SIM_LOCKED,
+                                SIM_UNREADABLE, BindingPolicy, Decision, Observation, evaluate, reset_bindings)
 from agent.core.facts import binding_fact
 from agent.core.gate import Action, Gate, GateState, Input
 from agent.core.store import Binding, Store
@@ -80,7 +80,7 @@ _MODEM_ERRORS = (CommandError, CommandTimeout, ParseError)
 # A check whose decision could not be recorded (disk full, I/O error): without evidence
 # there is no decision, so with radio_gate the radio is held off until one can be.
 STORE_UNWRITABLE = "store_unwritable"
-_RETRY_STATUSES = (SIM_UNREADABLE, IMEI_UNREADABLE, STORE_UNWRITABLE)
+_RETRY_STATUSES = (SIM_LOCKED, SIM_UNREADABLE, IMEI_UNREADABLE, STORE_UNWRITABLE)
 
 
 class Radio(str, enum.Enum):

@@ -437,7 +437,7 @@ def test_cli_bundle_redacts_the_configuration(tmp_path, capsys):
 NO_SIM_RADIO_OFF = {"sim_state": "absent", "iccid": None, "cfun": 4, "signal_dbm": None, "registration": "idle",
                     "binding_status": "no_sim"}
 LOCKED_RADIO_ON = {"sim_state": "locked", "cfun": 1, "signal_dbm": None, "registration": "idle",
-                   "binding_status": "sim_unreadable"}
+                   "binding_status": "sim_locked"}
 
 
 @pytest.mark.parametrize(

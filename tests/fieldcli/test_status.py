@@ -60,6 +60,10 @@ def test_pin_locked_sim_and_roaming(cli, registered_modem):
     doc = status_json(cli, locked.port)
     assert doc["sim"]["state"] == "locked" and doc["sim"]["imsi"] is None
     assert doc["sim"]["iccid"] == locked.state()["iccid"]  # readable without the PIN
+    Store.open(cli.state_dir).close()  # the daemon has run here: a verdict is given
+    # The card was read: the verdict says why it cannot be used, not that it is unreadable.
+    assert status_json(cli, locked.port)["binding"]["status"] == "sim_locked"
+    assert "  status        sim_locked, mode first-use" in cli("status", "--port", locked.port).stdout
 
     roaming = registered_modem(profile="huawei")
     roaming.register("roaming")
