@@ -176,7 +176,8 @@ class Enforcer:
         self._trigger = Trigger.SESSION_START
         self._trigger_line: str | None = None
         self._identity: Identity | None = None
-        self._sim: dict[str, Any] = {"state": "unknown", "iccid": None, "imsi": None}
+        self._sim: dict[str, Any] = {"state": "unknown", "iccid": None, "imsi": None}  # the last read, shown
+        self._card: str | None = None  # the ICCID last seen in the tray (an unreadable read leaves it)
         self._sim_known = False
         self._removal_seen = False  # a removal was announced since the last observation
         self._recheck_after_decision: str | None = None  # a caller's answer looked like a SIM URC
@@ -429,17 +430,17 @@ class Enforcer:
         """Records SIM removal/insertion seen by comparing with the last observation (or
         announced by a removal URC in between, e.g. the same card out and back in)."""
         present = False if facts.sim_state == "absent" else True if facts.iccid is not None else None
+        self._sim = {"state": facts.sim_state, "iccid": facts.iccid, "imsi": facts.imsi}
         if present is None:
-            self._sim["state"] = facts.sim_state  # unreadable: nothing known about a change
-            return
-        previous = self._sim["iccid"] if self._sim_known else None
+            return  # unreadable: nothing known about a change
+        previous = self._card if self._sim_known else None
         changed = self._removal_seen or facts.iccid != previous
         with self.store.transaction() as tx:
             if previous is not None and changed:
                 tx.record("sim_removed", {"iccid": previous, **trigger})
             if self._sim_known and present and changed:
                 tx.record("sim_inserted", {"iccid": facts.iccid, "imsi": facts.imsi, **trigger})
-        self._sim = {"state": facts.sim_state, "iccid": facts.iccid, "imsi": facts.imsi}
+        self._card = facts.iccid
         self._sim_known = True
         self._removal_seen = False
 

@@ -1,7 +1,8 @@
-"""The `trigger` of SIM, reboot and radio records is a word from a fixed vocabulary; the AT
-line behind it (a hot-swap or boot URC) is in `trigger_line`, exactly as the module sent it.
-Every event is checked against agent/schemas/event.json, whose trigger enum is the
-enforcer's vocabulary."""
+"""What the enforcer says about the tray: the `trigger` of SIM, reboot and radio records is
+a word from a fixed vocabulary, the AT line behind it (a hot-swap or boot URC) is in
+`trigger_line`, exactly as the module sent it (every event is checked against
+agent/schemas/event.json, whose trigger enum is the enforcer's vocabulary); and the SIM it
+shows is the one it read last, not an earlier read's."""
 
 import json
 
@@ -69,5 +70,25 @@ def test_a_polled_change_says_poll_and_has_no_line(open_terminal):
             assert [e["type"] for e in swap] == ["sim_removed", "sim_inserted"]
             for event in swap:
                 assert event["data"]["trigger"] == "poll" and "trigger_line" not in event["data"]
+
+    run(scenario())
+
+
+def test_an_unreadable_sim_shows_no_iccid_and_the_card_read_again_is_no_change(open_terminal):
+    """A read that could not tell the SIM state reads no ICCID: the state document must not
+    show the previous read's ICCID beside `sim_unreadable` as if it had been read now, and
+    the same card read again afterwards is not a removal and an insertion."""
+    async def scenario():
+        async with open_terminal(profile="generic") as t:
+            assert t.started.status == "bound"
+            home = t.enforcer.state()["sim"]["iccid"]
+            changes = [e["type"] for e in t.events()].count("sim_removed")
+            t.fake.fault("error")  # the next command, the poll's AT+CPIN?, answers ERROR
+            await t.status("sim_unreadable")
+            assert t.enforcer.state()["sim"] == {"state": "unknown", "iccid": None, "imsi": None}
+            await t.status("ok")  # the retry reads the card again
+            assert t.enforcer.state()["sim"]["iccid"] == home
+            assert [e["type"] for e in t.events()].count("sim_removed") == changes
+            assert "sim_inserted" not in [e["type"] for e in t.events()]
 
     run(scenario())
