@@ -62,6 +62,7 @@ class Registration:
 @dataclass(frozen=True)
 class Signal:
     dbm: int | None
+    measure: str | None  # parsers.SIGNAL_MEASURES: what dbm is
     csq: Csq | None
     cesq: Cesq | None
 
@@ -161,15 +162,25 @@ class Modem:
             return None
 
     async def initialise(self) -> Profile:
+        """Sets the module up for the agent's session: echo off, numeric errors, the
+        profile (`identify`), registration and time-zone URCs, the profile's hot-swap
+        reports. These are writes, some kept in the module's NV (Quectel ``AT+QSIMDET``):
+        only the daemon initialises; a read-only caller calls `identify`."""
         await self._try("ATE0")
         await self._try("AT+CMEE=1")
-        if self._auto:
-            self.profile = await self._detect_profile()
-            self._set_urc_rules()
+        await self.identify()
         for command in ("AT+CREG=2", "AT+CGREG=2", "AT+CEREG=2", "AT+CTZR=2"):
             await self._try(command)
         for command in self.profile.hotswap_enable:
             await self._try(command if command.upper().startswith("AT") else "AT" + command)
+        return self.profile
+
+    async def identify(self) -> Profile:
+        """The profile, detected from ``AT+CGMI`` / ``ATI`` when it was "auto": queries
+        only, so every read (`snapshot`) works without changing a setting."""
+        if self._auto:
+            self.profile = await self._detect_profile()
+            self._set_urc_rules()
         return self.profile
 
     async def _detect_profile(self) -> Profile:
@@ -316,11 +327,8 @@ class Modem:
                 cesq = parsers.parse_cesq(response.lines)
             except ParseError:
                 pass
-        dbm = csq.dbm if csq else None
-        if dbm is None and cesq is not None:
-            # LTE-only modules often answer +CSQ: 99,99; RSRP is then the usable figure.
-            dbm = cesq.rssi_dbm if cesq.rssi_dbm is not None else cesq.rsrp_dbm
-        return Signal(dbm, csq, cesq)
+        dbm, measure = parsers.signal_reading(csq, cesq)
+        return Signal(dbm, measure, csq, cesq)
 
     async def get_cfun(self, *, priority: bool = False, timeout: float | None = None) -> int:
         return parsers.parse_cfun((await self._cmd("AT+CFUN?", timeout, priority=priority)).lines)
@@ -390,6 +398,7 @@ class Modem:
                       "imei": identity.imei, "imei_luhn_ok": identity.imei_luhn_ok},
             "sim": {"state": sim_state, "iccid": iccid, "imsi": imsi},
             "network": {"registration": registration.state, "operator": operator,
-                        "access_tech": registration.access_tech, "signal_dbm": signal.dbm},
+                        "access_tech": registration.access_tech, "signal_dbm": signal.dbm,
+                        "signal_measure": signal.measure},
             "radio": {"cfun": cfun},
         }

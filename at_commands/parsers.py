@@ -283,6 +283,27 @@ def parse_cesq(lines: Iterable[str] | str) -> Cesq:
     )
 
 
+# What a signal level measures: received power of the reference/pilot signal per
+# technology, or the wideband RSSI (a different scale: LTE RSSI is some 20-30 dB above RSRP).
+SIGNAL_MEASURES = ("rsrp", "ss_rsrp", "rscp", "rssi")
+
+
+def signal_reading(csq: Csq | None, cesq: Cesq | None) -> tuple[int | None, str | None]:
+    """(dBm, measure) to show: +CESQ's received power of the serving technology when the
+    module gives one (27.007 §8.69: LTE RSRP, NR SS-RSRP, UMTS RSCP; 1 dB steps down to
+    -140 / -156 / -120 dBm), else +CSQ's RSSI (§8.5: 2 dB steps, floor -113 dBm, so a
+    weaker cell would read -113), else +CESQ's GSM RXLEV (LTE-only modules often answer
+    +CSQ: 99,99); (None, None) when nothing is known."""
+    if cesq is not None:
+        for dbm, measure in ((cesq.rsrp_dbm, "rsrp"), (cesq.ss_rsrp_dbm, "ss_rsrp"), (cesq.rscp_dbm, "rscp")):
+            if dbm is not None:
+                return dbm, measure
+    dbm = csq.dbm if csq is not None else None
+    if dbm is None and cesq is not None:
+        dbm = cesq.rssi_dbm
+    return dbm, None if dbm is None else "rssi"
+
+
 # --------------------------------------------------------------------------- registration
 
 # <stat> → ModemManager's MMModem3gppRegistrationState nick.

@@ -5,8 +5,9 @@ agent (`simagent run`, as a separate process), subscribes to the agent's topics 
 platform would, and walks through: first bind -> a foreign SIM is inserted -> the radio
 is blocked before the card can attach -> the right SIM comes back -> the radio is
 restored -> the evidence bundle is exported and verified -> the agent stops and the
-platform sees it go offline. Every process it started is stopped again; it exits 0 when
-the story went as it should and 1 (naming the step) when it did not.
+platform sees it go offline, and ends with what to try next. Every process it started is
+stopped again; it exits 0 when the story went as it should and 1 (naming the step) when
+it did not.
 
 `simagent run` builds the whole command parser and so imports this module: the lab it
 drives (broker, fake modem, agent process) is imported when the demo runs, not here, so
@@ -96,16 +97,31 @@ class Platform:
     def _narrate(self, topic: str, doc: dict) -> None:
         kind = topic.rsplit("/", 1)[-1]
         if kind == "events":
-            self.say(f"    platform <- event #{doc.get('seq')} {doc.get('type')}: {_describe(doc)}")
+            self.say(f"    platform <- event seq {doc.get('seq')} {doc.get('type')}: {_describe(doc)}")
         elif kind == "status":
             self.say(f"    platform <- status: online={doc.get('online')}")
         elif kind == "state":
-            binding, radio = doc.get("binding", {}), doc.get("radio", {})
-            self.say(f"    platform <- state: binding {binding.get('status')}, radio CFUN={radio.get('cfun')}")
+            self.say(f"    platform <- state: {_state_words(doc)}")
 
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def _state_words(doc: dict) -> str:
+    """The state document in a line that never contradicts itself: while the gate holds the
+    radio off to check the card, the binding shown is the last decision, not a verdict on
+    the card in the tray."""
+    status = (doc.get("binding") or {}).get("status")
+    radio = doc.get("radio") or {}
+    level = {1: "on", 4: "off"}.get(radio.get("cfun"), f"CFUN={radio.get('cfun')}")
+    if radio.get("gated"):
+        if status == "ok":
+            return f"radio {level}: held off while the agent checks the card (last decision: ok)"
+        return f"binding {status}, radio {level}: held off by the binding gate"
+    if status == "ok" and level == "off":
+        return "binding ok, radio still off: the agent switches it on now"
+    return f"binding {status}, radio {level}"
 
 
 def _describe(event: dict) -> str:
@@ -139,7 +155,16 @@ class Demo:
             for stop in reversed(self.processes):
                 stop()
         self.say("\nDemo finished: the foreign card never reached the network, the evidence tells the story.")
+        self._what_next()
         return exitcodes.OK
+
+    def _what_next(self) -> None:
+        self.say("\nWhat to try next:")
+        self.say("  ./dev.sh demo --keep                 keep the working directory: agent log, config, state, evidence")
+        self.say("  .venv/bin/simagent-fakemodem --link /tmp/modem --control /tmp/modem.ctl &")
+        self.say("  .venv/bin/simagent status --port /tmp/modem      what a technician sees (also: diag, at AT+CSQ)")
+        self.say("  .venv/bin/simagent-fakemodem ctl --control /tmp/modem.ctl sim-remove    change the fake, look again")
+        self.say("  README.md: 'Fake modem', 'The daemon and the CLI', 'MQTT reporting' explain each part")
 
     def _story(self) -> None:
         from simagent_lab.fakemodem_handles import ProcessFakeModem
@@ -190,14 +215,17 @@ class Demo:
         if state["cfun"] != 1:
             raise DemoFailed(f"the radio is at CFUN={state['cfun']}, expected 1")
 
-        self.step(6, "Evidence for the operator (clause 5.12): export and verify the signed log")
+        self.step(6, "Evidence for the operator: export the signed log and verify it")
+        self.say("    Every decision and radio change is also kept on the terminal in a hash-chained log,")
+        self.say("    signed with the device key, so an operator can prove what happened offline.")
         bundle = self.dir / "evidence.json"
         self._cli("evidence", "export", "--out", str(bundle))
         entries = json.loads(bundle.read_text())["entries"]
-        self.say(f"    {len(entries)} hash-chained entries, for example:")
+        self.say(f"    {len(entries)} entries (numbered on their own: the log also keeps entries that are not")
+        self.say("    platform events, so its numbers differ from the event seq above), for example:")
         for entry in entries:
             if entry["type"] in ("bound", "binding_violation", "radio_blocked", "radio_restored"):
-                self.say(f"      #{entry['seq']:<3} {entry['wall']}  {entry['type']}")
+                self.say(f"      entry {entry['seq']:<3} {entry['wall']}  {entry['type']}")
         verdict = self._cli("evidence", "verify", str(bundle))
         self.say(f"    simagent evidence verify: {verdict.strip()}")
 
@@ -220,7 +248,8 @@ class Demo:
             ready = agent.wait_ready()
         except TimeoutError:
             raise DemoFailed("the agent did not report READY") from None
-        self.say(f"    systemd would now hear READY=1 ({ready.get('STATUS', '')})")
+        self.say(f"    the agent says it is ready: {ready.get('STATUS', '')} (under systemd, the service counts as")
+        self.say("    started only now, after the first binding decision)")
         return agent
 
     def _cli(self, *args: str) -> str:

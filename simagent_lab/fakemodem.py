@@ -1536,8 +1536,26 @@ def _ctl_main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"simagent-fakemodem ctl: {args.control}: {exc}", file=sys.stderr)
         return 69
-    print(json.dumps(reply["state"] if reply.get("ok") else reply, indent=2, sort_keys=True))
-    return 0 if reply.get("ok") else 1
+    if not reply.get("ok"):
+        print(f"simagent-fakemodem ctl: {args.op}: {reply.get('error')}", file=sys.stderr)
+        return 1
+    state = reply["state"]
+    print(json.dumps(state, indent=2, sort_keys=True) if args.op == "state" else f"{args.op}: done; {state_line(state)}")
+    return 0
+
+
+def state_line(state: dict[str, Any]) -> str:
+    """The fake's state in one line (`ctl state` prints all of it as JSON)."""
+    if "replay" in state:
+        return f"replaying {state['replay']}, {state['urcs_left']} of {state['urcs_recorded']} URCs left"
+    sim = state["iccid"] if state["sim_present"] else "none"
+    parts = [f"SIM {sim}", f"CFUN={state['cfun']}", f"registration {state['registration']}",
+             "signal unknown" if state["signal_dbm"] is None else f"signal {state['signal_dbm']} dBm"]
+    if state["faults"]:
+        parts.append(f"faults {','.join(state['faults'])}")
+    if not state["plugged"]:
+        parts.append("unplugged")
+    return ", ".join(parts)
 
 
 def _serve_main(argv: list[str]) -> int:

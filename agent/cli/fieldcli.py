@@ -114,7 +114,7 @@ async def opened_modem(target: ModemTarget, recorder: Recorder | None = None) ->
 
 async def read_status_direct(target: ModemTarget, recorder: Recorder | None = None) -> dict[str, Any]:
     async with opened_modem(target, recorder) as modem:
-        await modem.initialise()
+        await modem.identify()  # not initialise(): a read sends only queries (SPEC §3: no NV write)
         doc = await read_modem_status(modem)
     now = time.time()
     doc["modem"]["port"] = modem.client.port

@@ -78,7 +78,9 @@ def _network(network: dict[str, Any]) -> list[Row]:
     if network.get("access_tech") not in (None, "unknown"):
         where.append(network["access_tech"].upper())
     dbm = network.get("signal_dbm")
-    return [("registration", ", ".join(where)), ("signal", "unknown" if dbm is None else f"{dbm} dBm")]
+    measure = (network.get("signal_measure") or "").upper().replace("_", "-")
+    shown = "unknown" if dbm is None else f"{dbm} dBm {measure}".rstrip()
+    return [("registration", ", ".join(where)), ("signal", shown)]
 
 
 def _radio(radio: dict[str, Any]) -> list[Row]:

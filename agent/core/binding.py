@@ -33,7 +33,8 @@ ON_VIOLATION = ("radio-off", "detach", "report")
 OK = "ok"
 BOUND = "bound"  # a binding was created by this decision
 NO_SIM = "no_sim"
-SIM_UNREADABLE = "sim_unreadable"  # locked (PIN/PUK), error, unknown, or ICCID unreadable
+SIM_LOCKED = "sim_locked"  # PIN/PUK: the ICCID may be readable, the card is not usable
+SIM_UNREADABLE = "sim_unreadable"  # error, unknown, or ICCID unreadable
 IMEI_UNREADABLE = "imei_unreadable"
 VIOLATION = "violation"
 
@@ -139,6 +140,8 @@ def decide(observation: Observation, bindings: Sequence[Binding], policy: Bindin
         return _not_checkable(IMEI_UNREADABLE, obs, policy)
     if policy.imei_allowlist and obs.imei not in policy.imei_allowlist:
         return _violation(IMEI_NOT_ALLOWED, obs, None, policy)
+    if obs.sim_state == "locked":
+        return _not_checkable(SIM_LOCKED, obs, policy)
     if obs.sim_state != "ready" or obs.iccid is None:
         return _not_checkable(SIM_UNREADABLE, obs, policy)
     if policy.iccid_prefixes and not obs.iccid.startswith(policy.iccid_prefixes):

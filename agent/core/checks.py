@@ -9,7 +9,8 @@ not gathered makes its check SKIP with a hint, never a guess. Fact keys:
   modem_found bool · modem_port str · at_ok bool · at_problem busy|hung|silent|lost · at_detail str
   cfun int|None · sim_state ready|absent|locked|error|unknown
   imei str|None · imei_luhn_ok bool · iccid str|None · binding_status ok|no_sim|<violation>
-  registration ModemManager word · signal_dbm int|None · broker (``probe_broker`` result)
+  registration ModemManager word · signal_dbm int|None · signal_measure (default rssi)
+  broker (``probe_broker`` result)
   clock_trusted bool · disk (``disk_usage`` result) · outbox {"event", "telemetry"}
   outbox_caps {"max_events", "max_telemetry"} · not_checked {check name: why}
 """
@@ -36,8 +37,11 @@ DISK_FAIL_BELOW = 8 * MiB  # SQLite needs room to commit; below this events get 
 DISK_WARN_BELOW = 32 * MiB
 OUTBOX_WARN_EVENTS = 1000  # queued events: the link has been down for a while
 OUTBOX_FAIL_FRACTION = 0.9  # of the event cap: oldest events are about to be dropped
-SIGNAL_WARN_BELOW = -95  # dBm (RSSI): unreliable data
-SIGNAL_FAIL_BELOW = -105  # dBm: registration and data mostly fail
+# dBm below which a signal is weak (data may drop) and too weak (registration and data
+# mostly fail), per measure (at_commands.parsers.SIGNAL_MEASURES): RSSI and UMTS RSCP
+# as before; LTE/NR reference signal power (RSRP) counts "poor" below -100 and cell
+# edge below -110 in the usual operator and vendor tables.
+SIGNAL_LIMITS = {"rssi": (-95, -105), "rscp": (-95, -105), "rsrp": (-100, -110), "ss_rsrp": (-100, -110)}
 
 
 class Result(enum.StrEnum):
@@ -115,7 +119,8 @@ _BINDING_HINTS = {
     "bound": (Result.PASS, "card bound to this terminal by this check (first use)"),
     "unbound": (Result.PASS, "card not bound yet: the agent binds it on first use"),
     "no_sim": (Result.WARN, "no SIM, nothing to bind: insert the card"),
-    "sim_unreadable": (Result.FAIL, "SIM locked or unreadable: the radio stays off; check the PIN or reseat the card"),
+    "sim_locked": (Result.FAIL, "SIM locked by its PIN/PUK: the radio stays off; unlock the card or use one without a PIN"),
+    "sim_unreadable": (Result.FAIL, "SIM unreadable: the radio stays off; reseat the card"),
     "imei_unreadable": (Result.FAIL, "IMEI not readable: the radio stays off; check the module"),
     "imei_not_allowed": (Result.FAIL, "this terminal's IMEI is not in [binding] imei_allowlist: fix the list or the device"),
     "iccid_not_allowed": (Result.FAIL, "card outside [binding] iccid_prefixes: use a card of the contracted issuer"),
@@ -165,11 +170,14 @@ def _signal(f: dict) -> Verdict:
         if f.get("sim_state") not in (None, "ready"):
             return Result.WARN, f"no signal reading: the SIM is {f['sim_state']} (see sim_ready)"
         return Result.WARN, "signal strength unknown: check the antenna connection"
-    if dbm < SIGNAL_FAIL_BELOW:
-        return Result.FAIL, f"{dbm} dBm is too weak: connect/reposition the antenna or move the terminal"
-    if dbm < SIGNAL_WARN_BELOW:
-        return Result.WARN, f"{dbm} dBm is weak: data may drop; check the antenna"
-    return Result.PASS, f"{dbm} dBm"
+    measure = f.get("signal_measure") or "rssi"
+    warn_below, fail_below = SIGNAL_LIMITS[measure]
+    level = f"{dbm} dBm {measure.upper().replace('_', '-')}"
+    if dbm < fail_below:
+        return Result.FAIL, f"{level} is too weak: connect/reposition the antenna or move the terminal"
+    if dbm < warn_below:
+        return Result.WARN, f"{level} is weak: data may drop; check the antenna"
+    return Result.PASS, level
 
 
 def _broker(f: dict) -> Verdict:

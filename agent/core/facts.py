@@ -9,15 +9,21 @@ anything).
 
 Document keys (all present; a value that could not be read is null)::
 
-  modem   {vendor, model, revision, imei, imei_luhn_ok, profile}
+  schema  "simagent/state/1"                                               (daemon)
+  device_id, agent_version, device_pubkey, modem_present                   (daemon)
+  modem   {vendor, model, revision, imei, imei_luhn_ok, profile, port}
   sim     {state: ready|absent|locked|error|unknown, iccid, imsi}
   network {registration: ModemManager word, operator, access_tech: gsm|umts|lte|nr5g|unknown,
-           signal_dbm: int|null}
-  radio   {cfun, gated}
+           signal_dbm: int|null, signal_measure: rsrp|ss_rsrp|rscp|rssi|null}
+  radio   {cfun, gated}                                                   (gated: daemon)
   binding {mode, status, reason, bound_iccid, bound_imei, since} | null   (CLI / daemon)
-  mqtt    {connected, ...}, outbox {events, telemetry}                    (daemon only)
-  modem_link {state: answering|missing|not_answering, port, detail}
   freshness  {modem, sim, network, radio, binding: {from, read_at, age_s}}
+  modem_link {state: answering|missing|not_answering, port, detail}       (status only)
+  mqtt    {connected, ...}, outbox {events, telemetry}                    (daemon's status only)
+
+Through the daemon, `status --json` is the retained state document plus what only the box
+itself can say: the live probe (``modem_link``), its broker link (``mqtt``) and its queue
+(``outbox``); the state document adds the time it was published (``ts``).
 
 Freshness (SPEC §8): every section says where it came from: ``modem`` (read from the
 modem for this document), ``daemon`` (the daemon's last read, ``read_at`` and ``age_s``
@@ -43,9 +49,12 @@ from agent.core.tokens import load_trusted_keys
 # A read-only verdict that would create a binding is shown as this: nothing is bound yet
 # (the daemon binds on its next check), and looking itself never writes.
 UNBOUND = "unbound"
-UNKNOWN_MODEM = dict.fromkeys(("vendor", "model", "revision", "imei", "imei_luhn_ok"))
+
+STATE_SCHEMA = "simagent/state/1"
+UNKNOWN_MODEM = dict.fromkeys(("vendor", "model", "revision", "imei", "imei_luhn_ok", "profile"))
 UNKNOWN_SIM = {"state": "unknown", "iccid": None, "imsi": None}
-UNKNOWN_NETWORK = {"registration": "unknown", "operator": None, "access_tech": "unknown", "signal_dbm": None}
+UNKNOWN_NETWORK = {"registration": "unknown", "operator": None, "access_tech": "unknown", "signal_dbm": None,
+                   "signal_measure": None}
 
 # Where a fact came from.
 LIVE = "modem"  # read from the modem for this document
@@ -132,23 +141,29 @@ def evidence_tail(state_dir: str | os.PathLike, count: int) -> list[dict]:
 
 
 def state_document(known: dict[str, Any], *, mode: str, device_id: str | None, agent_version: str,
-                   device_pubkey: str | None, modem_present: bool, read_at: float | None = None,
-                   now: float | None = None) -> dict[str, Any]:
+                   device_pubkey: str | None, modem_present: bool, port: str | None,
+                   network: dict[str, Any] | None = None, network_read_at: float | None = None,
+                   read_at: float | None = None, now: float | None = None) -> dict[str, Any]:
     """The retained `P/state` document (SPEC §6) from the gate's last view (``known``:
-    ``Enforcer.state()``, empty before the first, read at wall time ``read_at``)."""
+    ``Enforcer.state()``, empty before the first, read at wall time ``read_at``) and the
+    daemon's last network read (``network``, at ``network_read_at``)."""
     binding = shown_binding(known.get("binding") or binding_fact(mode, None, (), None, None), carried_out=True)
-    last = source(LAST_READ if known else NOT_READ, read_at, read_at if now is None else now)
+    now = read_at if now is None else now
+    last = source(LAST_READ if known else NOT_READ, read_at, now)
     return {
+        "schema": STATE_SCHEMA,
         "device_id": device_id,
         "agent_version": agent_version,
         # Copies: `status` adds its own keys to the document it is handed.
-        "modem": dict(known.get("modem") or UNKNOWN_MODEM),
+        "modem": {**(known.get("modem") or UNKNOWN_MODEM), "port": port},
         "sim": dict(known.get("sim") or UNKNOWN_SIM),
+        "network": dict(network or UNKNOWN_NETWORK),
         "binding": dict(binding),
         "radio": dict(known.get("radio") or {"cfun": None, "gated": False}),  # nothing is held off without a modem
         "device_pubkey": device_pubkey,
         "modem_present": modem_present,
-        "freshness": {"modem": dict(last), "sim": dict(last), "radio": dict(last), "binding": dict(last)},
+        "freshness": {"modem": dict(last), "sim": dict(last), "radio": dict(last), "binding": dict(last),
+                      "network": source(LAST_READ if network else NOT_READ, network_read_at, now)},
     }
 
 
@@ -186,6 +201,7 @@ def diag_facts(doc: dict[str, Any]) -> dict[str, Any]:
         "iccid": sim["iccid"],
         "registration": network["registration"],
         "signal_dbm": network["signal_dbm"],
+        "signal_measure": network["signal_measure"],
         "cfun": (doc.get("radio") or {}).get("cfun"),
     }
     binding = doc.get("binding")

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.core.binding import VIOLATION
-from agent.service.reporter import STATE_SCHEMA, STATUS_SCHEMA, Topics
+from agent.core.facts import STATE_SCHEMA
+from agent.service.reporter import STATUS_SCHEMA, Topics
 
 EVENT_SCHEMA = "simagent/event/1"
 MAX_TEXT = 64

@@ -85,6 +85,10 @@ class Daemon:
         self._last_modem_state: dict[str, Any] = {}
         self._last_read_at: float | None = None  # wall time the modem last answered the gate's read
         self._modem_problem: str | None = None  # why the daemon is waiting for the modem
+        # The last network facts read (by telemetry or a live `status`) and when: the state
+        # document carries them, so it has the shape `status --json` has.
+        self._last_network: dict[str, Any] | None = None
+        self._network_read_at: float | None = None
         self._tasks: list[asyncio.Task] = []
         self.supervisor: Supervisor | None = None
         self.offload = Offloader()  # exports and diag's facts: off the loop, one at a time
@@ -356,7 +360,16 @@ class Daemon:
         read_at = (enforcer.read_at if enforcer is not None else None) or self._last_read_at
         return facts.state_document(self._last_modem_state, mode=self.config.binding.mode, device_id=self._device_id(),
                                     agent_version=__version__, device_pubkey=self.device_pubkey,
-                                    modem_present=enforcer is not None, read_at=read_at, now=time.time())
+                                    modem_present=enforcer is not None, port=self._modem_port or self.config.modem.port,
+                                    network=self._last_network, network_read_at=self._network_read_at,
+                                    read_at=read_at, now=time.time())
+
+    def _network_read(self, network: dict[str, Any], read_at: float) -> None:
+        """Network facts just read; a change is published with the state document."""
+        changed = network != self._last_network
+        self._last_network, self._network_read_at = network, read_at
+        if changed:
+            self._state_changed()
 
     def _live_read_budget(self) -> float:
         """How long `status` waits for the modem's live answer before it says the modem
@@ -380,14 +393,12 @@ class Daemon:
                 detail = f"no answer within {budget:g} s" if isinstance(exc, (TimeoutError, CommandTimeout)) else str(exc)
                 doc["modem_link"] = facts.modem_link(facts.NOT_ANSWERING, self._modem_port, detail)
             else:
+                now = time.time()
+                self._network_read(live["network"], now)
                 doc["modem_link"] = facts.modem_link(facts.ANSWERING, self._modem_port)
                 doc["network"] = live["network"]
                 doc["modem"] = {**live["modem"], **doc["modem"]}
-                now = time.time()
                 doc["freshness"]["modem"] = doc["freshness"]["network"] = facts.source(facts.LIVE, now, now)
-        doc.setdefault("network", dict(facts.UNKNOWN_NETWORK))
-        doc["freshness"].setdefault("network", facts.source(facts.NOT_READ, None, 0.0))
-        doc["modem"]["port"] = self._modem_port or self.config.modem.port
         doc["mqtt"] = self.reporter.link_status() if self.reporter else {"connected": False, "last_error": "waiting for the device id"}
         # Counting a full outbox (110k rows) takes milliseconds: in a thread, on a read-only connection.
         doc["outbox"] = await asyncio.to_thread(facts.outbox_depth, self.config.device.state_dir)
@@ -424,6 +435,7 @@ class Daemon:
                 log.info("telemetry sample skipped: %s", exc)
                 continue
             reporter.publish_telemetry(sample)
+            self._network_read({key: sample[key] for key in facts.UNKNOWN_NETWORK}, time.time())
 
     async def _telemetry_sample(self, modem: Modem) -> dict[str, Any]:
         registration = await modem.read_registration()
@@ -435,6 +447,7 @@ class Daemon:
             "operator": await modem.read_operator(),
             "cell": {"lac": registration.lac, "cell_id": registration.cell_id},
             "signal_dbm": signal_.dbm,
+            "signal_measure": signal_.measure,
             "data": await asyncio.to_thread(discovery.data_counters, port) if port and "://" not in port else None,
         }
 

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.core import tokens
-from agent.core.binding import (DETACH, IMEI_UNREADABLE, LAST_IMEI_KEY, RADIO_OFF, RADIO_ON, SIM_UNREADABLE,
-                           BindingPolicy, Decision, Observation, evaluate, reset_bindings)
+from agent.core.binding import (DETACH, IMEI_UNREADABLE, LAST_IMEI_KEY, RADIO_OFF, RADIO_ON, SIM_LOCKED,
+                                SIM_UNREADABLE, BindingPolicy, Decision, Observation, evaluate, reset_bindings)
 from agent.core.facts import binding_fact
 from agent.core.gate import Action, Gate, GateState, Input
 from agent.core.store import Binding, Store
@@ -80,7 +80,7 @@ _MODEM_ERRORS = (CommandError, CommandTimeout, ParseError)
 # A check whose decision could not be recorded (disk full, I/O error): without evidence
 # there is no decision, so with radio_gate the radio is held off until one can be.
 STORE_UNWRITABLE = "store_unwritable"
-_RETRY_STATUSES = (SIM_UNREADABLE, IMEI_UNREADABLE, STORE_UNWRITABLE)
+_RETRY_STATUSES = (SIM_LOCKED, SIM_UNREADABLE, IMEI_UNREADABLE, STORE_UNWRITABLE)
 
 
 class Radio(str, enum.Enum):
@@ -89,6 +89,26 @@ class Radio(str, enum.Enum):
     OFF = "off"
     ON = "on"
     DETACHED = "detached"
+
+
+class Trigger(enum.StrEnum):
+    """What made the agent look at the tray again: the `trigger` word of the records and
+    events a check leads to. A fixed vocabulary, so a consumer can switch on it; the AT
+    line behind it (a URC, a SIM line in a caller's answer, the +CFUN answer that revealed
+    a reset) travels beside it as `trigger_line`."""
+
+    SESSION_START = "session_start"  # a modem session opened (agent start, modem found again)
+    POLL = "poll"  # the periodic check of profiles without hot-swap URCs
+    RETRY = "retry"  # the previous check failed or was overtaken
+    POLICY_RELOADED = "policy_reloaded"  # SIGHUP changed [binding]
+    TOKEN_ACCEPTED = "token_accepted"
+    BINDINGS_RESET = "bindings_reset"  # simagent bind reset
+    URC_SIM_REMOVED = "urc_sim_removed"  # the module announced a removal
+    URC_SIM_INSERTED = "urc_sim_inserted"  # the module announced an insertion
+    URC_BOOT = "urc_boot"  # the module announced a (re)boot
+    ANSWER_SIM_LINE = "answer_sim_line"  # a caller's answer carried a SIM-state line
+    CFUN_RESET = "cfun_reset"  # a poll read a radio level the agent did not set
+    AT_WRITE = "at_write"  # a caller's AT write (the radio level is read again)
 
 
 class _Job(enum.Enum):
@@ -152,9 +172,12 @@ class Enforcer:
         self._radio_changed_at = float("-inf")
         # fact worker
         self._jobs: asyncio.Queue[tuple[_Job, str]] = asyncio.Queue()
-        self._reason = "start"  # why the next decision is taken (its records' trigger)
+        # Why the next decision is taken (its records' `trigger`), and the AT line behind it.
+        self._trigger = Trigger.SESSION_START
+        self._trigger_line: str | None = None
         self._identity: Identity | None = None
-        self._sim: dict[str, Any] = {"state": "unknown", "iccid": None, "imsi": None}
+        self._sim: dict[str, Any] = {"state": "unknown", "iccid": None, "imsi": None}  # the last read, shown
+        self._card: str | None = None  # the ICCID last seen in the tray (an unreadable read leaves it)
         self._sim_known = False
         self._removal_seen = False  # a removal was announced since the last observation
         self._recheck_after_decision: str | None = None  # a caller's answer looked like a SIM URC
@@ -235,11 +258,11 @@ class Enforcer:
         for waiter in self._decision_waiters:
             waiter.cancel()
 
-    async def check(self, reason: str, timeout: float = 15.0) -> Decision:
+    async def check(self, trigger: Trigger, timeout: float = 15.0) -> Decision:
         """Decides again (the bindings or the policy changed) and returns the decision,
         or the standing one if the modem cannot be read within `timeout`."""
         waiter = self._next_decision()
-        self._reason = reason
+        self._set_trigger(trigger)
         self._feed(Input.RECHECK)
         try:
             async with asyncio.timeout(timeout):
@@ -253,7 +276,7 @@ class Enforcer:
         """A reloaded `[binding]` section (SIGHUP): applies it with a fresh check."""
         self.policy = policy
         self._poll_wake.set()
-        self._reason = "policy_reloaded"
+        self._set_trigger(Trigger.POLICY_RELOADED)
         self._feed(Input.RECHECK)
 
     async def accept_token(self, token: str, keys: Sequence[tokens.TrustedKey], *, source: str = "token",
@@ -265,13 +288,13 @@ class Enforcer:
         result = tokens.accept_token(self.store, token, list(keys), self._imei(), source=source, actions=actions,
                                      opened=opened)
         if result.accepted:
-            await self.check("token_accepted")
+            await self.check(Trigger.TOKEN_ACCEPTED)
         return result
 
     async def reset(self, reason: str, uid: int) -> list[Binding]:
         """`bind reset` (root, audited): forgets every binding, then checks again."""
         removed = reset_bindings(self.store, reason, uid)
-        await self.check("bindings_reset")
+        await self.check(Trigger.BINDINGS_RESET)
         return removed
 
     async def user_command(self, line: str, *, write: bool, who: dict[str, Any]) -> Response:
@@ -304,7 +327,7 @@ class Enforcer:
                 # ... and whatever it did to the module's settings, the ones the gate relies
                 # on (hot-swap reports, error codes, echo) are set again; re-initialising
                 # also reads +CFUN? again (the level is unknown now).
-                self._jobs.put_nowait((_Job.REINIT, "at_write"))
+                self._jobs.put_nowait((_Job.REINIT, Trigger.AT_WRITE))
                 self._publish()
 
     def state(self) -> dict:
@@ -318,6 +341,7 @@ class Enforcer:
                 "revision": identity.revision if identity else None,
                 "imei": imei,
                 "imei_luhn_ok": identity.imei_luhn_ok if identity else None,
+                "profile": self.modem.profile.name,
             },
             "sim": dict(self._sim),
             "binding": binding_fact(self.policy.mode, self._decision, self.store.read().bindings(),
@@ -328,11 +352,24 @@ class Enforcer:
 
     # -- the gate and its actions -------------------------------------------------------
 
+    def _set_trigger(self, trigger: Trigger, line: str | None = None) -> None:
+        self._trigger, self._trigger_line = trigger, line
+
+    def _trigger_fields(self) -> dict[str, str]:
+        """`trigger` (a word), and `trigger_line` when an AT line was behind it."""
+        if self._trigger_line is None:
+            return {"trigger": self._trigger}
+        return {"trigger": self._trigger, "trigger_line": self._trigger_line}
+
     def _feed(self, inp: Input, why: dict | None = None, facts: Facts | None = None) -> None:
         """Feeds one input and carries out what the gate answers, in order. `why` goes
-        into the evidence of radio actions; `facts` are a finished read's."""
+        into the evidence of radio actions, with the current trigger unless it names its
+        own; `facts` are a finished read's."""
+        why = why or {"reason": inp.value}
+        if "trigger" not in why:
+            why = {**why, **self._trigger_fields()}
         for action in self.gate.feed(inp):
-            self._carry_out(action, why or {"reason": inp.value}, facts)
+            self._carry_out(action, why, facts)
         self._publish()
 
     def _carry_out(self, action: Action, why: dict, facts: Facts | None) -> None:
@@ -358,52 +395,52 @@ class Enforcer:
 
     def _retry_due(self) -> None:
         self._retry = None
-        self._reason = "retry"
+        self._set_trigger(Trigger.RETRY)
         self._feed(Input.RETRY_DUE, {"reason": "retry"})
 
     def _decide(self, facts: Facts) -> None:
         """Decides on facts just read and records it, in the same step as the read's input."""
-        reason = self._reason
+        trigger = self._trigger_fields()
         try:
             if self._evidence_gap is not None:
                 # Nothing is decided on top of a hole in the evidence: first say what is missing.
                 gap = {**self._evidence_gap, "until": self.store.clock.now().iso()}
                 self.store.record("evidence_gap", gap, event=False)
                 self._evidence_gap = None
-            self._note_sim(facts, reason)
+            self._note_sim(facts, trigger)
             decision = evaluate(self.store, Observation(self._imei(), facts.sim_state, facts.iccid), self.policy)
         except sqlite3.Error as exc:
-            log.error("binding check (%s) could not be recorded (%s): radio held off, retrying", reason, exc)
+            log.error("binding check (%s) could not be recorded (%s): radio held off, retrying", trigger["trigger"], exc)
             self._note_evidence_gap(exc)
             decision = Decision(STORE_UNWRITABLE, reason=str(exc), radio_allowed=False)
         self._decision = decision
-        self._reason = "retry"
+        self._set_trigger(Trigger.RETRY)
         for waiter in self._decision_waiters:
             if not waiter.done():
                 waiter.set_result(decision)
         self._decision_waiters.clear()
-        why = {"reason": decision.reason or decision.status, "trigger": reason,
+        why = {"reason": decision.reason or decision.status, **trigger,
                "iccid": self._sim["iccid"], "imei": self._imei()}
         self._feed(verdict_for(decision), why)
         line, self._recheck_after_decision = self._recheck_after_decision, None
         if line is not None:
             self._sim_report(line)
 
-    def _note_sim(self, facts: Facts, trigger: str) -> None:
+    def _note_sim(self, facts: Facts, trigger: dict[str, str]) -> None:
         """Records SIM removal/insertion seen by comparing with the last observation (or
         announced by a removal URC in between, e.g. the same card out and back in)."""
         present = False if facts.sim_state == "absent" else True if facts.iccid is not None else None
+        self._sim = {"state": facts.sim_state, "iccid": facts.iccid, "imsi": facts.imsi}
         if present is None:
-            self._sim["state"] = facts.sim_state  # unreadable: nothing known about a change
-            return
-        previous = self._sim["iccid"] if self._sim_known else None
+            return  # unreadable: nothing known about a change
+        previous = self._card if self._sim_known else None
         changed = self._removal_seen or facts.iccid != previous
         with self.store.transaction() as tx:
             if previous is not None and changed:
-                tx.record("sim_removed", {"iccid": previous, "trigger": trigger})
+                tx.record("sim_removed", {"iccid": previous, **trigger})
             if self._sim_known and present and changed:
-                tx.record("sim_inserted", {"iccid": facts.iccid, "imsi": facts.imsi, "trigger": trigger})
-        self._sim = {"state": facts.sim_state, "iccid": facts.iccid, "imsi": facts.imsi}
+                tx.record("sim_inserted", {"iccid": facts.iccid, "imsi": facts.imsi, **trigger})
+        self._card = facts.iccid
         self._sim_known = True
         self._removal_seen = False
 
@@ -565,17 +602,17 @@ class Enforcer:
                 cfun = await self.modem.get_cfun()
                 reset = cfun != known and self._cfun == known and changed_at == self._radio_changed_at
         except _MODEM_ERRORS as exc:
-            log.warning("binding check (%s) failed: %s; retrying", self._reason, exc)
+            log.warning("binding check (%s) failed: %s; retrying", self._trigger, exc)
             self._feed(Input.FACTS_FAILED, {"reason": "read_failed"})
             return
         if reset:  # the module reset behind the agent's back: these facts are void
-            self._rebooted(f"+CFUN: {cfun} (was {self._cfun}; module reset)")
+            self._rebooted(Trigger.CFUN_RESET, f"+CFUN: {cfun}")
             self._feed(Input.FACTS_FAILED, {"reason": "modem_rebooted"})
             return
         self.read_at = time.time()
         facts = Facts(sim_state, iccid, imsi)
         same = self._sim_known and not self._removal_seen and (sim_state, iccid) == (self._sim["state"], self._sim["iccid"])
-        why = {"reason": "sim_changed", "trigger": self._reason}
+        why = {"reason": "sim_changed"}
         self._feed(Input.FACTS_SAME if same else Input.FACTS_NEW, why, facts)
 
     async def _confirm_removal(self, line: str) -> None:
@@ -603,7 +640,7 @@ class Enforcer:
         self.read_at = time.time()
         self._publish()
         if self._cfun == RADIO_ON_CFUN and self.held_off:
-            self._feed(Input.RADIO_FOUND_ON, {"reason": "radio_found_on", "trigger": "at_write"})
+            self._feed(Input.RADIO_FOUND_ON, {"reason": "radio_found_on", "trigger": Trigger.AT_WRITE})
 
     async def _read_identity(self) -> None:
         identity = await self.modem.read_identity()
@@ -643,7 +680,7 @@ class Enforcer:
             if own_radio_change and event.follows_radio:
                 # The same card coming back to life after the agent's CFUN change: check
                 # again; gating it would make the radio flap.
-                self._reason = "sim_inserted"
+                self._set_trigger(Trigger.URC_SIM_INSERTED, event.line)
                 self._feed(Input.RECHECK)
             else:
                 self._sim_changed("sim_inserted", event.line)
@@ -652,7 +689,7 @@ class Enforcer:
             # the same line again is (a module that reboots twice in a row).
             line = event.line.upper()
             if asyncio.get_running_loop().time() - self._booted_at >= BOOT_BURST or line in self._boot_lines:
-                self._rebooted(event.line)
+                self._rebooted(Trigger.URC_BOOT, event.line)
             self._boot_lines.add(line)
 
     def _on_lookalike(self, line: str) -> None:
@@ -671,8 +708,8 @@ class Enforcer:
                 self._sim_report(line)
 
     def _sim_report(self, line: str) -> None:
-        self._reason = "sim_report"
-        self._feed(Input.RECHECK, {"reason": "sim_report", "trigger": line})
+        self._set_trigger(Trigger.ANSWER_SIM_LINE, line)
+        self._feed(Input.RECHECK, {"reason": "sim_report"})
 
     def _network_time(self, event: NetworkTime) -> None:
         """Network time is outside input: the clock takes it only when plausible, and a
@@ -691,12 +728,15 @@ class Enforcer:
             self._note_evidence_gap(exc)
 
     def _sim_changed(self, reason: str, line: str) -> None:
+        """A SIM change the module announced by URC (`reason` sim_removed or sim_inserted)."""
         if reason == "sim_removed":
             self._removal_seen = True
-        self._reason = reason
-        self._feed(Input.SIM_CHANGED, {"reason": reason, "trigger": line})
+            self._set_trigger(Trigger.URC_SIM_REMOVED, line)
+        else:
+            self._set_trigger(Trigger.URC_SIM_INSERTED, line)
+        self._feed(Input.SIM_CHANGED, {"reason": reason})
 
-    def _rebooted(self, line: str) -> None:
+    def _rebooted(self, trigger: Trigger, line: str) -> None:
         self._boots += 1
         self._booted_at = asyncio.get_running_loop().time()
         self._boot_lines = set()
@@ -705,12 +745,12 @@ class Enforcer:
         self.modem.client.interrupt("modem rebooted")
         self._cfun = None  # a rebooted module is in its power-on state
         self._detached = False
+        self._set_trigger(trigger, line)
         try:
-            self.store.record("modem_rebooted", {"trigger": line})
+            self.store.record("modem_rebooted", self._trigger_fields())
         except sqlite3.Error as exc:
             self._note_evidence_gap(exc)
-        self._reason = "modem_rebooted"
-        self._feed(Input.REBOOTED, {"reason": "modem_rebooted", "trigger": line})
+        self._feed(Input.REBOOTED, {"reason": "modem_rebooted"})
 
     # -- polling ----------------------------------------------------------------------
 
@@ -723,7 +763,7 @@ class Enforcer:
             except TimeoutError:
                 pass
             if self.polling and not self.gate.read_under_way:
-                self._reason = "poll"
+                self._set_trigger(Trigger.POLL)
                 self._feed(Input.RECHECK)
 
     # -- plumbing ---------------------------------------------------------------------

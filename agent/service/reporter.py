@@ -62,12 +62,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent import __version__
 from agent.core.backoff import Backoff
 from agent.core.config import MqttConfig, TlsConfig
+from agent.core.facts import STATE_SCHEMA
 from agent.core.store import Store, TELEMETRY_SCHEMA
 
 log = logging.getLogger(__name__)
 
 STATUS_SCHEMA = "simagent/status/1"
-STATE_SCHEMA = "simagent/state/1"
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: commands queued while offline survive a week
 ACK_FLUSH_DELAY_S = 0.05  # acknowledged rows are deleted in batches at most this late
 ACK_FLUSH_RETRY_S = 1.0  # after a failed delete (disk full): how soon to try again

@@ -69,8 +69,12 @@ TABLE = {
             Observation(IMEI, state, None), [], {},
             {m: ("sim_unreadable", None, False, ["binding_checked"]) for m in MODES},
         )
-        for state in ("locked", "error", "unknown")
+        for state in ("error", "unknown")
     },
+    "SIM locked, ICCID read": (
+        Observation(IMEI, "locked", ICCID), [], {},
+        {m: ("sim_locked", None, False, ["binding_checked"]) for m in MODES},
+    ),
     "SIM ready but ICCID unreadable": (
         Observation(IMEI, "ready", None), [], {},
         {m: ("sim_unreadable", None, False, ["binding_checked"]) for m in MODES},
@@ -187,7 +191,7 @@ def test_foreign_card_is_reported_once_per_boot_and_binds_nothing(store, events,
 def test_locked_sim_binds_nothing_then_binds_when_readable(store, events):
     policy = BindingPolicy()
     decision = evaluate(store, Observation(IMEI, "locked"), policy)
-    assert decision.status == "sim_unreadable" and decision.actions == ("radio-off",)
+    assert decision.status == "sim_locked" and decision.actions == ("radio-off",)
     assert store.read().bindings() == [] and events(store) == []
     assert evaluate(store, HERE, policy).status == "bound"
 

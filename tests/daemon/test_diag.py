@@ -89,6 +89,10 @@ def test_a_healthy_terminal_passes_everything():
         ({"signal_dbm": None}, "signal", Result.WARN, "antenna"),
         ({"signal_dbm": -100}, "signal", Result.WARN, "weak"),
         ({"signal_dbm": -111}, "signal", Result.FAIL, "too weak"),
+        # LTE RSRP runs some 20-30 dB below RSSI: -100 RSRP is a usable cell, not a weak one.
+        ({"signal_dbm": -99, "signal_measure": "rsrp"}, "signal", Result.PASS, "-99 dBm RSRP"),
+        ({"signal_dbm": -105, "signal_measure": "rsrp"}, "signal", Result.WARN, "weak"),
+        ({"signal_dbm": -120, "signal_measure": "rsrp"}, "signal", Result.FAIL, "too weak"),
         ({"broker": {**HEALTHY["broker"], "reachable": False, "error": "timed out"}}, "broker", Result.FAIL, "timed out"),
         ({"broker": {**HEALTHY["broker"], "tls": "failed", "error": "certificate has expired"}}, "broker", Result.FAIL, "ca_file"),
         ({"broker": {**HEALTHY["broker"], "tls": "off"}}, "broker", Result.WARN, "TLS is off"),
@@ -433,7 +437,7 @@ def test_cli_bundle_redacts_the_configuration(tmp_path, capsys):
 NO_SIM_RADIO_OFF = {"sim_state": "absent", "iccid": None, "cfun": 4, "signal_dbm": None, "registration": "idle",
                     "binding_status": "no_sim"}
 LOCKED_RADIO_ON = {"sim_state": "locked", "cfun": 1, "signal_dbm": None, "registration": "idle",
-                   "binding_status": "sim_unreadable"}
+                   "binding_status": "sim_locked"}
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -59,7 +60,16 @@ def test_bind_foreign_sim_blocked_right_sim_restored_then_offline_on_sigterm(mos
     assert any(m.get("STOPPING") == "1" for m in agent.notify.messages)
 
 
-def test_simagent_demo_exits_0(tmp_path):
+def test_simagent_demo_exits_0_and_speaks_to_a_newcomer(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "agent", "demo"], capture_output=True, text=True, timeout=TIMEOUT * 3)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "radio restored" in proc.stdout
+    out = proc.stdout
+    assert "radio restored" in out
+    # No jargon a newcomer cannot look up: contract clauses, bare systemd protocol words.
+    assert "clause" not in out and "READY=1" not in out
+    # The platform's view never says the binding is fine while the radio is off unexplained.
+    states = [line for line in out.splitlines() if "platform <- state:" in line]
+    assert states and not [line for line in states if re.search(r"binding ok, radio (off|CFUN=4)$", line)], states
+    # One numbering per thing: events by seq, log entries by entry number, never both as "#N".
+    assert not re.search(r"#\d", out), out
+    assert out.rstrip().splitlines()[-6] == "What to try next:"

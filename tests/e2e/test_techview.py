@@ -1,7 +1,8 @@
 """Issue 13: what the technician sees through the daemon is true and fresh. A modem that
 hangs is blamed on the modem within a bounded time, a modem that is gone is the first line
-of `status` and a FAIL in `diag`; every section of `status --json` says where it came from.
-The real `simagent run`, the fake modem process on a pty, no broker (not needed here)."""
+of `status` and a FAIL in `diag`; every section of `status --json` says where it came from,
+and through the daemon `status --json` is the retained state document. The real `simagent
+run`, the fake modem process on a pty, and mosquitto where the platform's view is compared."""
 
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def test_a_hung_then_missing_modem_is_said_first_and_fails_diag(fake_modem_proce
     assert gone.returncode == 69
     lines = gone.stdout.splitlines()
     assert lines[0].startswith(f"MODEM MISSING ({modem.port}") and "USB cable" in lines[0], lines[0]
-    assert "  source        unknown (never read)" in lines  # the network facts: nothing to say
-    assert any("the daemon's last read" in line for line in lines)  # SIM etc.: marked as the last read
+    # Every section, the network too (read by the healthy `status` above), is marked as the last read.
+    sources = [line for line in lines if line.startswith("  source ")]
+    assert len(sources) == 5 and all("the daemon's last read" in line for line in sources), lines
     as_json = json.loads(agent.cli("status", "--json").stdout)
     assert as_json["modem_link"]["state"] == "missing" and as_json["modem_present"] is False
     assert {s["from"] for s in as_json["freshness"].values()} <= {"daemon", "unknown"}
@@ -117,3 +119,32 @@ def test_journald_gets_one_line_with_fields_per_sim_event_decision_and_gate_acti
     assert by_event["sim_inserted"][0]["ICCID"] == FOREIGN_ICCID
     assert len({by_event[e][0]["MESSAGE_ID"] for e in ("sim_removed", "sim_inserted", "radio_blocked")}) == 3
     assert any(e.get("SIMAGENT_EVENT") == "bound" and e.get("ICCID") == HOME_ICCID for e in entries), entries
+
+
+# Keys that say when or through what a document was made, not what the terminal is: the
+# publication time (`ts`), the ages in `freshness`, and the local view `status` adds (the
+# live probe `modem_link`, the broker link `mqtt`, the queue `outbox`).
+NOT_THE_TERMINAL = ("ts", "freshness", "modem_link", "mqtt", "outbox")
+
+
+def test_status_json_is_the_retained_state_document(home_modem, agent_process, subscriber, mosquitto,
+                                                    validate_message):
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto)
+    agent.wait_ready()
+    wait_modem(home_modem, lambda s: s["cfun"] == 1, "the radio on for the home card")
+    status = json.loads(agent.cli("status", "--json", check=True).stdout)
+    validate_message(status, "state")
+
+    def retained_like_status(sub):
+        states = sub.documents("/state")
+        return states and states[-1]["network"] == status["network"] and states[-1]
+
+    state = platform.wait_for(retained_like_status, what="a state document with the network status read")
+    assert {k: v for k, v in status.items() if k not in NOT_THE_TERMINAL} == \
+        {k: v for k, v in state.items() if k not in NOT_THE_TERMINAL}
+    assert state["schema"] == status["schema"] == "simagent/state/1"
+    assert state["modem"]["profile"] == "quectel" and state["modem"]["port"] == home_modem.port
+    assert state["network"]["registration"] in ("home", "roaming"), state["network"]
+    assert set(state["freshness"]) == set(status["freshness"])
+    assert status["mqtt"]["connected"] is True and "ts" not in status

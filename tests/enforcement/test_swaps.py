@@ -221,7 +221,8 @@ def test_state_document_and_change_notifications(open_terminal):
         async with open_terminal(profile="quectel", on_change=lambda: changes.append(1)) as t:
             state = t.enforcer.state()
             assert state["modem"] == {"vendor": "Quectel", "model": state["modem"]["model"],
-                                      "revision": state["modem"]["revision"], "imei": HOME_IMEI, "imei_luhn_ok": True}
+                                      "revision": state["modem"]["revision"], "imei": HOME_IMEI, "imei_luhn_ok": True,
+                                      "profile": "quectel"}
             assert state["sim"]["iccid"] == HOME_ICCID and state["sim"]["state"] == "ready"
             assert state["binding"]["bound_iccid"] == HOME_ICCID and state["binding"]["since"]
             seen = len(changes)

@@ -15,11 +15,12 @@ import pytest
 from agent.core.binding import LAST_IMEI_KEY
 from agent.service.control import socket_op
 from agent.core.store import Binding, Store
+from at_commands.commands import is_query
 
 SPEC_KEYS = {
     "modem": {"vendor", "model", "revision", "imei", "imei_luhn_ok", "profile", "port"},
     "sim": {"state", "iccid", "imsi"},
-    "network": {"registration", "operator", "access_tech", "signal_dbm"},
+    "network": {"registration", "operator", "access_tech", "signal_dbm", "signal_measure"},
     "radio": {"cfun"},
     "modem_link": {"state", "port", "detail"},
     "freshness": {"modem", "sim", "network", "radio", "binding"},
@@ -34,6 +35,10 @@ def status_json(cli, port: str) -> dict:
 
 def test_sim_absent_radio_off_and_unknown_signal_use_the_spec_words(cli, registered_modem):
     fm = registered_modem(profile="simcom", no_sim=True)
+    # Numeric errors are off after power-on: +CPIN? answers a bare ERROR, and a read-only
+    # status does not switch them on (it sends only queries), so it cannot say why.
+    assert status_json(cli, fm.port)["sim"]["state"] == "unknown"
+    assert cli("at", "--port", fm.port, "--unsafe", "AT+CMEE=1").returncode == 0  # as the daemon leaves it
     doc = status_json(cli, fm.port)
     assert {k: set(v) for k, v in doc.items() if k != "binding"} == SPEC_KEYS
     assert doc["sim"] == {"state": "absent", "iccid": None, "imsi": None}
@@ -55,6 +60,10 @@ def test_pin_locked_sim_and_roaming(cli, registered_modem):
     doc = status_json(cli, locked.port)
     assert doc["sim"]["state"] == "locked" and doc["sim"]["imsi"] is None
     assert doc["sim"]["iccid"] == locked.state()["iccid"]  # readable without the PIN
+    Store.open(cli.state_dir).close()  # the daemon has run here: a verdict is given
+    # The card was read: the verdict says why it cannot be used, not that it is unreadable.
+    assert status_json(cli, locked.port)["binding"]["status"] == "sim_locked"
+    assert "  status        sim_locked, mode first-use" in cli("status", "--port", locked.port).stdout
 
     roaming = registered_modem(profile="huawei")
     roaming.register("roaming")
@@ -124,7 +133,7 @@ def test_human_output_is_aligned_and_short(cli, registered_modem):
     for label, value in (row for row in rows if len(row) == 2):
         by_label.setdefault(label, value)
     assert by_label["IMEI"] == state["imei"] and by_label["ICCID"] == state["iccid"] and by_label["state"] == "ready"
-    assert by_label["registration"] == "home, CHINA MOBILE, LTE" and by_label["signal"] == "-85 dBm"
+    assert by_label["registration"] == "home, CHINA MOBILE, LTE" and by_label["signal"] == "-85 dBm RSRP"
     assert by_label["radio"] == "on (CFUN=1)" and by_label["modem"] == "Quectel EC25 (quectel)"
     assert by_label["port"] == f"{fm.port} (opened directly)"
     assert by_label["source"] == "live (read from the modem now)"
@@ -213,3 +222,19 @@ def test_bad_configuration_exits_78(cli):
     cli.config.write_text('[modem]\nbaudrate = "fast"\n')
     done = cli("status")
     assert done.returncode == 78 and "[modem] baudrate" in done.stderr
+
+
+@pytest.mark.parametrize("profile", ["quectel", "ublox", "generic"])
+def test_direct_status_and_diag_send_only_queries(cli, registered_modem, profile):
+    """A read-only command changes nothing on the module: no echo or error-format setting,
+    no URC switch, and above all no hot-swap enable that the module keeps in NV
+    (Quectel AT+QSIMDET, u-blox AT+UDCONF=50)."""
+    fm = registered_modem(profile=profile)
+    assert status_json(cli, fm.port)["sim"]["state"] == "ready"
+    assert cli("status", "--port", fm.port).returncode == 0
+    done = cli("diag", "--json", "--port", fm.port)
+    assert done.returncode in (0, 1), done.stderr
+    assert {c["name"]: c["result"] for c in json.loads(done.stdout)["checks"]}["at_answers"] == "PASS"
+    sent = [e["line"] for e in fm.transcript if e["dir"] == "in"]
+    assert sent and "AT+CGSN" in sent
+    assert [line for line in sent if not is_query(line)] == []

@@ -42,7 +42,8 @@ def test_status_reports_what_the_fake_modem_is(name, fake_modem_process, tmp_pat
         "modem": {"vendor": profile.sample_manufacturer, "model": profile.sample_model, "port": fm.port,
                   "revision": profile.sample_revision, "imei": IMEI, "imei_luhn_ok": True, "profile": name},
         "sim": {"state": "ready", "iccid": ICCID, "imsi": IMSI},
-        "network": {"registration": "home", "operator": "CHINA MOBILE", "access_tech": "lte", "signal_dbm": -91},
+        "network": {"registration": "home", "operator": "CHINA MOBILE", "access_tech": "lte", "signal_dbm": -91,
+                    "signal_measure": "rsrp"},
         "radio": {"cfun": 1},
         "binding": None,
     }

@@ -73,7 +73,7 @@ def test_initialise_detects_profile_and_snapshot(pty_responder, replies, acme):
                   "imei": "490154203237518", "imei_luhn_ok": True},
         "sim": {"state": "ready", "iccid": "89860318640220133897", "imsi": "460001234567890"},
         "network": {"registration": "home", "operator": "CHINA MOBILE", "access_tech": "lte",
-                    "signal_dbm": -73},
+                    "signal_dbm": -91, "signal_measure": "rsrp"},  # +CESQ's RSRP, not +CSQ's -73 dBm RSSI
         "radio": {"cfun": 1},
     }
     assert responder.received[:2] == ["ATE0", "AT+CMEE=1"]
@@ -167,3 +167,20 @@ def test_radio_control_and_imei_guard(pty_responder, replies, acme):
 def test_unknown_profile_name_fails_before_opening(tmp_path):
     with pytest.raises(KeyError):
         run(Modem.open(str(tmp_path / "nope"), "no-such-vendor"))
+
+
+@pytest.mark.fake_modem(profile="quectel", register_delay=0.0)
+def test_a_signal_below_the_csq_floor_is_read_from_cesq(fake_modem):
+    fake_modem.set(signal=-120)
+
+    async def main():
+        modem = await Modem.open(fake_modem.port)
+        try:
+            await modem.identify()
+            return await modem.read_signal()
+        finally:
+            modem.close()
+
+    signal = run(main())
+    assert signal.csq.dbm == -113  # +CSQ's floor
+    assert (signal.dbm, signal.measure) == (-120, "rsrp")

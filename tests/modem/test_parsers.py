@@ -104,6 +104,20 @@ def test_cesq():
         p.parse_cesq("+CESQ: 1,2")
 
 
+@pytest.mark.parametrize("csq,cesq,reading", [
+    ("+CSQ: 0,99", "+CESQ: 99,99,255,255,20,21", (-120, "rsrp")),  # below the CSQ floor: RSRP tells
+    ("+CSQ: 14,99", "+CESQ: 99,99,255,255,255,255,65,75,75", (-82, "ss_rsrp")),
+    ("+CSQ: 20,99", "+CESQ: 40,0,30,40,255,255", (-91, "rscp")),
+    ("+CSQ: 20,99", "+CESQ: 40,0,255,255,255,255", (-73, "rssi")),  # GSM: no received power, CSQ's RSSI
+    ("+CSQ: 99,99", "+CESQ: 40,0,255,255,255,255", (-71, "rssi")),  # ... or CESQ's RXLEV
+    ("+CSQ: 14,99", None, (-85, "rssi")),
+    ("+CSQ: 99,99", "+CESQ: 99,99,255,255,255,255", (None, None)),
+    (None, None, (None, None)),
+])
+def test_the_signal_reading_prefers_the_received_power_of_cesq(csq, cesq, reading):
+    assert p.signal_reading(csq and p.parse_csq(csq), cesq and p.parse_cesq(cesq)) == reading
+
+
 @pytest.mark.parametrize("reply,state", [
     ("+CPIN: READY", "ready"), ("+CPIN: SIM PIN", "locked"), ("+CPIN: SIM PUK", "locked"),
     ("+CPIN: PH-SIM PIN", "locked"), ("+CPIN: SIM PIN2", "locked"), ("+CPIN: NOT INSERTED", "absent"),

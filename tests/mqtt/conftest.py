@@ -46,6 +46,8 @@ def state_document(**changes: Any) -> dict:
         "agent_version": "0.1.0",
         "modem": {"vendor": "Quectel", "model": "EC25", "revision": "EC25EFAR06A06M4G", "imei": DEVICE_ID, "imei_luhn_ok": True},
         "sim": {"state": "ready", "iccid": "89860012345678901234", "imsi": "460001234567890"},
+        "network": {"registration": "home", "operator": "CHINA MOBILE", "access_tech": "lte", "signal_dbm": -85,
+                    "signal_measure": "rsrp"},
         "binding": {"mode": "first-use", "status": "ok", "bound_iccid": "89860012345678901234", "bound_imei": DEVICE_ID,
                     "since": "2026-01-01T00:00:00.000Z"},
         "radio": {"cfun": 1, "gated": True},

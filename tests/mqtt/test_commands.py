@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 
+import jsonschema
 import jwt
 import pytest
 
@@ -14,6 +15,7 @@ from agent.core.store import TIME_FLOOR_KEY
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from agent.core.operations import TELEMETRY_INTERVAL_RANGE
 from agent.service.platform_commands import MAX_COMMAND_BYTES, CommandError, CommandProcessor
 from agent.service.reporter import Reporter
 from agent.core.store import Binding
@@ -173,6 +175,24 @@ def test_valid_commands_run_their_handlers(store, validate_message):
         validate_message(payload, "command")
     assert calls == ["ping", "set_telemetry_interval", "at:AT+CGSN", "at:AT+CFUN=4"]
     assert refused_events(store) == []
+
+
+def test_the_telemetry_interval_the_configuration_accepts_is_accepted_by_the_agent_and_the_schema(
+        store, validate_message):
+    """The schema a platform validates with said at least 10 s while the configuration and
+    the agent take 5 s: a platform could not send what a terminal's own config may hold."""
+    low, high = TELEMETRY_INTERVAL_RANGE
+    assert low == 5
+    processor, _calls = make_processor(store)
+    for interval in (low, high):
+        command = {"id": f"i{interval}", "name": "set_telemetry_interval", "args": {"interval": interval}}
+        validate_message(command, "command")
+        assert run(processor, command)["ok"]
+    for interval in (low - 1, high + 1):
+        command = {"id": f"i{interval}", "name": "set_telemetry_interval", "args": {"interval": interval}}
+        with pytest.raises(jsonschema.ValidationError):
+            validate_message(command, "command")
+        assert run(processor, command)["error"]["code"] == "bad_args"
 
 
 def test_a_token_is_accepted_once(store, validate_message):
