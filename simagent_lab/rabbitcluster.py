@@ -11,7 +11,7 @@ system broker or another engineer's cluster. The second node joins the first wit
 
     cluster = RabbitCluster(directory).start()    # two nodes, "a" and "b"
     a, b = cluster.nodes                           # each has .host, .port (MQTT), .tls = None
-    a.stop()                                       # graceful `rabbitmqctl stop`
+    a.stop()                                       # graceful `rabbitmqctl stop` (a.kill(): SIGKILL)
     cluster.close()
 
 What RabbitMQ 3.x does that the agent and the tests must live with:
@@ -31,6 +31,7 @@ import glob
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -152,6 +153,15 @@ class RabbitNode:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL to the Erlang VM, as a crash or power loss: no connection is closed
+        politely. (The process started is the start script; the VM is its child and
+        writes its pid to RABBITMQ_PID_FILE.)"""
+        if self.running:
+            pid = int((self.directory / "pid").read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+            self.process.wait(30)
 
     def log(self) -> str:
         text = ""

@@ -96,7 +96,8 @@ def retained(subscriber, node, topic: str) -> dict:
                           timeout=TIMEOUT, what=f"the retained {topic} on node {node.name}")
 
 
-def test_stopping_the_node_the_agent_is_on_loses_no_event(rabbit_cluster, home_modem, agent_process, subscriber):
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_stopping_the_node_the_agent_is_on_loses_no_event(how, rabbit_cluster, home_modem, agent_process, subscriber):
     a, b = rabbit_cluster.nodes
     platform = subscriber(b, f"{P}/events", persistent=True)  # a 3.1.1 session on the node that survives
     agent = agent_process(home_modem, [a, b])
@@ -112,7 +113,7 @@ def test_stopping_the_node_the_agent_is_on_loses_no_event(rabbit_cluster, home_m
         time.sleep(2.0)
         seq_at_stop = committed_event_seq(agent)
         stopping = time.monotonic()
-        stopper = threading.Thread(target=a.stop)
+        stopper = threading.Thread(target=getattr(a, how))
         stopper.start()
         lost = wait_link(control, lambda s: not s["connected"], "the loss of node a")
         moved = wait_link(control, lambda s: s["connected"] and s["broker"] == b.endpoint, "node b")
@@ -155,7 +156,7 @@ def test_stopping_the_node_the_agent_is_on_loses_no_event(rabbit_cluster, home_m
     commander.wait_for(lambda s: any(r["id"] == "c-after-failover" and r["ok"] for r in s.documents("/cmd/result")),
                        timeout=TIMEOUT, what="the ping reply through node b")
 
-    print(f"\ncluster failover: the agent lost node a {lost - stopping:.2f} s after `rabbitmqctl stop` began and was "
+    print(f"\ncluster failover ({how}): the agent lost node a {lost - stopping:.2f} s after the {how} began and was "
           f"connected to node b {moved - lost:.2f} s later; {committed} events committed "
           f"({committed - seq_at_stop} after the stop began), {len(delivered)} delivered, 0 lost, "
           f"{duplicates} duplicates; {swapper.swaps} SIM swaps")
