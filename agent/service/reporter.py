@@ -45,10 +45,11 @@ message its ACL denies is PUBACKed and dropped (mosquitto does so), and the outb
 delete an event nobody received. A broker that does not speak MQTT 5 answers the CONNECT
 with "unacceptable protocol version" (3.1.1 CONNACK code 1, or MQTT 5 reason 0x84), or,
 as RabbitMQ 3.x does, closes the connection without any CONNACK. On the first the
-reporter logs a warning and connects again at once with 3.1.1; on the second it tries
-3.1.1 once at once, and keeps it only if the broker accepts it (otherwise the close had
-another cause: back to MQTT 5 and the backoff). The fall back is per endpoint and lasts
-for the reporter's life (a broker upgrade is picked up at the next start). MQTT 5
+reporter logs a warning and connects again at once with 3.1.1, for that endpoint and the
+reporter's life (a broker upgrade is picked up at the next start). A bare close may have
+another cause (a TLS alert, a broker going down), so it earns 3.1.1 for one session only:
+the next attempt goes at once with 3.1.1, and the session after that asks for MQTT 5
+again; a transient close never pins an endpoint to 3.1.1. Both are per endpoint. MQTT 5
 sessions are persistent by Session Expiry (a week) with Clean Start off, and Receive
 Maximum bounds the commands the broker may have in flight to us; 3.1.1 uses the
 clean-session flag off instead.
@@ -220,7 +221,7 @@ class Reporter:
         self._brokers = settings.brokers()
         self._broker_index = 0  # the endpoint connected to, or tried next
         self._mqtt311: set[Endpoint] = set()  # endpoints that refused MQTT 5 (fall back, per endpoint)
-        self._probing_311 = False  # trying 3.1.1 after an MQTT 5 CONNECT was answered by a close
+        self._mqtt311_this_session: Endpoint | None = None  # closed an MQTT 5 CONNECT unanswered: 3.1.1 until the session ends
         self._reconnect_now = False  # the session ended by a protocol fall back: no backoff
         self.refused: str | None = None  # the broker's last refusal of an outbox row, until one is accepted
         self._on_command = on_command
@@ -325,7 +326,7 @@ class Reporter:
 
     @property
     def _v5(self) -> bool:
-        return str(self.settings.protocol) == "5" and self.broker not in self._mqtt311
+        return str(self.settings.protocol) == "5" and self.broker not in self._mqtt311 and self.broker != self._mqtt311_this_session
 
     @property
     def protocol(self) -> str:
@@ -373,6 +374,7 @@ class Reporter:
             if self._reconnect_now:
                 self._reconnect_now = False
                 continue
+            self._mqtt311_this_session = None  # the next session asks for MQTT 5 again
             failed = self.broker
             self._broker_index = (self._broker_index + 1) % len(self._brokers)
             delay = self._backoff.next_delay()
@@ -389,7 +391,6 @@ class Reporter:
         try:
             await asyncio.to_thread(self._connect_blocking, client)
         except Exception as exc:  # every failure is a cause to log, never a crash
-            self._end_311_probe(accepted=False)
             return describe_connect_error(exc)
         self._client = client
         self._session_end = self._loop.create_future()
@@ -523,18 +524,20 @@ class Reporter:
     def _on_connect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:
         if reason_code.is_failure:
             if self._v5 and refuses_protocol_version(reason_code):
-                self._fall_back_to_311()
+                self._mqtt311.add(self.broker)
+                self._reconnect_now = True
                 log.warning("MQTT %s refuses MQTT 5 (%s): falling back to MQTT 3.1.1 for this endpoint, %s",
                             self.broker, reason_code, ACL_CAVEAT)
                 self._end_session("broker refuses MQTT 5")
                 return
-            self._end_311_probe(accepted=False)
             self._end_session(f"broker refused the connection: {reason_code}")
             return
         self.connected = True
         self._backoff.connected()
         self.last_error = None
-        self._end_311_probe(accepted=True)
+        if self._mqtt311_this_session == self.broker:
+            log.warning("MQTT %s accepts MQTT 3.1.1 and closed the MQTT 5 connection unanswered: 3.1.1 for this "
+                        "session, %s", self.broker, ACL_CAVEAT)
         log.info("MQTT connected to %s%s (%s, MQTT %s)", self.broker, " again" if self._logged_cause is not None else "",
                  "TLS" if self._tls_context else "plaintext", self.protocol)
         self._logged_cause = None
@@ -551,33 +554,14 @@ class Reporter:
             self._end_session(f"connection lost ({detail})")
         elif self._v5 and self._session_end is not None and not self._session_end.done():
             # No CONNACK to an MQTT 5 CONNECT: RabbitMQ 3.x cannot parse one and closes. It may
-            # also be a TLS alert after the handshake (a client certificate wanted): the 3.1.1
-            # attempt tells, and is undone when it fails too.
-            self._probing_311 = True
-            self._fall_back_to_311()
+            # also be a TLS alert after the handshake (a client certificate wanted) or a broker
+            # going down: so 3.1.1 for the next attempt and that session only.
+            self._mqtt311_this_session, self._reconnect_now = self.broker, True
             log.info("MQTT %s closed the MQTT 5 connection without a CONNACK (%s): trying MQTT 3.1.1 once", self.broker, detail)
             self._end_session(f"connection closed before the broker accepted it ({detail})")
         else:
-            self._end_311_probe(accepted=False)
             self._end_session(f"connection closed before the broker accepted it ({detail})")
         self.connected = False
-
-    def _end_311_probe(self, *, accepted: bool) -> None:
-        """The 3.1.1 attempt after an unanswered MQTT 5 CONNECT (if one is under way) ended:
-        accepted, the endpoint keeps 3.1.1; refused or failed, the close had another cause."""
-        if not self._probing_311:
-            return
-        self._probing_311 = False
-        if accepted:
-            log.warning("MQTT %s accepts MQTT 3.1.1 and closed the MQTT 5 connection unanswered: staying with 3.1.1 "
-                        "for this endpoint, %s", self.broker, ACL_CAVEAT)
-        else:
-            self._mqtt311.discard(self.broker)
-
-    def _fall_back_to_311(self) -> None:
-        """This endpoint gets MQTT 3.1.1 from now on; the next attempt goes at once."""
-        self._mqtt311.add(self.broker)
-        self._reconnect_now = True
 
     def _on_paho_log(self, client, userdata, level: int, message: str) -> None:
         # paho reports socket and TLS errors (the reason a connection died) only here.

@@ -118,8 +118,30 @@ def test_the_protocol_fall_back_is_per_endpoint(make_broker, mqtt311_only, store
     asyncio.run(scenario())
     assert front.levels == [5, 4]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(f"127.0.0.1:{front.port} accepts MQTT 3.1.1" in w and "staying with 3.1.1 for this endpoint" in w
+    assert any(f"127.0.0.1:{front.port} accepts MQTT 3.1.1" in w and "3.1.1 for this session" in w
                for w in warnings), warnings
+
+
+def test_a_bare_close_earns_311_for_one_session_only(make_broker, mqtt311_only, store, mq):
+    """A close before the CONNACK may have been a broker going down, not a protocol
+    refusal: after that session the endpoint is asked for MQTT 5 again, so a transient
+    close never pins it to 3.1.1 (where an ACL-denied publish is acknowledged and lost)."""
+    broker = make_broker()
+    front = mqtt311_only(broker, "close")
+
+    async def scenario():
+        reporter = Reporter(mq.reporter_settings(front), store, device_id=mq.DEVICE_ID, backoff=mq.quick_backoff())
+        async with mq.running(reporter):
+            assert reporter.link_status()["protocol"] == "3.1.1"
+            await asyncio.to_thread(broker.stop)  # the session ends; the front then closes every CONNECT
+            await mq.until(lambda: not reporter.connected, what="the session lost")
+            await asyncio.to_thread(broker.start)
+            await mq.until(lambda: reporter.connected, what="connected again")
+            assert reporter.link_status()["protocol"] == "3.1.1"
+
+    asyncio.run(scenario())
+    assert front.levels[:2] == [5, 4] and front.levels[-2:] == [5, 4]
+    assert all(first == 5 for first in front.levels[::2]), front.levels  # every session began by asking for MQTT 5
 
 
 def test_a_close_that_311_does_not_cure_is_not_a_protocol_refusal(make_broker, mqtt311_only, store, mq):
