@@ -9,18 +9,7 @@ import asyncio
 import logging
 import signal
 
-from agent.core.backoff import Backoff
 from agent.service.reporter import Reporter
-
-
-class CountingBackoff(Backoff):
-    def __init__(self) -> None:
-        super().__init__(base=0.05, cap=0.4, stable_after=30.0)
-        self.delays = 0
-
-    def next_delay(self) -> float:
-        self.delays += 1
-        return super().next_delay()
 
 
 def endpoints(*brokers) -> list[str]:
@@ -40,7 +29,7 @@ def first_arrivals(*subscribers) -> list[int]:
 def test_a_dead_first_endpoint_costs_one_backoff_and_the_agent_says_where_it_is(make_broker, store, mq, caplog):
     dead, alive = make_broker(), make_broker()
     dead.stop()
-    backoff = CountingBackoff()
+    backoff = mq.CountingBackoff()
     caplog.set_level(logging.INFO, logger="agent.service.reporter")
 
     async def scenario():
@@ -101,7 +90,7 @@ def test_the_protocol_fall_back_is_per_endpoint(make_broker, mqtt311_only, store
     there. When it goes, the next endpoint still gets MQTT 5."""
     a, b = make_broker(), make_broker()
     front = mqtt311_only(a, "close")
-    backoff = CountingBackoff()
+    backoff = mq.CountingBackoff()
     caplog.set_level(logging.INFO, logger="agent.service.reporter")
 
     async def scenario():
@@ -150,7 +139,7 @@ def test_a_close_that_311_does_not_cure_is_not_a_protocol_refusal(make_broker, m
     broker = make_broker()
     front = mqtt311_only(broker, "close")
     broker.stop()
-    backoff = CountingBackoff()
+    backoff = mq.CountingBackoff()
 
     async def scenario():
         reporter = Reporter(mq.reporter_settings(front), store, device_id=mq.DEVICE_ID, backoff=backoff)
