@@ -538,8 +538,10 @@ class Reporter:
         if self._mqtt311_this_session == self.broker:
             log.warning("MQTT %s accepts MQTT 3.1.1 and closed the MQTT 5 connection unanswered: 3.1.1 for this "
                         "session, %s", self.broker, ACL_CAVEAT)
-        log.info("MQTT connected to %s%s (%s, MQTT %s)", self.broker, " again" if self._logged_cause is not None else "",
-                 "TLS" if self._tls_context else "plaintext", self.protocol)
+        if self._logged_cause is not None:
+            log.info("MQTT connected to %s again", self.broker)
+        else:
+            log.info("MQTT connected to %s (%s, MQTT %s)", self.broker, "TLS" if self._tls_context else "plaintext", self.protocol)
         self._logged_cause = None
         client.subscribe(self.topics.cmd, qos=1)
         self._publish(self.topics.status, self._status(True), qos=1, retain=True)
@@ -713,8 +715,8 @@ class Reporter:
         self.last_error = f"{failed}: {cause}"
         level = logging.DEBUG if cause == self._logged_cause else logging.WARNING
         self._logged_cause = cause
-        log.log(level, "MQTT %s: %s; retrying in %.1f s%s", failed, cause, delay,
-                f" with {self.broker}" if self.broker != failed else "")
+        log.log(level, "MQTT %s: %s%s; retrying in %.1f s", failed, cause,
+                f"; next endpoint {self.broker}" if self.broker != failed else "", delay)
 
 
 COMMAND_QUEUE = 64  # commands received and not yet handled (and so not yet acknowledged)

@@ -45,7 +45,7 @@ def test_a_dead_first_endpoint_costs_one_backoff_and_the_agent_says_where_it_is(
     asyncio.run(scenario())
     assert backoff.delays == 1  # the move to the next endpoint waited for the jittered backoff
     lines = [r.getMessage() for r in caplog.records]
-    assert any(f"MQTT 127.0.0.1:{dead.port}: connection refused" in line and f"with 127.0.0.1:{alive.port}" in line
+    assert any(f"MQTT 127.0.0.1:{dead.port}: connection refused" in line and f"next endpoint 127.0.0.1:{alive.port}; retrying in" in line
                for line in lines), lines
     assert any(line.startswith(f"MQTT connected to 127.0.0.1:{alive.port}") for line in lines), lines
 
