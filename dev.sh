@@ -7,6 +7,8 @@
 #                     --long: 30+ trials each (SIMAGENT_FAULT_TRIALS) and a fresh seed
 #   ./dev.sh fleet [args]   the fleet simulation (100 agents, a broker restart; JSON + PNG),
 #                     after installing its plot extra; under nice: it fills both cores
+#   ./dev.sh cluster [pytest args]   the clustered-broker failover proof (pytest -m cluster);
+#                     installs Debian's rabbitmq-server when missing (its system service stays off)
 #   ./dev.sh setup    only install
 # Debian packages are installed with apt-get when missing (as root, or through sudo).
 set -euo pipefail
@@ -62,6 +64,20 @@ setup() {
     install_venv
 }
 
+# The failover test starts its own RabbitMQ nodes (simagent_lab/rabbitcluster.py); a system
+# broker that the package's postinst may have started is stopped and disabled.
+install_rabbitmq() {
+    dpkg-query -W -f='${Status}' rabbitmq-server 2>/dev/null | grep -q "install ok installed" && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "Installing Debian packages: rabbitmq-server"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null
+    if [ -d /run/systemd/system ]; then
+        $sudo systemctl disable --now rabbitmq-server.service >/dev/null 2>&1 || true
+    fi
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -86,5 +102,9 @@ case "$cmd" in
         [ -s "$report" ] && .venv/bin/python tests/fault_table.py "$report"
         rm -f "$report"
         exit $rc ;;
-    *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    cluster)
+        setup
+        install_rabbitmq
+        exec .venv/bin/python -m pytest -m cluster -s tests/e2e/test_cluster_failover.py "$@" ;;
+    *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -55,13 +55,15 @@ def merge(base: Sections, overrides: Sections) -> Sections:
     return merged
 
 
-def loopback_sections(directory: Path, modem_port: str, broker_port: int, *, log_level: str = "info") -> Sections:
+def loopback_sections(directory: Path, modem_port: str, broker_port: int | list[str], *, log_level: str = "info") -> Sections:
     """Defaults everywhere but for a local broker without TLS (the shipped configuration
-    has TLS on), the given modem port and paths in `directory`."""
+    has TLS on), the given modem port and paths in `directory`. `broker_port` is the
+    port of one broker on 127.0.0.1, or a list of `[mqtt] endpoints`."""
+    mqtt = {"endpoints": broker_port} if isinstance(broker_port, list) else {"host": "127.0.0.1", "port": broker_port}
     return {
         "device": {"id": "imei", "state_dir": str(directory / "state")},
         "modem": {"port": modem_port},
-        "mqtt": {"host": "127.0.0.1", "port": broker_port},
+        "mqtt": mqtt,
         "mqtt.tls": {"enabled": False},
         "control": {"socket": str(directory / "control.sock")},
         "log": {"level": log_level},

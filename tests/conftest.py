@@ -409,12 +409,13 @@ class Mqtt311Front:
     """A real TCP listener in front of a mosquitto that refuses MQTT 5, as a 3.1.1-only
     broker does: a CONNECT with protocol level 5 gets the "unacceptable protocol version"
     CONNACK (`answer="3.1.1"`: the 3.1.1 packet, code 1, which MQTT 5 asks old servers to
-    send; `answer="5"`: an MQTT 5 CONNACK with reason 0x84) and the connection is closed;
-    any other CONNECT is relayed to the broker byte for byte. mosquitto 2.0 has no option
+    send; `answer="5"`: an MQTT 5 CONNACK with reason 0x84) and the connection is closed
+    (`answer="close"`: closed without a CONNACK, as RabbitMQ 3.x does); any other CONNECT is
+    relayed to the broker byte for byte (a stopped broker: closed without a CONNACK). mosquitto 2.0 has no option
     to refuse a protocol version (`accept_protocol_versions` came in 2.1), hence this.
     `levels` lists the protocol level of every CONNECT seen."""
 
-    REFUSALS = {"3.1.1": b"\x20\x02\x00\x01", "5": b"\x20\x03\x00\x84\x00"}
+    REFUSALS = {"3.1.1": b"\x20\x02\x00\x01", "5": b"\x20\x03\x00\x84\x00", "close": b""}
 
     def __init__(self, broker: Broker, answer: str = "3.1.1") -> None:
         self.broker, self.refusal = broker, self.REFUSALS[answer]
@@ -490,6 +491,8 @@ class Mqtt311Front:
 
     def close(self) -> None:
         for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the relay threads; close() alone would not
             with contextlib.suppress(OSError):
                 sock.close()
 

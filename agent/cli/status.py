@@ -103,12 +103,22 @@ def _binding(binding: dict[str, Any] | None) -> list[Row]:
 def _platform(doc: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     if "mqtt" in doc:
-        rows.append(("MQTT", "connected" if doc["mqtt"].get("connected") else "not connected"))
+        rows.append(("MQTT", _mqtt_link(doc["mqtt"])))
     if "outbox" in doc:
         outbox = doc["outbox"]
         events = outbox.get("event", outbox.get("events", 0))
         rows.append(("outbox", f"{events} events, {outbox.get('telemetry', 0)} telemetry"))
     return rows
+
+
+def _mqtt_link(link: dict[str, Any]) -> str:
+    """"connected to B (MQTT 5)", or "not connected (next: B; last error)"; B is the endpoint."""
+    broker = link.get("broker")
+    if link.get("connected"):
+        return f"connected to {broker} (MQTT {link['protocol']})" if broker else "connected"
+    details = [f"next: {broker}"] if broker else []
+    details += [link["last_error"]] if link.get("last_error") else []
+    return f"not connected ({'; '.join(details)})" if details else "not connected"
 
 
 def format_status(doc: dict[str, Any], *, via: str | None = None) -> str:

@@ -293,9 +293,9 @@ class BrokerTarget:
 
 
 def broker_target(mqtt: MqttConfig) -> BrokerTarget:
-    """The broker `[mqtt]` names (config.mqtt or the reporter's settings)."""
-    tls = mqtt.tls
-    return BrokerTarget(mqtt.host, mqtt.port, tls=tls.enabled, ca_file=tls.ca_file or None,
+    """The broker `[mqtt]` names first (config.mqtt or the reporter's settings)."""
+    tls, first = mqtt.tls, mqtt.brokers()[0]
+    return BrokerTarget(first.host, first.port, tls=tls.enabled, ca_file=tls.ca_file or None,
                         cert_file=tls.cert_file or None, key_file=tls.key_file or None)
 
 

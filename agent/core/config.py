@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 import sys
@@ -133,6 +134,60 @@ def _check_topic_prefix(value: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """One broker address of `[mqtt] endpoints`; ``str()`` is how it is written there."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+_ENDPOINT = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*))(?::(?P<port>[^:]*))?")
+
+
+def parse_endpoint(text: str, default_port: int) -> Endpoint:
+    """ "host", "host:port", "[IPv6]" or "[IPv6]:port" -> Endpoint; ValueError says why not."""
+    m = _ENDPOINT.fullmatch(text)
+    if m is None:
+        if _is_ipv6(text):
+            raise ValueError(f"an IPv6 address goes in brackets, as in \"[{text}]:8883\"")
+        raise ValueError(f'expected "host", "host:port" or "[IPv6]:port", got {_show(text)}')
+    if m["v6"] is not None:
+        if not _is_ipv6(m["v6"]):
+            raise ValueError(f"not an IPv6 address in brackets: {_show(text)}")
+        host = m["v6"]
+    else:
+        host = m["host"]
+        if not _HOST_NAME.fullmatch(host):
+            raise ValueError(f"expected a host name or IPv4 address before the port, got {_show(text)}")
+    port = default_port
+    if m["port"] is not None:
+        if not m["port"].isdigit() or not 1 <= int(m["port"]) <= 65535:
+            raise ValueError(f"port must be 1..65535, got {_show(text)}")
+        port = int(m["port"])
+    return Endpoint(host, port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_endpoint(value: str) -> str | None:
+    try:
+        parse_endpoint(value, default_port=1)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _check_public_key(value: str) -> str | None:
     try:
         public_key_bytes(value)
@@ -208,6 +263,8 @@ class TlsConfig:
 class MqttConfig:
     host: str = setting("localhost", check=_pattern(r"[A-Za-z0-9.:_-]+", "a host name or address"))
     port: int = setting(8883, range=(1, 65535))
+    # Brokers tried in order (round robin) instead of host; an entry without a port uses `port`.
+    endpoints: tuple[str, ...] = setting([], check=_each(_check_endpoint))
     client_id: str = setting("simagent-{device_id}", check=_check_template)
     topic_prefix: str = setting("simagent/{device_id}", check=_check_topic_prefix)
     keepalive: int = setting(60, range=(5, 3600))
@@ -215,6 +272,12 @@ class MqttConfig:
     username: str = setting("")
     password_file: str = setting("", check=_OPTIONAL_PATH, secret=True)
     tls: TlsConfig = field(default_factory=TlsConfig)
+
+    def brokers(self) -> tuple[Endpoint, ...]:
+        """The endpoints in the order they are tried: `endpoints`, else `host`:`port`."""
+        if self.endpoints:
+            return tuple(parse_endpoint(text, self.port) for text in self.endpoints)
+        return (Endpoint(self.host, self.port),)
 
 
 @dataclass(frozen=True)
@@ -282,8 +345,11 @@ SECTIONS: tuple[str, ...] = tuple(_SECTION_CLASSES)
 _TOP_SECTIONS = [s for s in SECTIONS if "." not in s]
 
 
-def _cross_checks(values: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
-    """Rules that involve two keys; returns (label, message) of the first one broken."""
+def _cross_checks(values: dict[str, dict[str, Any]], given: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Rules that involve two keys; returns (label, message) of the first one broken.
+    `given` is the file's own mapping (to tell a key set from its default)."""
+    if values["mqtt"]["endpoints"] and "host" in given.get("mqtt", {}):
+        return "[mqtt] host", "set either host (one broker) or endpoints (several), not both"
     tls = values["mqtt.tls"]
     if bool(tls["cert_file"]) != bool(tls["key_file"]):
         return "[mqtt.tls] key_file", "cert_file and key_file go together (client certificate)"
@@ -428,7 +494,7 @@ def from_mapping(data: Mapping[str, Any], file: str = DEFAULT_PATH) -> Config:
     _collect(data, "", values, file)
     for key in SCHEMA:
         values[key.section].setdefault(key.name, _freeze(key.default))
-    broken = _cross_checks(values)
+    broken = _cross_checks(values, data)
     if broken:
         raise ConfigError(file, *broken)
     built: dict[str, Any] = {}

@@ -27,16 +27,32 @@ the platform drops by event id. After a reconnect or a restart every row still i
 outbox is sent again. The store is never locked across `publish()`. The last refusal is
 shown in `link_status()` (`simagent status --json`, `mqtt.refused`) until a row is accepted.
 
+Endpoints
+---------
+`[mqtt] endpoints` lists brokers (a cluster's nodes) tried round robin: a failed connect
+or a lost session moves to the next one. Every attempt after a failure waits for the
+jittered backoff, the move included: a node's death drops a whole fleet at once, and an
+immediate retry on the survivor would be the synchronized storm the jitter exists to
+prevent; per attempt (not per round of the list) also keeps a fleet's connect rate the
+same however many endpoints it lists. Nothing in flight is lost in the move: the rows
+not yet PUBACKed stay in the outbox and the new connection sends them again from the
+oldest, in position order, before anything newer.
+
 Protocol version
 ----------------
 MQTT 5 is the default because under 3.1.1 a broker has no way to refuse a publish: a
 message its ACL denies is PUBACKed and dropped (mosquitto does so), and the outbox would
 delete an event nobody received. A broker that does not speak MQTT 5 answers the CONNECT
-with "unacceptable protocol version" (3.1.1 CONNACK code 1, or MQTT 5 reason 0x84); the
-reporter then logs a warning and connects again at once with 3.1.1, for the rest of its
-life (a broker upgrade is picked up at the next start). MQTT 5 sessions are persistent by
-Session Expiry (a week) with Clean Start off, and Receive Maximum bounds the commands the
-broker may have in flight to us; 3.1.1 uses the clean-session flag off instead.
+with "unacceptable protocol version" (3.1.1 CONNACK code 1, or MQTT 5 reason 0x84), or,
+as RabbitMQ 3.x does, closes the connection without any CONNACK. On the first the
+reporter logs a warning and connects again at once with 3.1.1, for that endpoint and the
+reporter's life (a broker upgrade is picked up at the next start). A bare close may have
+another cause (a TLS alert, a broker going down), so it earns 3.1.1 for one session only:
+the next attempt goes at once with 3.1.1, and the session after that asks for MQTT 5
+again; a transient close never pins an endpoint to 3.1.1. Both are per endpoint. MQTT 5
+sessions are persistent by Session Expiry (a week) with Clean Start off, and Receive
+Maximum bounds the commands the broker may have in flight to us; 3.1.1 uses the
+clean-session flag off instead.
 """
 
 from __future__ import annotations
@@ -61,7 +77,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import __version__
 from agent.core.backoff import Backoff
-from agent.core.config import MqttConfig, TlsConfig
+from agent.core.config import Endpoint, MqttConfig, TlsConfig
 from agent.core.facts import STATE_SCHEMA
 from agent.core.store import Store, TELEMETRY_SCHEMA
 
@@ -72,6 +88,7 @@ SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: commands queued while offline surviv
 ACK_FLUSH_DELAY_S = 0.05  # acknowledged rows are deleted in batches at most this late
 ACK_FLUSH_RETRY_S = 1.0  # after a failed delete (disk full): how soon to try again
 
+ACL_CAVEAT = "where a publish the broker's ACL denies is acknowledged and lost"
 UNSUPPORTED_PROTOCOL_VERSION = 0x84  # MQTT 5 CONNACK reason; paho maps a 3.1.1 CONNACK code 1 to it
 
 
@@ -201,7 +218,10 @@ class Reporter:
         self.agent_version = agent_version
         self.topics = Topics.for_device(settings.topic_prefix, device_id)
         self.client_id = (settings.client_id or "simagent-{device_id}").replace("{device_id}", device_id)
-        self._v5 = str(settings.protocol) == "5"  # False after a fall back to 3.1.1
+        self._brokers = settings.brokers()
+        self._broker_index = 0  # the endpoint connected to, or tried next
+        self._mqtt311: set[Endpoint] = set()  # endpoints that refused MQTT 5 (fall back, per endpoint)
+        self._mqtt311_this_session: Endpoint | None = None  # closed an MQTT 5 CONNECT unanswered: 3.1.1 until the session ends
         self._reconnect_now = False  # the session ended by a protocol fall back: no backoff
         self.refused: str | None = None  # the broker's last refusal of an outbox row, until one is accepted
         self._on_command = on_command
@@ -214,7 +234,8 @@ class Reporter:
             self._tls_context: ssl.SSLContext | None = build_tls_context(settings.tls)
         else:
             self._tls_context = None
-            log.warning("MQTT TLS is disabled ([mqtt.tls] enabled = false): traffic to %s:%s is plaintext", settings.host, settings.port)
+            log.warning("MQTT TLS is disabled ([mqtt.tls] enabled = false): traffic to %s is plaintext",
+                        ", ".join(map(str, self._brokers)))
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -299,12 +320,22 @@ class Reporter:
             tx.enqueue_telemetry(sample, stamp)
 
     @property
+    def broker(self) -> Endpoint:
+        """The endpoint connected to, or the one tried next."""
+        return self._brokers[self._broker_index]
+
+    @property
+    def _v5(self) -> bool:
+        return str(self.settings.protocol) == "5" and self.broker not in self._mqtt311 and self.broker != self._mqtt311_this_session
+
+    @property
     def protocol(self) -> str:
         return "5" if self._v5 else "3.1.1"
 
     def link_status(self) -> dict[str, Any]:
-        return {"connected": self.connected, "broker": f"{self.settings.host}:{self.settings.port}", "tls": self._tls_context is not None,
-                "protocol": self.protocol, "last_error": self.last_error, "refused": self.refused}
+        return {"connected": self.connected, "broker": str(self.broker), "endpoints": [str(b) for b in self._brokers],
+                "tls": self._tls_context is not None, "protocol": self.protocol, "last_error": self.last_error,
+                "refused": self.refused}
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Graceful stop: send what is queued (bounded by `timeout`), publish the offline
@@ -343,8 +374,11 @@ class Reporter:
             if self._reconnect_now:
                 self._reconnect_now = False
                 continue
+            self._mqtt311_this_session = None  # the next session asks for MQTT 5 again
+            failed = self.broker
+            self._broker_index = (self._broker_index + 1) % len(self._brokers)
             delay = self._backoff.next_delay()
-            self._log_cause(cause, delay)
+            self._log_cause(failed, cause, delay)
             try:
                 await asyncio.wait_for(self._stop_requested.wait(), delay)
             except TimeoutError:
@@ -368,14 +402,14 @@ class Reporter:
 
     def _connect_blocking(self, client: mqtt.Client) -> None:
         """Runs in a worker thread: DNS, TCP and TLS may block."""
-        settings = self.settings
+        broker, keepalive = self.broker, self.settings.keepalive
         if self._v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = SESSION_EXPIRY_S
             properties.ReceiveMaximum = COMMAND_QUEUE  # the broker never has more commands in flight to us
-            client.connect(settings.host, settings.port, settings.keepalive, clean_start=False, properties=properties)
+            client.connect(broker.host, broker.port, keepalive, clean_start=False, properties=properties)
         else:
-            client.connect(settings.host, settings.port, settings.keepalive)
+            client.connect(broker.host, broker.port, keepalive)
 
     def _new_client(self) -> mqtt.Client:
         protocol = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
@@ -490,9 +524,10 @@ class Reporter:
     def _on_connect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:
         if reason_code.is_failure:
             if self._v5 and refuses_protocol_version(reason_code):
-                self._v5, self._reconnect_now = False, True
-                log.warning("MQTT %s:%s refuses MQTT 5 (%s): falling back to MQTT 3.1.1, where a publish the broker's ACL "
-                            "denies is acknowledged and lost", self.settings.host, self.settings.port, reason_code)
+                self._mqtt311.add(self.broker)
+                self._reconnect_now = True
+                log.warning("MQTT %s refuses MQTT 5 (%s): falling back to MQTT 3.1.1 for this endpoint, %s",
+                            self.broker, reason_code, ACL_CAVEAT)
                 self._end_session("broker refuses MQTT 5")
                 return
             self._end_session(f"broker refused the connection: {reason_code}")
@@ -500,11 +535,13 @@ class Reporter:
         self.connected = True
         self._backoff.connected()
         self.last_error = None
+        if self._mqtt311_this_session == self.broker:
+            log.warning("MQTT %s accepts MQTT 3.1.1 and closed the MQTT 5 connection unanswered: 3.1.1 for this "
+                        "session, %s", self.broker, ACL_CAVEAT)
         if self._logged_cause is not None:
-            log.info("MQTT connected to %s:%s again", self.settings.host, self.settings.port)
+            log.info("MQTT connected to %s again", self.broker)
         else:
-            log.info("MQTT connected to %s:%s (%s, MQTT %s)", self.settings.host, self.settings.port,
-                     "TLS" if self._tls_context else "plaintext", "5" if self._v5 else "3.1.1")
+            log.info("MQTT connected to %s (%s, MQTT %s)", self.broker, "TLS" if self._tls_context else "plaintext", self.protocol)
         self._logged_cause = None
         client.subscribe(self.topics.cmd, qos=1)
         self._publish(self.topics.status, self._status(True), qos=1, retain=True)
@@ -517,7 +554,14 @@ class Reporter:
         if self.connected:
             self._backoff.disconnected()
             self._end_session(f"connection lost ({detail})")
-        else:  # e.g. a TLS alert after the handshake: the broker wanted a client certificate
+        elif self._v5 and self._session_end is not None and not self._session_end.done():
+            # No CONNACK to an MQTT 5 CONNECT: RabbitMQ 3.x cannot parse one and closes. It may
+            # also be a TLS alert after the handshake (a client certificate wanted) or a broker
+            # going down: so 3.1.1 for the next attempt and that session only.
+            self._mqtt311_this_session, self._reconnect_now = self.broker, True
+            log.info("MQTT %s closed the MQTT 5 connection without a CONNACK (%s): trying MQTT 3.1.1 once", self.broker, detail)
+            self._end_session(f"connection closed before the broker accepted it ({detail})")
+        else:
             self._end_session(f"connection closed before the broker accepted it ({detail})")
         self.connected = False
 
@@ -666,12 +710,13 @@ class Reporter:
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         return info if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS else None
 
-    def _log_cause(self, cause: str, delay: float) -> None:
-        # One line per cause: the same failure repeating is logged at debug level only.
-        self.last_error = cause
+    def _log_cause(self, failed: Endpoint, cause: str, delay: float) -> None:
+        # One line per cause: the same failure repeating (on any endpoint) is logged at debug level only.
+        self.last_error = f"{failed}: {cause}"
         level = logging.DEBUG if cause == self._logged_cause else logging.WARNING
         self._logged_cause = cause
-        log.log(level, "MQTT %s:%s: %s; retrying in %.1f s", self.settings.host, self.settings.port, cause, delay)
+        log.log(level, "MQTT %s: %s%s; retrying in %.1f s", failed, cause,
+                f"; next endpoint {self.broker}" if self.broker != failed else "", delay)
 
 
 COMMAND_QUEUE = 64  # commands received and not yet handled (and so not yet acknowledged)

@@ -57,7 +57,7 @@ def sign_token(act: str, iccid: str, *, imei: str = IMEI, ttl: float = 3600, **c
     return jwt.encode(body, SIGNER, algorithm="EdDSA")
 
 
-def base_sections(directory: Path, modem_port: str, broker_port: int) -> dict[str, dict[str, Any]]:
+def base_sections(directory: Path, modem_port: str, broker_port: int | list[str]) -> dict[str, dict[str, Any]]:
     return merge(loopback_sections(directory, modem_port, broker_port, log_level="debug"), {
         "modem": {"command_timeout": 2.0},
         "binding": {"trusted_keys": [trusted_key()]},
@@ -69,7 +69,7 @@ def base_sections(directory: Path, modem_port: str, broker_port: int) -> dict[st
 def agent_process():
     """`agent_process(modem, broker, start=True, env={}, **sections)` -> a started
     AgentProcess; `modem` is a fake modem handle or a port path, `broker` a Broker (or
-    None for a closed port); `sections` override config keys per section, e.g.
+    None for a closed port, or a list of brokers: `[mqtt] endpoints`); `sections` override config keys per section, e.g.
     `binding={"on_violation": "report"}`, `mqtt__tls={...}` for `[mqtt.tls]`.
 
     At teardown the process is killed if it still runs, and its log must hold no
@@ -82,7 +82,10 @@ def agent_process():
         directory = Path(tempfile.mkdtemp(prefix="sa-e2e-", dir="/tmp"))
         directories.append(str(directory))
         port = modem if isinstance(modem, str) else modem.port
-        broker_port = broker.port if broker is not None else _closed_port()
+        if isinstance(broker, list):
+            broker_port = [f"{b.host}:{b.port}" for b in broker]
+        else:
+            broker_port = broker.port if broker is not None else _closed_port()
         agent = AgentProcess(directory, merge(base_sections(directory, port, broker_port), sections), env or {})
         agents.append(agent)
         return agent.start() if start else agent

@@ -76,6 +76,20 @@ ERRORS = [
                  f'{F}: [mqtt] topic_prefix: only the placeholder {{device_id}} is allowed, got "fleet/{{imei}}"', id="template"),
     pytest.param('[mqtt]\ntopic_prefix = "fleet/#"\n',
                  f'{F}: [mqtt] topic_prefix: must not contain + # or a leading/trailing /, got "fleet/#"', id="topic-wildcard"),
+    pytest.param('[mqtt]\nendpoints = ["mqtt-a.example:8883", "::1"]\n',
+                 f'{F}: [mqtt] endpoints: item 2: an IPv6 address goes in brackets, as in "[::1]:8883"', id="endpoint-ipv6-bare"),
+    pytest.param('[mqtt]\nendpoints = ["[fe80::zz]:8883"]\n',
+                 f'{F}: [mqtt] endpoints: item 1: not an IPv6 address in brackets: "[fe80::zz]:8883"', id="endpoint-ipv6-bad"),
+    pytest.param('[mqtt]\nendpoints = ["mqtt-a.example:0"]\n',
+                 f'{F}: [mqtt] endpoints: item 1: port must be 1..65535, got "mqtt-a.example:0"', id="endpoint-port-low"),
+    pytest.param('[mqtt]\nendpoints = ["mqtt-a.example:65536"]\n',
+                 f'{F}: [mqtt] endpoints: item 1: port must be 1..65535, got "mqtt-a.example:65536"', id="endpoint-port-high"),
+    pytest.param('[mqtt]\nendpoints = ["mqtt a:8883"]\n',
+                 f'{F}: [mqtt] endpoints: item 1: expected a host name or IPv4 address before the port, got "mqtt a:8883"', id="endpoint-host"),
+    pytest.param('[mqtt]\nendpoints = ["mqtt-a:1:2"]\n',
+                 f'{F}: [mqtt] endpoints: item 1: expected "host", "host:port" or "[IPv6]:port", got "mqtt-a:1:2"', id="endpoint-shape"),
+    pytest.param('[mqtt]\nhost = "mqtt-a.example"\nendpoints = ["mqtt-b.example"]\n',
+                 f"{F}: [mqtt] host: set either host (one broker) or endpoints (several), not both", id="endpoint-and-host"),
     pytest.param('[mqtt.tls]\ncert_file = "/etc/simagent/client.crt"\n',
                  f"{F}: [mqtt.tls] key_file: cert_file and key_file go together (client certificate)", id="cross-key"),
     pytest.param("[mqtt]\nport = 1883\nport = 1884\n",
@@ -128,6 +142,17 @@ enabled = false
     assert cfg.source == "/tmp/x.toml"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.binding.mode = "observe"  # type: ignore[misc]
+
+
+def test_endpoints_are_tried_in_order_and_host_port_is_the_one_endpoint_form() -> None:
+    Endpoint = cfgmod.Endpoint
+    assert cfgmod.parse("").mqtt.brokers() == (Endpoint("localhost", 8883),)
+    assert cfgmod.parse('[mqtt]\nhost = "10.0.0.1"\nport = 1883\n').mqtt.brokers() == (Endpoint("10.0.0.1", 1883),)
+    text = '[mqtt]\nport = 1883\nendpoints = ["mqtt-a.example:8883", "10.0.0.2", "[2001:db8::2]:8884", "[::1]"]\n'
+    brokers = cfgmod.parse(text).mqtt.brokers()
+    assert brokers == (Endpoint("mqtt-a.example", 8883), Endpoint("10.0.0.2", 1883),  # no port: [mqtt] port
+                       Endpoint("2001:db8::2", 8884), Endpoint("::1", 1883))
+    assert [str(b) for b in brokers] == ["mqtt-a.example:8883", "10.0.0.2:1883", "[2001:db8::2]:8884", "[::1]:1883"]
 
 
 def test_every_profile_name_is_accepted() -> None:

@@ -33,6 +33,18 @@ def quick_backoff() -> Backoff:
     return Backoff(base=0.05, cap=0.4, stable_after=30.0)
 
 
+class CountingBackoff(Backoff):
+    """quick_backoff() that counts the delays drawn (each one a backed-off attempt)."""
+
+    def __init__(self) -> None:
+        super().__init__(base=0.05, cap=0.4, stable_after=30.0)
+        self.delays = 0
+
+    def next_delay(self) -> float:
+        self.delays += 1
+        return super().next_delay()
+
+
 @pytest.fixture
 def store(tmp_path):
     s = Store.open(tmp_path / "state", clock=Clock(kernel_synchronised=lambda: True))

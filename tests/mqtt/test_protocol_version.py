@@ -8,21 +8,10 @@ import logging
 
 import pytest
 
-from agent.core.backoff import Backoff
 from agent.service.reporter import Reporter
 from agent.core.config import MqttConfig
 
 PASSWORD = "agent-pass"
-
-
-class CountingBackoff(Backoff):
-    def __init__(self) -> None:
-        super().__init__(base=0.05, cap=0.4, stable_after=30.0)
-        self.delays = 0
-
-    def next_delay(self) -> float:
-        self.delays += 1
-        return super().next_delay()
 
 
 def test_the_shipped_default_is_mqtt5():
@@ -33,7 +22,7 @@ def test_the_shipped_default_is_mqtt5():
 def test_a_broker_that_refuses_mqtt5_gets_311_at_once_and_the_events(answer, mosquitto, mqtt311_only, subscriber, store, mq, caplog):
     front = mqtt311_only(mosquitto, answer)
     sub = subscriber(mosquitto, f"{mq.PREFIX}/#")
-    backoff = CountingBackoff()
+    backoff = mq.CountingBackoff()
     caplog.set_level(logging.INFO)
 
     async def scenario():
