@@ -8,10 +8,11 @@ commands); this module does not branch on vendor names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, AsyncIterator, Callable, Union
 
 from . import parsers, profiles
 from .client import ATClient, CommandError, CommandTimeout, Response
@@ -182,6 +183,25 @@ class Modem:
             self.profile = await self._detect_profile()
             self._set_urc_rules()
         return self.profile
+
+    @contextlib.asynccontextmanager
+    async def numeric_errors(self) -> AsyncIterator[None]:
+        """Numeric errors (``+CME ERROR: 14``, SIM busy; ``10``, no SIM) for a read-only
+        caller's reads, the module left as found: ``AT+CMEE`` is a per-port session
+        setting that is not saved (27.007 §9.1; V.250 stores only with ``&W``), so
+        turning it on and back is not a change of the module's settings, where without it
+        a busy or missing card is a bare ``ERROR`` that no retry rule can tell apart."""
+        response = await self._try("AT+CMEE?")
+        found = None
+        if response is not None:
+            match = re.search(r"\+CMEE:\s*(\d)", "\n".join(response.lines))
+            found = match and match.group(1)
+        switched = found == "0" and await self._try("AT+CMEE=1") is not None
+        try:
+            yield
+        finally:
+            if switched:
+                await self._try("AT+CMEE=0")
 
     async def _detect_profile(self) -> Profile:
         for command in ("AT+CGMI", "ATI"):

@@ -114,8 +114,9 @@ async def opened_modem(target: ModemTarget, recorder: Recorder | None = None) ->
 
 async def read_status_direct(target: ModemTarget, recorder: Recorder | None = None) -> dict[str, Any]:
     async with opened_modem(target, recorder) as modem:
-        await modem.identify()  # not initialise(): a read sends only queries (SPEC §3: no NV write)
-        doc = await read_modem_status(modem)
+        await modem.identify()  # not initialise(): a read changes no setting (SPEC §3: no NV write)
+        async with modem.numeric_errors():
+            doc = await read_modem_status(modem)
     now = time.time()
     doc["modem"]["port"] = modem.client.port
     doc["modem_link"] = modem_link(ANSWERING, modem.client.port)

@@ -133,7 +133,13 @@ def test_status_json_is_the_retained_state_document(home_modem, agent_process, s
     agent = agent_process(home_modem, mosquitto)
     agent.wait_ready()
     wait_modem(home_modem, lambda s: s["cfun"] == 1, "the radio on for the home card")
-    status = json.loads(agent.cli("status", "--json", check=True).stdout)
+    # The fake registers register_delay after CFUN=1: read until the network says so.
+    deadline = time.monotonic() + 15
+    while True:
+        status = json.loads(agent.cli("status", "--json", check=True).stdout)
+        if status["network"]["registration"] in ("home", "roaming") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     validate_message(status, "state")
 
     def retained_like_status(sub):
