@@ -28,6 +28,7 @@ import os
 import queue
 import re
 import selectors
+import struct
 import signal
 import socket
 import sys
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from at_commands import profiles, transcript as at_transcript
+from at_commands.client import TIOCGEXCL
 from at_commands.profiles import Profile
 from simagent_lab.replay import ReplayState
 
@@ -1382,7 +1384,12 @@ class FakeModem:
         hold never would, so a client killed with the flag set would lock its successor
         out. Once no other process has the port open, clear the flag."""
         if self._closes.drain() and self._slave is not None and not _opened_elsewhere(self._slave):
+            flag = fcntl.ioctl(self._slave, TIOCGEXCL, struct.pack("i", 0))
             fcntl.ioctl(self._slave, termios.TIOCNXCL)
+            # A program that opened the port between the look and the clear may have set
+            # the flag itself (as root its open ignores a stale one): put it back for it.
+            if struct.unpack("i", flag)[0] and _opened_elsewhere(self._slave):
+                fcntl.ioctl(self._slave, termios.TIOCEXCL)
 
     def _on_pty(self) -> None:
         try:
