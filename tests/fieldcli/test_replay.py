@@ -56,9 +56,10 @@ def test_a_transcript_recorded_with_simagent_at_replays_to_the_same_status(cli, 
     assert replayed["network"] == direct["network"] and replayed["radio"] == direct["radio"]
     served = replay.state()
     assert served["commands"]["AT+QCCID"] == 1  # its own command, not the +CRSM fallback
-    # status sends no set-up, only queries: the one the recording lacks (answered ERROR,
-    # as a module without 5G would) is the 5G registration read.
-    assert served["unknown"] == ["AT+C5GREG?"]
+    # status sends no set-up, only queries: those the recording lacks (answered ERROR, as a
+    # module without them would) are the error-format read (so no AT+CMEE=1 follows) and
+    # the 5G registration read.
+    assert served["unknown"] == ["AT+CMEE?", "AT+C5GREG?"]
 
 
 def test_at_through_the_daemon_records_the_daemons_answers(cli, control_server, tmp_path):
