@@ -121,6 +121,17 @@ def test_contents(deb, extracted) -> None:
     assert leaked == "", leaked
 
 
+def test_md5sums_list_every_file_but_the_conffile(extracted) -> None:
+    """DEBIAN/md5sums (for debsums, `dpkg --verify`) holds each shipped file with its sum."""
+    listed = dict(reversed(line.split("  ", 1)) for line in (extracted / "DEBIAN/md5sums").read_text().splitlines())
+    shipped = {str(path.relative_to(extracted)) for path in extracted.rglob("*")
+               if path.is_file() and path.parts[len(extracted.parts)] != "DEBIAN"}
+    assert set(listed) == shipped - {"etc/simagent/agent.toml"}
+    check = subprocess.run(["md5sum", "--check", "--quiet", str(extracted / "DEBIAN/md5sums")], cwd=extracted,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout[-2000:]
+
+
 def test_no_compiled_code(deb, extracted) -> None:
     """Architecture: all: no ELF object, no .pyc (postinst compiles for the installed python3)."""
     listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
