@@ -83,7 +83,10 @@ class Daemon:
         self._modem_port: str | None = None
         self._modem_lost_recorded = False  # since the modem was last found (or since start)
         self._last_modem_state: dict[str, Any] = {}
-        self._last_read_at: float | None = None  # wall time the modem last answered the gate's read
+        # The newest facts the modem answered and when (a pair, None: never read); a new
+        # session that has not read yet (a hung module) leaves the last session's in place.
+        self._last_read_at: float | None = None
+        self._view_from: Enforcer | None = None  # the session the pair comes from
         self._modem_problem: str | None = None  # why the daemon is waiting for the modem
         # The last network facts read (by telemetry or a live `status`) and when: the state
         # document carries them, so it has the shape `status --json` has.
@@ -205,8 +208,7 @@ class Daemon:
                 self._modem_lost_recorded = True
             finally:
                 modem.close()
-                if self.enforcer is not None:
-                    self._last_read_at = self.enforcer.read_at or self._last_read_at
+                self._take_view()
                 self._modem_problem = f"{port} went away"
                 self.enforcer = None
                 self._modem_port = None
@@ -344,10 +346,14 @@ class Daemon:
             return self.config.device.id
         return self.store.read().get_meta("last_imei")
 
+    def _take_view(self) -> None:
+        """The session's view becomes the last facts once the modem has answered it."""
+        enforcer = self.enforcer
+        if enforcer is not None and enforcer.read_at is not None:
+            self._last_modem_state, self._last_read_at, self._view_from = enforcer.state(), enforcer.read_at, enforcer
+
     def _state_changed(self) -> None:
-        if self.enforcer is not None:
-            self._last_modem_state = self.enforcer.state()
-            self._last_read_at = self.enforcer.read_at or self._last_read_at
+        self._take_view()
         if not self._identity_known.is_set() and self._device_id() is not None:
             self._identity_known.set()
         if self.reporter is not None:
@@ -357,7 +363,8 @@ class Daemon:
     def state_document(self) -> dict[str, Any]:
         """The retained `P/state` document (SPEC §6)."""
         enforcer = self.enforcer
-        read_at = (enforcer.read_at if enforcer is not None else None) or self._last_read_at
+        # A read that changed nothing does not call _state_changed: the session's newest read time.
+        read_at = enforcer.read_at if enforcer is not None and enforcer is self._view_from else self._last_read_at
         return facts.state_document(self._last_modem_state, mode=self.config.binding.mode, device_id=self._device_id(),
                                     agent_version=__version__, device_pubkey=self.device_pubkey,
                                     modem_present=enforcer is not None, port=self._modem_port or self.config.modem.port,

@@ -64,6 +64,27 @@ def test_a_hung_then_missing_modem_is_said_first_and_fails_diag(fake_modem_proce
     assert code == 1 and diag["modem_found"][0] == "FAIL" and "check the port name" in diag["modem_found"][1], diag
 
 
+def test_a_session_that_has_not_read_yet_keeps_the_last_facts_with_their_age(fake_modem_process, agent_process):
+    """A hung module ends the session; the next one cannot read: status shows the last
+    answered facts as the daemon's last read, not a blank modem as if just read."""
+    modem = fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID, register_delay=0.0)
+    agent = agent_process(modem, None)
+    agent.wait_ready()
+    wait_modem(modem, lambda s: s["cfun"] == 1, "the radio on for the home card")
+    modem.fault("hang")
+    deadline = time.monotonic() + 40
+    while "modem on " not in agent.log and time.monotonic() < deadline:  # "modem on PORT lost: ..."
+        agent.cli("status")  # the live reads time out until the client gives the session up
+    assert "modem on " in agent.log, agent.log
+    time.sleep(1.0)  # the next session is open, unanswered
+    doc = json.loads(agent.cli("status", "--json").stdout)
+    assert doc["modem_link"]["state"] in ("not_answering", "missing"), doc["modem_link"]
+    assert doc["sim"]["iccid"] == HOME_ICCID and doc["modem"]["imei"] == IMEI, doc
+    assert doc["modem"]["profile"] == "quectel"
+    sim = doc["freshness"]["sim"]
+    assert sim["from"] == "daemon" and sim["age_s"] >= 1.0, sim
+
+
 def test_the_support_bundle_carries_the_daemons_recent_at_transcript_redacted(fake_modem_process, agent_process,
                                                                                 tmp_path):
     modem = fake_modem_process(profile="quectel", imei=IMEI, iccid=HOME_ICCID, register_delay=0.0)
