@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.core.evidence import DEVICE_PUBKEY_NAME, EvidenceError
+from agent.core.store import DEVICE_KEY_NAME
 from agent.core.tokens import Opened, TokenError, TrustedKey, load_trusted_keys, open_token
 
 log = logging.getLogger(__name__)
@@ -194,13 +195,14 @@ async def open_tokens(tokens: list[str], keys: list[TrustedKey]) -> list[Opened]
 
 
 async def device_public_key(state_dir: str | os.PathLike) -> str:
-    """The device public key (base64) as published, or, on first start, made by a child
-    that creates the key (agent.core.evidence.device_public_key). Raises EvidenceError
-    when the key cannot be created or read (never replaced)."""
-    try:
-        return (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip()
-    except FileNotFoundError:
-        pass
+    """The device public key (base64) as published beside the private key, or, when the
+    private key is not there (first start, or lost: the caller says which), made by a
+    child that creates it and publishes its public half (a published key without its
+    private half signs nothing). Raises EvidenceError when the key cannot be created or
+    read (an unusable key is never replaced)."""
+    if (Path(state_dir) / DEVICE_KEY_NAME).exists():
+        with contextlib.suppress(FileNotFoundError):
+            return (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-P", "-m", "agent.service.offload", "device-key", os.fspath(state_dir),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, env=_child_environment(),
@@ -333,10 +335,10 @@ def open_tokens_child(job: dict[str, Any], raw) -> int:
 
 
 def device_key_child(state_dir: str) -> int:
-    from agent.core.evidence import device_public_key
+    from agent.core.evidence import device_public_key_b64, load_or_create_device_key
 
     try:
-        print(device_public_key(state_dir))
+        print(device_public_key_b64(load_or_create_device_key(state_dir)))
     except EvidenceError as exc:
         print(exc)
         return 1
