@@ -35,7 +35,7 @@ from agent.core.config import Config, ConfigError
 from agent.service.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, socket_op
 from agent.service.enforcer import Enforcer, GateRefused
 from agent.service.journal import JournalHandler, journal_socket, log_event
-from agent.core.evidence import DEVICE_PUBKEY_NAME, parse_since
+from agent.core.evidence import DEVICE_PUBKEY_NAME, EvidenceError, parse_since
 from agent.service.offload import ChildOutput, OffloadError, Offloader, device_public_key, open_tokens
 from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
 from agent.service.reporter import Reporter
@@ -158,8 +158,10 @@ class Daemon:
         self.offload.close()
         self.store.close()
 
-    async def _device_key(self, state_dir: str) -> str:
-        """The device public key; a child creates the key on first start. A key missing
+    async def _device_key(self, state_dir: str) -> str | None:
+        """The device public key; a child creates the key on first start. An unusable key
+        file is left as it is (it may be recoverable) and gives None: exports fail and say
+        why, the binding gate goes on (the daemon dying here left the radio ungated). A key missing
         beside an evidence log that has entries was lost (issue 10: never silently): the
         new one is recorded as `state_reset` with the public key published before, when
         still known, so the platform learns why exports now verify only with the new key.
@@ -169,7 +171,11 @@ class Daemon:
         if lost:
             with contextlib.suppress(OSError):
                 previous = (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip() or None
-        pubkey = await device_public_key(state_dir)
+        try:
+            pubkey = await device_public_key(state_dir)
+        except EvidenceError as exc:
+            log.error("device key unusable, evidence exports fail until it is repaired: %s", exc)
+            return None
         if lost:
             log.error("the device key was missing beside the evidence log: a new one was made (exports are signed "
                       "with it from now on, and no longer verify with the key published before)")

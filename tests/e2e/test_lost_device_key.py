@@ -40,3 +40,24 @@ def test_a_lost_device_key_is_replaced_and_recorded(home_modem, agent_process, s
     agent.cli("evidence", "export", "--out", str(bundle), check=True)
     assert agent.cli("evidence", "verify", str(bundle), "--pubkey", new_pubkey, check=True).stdout.startswith("OK")
     assert agent.stop() == 0
+
+
+def test_an_unusable_device_key_stops_exports_not_the_gate(home_modem, agent_process, subscriber, mosquitto):
+    """A damaged key file (its public half gone too) was a traceback and exit 1 at every
+    start: systemd restarted a daemon that never gated the radio. The key is never replaced
+    by itself (it may be recoverable); exports say why they fail, enforcement goes on."""
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto)
+    wait_event(platform, "radio_restored")
+    assert agent.stop() == 0
+    (agent.state_dir / "device_key.pem").write_text("garbage\n")
+    (agent.state_dir / "device_key.pub").unlink()
+    mark = max(e["seq"] for e in events(platform))
+    agent.restart()
+    wait_event(platform, "radio_restored", after=mark)
+    state = json.loads(agent.cli("status", "--json", check=True).stdout)
+    assert state["device_pubkey"] is None
+    export = agent.cli("evidence", "export", "--out", "/dev/null")
+    assert export.returncode != 0 and "not a usable private key" in export.stderr, export
+    assert (agent.state_dir / "device_key.pem").read_text() == "garbage\n"
+    assert agent.stop() == 0
