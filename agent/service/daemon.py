@@ -24,6 +24,7 @@ import signal
 import sqlite3
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from agent import __version__, exitcodes
@@ -34,13 +35,13 @@ from agent.core.config import Config, ConfigError
 from agent.service.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, socket_op
 from agent.service.enforcer import Enforcer, GateRefused
 from agent.service.journal import JournalHandler, journal_socket, log_event
-from agent.core.evidence import parse_since
+from agent.core.evidence import DEVICE_PUBKEY_NAME, EvidenceError, parse_since
 from agent.service.offload import ChildOutput, OffloadError, Offloader, device_public_key, open_tokens
 from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
 from agent.service.reporter import Reporter
 from agent.service.sdnotify import LoopHealth, Notifier, Watchdog
 from agent.core.redact import redact_text
-from agent.core.store import Caps, Store, StoreUnavailable
+from agent.core.store import DEVICE_KEY_NAME, Caps, Store, StoreUnavailable
 from agent.service.supervise import Supervisor
 from agent.core import at_rules, checks, facts, tokens
 from at_commands import commands as at_vocabulary, discovery
@@ -116,7 +117,7 @@ class Daemon:
             log.error("state store unavailable, not touched: %s", exc)
             return exitcodes.TEMPFAIL
         self.store.record_listener = log_event  # one log line (journald: with fields) per event
-        self.device_pubkey = await device_public_key(cfg.device.state_dir)  # a child creates the key on first start
+        self.device_pubkey = await self._device_key(cfg.device.state_dir)
         self._record("agent_started", {"version": __version__, "pid": os.getpid(), "config": cfg.source})
         if self._device_id() is not None:
             self._identity_known.set()
@@ -156,6 +157,31 @@ class Daemon:
             await self.control.close()
         self.offload.close()
         self.store.close()
+
+    async def _device_key(self, state_dir: str) -> str | None:
+        """The device public key; a child creates the key on first start. An unusable key
+        file is left as it is (it may be recoverable) and gives None: exports fail and say
+        why, the binding gate goes on (the daemon dying here left the radio ungated). A key missing
+        beside an evidence log that has entries was lost (issue 10: never silently): the
+        new one is recorded as `state_reset` with the public key published before, when
+        still known, so the platform learns why exports now verify only with the new key.
+        The bindings are intact, so nothing fails closed."""
+        lost = not (Path(state_dir) / DEVICE_KEY_NAME).exists() and bool(self.store.evidence_tail(1))
+        previous = None
+        if lost:
+            with contextlib.suppress(OSError):
+                previous = (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip() or None
+        try:
+            pubkey = await device_public_key(state_dir)
+        except EvidenceError as exc:
+            log.error("device key unusable, evidence exports fail until it is repaired: %s", exc)
+            return None
+        if lost:
+            log.error("the device key was missing beside the evidence log: a new one was made (exports are signed "
+                      "with it from now on, and no longer verify with the key published before)")
+            self._record("state_reset", {"reason": "device_key_missing", "device_pubkey": pubkey,
+                                         "previous_pubkey": previous})
+        return pubkey
 
     def _record(self, type_: str, data: dict) -> None:
         """The daemon's own records. A store that cannot be written (disk full) must not

@@ -32,8 +32,10 @@ One at a time, a short queue. One job runs; up to MAX_WAITING requests wait thei
 (in arrival order) and any request beyond that is refused at once with `busy`. A waiting
 request costs one coroutine, no thread and no buffer, so a flood (16 control connections,
 MQTT commands) cannot pile up threads or memory. Waiting counts against the caller's own
-timeout. Why wait rather than refuse: a technician's export that meets the platform's (or
-a diag) should simply come a moment later, not fail; refusing is kept for a real flood.
+timeout. Token checks take turns of their own by the same rule, never behind an export
+(which holds its slot while its client reads). Why wait rather than refuse: a
+technician's export that meets the platform's (or a diag) should simply come a moment
+later, not fail; refusing is kept for a real flood.
 
 The export child. The job is its one argument (JSON). On stdout it writes one header line,
 `{"ok": true}` followed by the bundle (one line of canonical JSON, see
@@ -66,6 +68,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.core.evidence import DEVICE_PUBKEY_NAME, EvidenceError
+from agent.core.store import DEVICE_KEY_NAME
 from agent.core.tokens import Opened, TokenError, TrustedKey, load_trusted_keys, open_token
 
 log = logging.getLogger(__name__)
@@ -90,16 +93,15 @@ class OffloadError(Exception):
         self.message = message
 
 
-class Offloader:
-    """The daemon's one slot for heavy work. Use from the event loop."""
+class _Turns:
+    """One at a time, up to `max_waiting` waiting in arrival order, `busy` beyond that."""
 
-    def __init__(self, max_waiting: int = MAX_WAITING) -> None:
+    def __init__(self, max_waiting: int) -> None:
         self.max_waiting = max_waiting
         self._slot = asyncio.Lock()  # FIFO: the longest waiter goes next
         self._waiting = 0
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simagent-offload")
 
-    async def _take_turn(self, what: str) -> None:
+    async def take(self, what: str) -> None:
         if self._slot.locked() and self._waiting >= self.max_waiting:
             raise OffloadError("busy", f"the daemon is busy with another heavy request and {self._waiting} more "
                                        f"wait their turn: try the {what} again in a moment")
@@ -109,8 +111,27 @@ class Offloader:
         finally:
             self._waiting -= 1
 
-    def _release(self) -> None:
+    def release(self) -> None:
         self._slot.release()
+
+
+class Offloader:
+    """The daemon's one slot for heavy work, and one for token checks. Use from the event
+    loop. A token check (a fraction of a second) never waits behind an export: a group
+    member's export to a client that does not read holds its slot for the stream's timeout,
+    and a platform's rebind must not wait for it (nor be refused as busy)."""
+
+    def __init__(self, max_waiting: int = MAX_WAITING) -> None:
+        self.max_waiting = max_waiting
+        self._heavy = _Turns(max_waiting)
+        self._token_turns = _Turns(max_waiting)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simagent-offload")
+
+    async def _take_turn(self, what: str) -> None:
+        await self._heavy.take(what)
+
+    def _release(self) -> None:
+        self._heavy.release()
 
     async def run_thread(self, what: str, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """`function(*args, **kwargs)` in the worker thread, in its turn. A caller that is
@@ -151,12 +172,12 @@ class Offloader:
         return output
 
     async def open_tokens(self, tokens: list[str], keys: list[TrustedKey]) -> list[Opened]:
-        """`open_tokens` in its turn."""
-        await self._take_turn("token check")
+        """`open_tokens` in its turn among token checks."""
+        await self._token_turns.take("token check")
         try:
             return await open_tokens(tokens, keys)
         finally:
-            self._release()
+            self._token_turns.release()
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
@@ -194,13 +215,14 @@ async def open_tokens(tokens: list[str], keys: list[TrustedKey]) -> list[Opened]
 
 
 async def device_public_key(state_dir: str | os.PathLike) -> str:
-    """The device public key (base64) as published, or, on first start, made by a child
-    that creates the key (agent.core.evidence.device_public_key). Raises EvidenceError
-    when the key cannot be created or read (never replaced)."""
-    try:
-        return (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip()
-    except FileNotFoundError:
-        pass
+    """The device public key (base64) as published beside the private key, or, when the
+    private key is not there (first start, or lost: the caller says which), made by a
+    child that creates it and publishes its public half (a published key without its
+    private half signs nothing). Raises EvidenceError when the key cannot be created or
+    read (an unusable key is never replaced)."""
+    if (Path(state_dir) / DEVICE_KEY_NAME).exists():
+        with contextlib.suppress(FileNotFoundError):
+            return (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-P", "-m", "agent.service.offload", "device-key", os.fspath(state_dir),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, env=_child_environment(),
@@ -333,10 +355,10 @@ def open_tokens_child(job: dict[str, Any], raw) -> int:
 
 
 def device_key_child(state_dir: str) -> int:
-    from agent.core.evidence import device_public_key
+    from agent.core.evidence import device_public_key_b64, load_or_create_device_key
 
     try:
-        print(device_public_key(state_dir))
+        print(device_public_key_b64(load_or_create_device_key(state_dir)))
     except EvidenceError as exc:
         print(exc)
         return 1

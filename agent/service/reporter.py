@@ -242,6 +242,7 @@ class Reporter:
         self._client: mqtt.Client | None = None
         self._attached = False  # socket callbacks act only once the socket is on the loop
         self._misc_timer: asyncio.TimerHandle | None = None
+        self._connack_timer: asyncio.TimerHandle | None = None
         self._session_end: asyncio.Future[str] | None = None
         self._stop_requested = asyncio.Event()
         self.connected = False  # CONNACK received and accepted
@@ -452,17 +453,34 @@ class Reporter:
         if client.want_write():
             self._loop.add_writer(sock, self._writable, client)
         self._schedule_misc(client)
+        # The CONNACK is awaited as long as the TCP connect is, not paho's keepalive (twice,
+        # with the 3.1.1 try a close earns): a frozen node completes handshakes from its
+        # backlog and never answers, and failover must not wait minutes for it.
+        self._connack_timer = self._loop.call_later(self._connect_timeout, self._connack_overdue)
+
+    def _connack_overdue(self) -> None:
+        self._connack_timer = None
+        if not self.connected:
+            self._end_session(f"no CONNACK within {self._connect_timeout:g} s")
 
     def _detach(self) -> None:
         self._attached = False
         self.connected = False
+        if self._connack_timer is not None:
+            self._connack_timer.cancel()
+            self._connack_timer = None
         if self._misc_timer is not None:
             self._misc_timer.cancel()
             self._misc_timer = None
         client, self._client = self._client, None
         if client is not None and client.socket() is not None:
-            self._on_socket_close(client, None, client.socket())
-            client.socket().close()
+            # Off the loop's selector before the close (not through _on_socket_close, which
+            # _attached = False silences): a registration left behind would meet the next
+            # connection's socket under the same fd number (epoll: ENOENT on add_reader).
+            sock = client.socket()
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+            sock.close()
         # Whatever was in flight on this connection is sent again on the next one.
         self._inflight.clear()
         for waiter in self._control_pending.values():

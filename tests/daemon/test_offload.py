@@ -145,3 +145,39 @@ def test_closing_an_export_half_way_kills_its_child_and_frees_the_slot(state):
         return busy.value.code, gone
 
     assert asyncio.run(scenario()) == ("busy", True)
+
+
+def test_a_token_check_never_waits_behind_heavy_work():
+    """An export holds the heavy slot for as long as its client reads (a group member's
+    client that does not read: the stream's whole timeout). The platform's token checks
+    have their own turn: a real helper process opens a signed and a forged token at once."""
+    import base64
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.core.tokens import load_trusted_keys
+
+    signer = Ed25519PrivateKey.generate()
+    keys = load_trusted_keys([base64.b64encode(signer.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()])
+    claims = {"sub": "490154203237518", "iccid": "89860012345678901234", "act": "rebind", "exp": 4102444800, "jti": "t1"}
+    token = jwt.encode(claims, signer, algorithm="EdDSA")
+    forged = jwt.encode(claims, Ed25519PrivateKey.generate(), algorithm="EdDSA")
+
+    async def scenario():
+        offloader = Offloader(max_waiting=0)
+        release = threading.Event()
+        heavy = asyncio.create_task(offloader.run_thread("evidence export", release.wait, 30))
+        await asyncio.sleep(0.05)
+        try:
+            return await asyncio.wait_for(offloader.open_tokens([token, forged], keys), 20)
+        finally:
+            release.set()
+            await heavy
+            offloader.close()
+
+    opened = asyncio.run(scenario())
+    assert opened[0].payload == claims and opened[0].refusal is None
+    assert opened[1].refusal is not None and opened[1].refusal.code == "bad_signature"

@@ -151,3 +151,35 @@ def test_a_close_that_311_does_not_cure_is_not_a_protocol_refusal(make_broker, m
     asyncio.run(scenario())
     assert front.levels[:6] == [5, 4, 5, 4, 5, 4]
     assert backoff.delays >= 2
+
+
+def test_a_node_that_accepts_and_never_answers_costs_the_connect_timeout_not_keepalives(make_broker, store, mq):
+    """A frozen node (SIGSTOPped, overloaded) still completes TCP handshakes from its listen
+    backlog but never sends a CONNACK. The wait for the CONNACK is bounded by the connect
+    timeout like the TCP connect is, and it is not taken for a protocol refusal: no 3.1.1
+    retry against the same silent node, the next endpoint after one backoff."""
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepted by the kernel, never read: no CONNACK ever
+    alive = make_broker()
+    backoff = mq.CountingBackoff()
+
+    async def scenario():
+        reporter = Reporter(mq.reporter_settings(alive, host="localhost", keepalive=10,
+                                                 endpoints=(f"127.0.0.1:{silent.getsockname()[1]}", f"{alive.host}:{alive.port}")),
+                            store, device_id=mq.DEVICE_ID, backoff=backoff, connect_timeout=1.0)
+        started = time.monotonic()
+        async with mq.running(reporter, timeout=15):
+            assert reporter.link_status()["broker"] == f"127.0.0.1:{alive.port}"
+            assert reporter.link_status()["protocol"] == "5"
+        return time.monotonic() - started
+
+    try:
+        took = asyncio.run(scenario())
+    finally:
+        silent.close()
+    assert took < 5, f"{took:.1f} s to leave a node that never answers (keepalive 10 s, connect timeout 1 s)"
+    assert backoff.delays == 1

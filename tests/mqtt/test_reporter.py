@@ -78,3 +78,33 @@ def test_stop_sends_what_is_queued_then_offline_status(mosquitto, subscriber, st
     asyncio.run(scenario())
     sub.wait_for(lambda s: len(s.messages("/events")) == 200 and s.messages("/status")[-1].json()["online"] is False)
     assert mq.event_seqs(sub) == list(range(1, 201))
+
+
+def test_a_reporter_stopped_mid_handshake_leaves_nothing_on_the_loop(store, mq):
+    """Stopped while a broker has not answered its CONNECT (a reload of [mqtt] does this),
+    the reporter closes its socket: nothing of it may stay registered with the loop, where
+    the next socket given the same fd number (a new reporter's, a control connection's)
+    would fail in add_reader."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts, never answers
+
+    class Endpoint:
+        host, port = "127.0.0.1", silent.getsockname()[1]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        before = set(loop._selector.get_map())
+        reporter = Reporter(mq.reporter_settings(Endpoint), store, device_id=mq.DEVICE_ID, backoff=mq.quick_backoff())
+        reporter.start()
+        await mq.until(lambda: reporter._attached, what="the CONNECT sent")
+        await reporter.stop(timeout=0.2)
+        return set(loop._selector.get_map()) - before
+
+    try:
+        left = asyncio.run(scenario())
+    finally:
+        silent.close()
+    assert left == set(), f"file descriptors still registered with the loop: {left}"
