@@ -94,11 +94,17 @@ def test_a_reader_that_goes_away_gets_no_traceback(cli, registered_modem):
     assert proc.returncode == 141 and err == "", err
 
 
+def interruptible() -> None:
+    """Ctrl-C as at a terminal: a suite started in the background (`cmd &` from a script)
+    hands its children SIGINT ignored, and a program keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_a_hung_modem_is_opened_is_one_line(cli, registered_modem):
     fm = registered_modem(profile="quectel")
     fm.fault("hang")
     proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cli.config), "status", "--port", fm.port],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     time.sleep(1.0)  # importing and opening: the AT probe waits for the hung module
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
@@ -108,7 +114,7 @@ def test_ctrl_c_while_a_hung_modem_is_opened_is_one_line(cli, registered_modem):
 def _console(cli, fm, key: bytes) -> tuple[int, str, str]:
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cli.config), "at", "--port", fm.port],
-                            stdin=slave, stdout=slave, stderr=subprocess.PIPE, text=True)
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     os.close(slave)
     seen = b""
     deadline = time.monotonic() + 20
