@@ -29,14 +29,19 @@ def wait_until(predicate, timeout=5.0):
         time.sleep(0.02)
 
 
-def test_exclusive_flag_outlives_probes_but_not_its_owner(fake_modem_process):
-    modem = fake_modem_process(profile="quectel")
-    owner = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, termios, time\n"
-        f"fd = os.open({modem.port!r}, os.O_RDWR | os.O_NOCTTY)\n"
+def hold_exclusively(port: str) -> subprocess.Popen:
+    """A process that opens `port`, sets TIOCEXCL, prints "held" and keeps it a minute."""
+    return subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, termios, time\n"
+        f"fd = os.open({port!r}, os.O_RDWR | os.O_NOCTTY)\n"
         "fcntl.ioctl(fd, termios.TIOCEXCL)\n"
         "print('held', flush=True)\n"
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+
+
+def test_exclusive_flag_outlives_probes_but_not_its_owner(fake_modem_process):
+    modem = fake_modem_process(profile="quectel")
+    owner = hold_exclusively(modem.port)
     try:
         assert owner.stdout.readline().strip() == "held"
         assert exclusive(modem.port)
@@ -82,12 +87,7 @@ def test_a_containers_terminal_of_the_same_name_is_not_the_port(fake_modem_proce
         line = other.stdout.readline().strip()
         if line != "held":
             pytest.skip(f"no private devpts here: {other.stderr.read().strip()[-200:]}")
-        owner = subprocess.Popen([sys.executable, "-c", (
-            "import fcntl, os, termios, time\n"
-            f"fd = os.open({modem.port!r}, os.O_RDWR | os.O_NOCTTY)\n"
-            "fcntl.ioctl(fd, termios.TIOCEXCL)\n"
-            "print('held', flush=True)\n"
-            "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+        owner = hold_exclusively(modem.port)
         assert owner.stdout.readline().strip() == "held"
         owner.kill()
         owner.wait()
