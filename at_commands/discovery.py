@@ -14,7 +14,6 @@ symlink and ``ID_MM_PORT_IGNORE=1`` for the port simagent owns)::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -265,6 +264,8 @@ def udev_rules(profiles=None, role: str = "secondary") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse  # here: the daemon imports this module and never needs it
+
     parser = argparse.ArgumentParser(prog="python -m at_commands.discovery", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     rules = sub.add_parser("udev-rules", help="print 99-simagent.rules generated from the profiles")

@@ -15,7 +15,6 @@ the secret itself is read only by :meth:`Config.read_secret` and never logged.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import ipaddress
 import os
@@ -25,11 +24,14 @@ import tomllib
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import exitcodes
 from agent.core import binding
 from agent.core.evidence import public_key_bytes  # the one key parser: tokens and evidence use it too
+
+if TYPE_CHECKING:  # `simagent check-config`'s types; the daemon imports this module without argparse
+    import argparse
 
 DEFAULT_PATH = "/etc/simagent/agent.toml"
 ENV_VAR = "SIMAGENT_CONFIG"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, exitcodes
-from agent.cli import UsageParser, dispatch
+from agent.cli.parsing import UsageParser, dispatch
 from agent.cli.evidence_cli import add_verify_parser
 from agent.platform import keys
 from agent.platform.errors import PlatformError, UsageError

@@ -14,7 +14,6 @@ The daemon gathers facts and carries out actions; decisions live in `agent.core.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -25,7 +24,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, exitcodes
 from agent.core import config as config_module
@@ -43,13 +42,16 @@ from agent.service.sdnotify import LoopHealth, Notifier, Watchdog
 from agent.core.redact import redact_text
 from agent.core.store import DEVICE_KEY_NAME, Caps, Store, StoreUnavailable
 from agent.service.supervise import Supervisor
-from agent.core import at_rules, checks, facts, tokens
+from agent.core import at_rules, facts, tokens
 from at_commands import commands as at_vocabulary, discovery
 from at_commands.client import CommandError as ATCommandError
 from at_commands.client import CommandTimeout, PortBusy, PortLost, PortNotFound, Transcript
 from at_commands.modem import Modem
 from at_commands.parsers import ParseError
 from at_commands.transcript import Recorder
+
+if TYPE_CHECKING:  # the CLI's types; `simagent run` itself reads its command line without argparse
+    import argparse
 
 log = logging.getLogger("simagent")
 
@@ -558,9 +560,9 @@ class Daemon:
 
     async def diagnose(self) -> dict[str, Any]:
         doc = await self.status_document()
-        found = await self.offload.run_thread(
-            "diag", checks.gather_facts, state_dir=self.config.device.state_dir, broker=checks.broker_target(self.config.mqtt),
-        )
+        found = await self.offload.run_thread("diag", _gather_diag_facts, self.config)
+        from agent.core import checks  # imported by the worker above
+
         found.update(facts.diag_facts(doc))
         return checks.report_json(checks.run_checks(found))
 
@@ -716,13 +718,26 @@ class Daemon:
         self.notifier.ready()
 
 
+def _gather_diag_facts(config: Config) -> dict[str, Any]:
+    # diag's checks are imported on the first diag, here in the worker thread: they are not
+    # needed to reach READY, and a first import is no work for the event loop.
+    from agent.core import checks
+
+    return checks.gather_facts(state_dir=config.device.state_dir, broker=checks.broker_target(config.mqtt))
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="run the daemon (foreground; logs to stderr/journald)")
     parser.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    config_path = args.config
+    return run_daemon(args.config)
+
+
+def run_daemon(config_path: str | None) -> int:
+    """`simagent run`: the daemon on the configuration at `config_path` (None: the
+    default), until SIGTERM; the exit code."""
     try:
         cfg = config_module.load(config_path)
     except ConfigError as exc:

@@ -82,7 +82,8 @@ def test_bind_reset_as_root_is_audited(state):
 # everything as root and then drops its effective uid before the command runs.
 AS_NOBODY = """
 import os, sys
-from agent.cli import build_parser, main
+from agent.cli import main
+from agent.cli.parsing import build_parser
 build_parser()
 os.seteuid(65534)
 sys.exit(main(sys.argv[1:]))
