@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from .conftest import FOREIGN_ICCID, HOME_ICCID, IMEI, last_seq, sign_token, swap_to, wait_event, wait_modem
+from .gate_rig import evidence_entries
 
 P = f"simagent/{IMEI}"
 
@@ -53,6 +54,13 @@ def test_platform_commands_end_to_end(home_modem, agent_process, subscriber, mos
     assert (bound["data"]["iccid"], bound["data"]["source"]) == (FOREIGN_ICCID, "mqtt")
     wait_event(platform, "radio_restored", after=mark)
     wait_modem(home_modem, lambda s: s["cfun"] == 1, "CFUN=1 for the card made legitimate")
+
+    # An AT write with its own `at` token is carried out; the evidence entry names the command.
+    written = send(platform, {"id": "c-at", "name": "at", "args": {"command": "AT+CREG=2"},
+                              "token": sign_token("at", FOREIGN_ICCID)})
+    assert written["ok"] is True, written
+    at_writes = [e["data"] for e in evidence_entries(agent.state_dir) if e["type"] == "at_write"]
+    assert at_writes == [{"command_id": "c-at", "command": "AT+CREG=2", "gate": "allowed"}]
 
     # Hostile input: each gets an error reply and a command_refused event, nothing else.
     hostile = [
