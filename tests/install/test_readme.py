@@ -8,9 +8,11 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# The repository's own top-level directories (not what set-up or a build leaves beside them).
+# The repository's own top-level directories (not what set-up or a build leaves beside them:
+# `dist/` appears once packaging/build-deb has run, and the README names its output there).
 TOP_LEVEL = tuple(f"{p.name}/" for p in ROOT.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and p.name != "build" and not p.name.endswith(".egg-info"))
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in ("build", "dist")
+                  and not p.name.endswith(".egg-info"))
 
 
 def named_paths() -> list[str]:
