@@ -194,7 +194,7 @@ class Modem:
         response = await self._try("AT+CMEE?")
         found = None
         if response is not None:
-            match = re.search(r"\+CMEE:\s*(\d)", "\n".join(response.lines))
+            match = re.search(r"\+CMEE:\s*([0-9])", "\n".join(response.lines))
             found = match and match.group(1)
         switched = found == "0" and await self._try("AT+CMEE=1") is not None
         try:

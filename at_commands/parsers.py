@@ -46,11 +46,18 @@ def _require(lines: Iterable[str] | str, *tags: str) -> str:
     return payload
 
 
+_NUMBER = re.compile(r"[+-]?[0-9]{1,9}")  # a field of an AT answer; int() alone would take "٤", "1_0" and 5,000 digits
+
+
 def _int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ParseError(f"{what}: expected a number, got {text!r}") from None
+    if not _NUMBER.fullmatch(text.strip()):
+        raise ParseError(f"{what}: expected a number, got {text[:40]!r}")
+    return int(text)
+
+
+def _small(text: str) -> int | None:
+    """An optional unsigned field (an access technology, a mode): None unless ASCII digits."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 3 else None
 
 
 def _plain_lines(lines: Iterable[str] | str) -> list[str]:
@@ -87,10 +94,10 @@ def parse_imei(lines: Iterable[str] | str) -> Imei:
         if not plain:
             raise ParseError("empty IMEI response")
         # An untagged answer is the line that looks like one: line noise may come first.
-        payload = next((p for p in plain if re.fullmatch(r"\d{15}", _imei_field(p))), plain[0])
+        payload = next((p for p in plain if re.fullmatch(r"[0-9]{15}", _imei_field(p))), plain[0])
     value = _imei_field(payload)
-    if not re.fullmatch(r"\d{15}", value):
-        raise ParseError(f"IMEI must be 15 digits, got {value!r}")
+    if not re.fullmatch(r"[0-9]{15}", value):
+        raise ParseError(f"IMEI must be 15 digits, got {value[:40]!r}")
     return Imei(value, luhn_ok(value))
 
 
@@ -103,10 +110,10 @@ def parse_imsi(lines: Iterable[str] | str) -> str:
     plain = _plain_lines(lines)
     payload = _tagged(plain, "+CIMI")
     if payload is None:  # untagged: the digits line, whatever line noise came before it
-        payload = next((p for p in plain if re.fullmatch(r"\d{6,15}", p.strip('" '))), plain[0] if plain else "")
+        payload = next((p for p in plain if re.fullmatch(r"[0-9]{6,15}", p.strip('" '))), plain[0] if plain else "")
     value = payload.strip('" ')
-    if not re.fullmatch(r"\d{6,15}", value):
-        raise ParseError(f"IMSI must be 6-15 digits, got {value!r}")
+    if not re.fullmatch(r"[0-9]{6,15}", value):
+        raise ParseError(f"IMSI must be 6-15 digits, got {value[:40]!r}")
     return value
 
 
@@ -122,8 +129,8 @@ def normalise_iccid(raw: str) -> str:
         value = "".join(value[i + 1] + value[i] for i in range(0, len(value), 2))
     if value.endswith("F"):
         value = value[:-1]
-    if not re.fullmatch(r"89\d{4}[0-9A-F]{13,14}", value):
-        raise ParseError(f"not an ICCID: {raw!r}")
+    if not re.fullmatch(r"89[0-9]{4}[0-9A-F]{13,14}", value):
+        raise ParseError(f"not an ICCID: {raw[:40]!r}")
     return value
 
 
@@ -361,7 +368,8 @@ def _shape_unsolicited(fields: Sequence[str], quoted: Sequence[bool]) -> bool:
     if len(fields) == 2:
         return False
     second = fields[1]
-    return quoted[1] or not second.isdigit() or int(second) > 11
+    stat = _small(second)
+    return quoted[1] or stat is None or stat > 11
 
 
 def registration_is_unsolicited(line: str) -> bool:
@@ -373,12 +381,9 @@ def registration_is_unsolicited(line: str) -> bool:
 
 
 def _hex(value: str) -> int | None:
-    if not value:
-        return None
-    try:
-        return int(value, 16)
-    except ValueError:
-        return None
+    # LAC/TAC and cell ids: at most 36 bits (an NR cell identity), zero-padded to at most 16
+    # characters; anything else is not one.
+    return int(value, 16) if len(value) <= 16 and re.fullmatch(r"0*[0-9A-Fa-f]{1,10}", value) else None
 
 
 def parse_registration(line: str) -> RegistrationInfo:
@@ -391,7 +396,7 @@ def parse_registration(line: str) -> RegistrationInfo:
     lac = _hex(rest[1]) if len(rest) > 1 else None
     ci = _hex(rest[2]) if len(rest) > 2 else None
     act_raw = rest[3] if len(rest) > 3 else ""
-    access_tech = ACCESS_TECH.get(int(act_raw), "unknown") if act_raw.isdigit() else "unknown"
+    access_tech = ACCESS_TECH.get(_small(act_raw), "unknown")
     return RegistrationInfo(tag, n, stat, REGISTRATION_STATES.get(stat, "unknown"), lac, ci,
                             access_tech, unsolicited)
 
@@ -420,7 +425,7 @@ def parse_cops(lines: Iterable[str] | str) -> Operator:
     mode = _int(f[0], "+COPS mode")
     fmt = _int(f[1], "+COPS format") if len(f) > 1 and f[1] else None
     name = f[2] if len(f) > 2 and f[2] else None
-    act = ACCESS_TECH.get(int(f[3]), "unknown") if len(f) > 3 and f[3].isdigit() else "unknown"
+    act = ACCESS_TECH.get(_small(f[3]), "unknown") if len(f) > 3 else "unknown"
     return Operator(mode, fmt, name, act)
 
 
@@ -442,7 +447,7 @@ class NetworkTime:
 
 
 def _quarters(text: str) -> int:
-    m = re.fullmatch(r"([+-]?)(\d{1,3})", text.strip().strip('"'))
+    m = re.fullmatch(r"([+-]?)([0-9]{1,3})", text.strip().strip('"'))
     if not m:
         raise ParseError(f"time zone must be ±quarters: {text!r}")
     quarters = (-1 if m.group(1) == "-" else 1) * int(m.group(2))
@@ -452,8 +457,8 @@ def _quarters(text: str) -> int:
 
 
 def _datetime(date: str, clock: str) -> datetime:
-    m = re.fullmatch(r"(\d{2,4})/(\d{1,2})/(\d{1,2})", date.strip().strip('"'))
-    t = re.fullmatch(r"(\d{1,2}):(\d{1,2}):(\d{1,2})", clock.strip().strip('"'))
+    m = re.fullmatch(r"([0-9]{2,4})/([0-9]{1,2})/([0-9]{1,2})", date.strip().strip('"'))
+    t = re.fullmatch(r"([0-9]{1,2}):([0-9]{1,2}):([0-9]{1,2})", clock.strip().strip('"'))
     if not m or not t:
         raise ParseError(f"bad date/time {date!r},{clock!r}")
     year = int(m.group(1))
@@ -472,7 +477,7 @@ def parse_network_time(line: str) -> NetworkTime:
     upper = text.upper()
     if upper.startswith("+CCLK"):
         payload = _require([text], "+CCLK").strip('"')
-        m = re.fullmatch(r"(\d{2,4}/\d{1,2}/\d{1,2}),(\d{1,2}:\d{1,2}:\d{1,2})([+-]\d{1,3})?", payload)
+        m = re.fullmatch(r"([0-9]{2,4}/[0-9]{1,2}/[0-9]{1,2}),([0-9]{1,2}:[0-9]{1,2}:[0-9]{1,2})([+-][0-9]{1,3})?", payload)
         if not m:
             raise ParseError(f"bad +CCLK: {line!r}")
         offset = _quarters(m.group(3)) if m.group(3) else None

@@ -294,7 +294,8 @@ def _classify_final(text: str) -> FinalResult | None:
     for prefix, kind in (("+CME ERROR", ResultKind.CME_ERROR), ("+CMS ERROR", ResultKind.CMS_ERROR)):
         if upper.startswith(prefix):
             detail = text[len(prefix):].lstrip(" :").strip()
-            code = int(detail) if detail.isdigit() else None
+            # ASCII digits only: str.isdigit() also holds for "²", which int() refuses.
+            code = int(detail) if detail.isascii() and detail.isdigit() and len(detail) <= 6 else None
             return FinalResult(kind, code, detail)
     if upper.startswith("COMMAND NOT SUPPORT"):
         return FinalResult(ResultKind.NOT_SUPPORTED, None, text)

@@ -10,6 +10,7 @@ manuals.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -265,3 +266,40 @@ def test_a_time_zone_out_of_range_is_a_parse_error(line):
     """Outside input: `+CTZE: 122` raised ValueError from datetime (issue 10)."""
     with pytest.raises(ParseError, match="time zone out of range"):
         p.parse_network_time(line)
+
+
+# -- hostile answers: a module (or line noise) may send anything ---------------------------------
+# str.isdigit() holds for "²", which int() refuses; int() and a Unicode \d take "٤"; int() of
+# thousands of digits raises. Every parser answers such a field with ParseError or "unknown",
+# never another exception, and no value it returns is unbounded or made of non-ASCII digits.
+ARABIC_IMEI = "٨٦٤٥٠٥٠٤٠٠٠٠٠١٣"
+
+
+@pytest.mark.parametrize("parse", [
+    lambda: p.normalise_iccid("89٤٤٤٤1111111111111"),
+    lambda: p.parse_imei(ARABIC_IMEI),
+    lambda: p.parse_imei(f'+CGSN: "{ARABIC_IMEI}"'),
+    lambda: p.parse_imsi("٤٦٠٠١١٢٣٤٥٦٧٨٩"),
+    lambda: p.parse_csq("+CSQ: ٢٠,99"),
+    lambda: p.parse_csq("+CSQ: " + "9" * 5000 + ",99"),
+    lambda: p.parse_cfun("+CFUN: ²"),
+    lambda: p.parse_network_time('+CTZE: "+٣٢",0,"2026/11/29,10:00:00"'),
+    lambda: p.parse_network_time('+CCLK: "26/11/29,1٠:00:00+32"'),
+], ids=["iccid", "imei", "tagged imei", "imsi", "csq digits", "csq huge", "cfun", "ctze zone", "cclk"])
+def test_non_ascii_or_unbounded_numbers_are_a_parse_error(parse):
+    with pytest.raises(ParseError):
+        parse()
+
+
+def test_an_access_technology_that_is_no_number_reads_unknown():
+    assert p.parse_cops('+COPS: 0,0,"OP",²') == p.parse_cops('+COPS: 0,0,"OP",x')
+    assert p.parse_cops('+COPS: 0,0,"OP",²').access_tech == "unknown"
+    assert p.parse_registration('+CEREG: 2,1,"00A1","01A2D001",²').access_tech == "unknown"
+    assert p.parse_registration('+CREG: 2,²,"8BE3","2B5D"').unsolicited  # "²" is no <stat>: not an <n>,<stat> answer
+
+
+def test_an_absurd_area_or_cell_code_is_left_out_not_published():
+    reg = p.parse_registration('+CEREG: 2,1,"' + "F" * 4000 + '","01A2D001",7')
+    assert (reg.lac, reg.cell_id) == (None, 0x01A2D001)
+    json.dumps({"lac": reg.lac, "cell_id": reg.cell_id})  # an int of 4,800 digits would raise here
+    assert p.parse_registration('+CEREG: 2,1,"00A1","٠١",7').cell_id is None

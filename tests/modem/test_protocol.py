@@ -25,6 +25,11 @@ CASES = [
     ("cme text", "AT+CPIN?", b"\r\n+CME ERROR: SIM not inserted\r\n",
      [FinalResult(ResultKind.CME_ERROR, None, "SIM not inserted")]),
     ("cms", "AT+CMGS=1", b"\r\n+CMS ERROR: 500\r\n", [FinalResult(ResultKind.CMS_ERROR, 500, "500")]),
+    # "²" is a digit to str.isdigit() but not to int(); "٤" is one to both: neither is a 27.007 code.
+    ("cme with a superscript digit", "AT+CPIN?", "\r\n+CME ERROR: ²\r\n".encode(),
+     [FinalResult(ResultKind.CME_ERROR, None, "²")]),
+    ("cms with an Arabic-Indic digit", "AT+CMGS=1", "\r\n+CMS ERROR: ٤\r\n".encode(),
+     [FinalResult(ResultKind.CMS_ERROR, None, "٤")]),
     ("not supported", "AT+X", b"\r\nCOMMAND NOT SUPPORT\r\n",
      [FinalResult(ResultKind.NOT_SUPPORTED, None, "COMMAND NOT SUPPORT")]),
     ("no carrier", "ATD123;", b"\r\nNO CARRIER\r\n", [FinalResult(ResultKind.NO_CARRIER, None, "NO CARRIER")]),
@@ -192,7 +197,8 @@ def test_prompt_and_payload():
 junk = st.binary(max_size=64)
 tokens = st.sampled_from([b"OK\r\n", b"ERROR\r\n", b"+CME ERROR: 14\r\n", b"+CSQ: 1,2\r\n", b"RING\r\n",
                           b"+CREG: 1,\"00A\",\"1\"\r\n", b"\x00", b"\xff", b"\r", b"\n", b"> ",
-                          b"013\r\n", b"Z" * 300])
+                          b"013\r\n", b"Z" * 300, "+CME ERROR: ²\r\n".encode(), "+CSQ: ²,٤\r\n".encode(),
+                          "\u0663".encode()])
 
 
 @settings(max_examples=300, deadline=None)
