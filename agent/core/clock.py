@@ -9,7 +9,9 @@ Network time (+CTZE/+CTZEU/+CCLK) is input from outside: a rogue cell can send a
 `offer_network_time` takes it only inside a plausibility window: never before the build
 date or the trusted floor, and never further than `MAX_DRIFT` from the time the agent
 already trusts in this boot (an NTP-synchronised kernel clock, or network time accepted
-earlier, carried forward by the monotonic clock); the first network time of a boot
+earlier, carried forward by the monotonic clock) and, without NTP, from the first network time
+of the boot carried forward (widening at `MAX_RATE`: steps each under `MAX_DRIFT` cannot
+add up); the first network time of a boot
 without NTP may be at most `MAX_OFFLINE` past the floor. A stamp is *agreed* when two
 sources say the same within `AGREE_SLACK` (the NTP-synchronised kernel clock and network
 time; a verified token's `iat` corroborates in `agent.core.tokens`): only agreed time ratchets
@@ -33,6 +35,9 @@ _BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 BUILD_EPOCH = dt.datetime.fromisoformat(BUILD_DATE).replace(tzinfo=dt.timezone.utc).timestamp()
 AGREE_SLACK = 120.0  # seconds two sources may differ and still agree (NITZ has second resolution, cells lag)
 MAX_DRIFT = 300.0  # how far network time may move the trusted time of this boot
+# How fast network time may move away from the first network time taken this boot, carried
+# forward by the monotonic clock: a crystal's drift (tens of ppm), never a cell's creep.
+MAX_RATE = 200e-6
 MAX_OFFLINE = 400 * 86_400.0  # how far past the floor the first network time of a boot may be
 MAX_FLOOR_AHEAD = 15 * 365 * 86_400.0  # a floor further past the build date was poisoned
 
@@ -91,6 +96,10 @@ class Clock:
         self._wall = wall  # the system's wall clock (a seam: tests put it at 1970 and step it)
         self.build_epoch = build_epoch
         self._network_offset: float | None = None
+        # (offset, monotonic time) of the first network time taken: each later one is held
+        # to it, not to the last one taken, or many steps just under MAX_DRIFT would walk
+        # the trusted time anywhere.
+        self._network_anchor: tuple[float, float] | None = None
         self.boot_id = read_boot_id()
 
     @staticmethod
@@ -109,7 +118,15 @@ class Clock:
             return f"{format_utc(utc_epoch)} is {utc_epoch - trusted:+.0f} s from the trusted time {format_utc(trusted)}"
         if trusted is None and utc_epoch > lower + mono + MAX_OFFLINE:
             return f"{format_utc(utc_epoch)} is too far past the trusted floor {format_utc(lower)}"
+        if self._network_anchor is not None and not self._kernel_synchronised():
+            anchor_offset, anchor_mono = self._network_anchor
+            allowed = MAX_DRIFT + (mono - anchor_mono) * MAX_RATE
+            if abs(utc_epoch - (anchor_offset + mono)) > allowed:
+                return (f"{format_utc(utc_epoch)} is {utc_epoch - (anchor_offset + mono):+.0f} s from the network time first "
+                        f"taken this boot, carried forward ({allowed:.0f} s allowed)")
         self._network_offset = utc_epoch - mono
+        if self._network_anchor is None:
+            self._network_anchor = (self._network_offset, mono)
         return None
 
     def set_network_time(self, utc_epoch: float) -> None:

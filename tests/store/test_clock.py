@@ -37,6 +37,36 @@ def test_once_trusted_network_time_moves_it_only_a_little():
     assert clock.offer_network_time(NOW + MAX_DRIFT / 2, None) is None
 
 
+@pytest.mark.parametrize("step", [MAX_DRIFT - 1, -(MAX_DRIFT - 1)], ids=["forward", "backward"])
+def test_network_time_cannot_creep_in_steps_under_max_drift(step):
+    """A rogue cell repeats +CTZE, each time just under MAX_DRIFT from the last: every step is
+    held to the first network time of the boot, so the trusted time never walks away (it
+    walked 25 h in 300 steps, expiring every valid token or reviving expired ones)."""
+    clock = no_ntp()
+    assert clock.offer_network_time(NOW, None) is None
+    forged, refused = NOW, 0
+    for _ in range(300):
+        forged += step
+        refused += clock.offer_network_time(forged, None) is not None
+    assert refused == 299  # only the first step is inside the window
+    assert clock.now().trusted and abs(clock.now().wall - time.time()) <= MAX_DRIFT
+
+
+def test_a_monotonic_clock_that_drifts_over_months_still_takes_the_networks_time(monkeypatch):
+    """The monotonic clock drifts too (here 100 ppm slow: 8.6 s a day, 518 s in 60 days, past
+    MAX_DRIFT): the window around the first network time widens at MAX_RATE, so daily network
+    time is taken all along."""
+    mono = [1_000.0]
+    monkeypatch.setattr(Clock, "monotonic", staticmethod(lambda: mono[0]))
+    clock = no_ntp()
+    assert clock.offer_network_time(NOW, None) is None
+    for day in range(1, 61):
+        mono[0] = 1_000.0 + day * 86_400 * (1 - 100e-6)
+        assert clock.offer_network_time(NOW + day * 86_400, None) is None, day
+    assert clock.now().wall == pytest.approx(NOW + 60 * 86_400, abs=1)
+    assert clock.offer_network_time(NOW + 60 * 86_400 + MAX_DRIFT * 3, None) is not None
+
+
 def test_ntp_wins_and_agreement_makes_a_stamp_agreed():
     clock = Clock(kernel_synchronised=lambda: True)
     assert not clock.now().agreed  # one source
