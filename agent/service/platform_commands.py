@@ -33,6 +33,8 @@ MAX_COMMAND_BYTES = 64 * 1024
 # the rest of the burst as one summary (SPEC §12: rate-limited before they cost a fsync).
 REFUSAL_WINDOW = 10.0
 REFUSALS_RECORDED = 20
+MAX_NAME_CHARS = 64  # of an unknown command's name, as a refusal repeats it
+MAX_MESSAGE_CHARS = 300  # of a refusal's message (it may quote the sender's text)
 # `export_evidence` answers in one MQTT message: a bundle longer than this is refused
 # (`too_large`) and the platform asks again with a later `since`. 256 KiB (about 700
 # entries) stays under the packet limits brokers commonly set; the whole log goes
@@ -97,8 +99,10 @@ class CommandProcessor:
         if unknown:
             raise ValueError(f"handlers for unknown commands: {sorted(unknown)}")
 
-    async def handle(self, payload: bytes) -> dict[str, Any]:
-        """Returns the reply for one `P/cmd` payload; never raises for bad input."""
+    async def handle(self, payload: bytes, *, retained: bool = False) -> dict[str, Any]:
+        """Returns the reply for one `P/cmd` payload; never raises for bad input.
+        `retained`: the broker delivered it as a retained message (at a subscribe): it
+        is refused, or it would be carried out again at every connect and restart."""
         request_id: str | None = None
         name: str | None = None
         try:
@@ -107,6 +111,9 @@ class CommandProcessor:
             document = _decode(payload)
             request_id = _request_id(document)
             name = document.get("name") if isinstance(document.get("name"), str) else None
+            if retained:
+                raise CommandError("retained", "a retained command is not carried out (it would run again at every "
+                                   "connect): publish commands to P/cmd without retain, and clear this one")
             command = self._validate(document)
             if command.token is not None:
                 command = replace(command, claims=await self._verify(command.token, command.name))
@@ -127,7 +134,7 @@ class CommandProcessor:
     def _validate(self, document: dict[str, Any]) -> Command:
         extra = set(document) - _DOCUMENT_KEYS
         if extra:
-            raise CommandError("bad_request", f"unknown fields: {', '.join(sorted(extra))}")
+            raise CommandError("bad_request", f"unknown fields: {', '.join(sorted(extra))[:200]}")
         if "schema" in document and document["schema"] != COMMAND_SCHEMA:
             raise CommandError("bad_request", f"schema must be {COMMAND_SCHEMA}")
         request_id = _request_id(document)
@@ -165,6 +172,9 @@ class CommandProcessor:
         """An error reply always; a `command_refused` record (a durable commit) for the
         first REFUSALS_RECORDED refusals of each REFUSAL_WINDOW, and one summary record
         with the counts per code for the rest of a burst: a flood costs no fsync each."""
+        # Both come from the sender: bounded before they reach the log, the reply and the
+        # append-only evidence log (a 60 KB command name was kept whole, for good).
+        name, message = name if name is None else name[:MAX_NAME_CHARS], message[:MAX_MESSAGE_CHARS]
         loop = asyncio.get_running_loop()
         now = loop.time()
         if now >= self._window_ends:

@@ -206,7 +206,7 @@ class Reporter:
         *,
         device_id: str,
         agent_version: str = __version__,
-        on_command: Callable[[bytes], Awaitable[dict[str, Any]]] | None = None,
+        on_command: Callable[..., Awaitable[dict[str, Any]]] | None = None,  # (payload, *, retained) -> reply
         backoff: Backoff | None = None,
         window: int = 20,
         retry_refused_after: float = 5.0,
@@ -622,7 +622,7 @@ class Reporter:
             return
         # One socket read may hold a few packets past the high-water mark: the queue
         # itself is unbounded, what bounds it is that reading stops at COMMAND_QUEUE.
-        self._commands.put_nowait((message.payload, message.properties, client, message.mid, message.qos))
+        self._commands.put_nowait((message.payload, message.properties, message.retain, client, message.mid, message.qos))
 
     # -- outbox --------------------------------------------------------------------------
     def _schedule_pump(self) -> None:
@@ -679,11 +679,11 @@ class Reporter:
     # -- commands ------------------------------------------------------------------------
     async def _serve_commands(self) -> None:
         while True:
-            payload, properties, client, mid, qos = await self._commands.get()
+            payload, properties, retained, client, mid, qos = await self._commands.get()
             if self._read_paused is not None and self._commands.qsize() < COMMAND_QUEUE // 2:
                 self._resume_reading()
             try:
-                reply = await self._on_command(payload)
+                reply = await self._on_command(payload, retained=retained)
                 body = payload_json(reply)
                 self._publish(self.topics.cmd_result, body, qos=1)
                 self._reply_to_response_topic(properties, body)

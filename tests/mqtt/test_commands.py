@@ -309,3 +309,49 @@ def test_the_platform_may_set_every_telemetry_interval_the_configuration_accepts
     check({"interval": int(high)})
     with pytest.raises(OperationRefused):
         check({"interval": int(low) - 1})
+
+
+def test_a_retained_command_is_refused_not_carried_out_at_every_connect(mosquitto, subscriber, store, mq, validate_message,
+                                                                       request):
+    """SPEC §6: P/cmd is not retained. A retained command (left there by anyone who may
+    publish, days ago) comes again at every subscribe: carried out, it would run at every
+    reconnect and restart, undoing whatever was set since. It is refused, each time."""
+    sub = subscriber(mosquitto, f"{mq.PREFIX}/cmd/result")
+    sub.client.publish(f"{mq.PREFIX}/cmd", b'{"id":"old-1","name":"set_telemetry_interval","args":{"interval":5}}',
+                       qos=1, retain=True).wait_for_publish(10)
+    processor, calls = make_processor(store)
+    request.addfinalizer(lambda: sub.client.publish(f"{mq.PREFIX}/cmd", b"", qos=1, retain=True).wait_for_publish(10))
+
+    async def scenario():
+        for _session in range(2):  # a restart; a reconnect subscribes again too
+            reporter = Reporter(mq.reporter_settings(mosquitto), store, device_id=mq.DEVICE_ID, on_command=processor.handle)
+            async with mq.running(reporter):
+                await mq.wait_sub(sub, lambda s: len(s.messages("/cmd/result")) == _session + 1)
+            # Sent while the agent is away: its session keeps it (not retained), so it is carried out.
+            sub.publish(f"{mq.PREFIX}/cmd", b'{"id":"queued","name":"ping"}')
+
+    asyncio.run(scenario())
+    replies = sub.documents("/cmd/result")
+    for reply in replies:
+        validate_message(reply, "cmd_result")
+    assert [(r["ok"], r["error"]["code"]) for r in replies if r["id"] == "old-1"] == [(False, "retained")] * 2
+    assert [r["ok"] for r in replies if r["id"] == "queued"] == [True]
+    assert calls == ["ping"] and store.read().get_meta("telemetry_interval") is None
+    refused = [e["data"] for e, _ in store.evidence_entries() if e["type"] == "command_refused"]
+    assert [(r["command_id"], r["code"]) for r in refused] == [("old-1", "retained")] * 2
+
+
+def test_a_refusal_copies_no_unbounded_attacker_text(store):
+    """An unknown command name or field names were copied whole into the reply, the evidence
+    entry and the event: up to 64 KiB of anybody's text per refusal, kept for good."""
+    processor, _ = make_processor(store)
+    big = "A" * 60_000
+    sizes = {}
+    for label, document in (("name", {"id": "n", "name": big}), ("field", {"id": "f", "name": "ping", big: 1}),
+                            ("arg", {"id": "a", "name": "ping", "args": {big: 1}})):
+        reply = asyncio.run(processor.handle(json.dumps(document).encode()))
+        assert reply["ok"] is False
+        sizes[f"{label} reply"] = len(json.dumps(reply))
+    for i, (entry, _) in enumerate(e for e in store.evidence_entries() if e[0]["type"] == "command_refused"):
+        sizes[f"record {i}"] = len(json.dumps(entry))
+    assert len(sizes) == 6 and max(sizes.values()) < 2_000, sizes

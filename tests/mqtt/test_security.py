@@ -187,7 +187,7 @@ def test_a_hanging_broker_never_blocks_the_loop(store, mq, caplog):
 def test_mqtt5_reply_goes_to_the_response_topic_with_correlation_data(mosquitto, subscriber, store, mq):
     sub = subscriber(mosquitto, "#")
 
-    async def on_command(payload: bytes) -> dict:
+    async def on_command(payload: bytes, *, retained: bool) -> dict:
         return {"schema": "simagent/cmd_result/1", "id": "c1", "ok": True, "result": {"echo": len(payload)}}
 
     async def scenario():
