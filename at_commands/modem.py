@@ -406,9 +406,7 @@ class Modem:
         sim_state = await self.read_sim_state()
         iccid = await self.read_iccid() if sim_state in ("ready", "locked") else None
         imsi = await self.read_imsi() if sim_state == "ready" else None
-        registration = await self.read_registration()
-        operator = await self.read_operator()
-        signal = await self.read_signal()
+        network = await self.network_snapshot()
         try:
             cfun: int | None = await self.get_cfun()
         except (CommandError, CommandTimeout, ParseError):
@@ -417,8 +415,16 @@ class Modem:
             "modem": {"vendor": identity.vendor, "model": identity.model, "revision": identity.revision,
                       "imei": identity.imei, "imei_luhn_ok": identity.imei_luhn_ok},
             "sim": {"state": sim_state, "iccid": iccid, "imsi": imsi},
-            "network": {"registration": registration.state, "operator": operator,
-                        "access_tech": registration.access_tech, "signal_dbm": signal.dbm,
-                        "signal_measure": signal.measure},
+            "network": network,
             "radio": {"cfun": cfun},
         }
+
+    async def network_snapshot(self) -> dict[str, Any]:
+        """The network part of ``snapshot`` alone: registration, operator, signal. No SIM
+        command, so no answer that looks like a SIM-change report (the daemon, whose
+        gate knows the card, reads only this live)."""
+        registration = await self.read_registration()
+        operator = await self.read_operator()
+        signal = await self.read_signal()
+        return {"registration": registration.state, "operator": operator, "access_tech": registration.access_tech,
+                "signal_dbm": signal.dbm, "signal_measure": signal.measure}

@@ -422,18 +422,20 @@ class Daemon:
         else:
             budget = self._live_read_budget()
             try:
+                # The network live; the modem and the card as the gate knows them: a SIM read
+                # here would answer with lines shaped like SIM-change reports, which make the
+                # gate check (and record) again, and `status` records nothing.
                 async with asyncio.timeout(budget):
-                    live = await facts.read_modem_status(enforcer.modem)
+                    network = await enforcer.modem.network_snapshot()
             except (TimeoutError, PortLost, CommandTimeout, ATCommandError) as exc:
                 detail = f"no answer within {budget:g} s" if isinstance(exc, (TimeoutError, CommandTimeout)) else str(exc)
                 doc["modem_link"] = facts.modem_link(facts.NOT_ANSWERING, self._modem_port, detail)
             else:
                 now = time.time()
-                self._network_read(live["network"], now)
+                self._network_read(network, now)
                 doc["modem_link"] = facts.modem_link(facts.ANSWERING, self._modem_port)
-                doc["network"] = live["network"]
-                doc["modem"] = {**live["modem"], **doc["modem"]}
-                doc["freshness"]["modem"] = doc["freshness"]["network"] = facts.source(facts.LIVE, now, now)
+                doc["network"] = network
+                doc["freshness"]["network"] = facts.source(facts.LIVE, now, now)
         doc["mqtt"] = self.reporter.link_status() if self.reporter else {"connected": False, "last_error": "waiting for the device id"}
         # Counting a full outbox (110k rows) takes milliseconds: in a thread, on a read-only connection.
         doc["outbox"] = await asyncio.to_thread(facts.outbox_depth, self.config.device.state_dir)

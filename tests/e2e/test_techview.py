@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import socket
+import sqlite3
 import tarfile
 import time
 
@@ -175,3 +176,31 @@ def test_status_json_is_the_retained_state_document(home_modem, agent_process, s
     assert state["network"]["registration"] in ("home", "roaming"), state["network"]
     assert set(state["freshness"]) == set(status["freshness"])
     assert status["mqtt"]["connected"] is True and "ts" not in status
+
+
+def test_status_through_the_daemon_reads_the_network_only_and_records_nothing(home_modem, agent_process, subscriber,
+                                                                              mosquitto):
+    """Read-only means read-only. The daemon's status read sent AT+CPIN? (and the ICCID and
+    IMSI reads): "+CPIN: READY" is shaped like a SIM-insertion report, so the gate checked
+    again, committed a binding_checked entry and rewrote last_decision (the first status
+    after a bind). The card is what the gate knows; only the network is read live."""
+    from .gate_rig import evidence_entries, norm, sent_lines, transcript
+
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto)
+    platform.wait_for(lambda sub: any(e["type"] == "radio_restored" for e in sub.documents("/events")), what="radio on")
+
+    settled = (len(evidence_entries(agent.state_dir)), last_decision(agent.state_dir))
+    mark = len(transcript(home_modem))
+    status = agent.cli("status", "--json", check=True)
+    assert json.loads(status.stdout)["sim"]["iccid"] == HOME_ICCID
+    time.sleep(1.0)  # what a re-check would have done by now
+    assert (len(evidence_entries(agent.state_dir)), last_decision(agent.state_dir)) == settled
+    sent = [norm(e["line"]) for e in sent_lines(transcript(home_modem), mark)]
+    assert sent and not [line for line in sent if line.startswith(("AT+CPIN", "AT+QCCID", "AT+CCID", "AT+ICCID", "AT+CIMI",
+                                                                    "AT+CRSM"))], sent
+
+
+def last_decision(state_dir) -> tuple | None:
+    with contextlib.closing(sqlite3.connect(f"file:{state_dir / 'state.db'}?mode=ro", uri=True, timeout=10)) as conn:
+        return conn.execute("SELECT value FROM meta WHERE key='last_decision'").fetchone()
