@@ -142,6 +142,31 @@ def verdict_for(decision: Decision) -> Input:
         return Input.DETACH
     return Input.LEAVE
 
+# A cell that sends a new forged time again and again: each rejection is an fsync and an
+# entry in the append-only log, so only the first of each window are recorded one by one;
+# the next recorded one says how many were left out before it.
+TIME_REJECTIONS_RECORDED = (5, 3600.0)  # (entries, window in seconds)
+
+
+class _RecordBudget:
+    """At most `count` records per `window` seconds."""
+
+    def __init__(self, count: int, window: float) -> None:
+        self.count, self.window = count, window
+        self._spent, self._window_ends, self._unrecorded = 0, float("-inf"), 0
+
+    def spend(self, now: float) -> int | None:
+        """None: over budget, not to be recorded (counted). Else how many were left out
+        before this one."""
+        if now >= self._window_ends:
+            self._spent, self._window_ends = 0, now + self.window
+        if self._spent >= self.count:
+            self._unrecorded += 1
+            return None
+        self._spent += 1
+        unrecorded, self._unrecorded = self._unrecorded, 0
+        return unrecorded
+
 
 class Enforcer:
     """One per modem session. `await start()` (gates, initialises, first decision), then
@@ -185,6 +210,7 @@ class Enforcer:
         self._decision_waiters: list[asyncio.Future] = []
         self._booted_at = float("-inf")
         self._rejected_time_line: str | None = None
+        self._time_rejections = _RecordBudget(*TIME_REJECTIONS_RECORDED)
         self._boot_lines: set[str] = set()  # boot URC lines (upper case) seen since the current boot began
         self._boots = 0  # boots seen: a radio level learnt across one is not the module's
         self._evidence_gap: dict | None = None  # what the evidence misses while the store failed
@@ -722,8 +748,12 @@ class Enforcer:
             return
         self._rejected_time_line = event.line
         log.warning("network time rejected: %s (%s)", rejected, event.line)
+        unrecorded = self._time_rejections.spend(asyncio.get_running_loop().time())
+        if unrecorded is None:
+            return
+        data = {"line": event.line, "why": rejected, **({"unrecorded_before": unrecorded} if unrecorded else {})}
         try:
-            self.store.record("network_time_rejected", {"line": event.line, "why": rejected}, event=False)
+            self.store.record("network_time_rejected", data, event=False)
         except sqlite3.Error as exc:
             self._note_evidence_gap(exc)
 

@@ -116,3 +116,27 @@ def test_a_clock_at_1970_then_stepped_keeps_order_binding_and_chain(open_termina
             record_outbox(fault, t, "clock_1970_stepped")
 
     run(scenario())
+
+
+def test_a_stream_of_new_forged_times_costs_a_bounded_number_of_records(open_terminal, clock, monkeypatch):
+    """Each rejected network time was a durable entry (an fsync, kept for good) once per
+    distinct line: a cell sending a new forged time every second filled the log. The first
+    of each window are recorded; the next recorded one says how many were left out."""
+    from agent.service import enforcer as enforcer_module
+
+    monkeypatch.setattr(enforcer_module, "TIME_REJECTIONS_RECORDED", (3, 0.5))
+
+    async def scenario():
+        async with open_terminal(profile="quectel") as t:
+            await t.until(lambda: clock.now().trusted, "network time after registration")
+            for n in range(12):
+                t.fake.urc(f'+CTZE: "+32",0,"2099/01/{n + 1:02d},00:00:00"')
+            await t.until(lambda: t.types().count("network_time_rejected") == 3, "the first three recorded")
+            await asyncio.sleep(0.7)  # the window ends
+            t.fake.urc('+CTZE: "+32",0,"2098/01/01,00:00:00"')
+            await t.until(lambda: t.types().count("network_time_rejected") == 4, "the next window's first")
+            rejected = [e["data"] for e in t.evidence() if e["type"] == "network_time_rejected"]
+            assert [r.get("unrecorded_before", 0) for r in rejected] == [0, 0, 0, 9]
+            assert abs(clock.now().wall - time.time()) < 60
+
+    run(scenario())
