@@ -96,6 +96,8 @@ def refuses_protocol_version(reason_code: Any) -> bool:
     """A CONNACK that says the broker does not speak the protocol version we asked for."""
     return getattr(reason_code, "value", None) == UNSUPPORTED_PROTOCOL_VERSION
 
+AGENT_TOPICS = ("status", "state", "telemetry", "events", "cmd", "cmd/result")  # under each device's prefix
+
 
 class SettingsError(Exception):
     """The MQTT settings cannot be used (unreadable secret, encrypted key without a
@@ -105,10 +107,18 @@ class SettingsError(Exception):
 @dataclass(frozen=True)
 class Topics:
     prefix: str
+    fleet: str = ""  # the prefix with "+" for the device id: where every device's topics are
 
     @classmethod
     def for_device(cls, topic_prefix: str, device_id: str) -> "Topics":
-        return cls(topic_prefix.replace("{device_id}", device_id).rstrip("/"))
+        return cls(topic_prefix.replace("{device_id}", device_id).rstrip("/"),
+                   topic_prefix.replace("{device_id}", "+").rstrip("/"))
+
+    def is_an_agents(self, topic: str) -> bool:
+        """One of this or another device's agent topics (status, state, telemetry, events,
+        cmd, cmd/result)."""
+        return any(mqtt.topic_matches_sub(f"{prefix}/{kind}", topic) for prefix in (self.prefix, self.fleet or self.prefix)
+                   for kind in AGENT_TOPICS)
 
     @property
     def status(self) -> str:
@@ -752,8 +762,10 @@ def response_topic_problem(topic: Any, topics: Any) -> str | None:
         return "wildcards or control characters"
     if topic.startswith("$"):
         return "a broker topic ($...)"
-    if topic == topics.cmd:
-        return "the agent's own command topic (a reply would come back as a command)"
+    if topics.is_an_agents(topic):
+        # On its own P/cmd a reply would come back as a command; on P/events or another
+        # device's P/cmd it would pass for that agent's message or that device's command.
+        return "an agent's topic (this device's or another's)"
     return None
 
 

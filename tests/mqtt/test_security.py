@@ -14,7 +14,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.service.reporter import Reporter, SettingsError
+from agent.service.reporter import Reporter, SettingsError, Topics, response_topic_problem
 from agent.core.config import TlsConfig
 
 PASSWORD = "correct horse battery staple"
@@ -205,3 +205,18 @@ def test_mqtt5_reply_goes_to_the_response_topic_with_correlation_data(mosquitto,
     reply = sub.messages("replies/42")[0]
     assert reply.properties.CorrelationData == b"\x00corr-7"
     assert reply.json() == sub.messages("/cmd/result")[0].json()
+
+
+@pytest.mark.parametrize("topic, refused", [
+    ("platform/replies/42", False),
+    ("simagent/864505040000013/other", False),  # under the prefix, but no agent topic
+    ("simagent/864505040000013/cmd", True),  # its own commands: the reply would come back as one
+    ("simagent/864505040000013/events", True),  # its own streams: a reply would pass for an event...
+    ("simagent/864505040000013/state", True),
+    ("simagent/490154203237518/cmd", True),  # ...or for another device's command
+    ("simagent/490154203237518/cmd/result", True),
+    ("simagent/+/cmd", True), ("$SYS/x", True), ("", True), ("a" * 300, True),
+])
+def test_a_response_topic_is_never_an_agents_topic(topic, refused):
+    topics = Topics.for_device("simagent/{device_id}", "864505040000013")
+    assert (response_topic_problem(topic, topics) is not None) == refused
