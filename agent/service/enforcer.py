@@ -257,8 +257,12 @@ class Enforcer:
             worker.add_done_callback(self._worker_done)
         first = self._next_decision()
         self._feed(Input.OPENED, {"reason": "start"})
-        decision = await self._until(first)
-        await self._until(self._radio_settled())
+        try:
+            decision = await self._until(first)
+            await self._until(self._radio_settled())
+        except BaseException:
+            await self.close()  # a session that fails here leaves no worker behind (run() never will)
+            raise
         return decision
 
     async def run(self) -> None:

@@ -245,6 +245,34 @@ def test_port_lost_leaves_run(open_terminal):
     run(scenario())
 
 
+def test_a_start_that_fails_leaves_no_worker_behind(fake_modem_factory, tmp_path, clock):
+    """The module goes away while the gate makes its first decision: start() raises, and
+    none of the session's workers outlives it (each failed session of a flapping module
+    left its gate tasks running)."""
+    from agent.core.store import Store
+    from at_commands.modem import Modem
+
+    async def scenario():
+        fake = fake_modem_factory(profile="quectel")
+        store = Store.open(tmp_path / "state", clock=clock)
+        modem = await Modem.open(fake.port, "auto")
+        await modem.initialise()
+        fake.fault("hang")  # the first decision waits on the module
+        enforcer = Enforcer(modem, store, BindingPolicy())
+        start = asyncio.create_task(enforcer.start())
+        await asyncio.sleep(0.3)
+        fake.unplug()
+        with pytest.raises(PortLost):
+            await asyncio.wait_for(start, 10)
+        await asyncio.sleep(0)
+        left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("gate-") and not t.done()]
+        modem.close()
+        store.close()
+        assert left == []
+
+    run(scenario())
+
+
 def test_run_needs_start(open_terminal):
     async def scenario():
         async with open_terminal(profile="quectel") as t:
