@@ -340,31 +340,35 @@ class Reporter:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Graceful stop: send what is queued (bounded by `timeout`), publish the offline
-        status, disconnect. Idempotent."""
+        status, disconnect. Idempotent. Cancelling it cuts the goodbye short, never the
+        end: the connection is closed and the tasks are ended whatever happens (a reporter
+        left running would go on taking commands from a broker the configuration left)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._stop_requested.set()
-        if self.connected:
-            await self._drain_until(deadline)
-            status = self._publish(self.topics.status, self._status(False), qos=1, retain=True)
-            if status is not None:
-                waiter = loop.create_future()
-                self._control_pending[status.mid] = waiter
-                await _wait(waiter, deadline - loop.time())
-            client = self._client
-            if client is not None and self.connected:
-                client.disconnect()
-        if self._task is not None:
-            await _wait(asyncio.shield(self._task), max(deadline - loop.time(), 0.5))
-            if not self._task.done():
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
-        if self._command_worker is not None:
-            self._command_worker.cancel()
-            await asyncio.gather(self._command_worker, return_exceptions=True)
-        self._flush_acks()
-        if self.store.outbox_listener == self.notify_outbox:
-            self.store.outbox_listener = None
+        try:
+            if self.connected:
+                await self._drain_until(deadline)
+                status = self._publish(self.topics.status, self._status(False), qos=1, retain=True)
+                if status is not None:
+                    waiter = loop.create_future()
+                    self._control_pending[status.mid] = waiter
+                    await _wait(waiter, deadline - loop.time())
+                client = self._client
+                if client is not None and self.connected:
+                    client.disconnect()
+            if self._task is not None:
+                await _wait(asyncio.shield(self._task), max(deadline - loop.time(), 0.5))
+        finally:
+            # Cancelled at once, awaited after: a second cancel of this stop cannot undo them
+            # (the connection task closes its socket as it ends).
+            tasks = [task for task in (self._task, self._command_worker) if task is not None]
+            for task in tasks:
+                task.cancel()
+            if self.store.outbox_listener == self.notify_outbox:
+                self.store.outbox_listener = None
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._flush_acks()
 
     # -- connection life cycle --------------------------------------------------------
     async def _run(self) -> None:

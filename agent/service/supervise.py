@@ -49,9 +49,11 @@ class Supervisor:
         return keeper
 
     def restart(self, name: str) -> None:
-        """Ends the current run of `name` and starts a fresh one at once."""
+        """Ends the current run of `name` and starts a fresh one at once. A run already
+        ending for a restart is left to end: the fresh one starts after it anyway, and a
+        second cancel would cut its clean-up short (the reporter's disconnect)."""
         run = self._runs.get(name)
-        if run is not None and not run.done():
+        if run is not None and not run.done() and not run.cancelling():
             self._again.add(name)
             run.cancel()
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
+import uuid
+
 from .conftest import EX_CONFIG, FOREIGN_ICCID, HOME_ICCID, IMEI, events, last_seq, sign_token, swap_to, wait_event, wait_modem
+
+P = f"simagent/{IMEI}"
 
 
 def test_ready_after_the_first_binding_decision_and_watchdog_pings(home_modem, agent_process, subscriber, mosquitto):
@@ -112,3 +120,30 @@ def test_telemetry_samples_reach_the_platform(home_modem, agent_process, subscri
                                what="a telemetry sample")
     assert sample["registration"] in ("home", "searching", "idle") and isinstance(sample["signal_dbm"], int)
     assert sample["data"] is None  # a pty: no USB network interface to count
+
+
+def test_two_quick_reloads_leave_no_reporter_on_the_old_endpoint(make_broker, home_modem, agent_process, subscriber):
+    old, new = make_broker(), make_broker()
+    on_old = subscriber(old, "simagent/#")
+    on_new = subscriber(new, "simagent/#")
+    agent = agent_process(home_modem, old)
+    wait_event(on_old, "radio_restored")
+    os.kill(old.process.pid, signal.SIGSTOP)  # the old broker is slow to answer for a moment
+    try:
+        agent.reconfigure(mqtt={"port": new.port})
+        agent.hup()
+        time.sleep(0.5)
+        agent.reconfigure(mqtt={"port": new.port, "keepalive": 12})
+        agent.hup()  # while the first reload's reporter is still saying goodbye
+        time.sleep(0.5)
+    finally:
+        os.kill(old.process.pid, signal.SIGCONT)
+    on_new.wait_for(lambda sub: any(d["online"] for d in sub.documents("/status")), what="online on the new broker")
+    before = len(on_old.documents(f"{P}/cmd/result"))
+    on_old.publish(f"{P}/cmd", json.dumps({"id": uuid.uuid4().hex, "name": "ping", "args": {}}))
+    # A ping on the new broker is answered: had a reporter on the old one been left, it would have answered by then too.
+    on_new.publish(f"{P}/cmd", json.dumps({"id": uuid.uuid4().hex, "name": "ping", "args": {}}))
+    on_new.wait_for(lambda sub: sub.documents(f"{P}/cmd/result"), what="the ping answered on the new broker")
+    time.sleep(1)
+    answered = on_old.documents(f"{P}/cmd/result")[before:]
+    assert not answered, f"a reporter still serves commands on the old endpoint: {answered}"
