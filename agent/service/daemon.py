@@ -37,7 +37,7 @@ from agent.service.journal import JournalHandler, journal_socket, log_event
 from agent.core.evidence import DEVICE_PUBKEY_NAME, EvidenceError, parse_since
 from agent.service.offload import ChildOutput, OffloadError, Offloader, device_public_key, open_tokens
 from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
-from agent.service.reporter import Reporter
+from agent.service.reporter import Reporter, SettingsError, connection_credentials
 from agent.service.sdnotify import LoopHealth, Notifier, Watchdog
 from agent.core.redact import redact_text
 from agent.core.store import DEVICE_KEY_NAME, Caps, Store, StoreUnavailable
@@ -696,6 +696,8 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = config_module.load(self.config_path)
+            if new.mqtt != self.config.mqtt:  # checked before the working session is torn down
+                check_mqtt_files(new)
         except ConfigError as exc:
             log.error("configuration reload refused, keeping the running one: %s", exc)
             self._record("config_reloaded", {"ok": False, "error": str(exc)})
@@ -720,6 +722,19 @@ class Daemon:
         self.notifier.ready()
 
 
+def check_mqtt_files(config: Config) -> None:
+    """Raises ConfigError when a file `[mqtt]` names (password, CA, client certificate and
+    key) cannot be used now: a reporter built on it would fail at each start, and the
+    daemon would run without MQTT."""
+    for problem in config_module.check_files(config):
+        if problem.key.startswith("[mqtt"):
+            raise problem
+    try:
+        connection_credentials(config.mqtt)
+    except SettingsError as exc:
+        raise ConfigError(config.source, None, str(exc)) from None
+
+
 def _gather_diag_facts(config: Config) -> dict[str, Any]:
     # diag's checks are imported on the first diag, here in the worker thread: they are not
     # needed to reach READY, and a first import is no work for the event loop.
@@ -742,6 +757,7 @@ def run_daemon(config_path: str | None) -> int:
     default), until SIGTERM; the exit code."""
     try:
         cfg = config_module.load(config_path)
+        check_mqtt_files(cfg)
     except ConfigError as exc:
         print(f"simagent: {exc}", file=sys.stderr)
         return exitcodes.CONFIG

@@ -172,6 +172,14 @@ def build_tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+def connection_credentials(settings: MqttConfig) -> tuple[str | None, ssl.SSLContext | None]:
+    """The password and the TLS context (None: TLS disabled) the `[mqtt]` settings name,
+    read from their files; SettingsError says why they cannot be. The daemon builds them
+    before it replaces a working reporter, so a reload naming an unusable file is refused."""
+    password = read_secret(settings.password_file, "[mqtt] password_file") if settings.password_file else None
+    return password, build_tls_context(settings.tls) if settings.tls.enabled else None
+
+
 def describe_connect_error(exc: BaseException) -> str:
     """One line naming the cause of a failed connection attempt."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -229,11 +237,8 @@ class Reporter:
         self._window = window
         self._retry_refused_after = retry_refused_after
         self._connect_timeout = connect_timeout
-        self._password = read_secret(settings.password_file, "[mqtt] password_file") if settings.password_file else None
-        if settings.tls.enabled:
-            self._tls_context: ssl.SSLContext | None = build_tls_context(settings.tls)
-        else:
-            self._tls_context = None
+        self._password, self._tls_context = connection_credentials(settings)
+        if self._tls_context is None:
             log.warning("MQTT TLS is disabled ([mqtt.tls] enabled = false): traffic to %s is plaintext",
                         ", ".join(map(str, self._brokers)))
 

@@ -122,6 +122,34 @@ def test_telemetry_samples_reach_the_platform(home_modem, agent_process, subscri
     assert sample["data"] is None  # a pty: no USB network interface to count
 
 
+def test_reload_with_unreadable_mqtt_password_file_keeps_the_running_session(home_modem, agent_process, subscriber,
+                                                                             mosquitto, tmp_path):
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto, env={"WATCHDOG_USEC": "4000000"})
+    wait_event(platform, "radio_restored")
+    mark, notified = last_seq(platform), agent.notify.mark()
+    missing = tmp_path / "not-there-yet"
+    agent.reconfigure(mqtt={"username": "dev", "password_file": str(missing)})
+    agent.hup()
+    reloaded = wait_event(platform, "config_reloaded", after=mark)
+    assert reloaded["data"]["ok"] is False, reloaded["data"]
+    assert "[mqtt] password_file" in reloaded["data"]["error"] and str(missing) in reloaded["data"]["error"]
+    # The running session goes on (a torn down one failed five times within seconds) and
+    # the daemon stays healthy: watchdog pings go on.
+    agent.notify.wait_for(lambda m: m.get("WATCHDOG") == "1", since=notified, count=3, what="pings after the reload")
+    mqtt = json.loads(agent.cli("status", "--json").stdout)["mqtt"]
+    assert mqtt["connected"] is True, mqtt
+    assert "task reporting ended" not in agent.log
+
+
+def test_unreadable_mqtt_password_file_at_start_exits_78_naming_file_and_key(agent_process, mosquitto, tmp_path):
+    missing = tmp_path / "not-there"
+    agent = agent_process(str(tmp_path / "tty"), mosquitto, mqtt={"username": "dev", "password_file": str(missing)})
+    assert agent.wait_exit() == EX_CONFIG
+    assert str(agent.config_path) in agent.log and "[mqtt] password_file" in agent.log and str(missing) in agent.log
+    assert not agent.notify.messages  # never READY
+
+
 def test_two_quick_reloads_leave_no_reporter_on_the_old_endpoint(make_broker, home_modem, agent_process, subscriber):
     old, new = make_broker(), make_broker()
     on_old = subscriber(old, "simagent/#")
