@@ -436,10 +436,16 @@ class Daemon:
                 doc["modem_link"] = facts.modem_link(facts.ANSWERING, self._modem_port)
                 doc["network"] = network
                 doc["freshness"]["network"] = facts.source(facts.LIVE, now, now)
-        doc["mqtt"] = self.reporter.link_status() if self.reporter else {"connected": False, "last_error": "waiting for the device id"}
+        doc["mqtt"] = self.reporter.link_status() if self.reporter else {"connected": False, "last_error": self._no_reporter_why()}
         # Counting a full outbox (110k rows) takes milliseconds: in a thread, on a read-only connection.
         doc["outbox"] = await asyncio.to_thread(facts.outbox_depth, self.config.device.state_dir)
         return doc
+
+    def _no_reporter_why(self) -> str:
+        gave_up = self.supervisor.gave_up("reporting") if self.supervisor is not None else None
+        if gave_up is not None:
+            return f"reporting stopped after repeated failures ({gave_up}); SIGHUP starts it again"
+        return "starting" if self._identity_known.is_set() else "waiting for the device id"
 
     async def _reporting(self) -> None:
         await self._identity_known.wait()
@@ -696,7 +702,10 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = config_module.load(self.config_path)
-            if new.mqtt != self.config.mqtt:  # checked before the working session is torn down
+            # A reporting job given up (a file it reads went away) is started again by any reload.
+            gave_up = self.supervisor is not None and self.supervisor.gave_up("reporting") is not None
+            new_reporter = new.mqtt != self.config.mqtt or gave_up
+            if new_reporter:  # checked before the working session is torn down
                 check_mqtt_files(new)
         except ConfigError as exc:
             log.error("configuration reload refused, keeping the running one: %s", exc)
@@ -716,7 +725,7 @@ class Daemon:
             self._telemetry_changed.set()
         if "modem" in changed:
             self._restart_modem_session()
-        if "mqtt" in changed and self.supervisor is not None:
+        if new_reporter and self.supervisor is not None:
             self.supervisor.restart("reporting")  # the running reporter stops, a new one connects
         log.info("configuration reloaded (%s)", ", ".join(changed) or "no change")
         self.notifier.ready()

@@ -4,7 +4,38 @@ from __future__ import annotations
 
 import asyncio
 
+from agent.service import supervise
 from agent.service.supervise import Supervisor
+
+
+def test_a_job_given_up_says_why_and_a_restart_starts_it_again(monkeypatch):
+    monkeypatch.setattr(supervise, "RESTART_DELAY", 0.0)
+    broken = True
+    started = asyncio.Event()
+
+    async def job():
+        if broken:
+            raise OSError("cannot read /etc/simagent/mqtt-password")
+        started.set()
+        await asyncio.Event().wait()
+
+    async def scenario():
+        nonlocal broken
+        watched = {}
+        supervisor = Supervisor(watch=watched.__setitem__)
+        keeper = supervisor.start("reporting", job)
+        await asyncio.gather(keeper, return_exceptions=True)
+        assert isinstance(keeper.exception(), supervise.GaveUp)
+        assert supervisor.gave_up("reporting") == "cannot read /etc/simagent/mqtt-password"
+
+        broken = False
+        supervisor.restart("reporting")
+        await asyncio.wait_for(started.wait(), 1.0)
+        assert supervisor.gave_up("reporting") is None
+        assert not watched["reporting"].done()  # the health check watches the new keeper
+        await supervisor.stop()
+
+    asyncio.run(scenario())
 
 
 def test_a_second_restart_does_not_cut_the_first_runs_clean_up_short():
