@@ -150,6 +150,22 @@ def test_unreadable_mqtt_password_file_at_start_exits_78_naming_file_and_key(age
     assert not agent.notify.messages  # never READY
 
 
+def test_reload_of_state_dir_is_kept_until_a_restart(home_modem, agent_process, subscriber, mosquitto, tmp_path):
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto)
+    wait_event(platform, "radio_restored")
+    mark = last_seq(platform)
+    agent.reconfigure(device={"state_dir": str(tmp_path / "moved-state")}, telemetry={"interval": 30.0})
+    agent.hup()
+    reloaded = wait_event(platform, "config_reloaded", after=mark)
+    assert reloaded["data"] == {"ok": True, "changed": ["telemetry"], "restart_required": ["device.state_dir"]}
+    assert "device.state_dir needs a restart" in agent.log
+    status = agent.cli("status", "--json")
+    assert status.returncode == 0, (reloaded["data"], status.stdout, status.stderr)
+    doc = json.loads(status.stdout)
+    assert "outbox" in doc and doc["mqtt"]["connected"], doc
+
+
 def test_two_quick_reloads_leave_no_reporter_on_the_old_endpoint(make_broker, home_modem, agent_process, subscriber):
     old, new = make_broker(), make_broker()
     on_old = subscriber(old, "simagent/#")
