@@ -224,6 +224,10 @@ class ControlServer:
                     await _send(writer, reply)
         except ConnectionError:
             pass  # the client went away; nothing to answer
+        except asyncio.CancelledError:
+            # close() ends the connection. The task ends normally: on Python 3.11 the stream
+            # server's done-callback logs a cancelled handler as an error with a traceback.
+            pass
         finally:
             self._clients.discard(task)
             if peer is not None:

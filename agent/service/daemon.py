@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -30,14 +31,14 @@ from agent import __version__, exitcodes
 from agent.core import config as config_module
 from agent.core.binding import BindingPolicy
 from agent.core.clock import Clock
-from agent.core.config import Config, ConfigError
+from agent.core.config import Config, ConfigError, OutboxConfig
 from agent.service.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, socket_op
 from agent.service.enforcer import Enforcer, GateRefused
 from agent.service.journal import JournalHandler, journal_socket, log_event
 from agent.core.evidence import DEVICE_PUBKEY_NAME, EvidenceError, parse_since
 from agent.service.offload import ChildOutput, OffloadError, Offloader, device_public_key, open_tokens
 from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
-from agent.service.reporter import Reporter
+from agent.service.reporter import Reporter, SettingsError, connection_credentials
 from agent.service.sdnotify import LoopHealth, Notifier, Watchdog
 from agent.core.redact import redact_text
 from agent.core.store import DEVICE_KEY_NAME, Caps, Store, StoreUnavailable
@@ -64,6 +65,11 @@ PORT_SETTLE_S = 2.0  # how long a found modem may take to create the AT port of 
 # A modem still enumerating when the agent starts is not "lost": it is reported missing
 # only once this long has passed since start.
 MODEM_BOOT_GRACE_S = 5.0
+# Settings the daemon takes once, at start: the store it opened in state_dir, the topics
+# and tokens of the device id, the control socket it bound. A reload keeps their running
+# value and says they need a restart (applying them half would point status at an empty
+# store, or leave topics and tokens on the old id).
+NEEDS_RESTART = (("device", "id"), ("device", "state_dir"), ("control", "socket"))
 
 
 class Daemon:
@@ -113,7 +119,7 @@ class Daemon:
         try:
             self.store = Store.open(
                 cfg.device.state_dir, clock=self.clock,
-                caps=Caps(max_events=cfg.outbox.max_events, max_telemetry=cfg.outbox.max_telemetry),
+                caps=outbox_caps(cfg.outbox),
             )
         except StoreUnavailable as exc:  # not damage: left alone; systemd starts us again
             log.error("state store unavailable, not touched: %s", exc)
@@ -436,10 +442,16 @@ class Daemon:
                 doc["modem_link"] = facts.modem_link(facts.ANSWERING, self._modem_port)
                 doc["network"] = network
                 doc["freshness"]["network"] = facts.source(facts.LIVE, now, now)
-        doc["mqtt"] = self.reporter.link_status() if self.reporter else {"connected": False, "last_error": "waiting for the device id"}
+        doc["mqtt"] = self.reporter.link_status() if self.reporter else {"connected": False, "last_error": self._no_reporter_why()}
         # Counting a full outbox (110k rows) takes milliseconds: in a thread, on a read-only connection.
         doc["outbox"] = await asyncio.to_thread(facts.outbox_depth, self.config.device.state_dir)
         return doc
+
+    def _no_reporter_why(self) -> str:
+        gave_up = self.supervisor.gave_up("reporting") if self.supervisor is not None else None
+        if gave_up is not None:
+            return f"reporting stopped after repeated failures ({gave_up}); SIGHUP starts it again"
+        return "starting" if self._identity_known.is_set() else "waiting for the device id"
 
     async def _reporting(self) -> None:
         await self._identity_known.wait()
@@ -695,7 +707,12 @@ class Daemon:
     async def reload(self) -> None:
         self.notifier.reloading()
         try:
-            new = config_module.load(self.config_path)
+            new, restart_required = keep_running_values(self.config, config_module.load(self.config_path))
+            # A reporting job given up (a file it reads went away) is started again by any reload.
+            gave_up = self.supervisor is not None and self.supervisor.gave_up("reporting") is not None
+            new_reporter = new.mqtt != self.config.mqtt or gave_up
+            if new_reporter:  # checked before the working session is torn down
+                check_mqtt_files(new)
         except ConfigError as exc:
             log.error("configuration reload refused, keeping the running one: %s", exc)
             self._record("config_reloaded", {"ok": False, "error": str(exc)})
@@ -705,7 +722,9 @@ class Daemon:
         old, self.config = self.config, new
         changed = sorted(s for s in ("device", "modem", "binding", "mqtt", "telemetry", "outbox", "control", "log")
                          if getattr(old, s) != getattr(new, s))
-        self._record("config_reloaded", {"ok": True, "changed": changed})
+        self._record("config_reloaded", {"ok": True, "changed": changed, "restart_required": restart_required})
+        for setting in restart_required:
+            log.warning("configuration reload: %s needs a restart; the running value is kept until then", setting)
         logging.getLogger().setLevel(new.log.level.upper())
         if "binding" in changed and self.enforcer is not None:
             self.enforcer.update_policy(self._policy())
@@ -714,10 +733,41 @@ class Daemon:
             self._telemetry_changed.set()
         if "modem" in changed:
             self._restart_modem_session()
-        if "mqtt" in changed and self.supervisor is not None:
+        if "outbox" in changed:
+            self.store.caps = outbox_caps(new.outbox)  # read at each enqueue
+        if new_reporter and self.supervisor is not None:
             self.supervisor.restart("reporting")  # the running reporter stops, a new one connects
         log.info("configuration reloaded (%s)", ", ".join(changed) or "no change")
         self.notifier.ready()
+
+
+def keep_running_values(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` with each NEEDS_RESTART setting it changes set back to the running value, and
+    the names of those settings ("device.state_dir")."""
+    kept = []
+    for section, key in NEEDS_RESTART:
+        value = getattr(running.section(section), key)
+        if getattr(new.section(section), key) != value:
+            new = dataclasses.replace(new, **{section: dataclasses.replace(new.section(section), **{key: value})})
+            kept.append(f"{section}.{key}")
+    return new, kept
+
+
+def outbox_caps(outbox: OutboxConfig) -> Caps:
+    return Caps(max_events=outbox.max_events, max_telemetry=outbox.max_telemetry)
+
+
+def check_mqtt_files(config: Config) -> None:
+    """Raises ConfigError when a file `[mqtt]` names (password, CA, client certificate and
+    key) cannot be used now: a reporter built on it would fail at each start, and the
+    daemon would run without MQTT."""
+    for problem in config_module.check_files(config):
+        if problem.key.startswith("[mqtt"):
+            raise problem
+    try:
+        connection_credentials(config.mqtt)
+    except SettingsError as exc:
+        raise ConfigError(config.source, None, str(exc)) from None
 
 
 def _gather_diag_facts(config: Config) -> dict[str, Any]:
@@ -742,6 +792,7 @@ def run_daemon(config_path: str | None) -> int:
     default), until SIGTERM; the exit code."""
     try:
         cfg = config_module.load(config_path)
+        check_mqtt_files(cfg)
     except ConfigError as exc:
         print(f"simagent: {exc}", file=sys.stderr)
         return exitcodes.CONFIG

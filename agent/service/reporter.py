@@ -182,6 +182,14 @@ def build_tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+def connection_credentials(settings: MqttConfig) -> tuple[str | None, ssl.SSLContext | None]:
+    """The password and the TLS context (None: TLS disabled) the `[mqtt]` settings name,
+    read from their files; SettingsError says why they cannot be. The daemon builds them
+    before it replaces a working reporter, so a reload naming an unusable file is refused."""
+    password = read_secret(settings.password_file, "[mqtt] password_file") if settings.password_file else None
+    return password, build_tls_context(settings.tls) if settings.tls.enabled else None
+
+
 def describe_connect_error(exc: BaseException) -> str:
     """One line naming the cause of a failed connection attempt."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -239,11 +247,8 @@ class Reporter:
         self._window = window
         self._retry_refused_after = retry_refused_after
         self._connect_timeout = connect_timeout
-        self._password = read_secret(settings.password_file, "[mqtt] password_file") if settings.password_file else None
-        if settings.tls.enabled:
-            self._tls_context: ssl.SSLContext | None = build_tls_context(settings.tls)
-        else:
-            self._tls_context = None
+        self._password, self._tls_context = connection_credentials(settings)
+        if self._tls_context is None:
             log.warning("MQTT TLS is disabled ([mqtt.tls] enabled = false): traffic to %s is plaintext",
                         ", ".join(map(str, self._brokers)))
 
@@ -350,31 +355,35 @@ class Reporter:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Graceful stop: send what is queued (bounded by `timeout`), publish the offline
-        status, disconnect. Idempotent."""
+        status, disconnect. Idempotent. Cancelling it cuts the goodbye short, never the
+        end: the connection is closed and the tasks are ended whatever happens (a reporter
+        left running would go on taking commands from a broker the configuration left)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._stop_requested.set()
-        if self.connected:
-            await self._drain_until(deadline)
-            status = self._publish(self.topics.status, self._status(False), qos=1, retain=True)
-            if status is not None:
-                waiter = loop.create_future()
-                self._control_pending[status.mid] = waiter
-                await _wait(waiter, deadline - loop.time())
-            client = self._client
-            if client is not None and self.connected:
-                client.disconnect()
-        if self._task is not None:
-            await _wait(asyncio.shield(self._task), max(deadline - loop.time(), 0.5))
-            if not self._task.done():
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
-        if self._command_worker is not None:
-            self._command_worker.cancel()
-            await asyncio.gather(self._command_worker, return_exceptions=True)
-        self._flush_acks()
-        if self.store.outbox_listener == self.notify_outbox:
-            self.store.outbox_listener = None
+        try:
+            if self.connected:
+                await self._drain_until(deadline)
+                status = self._publish(self.topics.status, self._status(False), qos=1, retain=True)
+                if status is not None:
+                    waiter = loop.create_future()
+                    self._control_pending[status.mid] = waiter
+                    await _wait(waiter, deadline - loop.time())
+                client = self._client
+                if client is not None and self.connected:
+                    client.disconnect()
+            if self._task is not None:
+                await _wait(asyncio.shield(self._task), max(deadline - loop.time(), 0.5))
+        finally:
+            # Cancelled at once, awaited after: a second cancel of this stop cannot undo them
+            # (the connection task closes its socket as it ends).
+            tasks = [task for task in (self._task, self._command_worker) if task is not None]
+            for task in tasks:
+                task.cancel()
+            if self.store.outbox_listener == self.notify_outbox:
+                self.store.outbox_listener = None
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._flush_acks()
 
     # -- connection life cycle --------------------------------------------------------
     async def _run(self) -> None:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
+import uuid
+
 from .conftest import EX_CONFIG, FOREIGN_ICCID, HOME_ICCID, IMEI, events, last_seq, sign_token, swap_to, wait_event, wait_modem
+
+P = f"simagent/{IMEI}"
 
 
 def test_ready_after_the_first_binding_decision_and_watchdog_pings(home_modem, agent_process, subscriber, mosquitto):
@@ -112,3 +120,74 @@ def test_telemetry_samples_reach_the_platform(home_modem, agent_process, subscri
                                what="a telemetry sample")
     assert sample["registration"] in ("home", "searching", "idle") and isinstance(sample["signal_dbm"], int)
     assert sample["data"] is None  # a pty: no USB network interface to count
+
+
+def test_reload_with_unreadable_mqtt_password_file_keeps_the_running_session(home_modem, agent_process, subscriber,
+                                                                             mosquitto, tmp_path):
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto, env={"WATCHDOG_USEC": "4000000"})
+    wait_event(platform, "radio_restored")
+    mark, notified = last_seq(platform), agent.notify.mark()
+    missing = tmp_path / "not-there-yet"
+    agent.reconfigure(mqtt={"username": "dev", "password_file": str(missing)})
+    agent.hup()
+    reloaded = wait_event(platform, "config_reloaded", after=mark)
+    assert reloaded["data"]["ok"] is False, reloaded["data"]
+    assert "[mqtt] password_file" in reloaded["data"]["error"] and str(missing) in reloaded["data"]["error"]
+    # The running session goes on (a torn down one failed five times within seconds) and
+    # the daemon stays healthy: watchdog pings go on.
+    agent.notify.wait_for(lambda m: m.get("WATCHDOG") == "1", since=notified, count=3, what="pings after the reload")
+    mqtt = json.loads(agent.cli("status", "--json").stdout)["mqtt"]
+    assert mqtt["connected"] is True, mqtt
+    assert "task reporting ended" not in agent.log
+
+
+def test_unreadable_mqtt_password_file_at_start_exits_78_naming_file_and_key(agent_process, mosquitto, tmp_path):
+    missing = tmp_path / "not-there"
+    agent = agent_process(str(tmp_path / "tty"), mosquitto, mqtt={"username": "dev", "password_file": str(missing)})
+    assert agent.wait_exit() == EX_CONFIG
+    assert str(agent.config_path) in agent.log and "[mqtt] password_file" in agent.log and str(missing) in agent.log
+    assert not agent.notify.messages  # never READY
+
+
+def test_reload_of_state_dir_is_kept_until_a_restart(home_modem, agent_process, subscriber, mosquitto, tmp_path):
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto)
+    wait_event(platform, "radio_restored")
+    mark = last_seq(platform)
+    agent.reconfigure(device={"state_dir": str(tmp_path / "moved-state")}, telemetry={"interval": 30.0})
+    agent.hup()
+    reloaded = wait_event(platform, "config_reloaded", after=mark)
+    assert reloaded["data"] == {"ok": True, "changed": ["telemetry"], "restart_required": ["device.state_dir"]}
+    assert "device.state_dir needs a restart" in agent.log
+    status = agent.cli("status", "--json")
+    assert status.returncode == 0, (reloaded["data"], status.stdout, status.stderr)
+    doc = json.loads(status.stdout)
+    assert "outbox" in doc and doc["mqtt"]["connected"], doc
+
+
+def test_two_quick_reloads_leave_no_reporter_on_the_old_endpoint(make_broker, home_modem, agent_process, subscriber):
+    old, new = make_broker(), make_broker()
+    on_old = subscriber(old, "simagent/#")
+    on_new = subscriber(new, "simagent/#")
+    agent = agent_process(home_modem, old)
+    wait_event(on_old, "radio_restored")
+    os.kill(old.process.pid, signal.SIGSTOP)  # the old broker is slow to answer for a moment
+    try:
+        agent.reconfigure(mqtt={"port": new.port})
+        agent.hup()
+        time.sleep(0.5)
+        agent.reconfigure(mqtt={"port": new.port, "keepalive": 12})
+        agent.hup()  # while the first reload's reporter is still saying goodbye
+        time.sleep(0.5)
+    finally:
+        os.kill(old.process.pid, signal.SIGCONT)
+    on_new.wait_for(lambda sub: any(d["online"] for d in sub.documents("/status")), what="online on the new broker")
+    before = len(on_old.documents(f"{P}/cmd/result"))
+    on_old.publish(f"{P}/cmd", json.dumps({"id": uuid.uuid4().hex, "name": "ping", "args": {}}))
+    # A ping on the new broker is answered: had a reporter on the old one been left, it would have answered by then too.
+    on_new.publish(f"{P}/cmd", json.dumps({"id": uuid.uuid4().hex, "name": "ping", "args": {}}))
+    on_new.wait_for(lambda sub: sub.documents(f"{P}/cmd/result"), what="the ping answered on the new broker")
+    time.sleep(1)
+    answered = on_old.documents(f"{P}/cmd/result")[before:]
+    assert not answered, f"a reporter still serves commands on the old endpoint: {answered}"
