@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.core.store import RESET_PENDING_KEY, Binding, Store, Transaction
+from agent.core.store import LAST_DECISION_KEY, LAST_IMEI_KEY, RESET_PENDING_KEY, Binding, Store, Transaction
 from at_commands.parsers import SIM_STATES  # the states the modem layer reports
 
 MODES = ("first-use", "provisioned", "observe")
@@ -51,10 +51,6 @@ RADIO_OFF = "radio-off"  # AT+CFUN=4
 DETACH = "detach"  # AT+CGATT=0
 RADIO_ON = "radio-on"  # AT+CFUN=1 when the radio is off
 MODEM_COMMANDS = {RADIO_OFF: "+CFUN=4", DETACH: "+CGATT=0", RADIO_ON: "+CFUN=1"}
-
-# Store meta keys.
-LAST_IMEI_KEY = "last_imei"  # the IMEI last read, so the agent can identify itself without a modem
-LAST_DECISION_KEY = "last_decision"  # what `bind show` reports; also de-duplicates records
 
 
 @dataclass(frozen=True)

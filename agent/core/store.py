@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -44,6 +45,7 @@ from typing import Any
 from urllib.parse import quote
 
 from agent.core.clock import Clock, Stamp
+from agent.core.files import KIB, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ INITIALISED_MARKER = ".initialised"
 DEVICE_KEY_NAME = "device_key.pem"  # the device key (agent.core.evidence); its presence proves a start too
 ANCHOR_NAME = "evidence.anchor"  # {"seq", "hash"} of the newest anchored evidence entry
 ANCHOR_INTERVAL = 1.0  # seconds between anchor rewrites (each costs two fsyncs)
+ANCHOR_MAX_BYTES = 4 * KIB  # the agent writes ~150 bytes; anything larger is not its anchor
+MAX_SEQ = 2**63 - 1  # an SQLite INTEGER: the largest sequence number an anchor or a meta value can hold
 # After a reset, event seq goes on from the anchored one plus this: more than the events
 # one ANCHOR_INTERVAL can commit, so a seq the platform has seen is never reused.
 EVENT_SEQ_GAP = 100_000
@@ -73,6 +77,10 @@ GENESIS_HASH = "0" * 64
 # Meta key: the latest wall time (epoch seconds) seen on a trusted stamp; never goes back.
 # Token expiry is judged against it while the clock is untrusted (e.g. 1970 after a cold boot).
 TIME_FLOOR_KEY = "trusted_time_floor"
+EVENT_SEQ_KEY = "event_seq"  # the seq of the newest event queued
+LAST_IMEI_KEY = "last_imei"  # the IMEI last read, so the agent can identify itself without a modem
+LAST_DECISION_KEY = "last_decision"  # what `bind show` reports; also de-duplicates records
+PROVISION_DIGEST_KEY = "provision_file_sha256"  # the provision file content last processed
 EVENT_SCHEMA = "simagent/event/1"
 TELEMETRY_SCHEMA = "simagent/telemetry/1"
 
@@ -139,6 +147,49 @@ class StoreUnavailable(StoreError):
     read-only); it is left as it is."""
 
 
+def _is_seq(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_SEQ
+
+
+def _is_time(value: Any) -> bool:
+    """Epoch seconds (a float, or an int as JSON may write one) within any clock's range."""
+    return (type(value) is float and math.isfinite(value)) or (type(value) is int and abs(value) <= MAX_SEQ)
+
+
+# What each fact the agent keeps must be (None: cleared). Anything else was written by
+# someone else: the database is damaged, and no such value reaches the binding or the gate.
+_META_CHECKS: dict[str, Callable[[Any], bool]] = {
+    EVENT_SEQ_KEY: _is_seq,
+    TIME_FLOOR_KEY: _is_time,
+    RESET_PENDING_KEY: lambda value: value is None or type(value) is dict,
+    LAST_IMEI_KEY: lambda value: value is None or type(value) is str,
+    LAST_DECISION_KEY: lambda value: value is None or type(value) is dict,
+    PROVISION_DIGEST_KEY: lambda value: value is None or type(value) is str,
+}
+
+
+def _checked_meta(key: str, text: str) -> Any:
+    """The decoded value of the fact `key`; raises StoreDamaged when it is not JSON or not
+    of its kind."""
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        raise StoreDamaged(f"the stored fact {key!r} is not JSON") from None
+    if not _META_CHECKS.get(key, lambda _: True)(value):
+        raise StoreDamaged(f"the stored fact {key!r} is not of its kind")
+    return value
+
+
+def _meta_problem(conn: sqlite3.Connection) -> str | None:
+    """Why a stored fact is unusable (None when all are usable)."""
+    for key, text in conn.execute("SELECT key, value FROM meta"):
+        try:
+            _checked_meta(key, text)
+        except StoreDamaged as exc:
+            return str(exc)
+    return None
+
+
 @dataclass(frozen=True)
 class Binding:
     iccid: str
@@ -173,8 +224,9 @@ class Transaction:
 
     # -- facts -------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
+        """The value of a fact; raises StoreDamaged when it is not one the agent wrote."""
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else json.loads(row[0])
+        return default if row is None else _checked_meta(key, row[0])
 
     def set_meta(self, key: str, value: Any) -> None:
         self._conn.execute(
@@ -285,8 +337,8 @@ class Transaction:
         return message
 
     def _insert_event(self, type_: str, data: dict, stamp: Stamp) -> dict:
-        seq = self.get_meta("event_seq", 0) + 1
-        self.set_meta("event_seq", seq)
+        seq = self.get_meta(EVENT_SEQ_KEY, 0) + 1
+        self.set_meta(EVENT_SEQ_KEY, seq)
         message = {
             "schema": EVENT_SCHEMA,
             "id": str(uuid.uuid4()),
@@ -381,9 +433,10 @@ class Store:
             store.reset_reason = found["reason"]
             log.error("state reset: %s", found)
             with store.transaction() as tx:
-                anchored_seq = _read_anchor(state_dir / ANCHOR_NAME).get("event_seq")
-                if isinstance(anchored_seq, int) and anchored_seq > 0:
-                    tx.set_meta("event_seq", anchored_seq + EVENT_SEQ_GAP)
+                with contextlib.suppress(ValueError):  # an unusable anchor is what `found` says
+                    anchored_seq = (_read_anchor(state_dir / ANCHOR_NAME) or {}).get("event_seq", 0)
+                    if 0 < anchored_seq <= MAX_SEQ // 2:  # beyond: no agent's count (2**62 events)
+                        tx.set_meta(EVENT_SEQ_KEY, anchored_seq + EVENT_SEQ_GAP)
                 tx.record("state_reset", found)
                 tx.set_meta(RESET_PENDING_KEY, {**found, "at": tx.now().iso()})
             store.write_anchor()
@@ -417,7 +470,7 @@ class Store:
         except sqlite3.Error as exc:
             raise _classified(exc, path) from exc
         problem = None if version == len(MIGRATIONS) else f"schema version {version}, this agent reads {len(MIGRATIONS)}"
-        problem = problem or _anchor_problem(conn, state_dir / ANCHOR_NAME)
+        problem = problem or _meta_problem(conn) or _anchor_problem(conn, state_dir / ANCHOR_NAME)
         if problem is not None:
             conn.close()
             raise StoreDamaged(f"{path}: {problem}")
@@ -506,7 +559,7 @@ class Store:
         (disk full) is logged: the next write tries again."""
         with self._lock:
             head = self._conn.execute("SELECT seq, hash FROM evidence ORDER BY seq DESC LIMIT 1").fetchone()
-            event_seq = self.read().get_meta("event_seq", 0)
+            event_seq = self.read().get_meta(EVENT_SEQ_KEY, 0)
             self._anchored_at = time.monotonic()
             if head is None:
                 return
@@ -556,6 +609,8 @@ def _connect(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, bool]
             raise StoreDamaged(f"integrity check: {check}")
         empty = conn.execute("PRAGMA user_version").fetchone()[0] == 0
         _migrate(conn)
+        if problem := _meta_problem(conn):
+            raise StoreDamaged(problem)
         os.chmod(path, 0o600)
     except sqlite3.Error as exc:
         conn.close()
@@ -573,29 +628,40 @@ def _classified(exc: sqlite3.Error, path: Path) -> StoreError:
     return StoreUnavailable(f"{path}: {exc}")
 
 
-def _read_anchor(anchor_path: Path) -> dict:
-    """The anchor's content ({} when there is none or it cannot be read)."""
+def _read_anchor(anchor_path: Path) -> dict | None:
+    """The anchor's content, checked (None when there is none). Raises ValueError naming
+    why it is unusable: the file is hostile input like any other (an edited anchor must
+    fail closed, not stop the start before the radio is gated)."""
     try:
-        anchor = json.loads(anchor_path.read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return anchor if isinstance(anchor, dict) else {}
+        anchor = json.loads(read_bounded(anchor_path, ANCHOR_MAX_BYTES))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ValueError(f"the evidence anchor is unreadable ({exc.__class__.__name__}: {exc})"[:300]) from None
+    if not (type(anchor) is dict and _is_seq(anchor.get("seq")) and _is_entry_hash(anchor.get("hash"))
+            and _is_seq(anchor.get("event_seq", 0))):
+        raise ValueError("the evidence anchor is unreadable (not the agent's {seq, hash, event_seq})")
+    return anchor
+
+
+def _is_entry_hash(value: Any) -> bool:
+    return type(value) is str and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _anchor_problem(conn: sqlite3.Connection, anchor_path: Path) -> str | None:
     """Why the database is not the one the anchor saw (None when it is, or no anchor)."""
     try:
-        anchor = json.loads(anchor_path.read_bytes())
-        seq, digest = int(anchor["seq"]), str(anchor["hash"])
-    except FileNotFoundError:
+        anchor = _read_anchor(anchor_path)
+    except ValueError as exc:
+        return str(exc)
+    if anchor is None:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"the evidence anchor is unreadable ({exc})"
+    seq = anchor["seq"]
     top = conn.execute("SELECT coalesce(max(seq), 0) FROM evidence").fetchone()[0]
     row = conn.execute("SELECT hash FROM evidence WHERE seq = ?", (seq,)).fetchone()
     if row is None:
         return f"the evidence chain ends at entry {top}, the anchor saw entry {seq}"
-    if row[0] != digest:
+    if row[0] != anchor["hash"]:
         return f"evidence entry {seq} is not the one the anchor saw"
     return None
 

@@ -39,7 +39,7 @@ from typing import Any
 from agent.core.binding import LAST_DECISION_KEY
 from agent.core.clock import Stamp, format_utc
 from agent.core.evidence import public_key_bytes
-from agent.core.store import RESET_PENDING_KEY, Binding, Store, Transaction
+from agent.core.store import PROVISION_DIGEST_KEY, RESET_PENDING_KEY, Binding, Store, Transaction
 
 ALGORITHM = "EdDSA"
 BINDING_ACTIONS = ("rebind", "unbind")
@@ -47,7 +47,6 @@ BINDING_ACTIONS = ("rebind", "unbind")
 AUTHORISING_ACTIONS = ("modem_reset", "at")
 ACTIONS = BINDING_ACTIONS + AUTHORISING_ACTIONS
 REFUSAL_CODES = ("bad_signature", "expired", "replayed", "wrong_device", "malformed", "untrusted_key", "bad_claims")
-PROVISION_DIGEST_KEY = "provision_file_sha256"  # meta: the provision file content last processed
 MAX_TOKEN_LENGTH = 8192
 _DIGITS = re.compile(r"[0-9]{6,22}")  # IMEI (15), IMEISV (16), ICCID (18-20, 22 with check digits)
 

@@ -4,7 +4,9 @@ itself until root's `bind reset` (or a rebind token) says which card belongs her
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 
 import pytest
 
@@ -92,3 +94,42 @@ def test_a_rebind_token_lifts_the_reset(home_modem, agent_process, subscriber, m
     wait_modem(home_modem, lambda s: s["cfun"] == 1, "radio back for the card the token names")
     assert bindings(agent) == [HOME_ICCID]
     assert "state_reset" in [e["type"] for e in events(platform)]
+
+
+def edit_anchor(state_dir, text: str) -> None:
+    (state_dir / "evidence.anchor").write_text(text)
+
+
+def edit_event_seq(state_dir, text: str) -> None:
+    with contextlib.closing(sqlite3.connect(state_dir / "state.db")) as db, db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'event_seq'", (text,))
+
+
+# A hand-edited anchor or fact -> the reset it is. The daemon once died at start on these,
+# before the radio gate ran: a module rebooting with RF on attached the foreign card.
+EDITS = {
+    "anchor_float_overflow": (edit_anchor, '{"seq": 1e400, "hash": "x"}', "database_rolled_back"),
+    "anchor_deep_nesting": (edit_anchor, "[" * 100_000, "database_rolled_back"),
+    "event_seq_not_json": (edit_event_seq, "{not json", "database_damaged"),
+    "event_seq_a_string": (edit_event_seq, '"x"', "database_damaged"),
+}
+
+
+@pytest.mark.parametrize("edit,text,reason", EDITS.values(), ids=EDITS.keys())
+def test_an_edited_state_still_gates_the_radio(home_modem, agent_process, subscriber, mosquitto, edit, text, reason):
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto)
+    wait_event(platform, "radio_restored")
+    swap_to(home_modem, FOREIGN_ICCID)
+    wait_modem(home_modem, lambda s: s["cfun"] == 4, "the foreign card held off")
+    agent.stop()
+    edit(agent.state_dir, text)
+    agent.start()
+    reset = wait_event(platform, "state_reset", timeout=TIMEOUT)  # its seq: from 1 when the anchor was unusable
+    assert reset["data"]["reason"] == reason
+    attaches_before = len(home_modem.state()["attaches"])
+    home_modem.reboot()  # the module boots with RF on
+    rebooted = wait_event(platform, "modem_rebooted", after=reset["seq"], timeout=TIMEOUT)
+    wait_event(platform, "radio_blocked", after=rebooted["seq"], timeout=TIMEOUT)
+    wait_modem(home_modem, lambda s: s["cfun"] == 4, "the foreign card held off after the reboot")
+    assert not [a for a in home_modem.state()["attaches"][attaches_before:] if a["iccid"] == FOREIGN_ICCID], agent.log[-400:]

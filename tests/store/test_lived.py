@@ -3,12 +3,15 @@ lost, emptied, damaged or rolled-back database from a first start, records `stat
 with what it found and sets `reset_pending`; a lock or another passing error is not taken
 for damage and leaves the file alone."""
 
+import contextlib
+import os
 import shutil
 import sqlite3
 
 import pytest
 
-from agent.core.store import ANCHOR_NAME, DEVICE_KEY_NAME, RESET_PENDING_KEY, Binding, Store, StoreUnavailable
+from agent.core.store import (ANCHOR_NAME, DEVICE_KEY_NAME, RESET_PENDING_KEY, Binding, Store, StoreDamaged,
+                              StoreUnavailable)
 
 from .test_store import FixedClock, events
 
@@ -125,6 +128,58 @@ def test_a_damaged_anchor_fails_closed(tmp_path):
     (state / ANCHOR_NAME).write_text("{not json")
     s, resets = reopened(state)
     assert_reset(s, resets, "database_rolled_back")
+    s.close()
+
+
+HOSTILE_ANCHORS = {
+    "float_overflow": '{"seq": 1e400, "hash": "x"}',  # OverflowError in int()
+    "int_too_big_for_sqlite": '{"seq": 99999999999999999999999, "hash": "x"}',  # OverflowError in sqlite3
+    "deep_nesting": "[" * 100_000,  # RecursionError in json
+    "not_a_hash": '{"seq": 1, "hash": 7}',
+    "huge": '{"seq": 1, "hash": "' + "a" * 1_000_000 + '"}',
+}
+
+
+@pytest.mark.parametrize("text", HOSTILE_ANCHORS.values(), ids=HOSTILE_ANCHORS.keys())
+def test_the_start_fails_closed_on_a_hostile_anchor(tmp_path, text):
+    state = lived(tmp_path / "state")
+    (state / ANCHOR_NAME).write_text(text)
+    s, resets = reopened(state)
+    assert_reset(s, resets, "database_rolled_back")
+    s.close()
+
+
+@pytest.mark.parametrize("text", HOSTILE_ANCHORS.values(), ids=HOSTILE_ANCHORS.keys())
+def test_a_read_only_reader_reports_a_hostile_anchor_as_damage(tmp_path, text):
+    state = lived(tmp_path / "state")
+    (state / ANCHOR_NAME).write_text(text)
+    with pytest.raises(StoreDamaged, match="anchor is unreadable"):
+        Store.open_read_only(state)
+
+
+def test_an_anchor_fifo_fails_closed_without_blocking(tmp_path):
+    state = lived(tmp_path / "state")
+    (state / ANCHOR_NAME).unlink()
+    os.mkfifo(state / ANCHOR_NAME)
+    s, resets = reopened(state)
+    assert_reset(s, resets, "database_rolled_back")
+    s.close()
+
+
+EDITED_FACTS = {"not_json": "{not json", "a_string_seq": '"x"', "a_float_seq": "1.5", "too_big": str(2**70)}
+
+
+@pytest.mark.parametrize("value", EDITED_FACTS.values(), ids=EDITED_FACTS.keys())
+def test_an_edited_fact_is_damage_at_the_start(tmp_path, value):
+    state = lived(tmp_path / "state")
+    with contextlib.closing(sqlite3.connect(state / "state.db")) as db, db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'event_seq'", (value,))
+    with pytest.raises(StoreDamaged, match="'event_seq'"):
+        Store.open_read_only(state)
+    s, resets = reopened(state)
+    assert_reset(s, resets, "database_damaged")
+    assert "'event_seq'" in resets[0]["data"]["detail"]
+    s.record("after", {})  # the event seq counts again
     s.close()
 
 
