@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from agent import exitcodes
 from agent.core import binding
 from agent.core.evidence import public_key_bytes  # the one key parser: tokens and evidence use it too
+from agent.core.files import KIB, MIB, read_bounded
 
 if TYPE_CHECKING:  # `simagent check-config`'s types; the daemon imports this module without argparse
     import argparse
@@ -36,6 +37,8 @@ if TYPE_CHECKING:  # `simagent check-config`'s types; the daemon imports this mo
 DEFAULT_PATH = "/etc/simagent/agent.toml"
 ENV_VAR = "SIMAGENT_CONFIG"
 REDACTED = "<redacted>"
+MAX_CONFIG_BYTES = 1 * MIB  # a real configuration is a few KiB; a larger file is not one
+MAX_SECRET_BYTES = 64 * KIB  # a password file (its first line is the secret)
 
 
 class ConfigError(Exception):
@@ -402,8 +405,7 @@ class Config:
         if not path:
             return None
         try:
-            with open(path, encoding="utf-8") as f:
-                return f.read().rstrip("\r\n")
+            return read_bounded(path, MAX_SECRET_BYTES).decode("utf-8").rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(self.source, key.label, f"cannot read {path}: {getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
 
@@ -488,6 +490,8 @@ def parse(text: str, file: str = DEFAULT_PATH) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _toml_error(file, exc, text.count("\n") + 1) from None
+    except RecursionError:  # arrays or inline tables nested a thousand deep
+        raise ConfigError(file, None, "nested too deeply") from None
     return from_mapping(data, file)
 
 
@@ -543,8 +547,7 @@ def load(explicit: str | None = None, environ: Mapping[str, str] | None = None) 
     """Load the configuration the daemon and CLI use (see module docstring)."""
     path, required = resolve_path(explicit, environ)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_bounded(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         if required:
             raise ConfigError(path, None, "no such file") from None

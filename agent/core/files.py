@@ -15,7 +15,12 @@ MIB = 1024 * KIB
 
 class UnreadableFile(OSError):
     """The path is not a regular file, or is larger than the reader accepts. An OSError,
-    so a caller that already answers a file it cannot read answers this one the same way."""
+    so a caller that already answers a file it cannot read answers this one the same way
+    (`strerror` is the reason alone, as for an OSError from the system)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"{os.fspath(path)}: {reason}")
+        self.strerror = reason
 
 
 def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
@@ -26,7 +31,7 @@ def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnreadableFile(f"{os.fspath(path)}: not a regular file")
+            raise UnreadableFile(path, "not a regular file")
         chunks, size = [], 0
         while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
             chunks.append(chunk)
@@ -34,7 +39,7 @@ def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
     finally:
         os.close(fd)
     if size > limit:
-        raise UnreadableFile(f"{os.fspath(path)}: larger than {_size(limit)}")
+        raise UnreadableFile(path, f"larger than {_size(limit)}")
     return b"".join(chunks)
 
 

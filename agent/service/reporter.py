@@ -66,7 +66,6 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -77,7 +76,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import __version__
 from agent.core.backoff import Backoff
-from agent.core.config import Endpoint, MqttConfig, TlsConfig
+from agent.core.config import MAX_SECRET_BYTES, Endpoint, MqttConfig, TlsConfig
+from agent.core.files import read_bounded
 from agent.core.facts import STATE_SCHEMA
 from agent.core.store import Store, TELEMETRY_SCHEMA
 
@@ -148,7 +148,7 @@ class Topics:
 def read_secret(path: str, what: str) -> str:
     """The first line of a secret file. Errors name the file, never its content."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = read_bounded(path, MAX_SECRET_BYTES).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError(f"cannot read {what} {path}: {getattr(exc, 'strerror', None) or type(exc).__name__}") from None
     return lines[0] if lines else ""

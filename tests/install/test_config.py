@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import os
 import re
+import resource
 import subprocess
 import sys
 import tomllib
@@ -252,6 +254,48 @@ def test_check_config_entry_point_exit_code(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 78
     assert proc.stderr.strip() == f"{bad}: [mqtt] port: expected a value in 1..65535, got 0"
+
+
+def _hostile_config(path: Path, kind: str) -> str:
+    """Makes `path` a hostile configuration of `kind`; returns what the one line says."""
+    if kind == "deep_array":
+        path.write_text("a = " + "[" * 1000 + "]" * 1000 + "\n")  # 2 kB
+    elif kind == "deep_table":
+        path.write_text("[device]\nid = " + "{a=" * 1000 + "1" + "}" * 1000 + "\n")
+    elif kind == "huge":
+        path.write_text("# " + "x" * cfgmod.MAX_CONFIG_BYTES + "\n")
+        return "larger than 1 MiB"
+    elif kind == "dev_zero":
+        path.symlink_to("/dev/zero")
+        return "not a regular file"
+    else:
+        os.mkfifo(path)
+        return "not a regular file"
+    return "nested too deeply"
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("kind", ["deep_array", "deep_table", "huge", "dev_zero", "fifo"])
+def test_a_hostile_config_file_is_one_line_and_exit_78(tmp_path: Path, kind: str, command: str) -> None:
+    """Not a traceback (RecursionError), a hang (a FIFO) or the memory filled (/dev/zero)."""
+    path = tmp_path / "agent.toml"
+    said = _hostile_config(path, kind)
+    try:
+        done = subprocess.run([sys.executable, "-m", "agent", command, "--config", str(path)], capture_output=True,
+                              text=True, timeout=20, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (2**29, 2**29)))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{command} hung on a {kind} configuration")
+    assert done.returncode == 78, done.stderr[-300:]
+    assert len(done.stderr.strip().splitlines()) == 1 and str(path) in done.stderr and said in done.stderr, done.stderr[-300:]
+
+
+def test_a_secret_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    password = tmp_path / "mqtt.pass"
+    os.mkfifo(password)
+    cfg = cfgmod.parse(f'[mqtt]\nusername = "dev"\npassword_file = "{password}"\n', "/x.toml")
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfg.read_secret("mqtt", "password_file")
+    assert str(info.value) == f"/x.toml: [mqtt] password_file: cannot read {password}: not a regular file"
 
 
 def test_a_control_socket_path_run_could_not_bind_is_refused() -> None:
