@@ -39,6 +39,7 @@ from typing import Any
 from agent.core.binding import LAST_DECISION_KEY
 from agent.core.clock import Stamp, format_utc
 from agent.core.evidence import public_key_bytes
+from agent.core.files import MIB, read_bounded
 from agent.core.store import PROVISION_DIGEST_KEY, RESET_PENDING_KEY, Binding, Store, Transaction
 
 ALGORITHM = "EdDSA"
@@ -48,6 +49,7 @@ AUTHORISING_ACTIONS = ("modem_reset", "at")
 ACTIONS = BINDING_ACTIONS + AUTHORISING_ACTIONS
 REFUSAL_CODES = ("bad_signature", "expired", "replayed", "wrong_device", "malformed", "untrusted_key", "bad_claims")
 MAX_TOKEN_LENGTH = 8192
+MAX_PROVISION_BYTES = 1 * MIB  # some hundred tokens; a larger file is not a manufacturing one
 _DIGITS = re.compile(r"[0-9]{6,22}")  # IMEI (15), IMEISV (16), ICCID (18-20, 22 with check digits)
 
 
@@ -294,17 +296,24 @@ class Provision:
     digest: str
 
 
-def pending_provision(store: Store, path: str | Path, device_imei: str | None) -> Provision | None:
-    """Tokens written at manufacturing (`[binding] provision_file`), one per line; blank
-    lines and lines starting with '#' are skipped. Read at start; a file already processed
-    (same content) is not read again, so its tokens are not refused as replays each boot.
-    Nothing is read while this terminal's IMEI is still unknown. None: nothing to do."""
-    if device_imei is None:
-        return None  # judged once the modem has told us who we are
+def read_provision_file(path: str | Path) -> bytes | None:
+    """The provision file's content (None when there is none), read bounded: a FIFO or a
+    device there is refused unread (OSError), never waited on or read without end. Blocking
+    I/O: the daemon runs it off its loop."""
     try:
-        content = Path(path).read_bytes()
+        return read_bounded(path, MAX_PROVISION_BYTES)
     except FileNotFoundError:
         return None
+
+
+def pending_provision(store: Store, content: bytes | None, device_imei: str | None) -> Provision | None:
+    """Tokens written at manufacturing (`[binding] provision_file`, its `content`), one per
+    line; blank lines and lines starting with '#' are skipped. Judged at start; a file
+    already processed (same content) is not judged again, so its tokens are not refused as
+    replays each boot. Nothing is judged while this terminal's IMEI is still unknown.
+    None: nothing to do."""
+    if device_imei is None or content is None:
+        return None  # IMEI: judged once the modem has told us who we are
     digest = hashlib.sha256(content).hexdigest()
     if store.read().get_meta(PROVISION_DIGEST_KEY) == digest:
         return None
@@ -326,5 +335,5 @@ def apply_provision(store: Store, provision: Provision, keys: list[TrustedKey], 
 
 def provision_from_file(store: Store, path: str | Path, keys: list[TrustedKey], device_imei: str | None) -> list[TokenResult]:
     """`pending_provision` and `apply_provision` in one process (tests, tools)."""
-    provision = pending_provision(store, path, device_imei)
+    provision = pending_provision(store, read_provision_file(path), device_imei)
     return apply_provision(store, provision, keys, device_imei) if provision else []

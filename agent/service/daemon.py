@@ -356,7 +356,8 @@ class Daemon:
         if not path or imei is None:
             return
         try:
-            provision = tokens.pending_provision(self.store, path, imei)
+            content = await asyncio.to_thread(tokens.read_provision_file, path)  # a slow file must not stall the loop
+            provision = tokens.pending_provision(self.store, content, imei)
             if provision is None:
                 return
             keys = self._trusted_keys()

@@ -8,6 +8,8 @@ import signal
 import time
 import uuid
 
+import pytest
+
 from .conftest import EX_CONFIG, FOREIGN_ICCID, HOME_ICCID, IMEI, events, last_seq, sign_token, swap_to, wait_event, wait_modem
 
 P = f"simagent/{IMEI}"
@@ -109,6 +111,20 @@ def test_provision_file_binds_before_the_first_decision(home_modem, agent_proces
     types = [e["type"] for e in events(platform)]
     assert "token_accepted" in types and "bound" in types and "binding_violation" not in types
     wait_modem(home_modem, lambda s: s["cfun"] == 1, "the radio on for the provisioned card")
+    assert agent.stop() == 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_a_provision_file_that_is_not_a_file_stalls_nothing(home_modem, agent_process, subscriber, mosquitto, tmp_path, kind):
+    """A FIFO there froze the whole loop (read on it, waiting for a writer); /dev/zero
+    filled the memory. It is refused unread and logged; the gate and the socket go on."""
+    provision = tmp_path / "provision.jwt"
+    os.mkfifo(provision) if kind == "fifo" else provision.symlink_to("/dev/zero")
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto, binding={"provision_file": str(provision)})
+    wait_event(platform, "radio_restored", timeout=15)
+    assert agent.cli("status", "--json", timeout=20).returncode == 0
+    assert "not a regular file" in agent.log
     assert agent.stop() == 0
 
 
