@@ -17,8 +17,10 @@ from agent import exitcodes
 from agent.cli.bind_cli import CliSettings, daemon_call, with_settings
 from agent.core.binding import LAST_IMEI_KEY
 from agent.core.clock import Clock
-from agent.core.evidence import EvidenceError, load_device_key, parse_public_key, parse_since, verify_bundle, write_bundle
-from agent.core.store import DB_NAME, connect_read_only, write_atomically
+from agent.core.evidence import (BUNDLE_MAX_BYTES, KEY_FILE_MAX_BYTES, EvidenceError, load_device_key, parse_public_key,
+                                 parse_since, verify_bundle, write_bundle)
+from agent.core.files import read_bounded
+from agent.core.store import DB_NAME, StoreError, checked_meta, connect_read_only, write_atomically
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -67,7 +69,7 @@ def export_command(args: argparse.Namespace, settings: CliSettings) -> int:
         try:
             key = load_device_key(settings.state_dir)  # an export is a read: it creates no key
             bundle = _export_directly(settings, key, since)
-        except (EvidenceError, OSError, sqlite3.Error) as exc:
+        except (EvidenceError, OSError, sqlite3.Error, StoreError) as exc:
             print(f"simagent: {exc}", file=sys.stderr)
             return exitcodes.CHECK_FAILED
     text = json.dumps(bundle, indent=1, ensure_ascii=False) + "\n"
@@ -84,7 +86,7 @@ def _export_directly(settings: CliSettings, key, since) -> dict:
     migrates or repairs the store (Store.open would)."""
     with contextlib.closing(connect_read_only(settings.state_dir / DB_NAME)) as conn:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (LAST_IMEI_KEY,)).fetchone()
-        device_id = settings.device_id or (json.loads(row[0]) if row else None)
+        device_id = settings.device_id or (checked_meta(LAST_IMEI_KEY, row[0]) if row else None)
         buffer = io.BytesIO()
         write_bundle(conn, key, buffer, since=since, device_id=device_id,
                      exported_at=(stamp := Clock().now()).iso(), exported_at_trusted=stamp.trusted)
@@ -93,7 +95,7 @@ def _export_directly(settings: CliSettings, key, since) -> dict:
 
 def verify_command(args: argparse.Namespace) -> int:
     try:
-        bundle = json.loads(Path(args.file).read_bytes())
+        bundle = json.loads(read_bounded(args.file, BUNDLE_MAX_BYTES))
     except OSError as exc:
         print(f"simagent: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return exitcodes.USAGE
@@ -103,7 +105,7 @@ def verify_command(args: argparse.Namespace) -> int:
     pubkey = None
     if args.pubkey is not None:
         try:
-            text = Path(args.pubkey).read_text() if os.path.isfile(args.pubkey) else args.pubkey
+            text = read_bounded(args.pubkey, KEY_FILE_MAX_BYTES).decode() if os.path.isfile(args.pubkey) else args.pubkey
             pubkey = parse_public_key(text)
         except (OSError, ValueError) as exc:
             print(f"simagent: --pubkey: {exc}", file=sys.stderr)

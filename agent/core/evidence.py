@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from agent.core.files import KIB, MIB, read_bounded
 from agent.core.store import DEVICE_KEY_NAME, GENESIS_HASH, Store, canonical_json, connect_read_only, entry_hash
 
 if TYPE_CHECKING:
@@ -49,6 +50,10 @@ DEVICE_PUBKEY_NAME = "device_key.pub"  # base64 raw public key, written with the
 
 PAGE_ROWS = 500  # evidence rows read from SQLite at a time by an export
 COPY_CHUNK = 1 << 20
+KEY_FILE_MAX_BYTES = 4 * KIB  # an Ed25519 PEM is ~120 bytes, its public half 45
+# What `evidence verify` reads: it holds the whole bundle in memory (~10x its size as
+# objects). ~800,000 entries; a longer log is exported and verified in parts (--since).
+BUNDLE_MAX_BYTES = 256 * MIB
 
 
 class EvidenceError(Exception):
@@ -101,9 +106,11 @@ def load_device_key(state_dir: str | os.PathLike) -> Ed25519PrivateKey:
 
     path = Path(state_dir) / DEVICE_KEY_NAME
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(read_bounded(path, KEY_FILE_MAX_BYTES), password=None)
     except FileNotFoundError:
         raise EvidenceError(f"{path}: no device key (the daemon creates it on first start)") from None
+    except OSError as exc:
+        raise EvidenceError(f"{path}: cannot read the device key: {exc.strerror}") from None
     except ValueError as exc:
         raise EvidenceError(f"{path}: not a usable private key ({exc}); move it aside to create a new one") from exc
     if not isinstance(key, Ed25519PrivateKey):
@@ -115,20 +122,24 @@ def device_public_key(state_dir: str | os.PathLike) -> str:
     """The device public key (base64) for the state document, without loading the
     private key (nor cryptography) when it was written before."""
     try:
-        return (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip()
+        return published_public_key(state_dir)
     except FileNotFoundError:
         return device_public_key_b64(load_or_create_device_key(state_dir))
+
+
+def published_public_key(state_dir: str | os.PathLike) -> str:
+    """The public key written beside the device key, as it is; OSError when it cannot be
+    read (a FIFO or a device there is refused unread)."""
+    return read_bounded(Path(state_dir) / DEVICE_PUBKEY_NAME, KEY_FILE_MAX_BYTES).decode("ascii", "replace").strip()
 
 
 def _write_public_key(state_dir: Path, text: str) -> None:
     """Keeps DEVICE_PUBKEY_NAME equal to the private key's public half (rewritten when
     it differs, so an edited file is repaired the next time the key is used)."""
     path = state_dir / DEVICE_PUBKEY_NAME
-    try:
-        if path.read_text().strip() == text:
+    with contextlib.suppress(OSError):  # missing or unreadable: replaced below
+        if published_public_key(state_dir) == text:
             return
-    except FileNotFoundError:
-        pass
     temporary = state_dir / f".{DEVICE_PUBKEY_NAME}.{os.getpid()}.tmp"
     temporary.write_text(text + "\n")
     os.chmod(temporary, 0o644)
@@ -320,8 +331,13 @@ def _evidence_from(conn: sqlite3.Connection, since: int | dt.datetime | None) ->
                             (after, PAGE_ROWS)).fetchall()
         if not rows:
             return
-        for _, text, digest in rows:
-            entry = json.loads(text)
+        for seq, text, digest in rows:
+            try:
+                entry = json.loads(text)
+            except (ValueError, RecursionError):
+                entry = None
+            if type(entry) is not dict or not isinstance(entry.get("wall"), str):
+                raise EvidenceError(f"evidence entry {seq} is not an entry the agent wrote (edited in the database?)")
             if waiting_for_time is not None:
                 if _parse_wall(entry["wall"]) < waiting_for_time:
                     continue

@@ -168,7 +168,7 @@ _META_CHECKS: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def _checked_meta(key: str, text: str) -> Any:
+def checked_meta(key: str, text: str) -> Any:
     """The decoded value of the fact `key`; raises StoreDamaged when it is not JSON or not
     of its kind."""
     try:
@@ -184,7 +184,7 @@ def _meta_problem(conn: sqlite3.Connection) -> str | None:
     """Why a stored fact is unusable (None when all are usable)."""
     for key, text in conn.execute("SELECT key, value FROM meta"):
         try:
-            _checked_meta(key, text)
+            checked_meta(key, text)
         except StoreDamaged as exc:
             return str(exc)
     return None
@@ -226,7 +226,7 @@ class Transaction:
     def get_meta(self, key: str, default: Any = None) -> Any:
         """The value of a fact; raises StoreDamaged when it is not one the agent wrote."""
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else _checked_meta(key, row[0])
+        return default if row is None else checked_meta(key, row[0])
 
     def set_meta(self, key: str, value: Any) -> None:
         self._conn.execute(

@@ -35,7 +35,7 @@ from agent.core.config import Config, ConfigError, OutboxConfig
 from agent.service.control import MAX_REPLY, ControlError, ControlServer, Peer, StreamedResult, socket_op
 from agent.service.enforcer import Enforcer, GateRefused
 from agent.service.journal import JournalHandler, journal_socket, log_event
-from agent.core.evidence import DEVICE_PUBKEY_NAME, EvidenceError, parse_since
+from agent.core.evidence import EvidenceError, parse_since, published_public_key
 from agent.service.offload import ChildOutput, OffloadError, Offloader, device_public_key, open_tokens
 from agent.service.platform_commands import MAX_EXPORT_REPLY_BYTES, Command, CommandError, CommandProcessor
 from agent.service.reporter import Reporter, SettingsError, connection_credentials
@@ -178,7 +178,7 @@ class Daemon:
         previous = None
         if lost:
             with contextlib.suppress(OSError):
-                previous = (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip() or None
+                previous = published_public_key(state_dir) or None
         try:
             pubkey = await device_public_key(state_dir)
         except EvidenceError as exc:

@@ -67,7 +67,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.core.evidence import DEVICE_PUBKEY_NAME, EvidenceError
+from agent.core.evidence import EvidenceError, published_public_key
 from agent.core.store import DEVICE_KEY_NAME
 from agent.core.tokens import Opened, TokenError, TrustedKey, load_trusted_keys, open_token
 
@@ -221,8 +221,8 @@ async def device_public_key(state_dir: str | os.PathLike) -> str:
     private half signs nothing). Raises EvidenceError when the key cannot be created or
     read (an unusable key is never replaced)."""
     if (Path(state_dir) / DEVICE_KEY_NAME).exists():
-        with contextlib.suppress(FileNotFoundError):
-            return (Path(state_dir) / DEVICE_PUBKEY_NAME).read_text().strip()
+        with contextlib.suppress(OSError):  # unreadable: the child publishes it again
+            return published_public_key(state_dir)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-P", "-m", "agent.service.offload", "device-key", os.fspath(state_dir),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, env=_child_environment(),

@@ -2,6 +2,8 @@
 
 import json
 import os
+import resource
+import sqlite3
 import subprocess
 import sys
 
@@ -16,11 +18,13 @@ ICCID = "89860012345678901234"
 OTHER_ICCID = "89860098765432109876"
 
 
-def simagent(*args, stdin=None):
+def simagent(*args, stdin=None, bounded=False):
+    """`bounded`: in 512 MiB of address space and 20 s, as a reader of hostile files must be."""
     env = {k: v for k, v in os.environ.items() if k != "SIMAGENT_CONFIG"}
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (2**29, 2**29))) if bounded else None
     return subprocess.run(
-        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, env=env, timeout=60,
-        input=stdin, cwd="/",
+        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, env=env, timeout=20 if bounded else 60,
+        input=stdin, cwd="/", preexec_fn=limit,
     )
 
 
@@ -182,6 +186,46 @@ def test_verify_of_absurdly_nested_json_is_broken_not_a_traceback(tmp_path):
     nested.write_text("[" * 100_000 + "]" * 100_000)
     result = simagent("evidence", "verify", str(nested))
     assert result.returncode == 1 and result.stdout.startswith("BROKEN: ") and "Traceback" not in result.stderr
+
+
+def make_special(path, kind):
+    """`path` replaced by a FIFO (a reader waits for a writer) or /dev/zero (endless)."""
+    path.unlink(missing_ok=True)
+    os.mkfifo(path) if kind == "fifo" else path.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo"])
+def test_bind_show_with_a_special_anchor_says_so(state, kind):
+    make_special(state / "evidence.anchor", kind)
+    result = simagent("bind", "show", "--state-dir", str(state), bounded=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-300:]
+    assert "not a regular file" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo"])
+def test_evidence_verify_of_a_special_file_is_refused_unread(tmp_path, kind):
+    make_special(tmp_path / "bundle.json", kind)
+    result = simagent("evidence", "verify", str(tmp_path / "bundle.json"), bounded=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-300:]
+    assert result.stderr.strip() == f"simagent: cannot read {tmp_path / 'bundle.json'}: not a regular file"
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo"])
+def test_evidence_export_with_a_special_device_key_says_so(state, kind):
+    make_special(state / "device_key.pem", kind)
+    result = simagent("evidence", "export", "--state-dir", str(state), bounded=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-300:]
+    assert "not a regular file" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_evidence_export_of_an_edited_entry_names_it(state):
+    with sqlite3.connect(state / "state.db") as db:
+        seq = db.execute("SELECT max(seq) FROM evidence").fetchone()[0]
+        db.execute("UPDATE evidence SET entry = '{edited' WHERE seq = ?", (seq,))
+    db.close()
+    result = simagent("evidence", "export", "--state-dir", str(state))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-300:]
+    assert f"evidence entry {seq} " in result.stderr and result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("since", ["-1", "/etc/passwd", "1" * 60])
