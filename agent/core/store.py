@@ -34,7 +34,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -582,14 +584,45 @@ def connect_read_only(path: str | os.PathLike) -> sqlite3.Connection:
     """The state database at `path` opened read-only, for readers that must never create,
     migrate or repair it (diag, evidence exports, `bind show`). Transactions are explicit;
     one connection per thread (never the daemon's). Without a WAL beside it the file holds
-    everything: it is read as immutable, which creates no -wal/-shm files; with one,
-    SQLite needs them to read the WAL's commits."""
+    everything: it is read as immutable, which creates no -wal/-shm files. With a WAL and
+    its -shm (a daemon runs, or ran), SQLite reads both in place. With a WAL but no -shm
+    (a daemon killed, the -shm removed), SQLite would create the -shm beside the database
+    (as root: a root-owned file in the agent's directory), so a private copy of both is
+    read instead; it is deleted when the connection closes."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no state database at {path}")
-    wal = path.with_name(path.name + "-wal").exists()
-    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro{'' if wal else '&immutable=1'}", uri=True, timeout=10,
-                           isolation_level=None, check_same_thread=False)
+    wal = path.with_name(path.name + "-wal")
+    if not wal.exists():
+        return _connect_read_only(path, immutable=True)
+    if path.with_name(path.name + "-shm").exists():
+        return _connect_read_only(path, immutable=False)
+    copy = Path(tempfile.mkdtemp(prefix="simagent-read-"))
+    try:
+        shutil.copyfile(path, copy / path.name)
+        shutil.copyfile(wal, copy / wal.name)
+        return _connect_read_only(copy / path.name, immutable=False, private_copy=copy)
+    except BaseException:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise
+
+
+class _PrivateCopyConnection(sqlite3.Connection):
+    """A connection to a private copy of the database, deleted at close."""
+
+    private_copy: Path | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.private_copy is not None:
+            shutil.rmtree(self.private_copy, ignore_errors=True)
+
+
+def _connect_read_only(path: Path, *, immutable: bool, private_copy: Path | None = None) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro{'&immutable=1' if immutable else ''}", uri=True,
+                           timeout=10, isolation_level=None, check_same_thread=False, factory=_PrivateCopyConnection)
+    conn.private_copy = private_copy
+    return conn
 
 
 def _connect(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, bool]:

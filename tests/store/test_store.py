@@ -187,3 +187,23 @@ def test_disk_full_surfaces_as_such_and_leaves_the_store_usable(store):
     store.record("sim_removed", {})
     assert [e["type"] for e, _ in store.evidence_entries()][-1] == "sim_removed"
     assert len(store.evidence_entries()) == len(entries) + 1
+
+
+def test_a_read_only_open_of_a_wal_without_its_shm_creates_nothing_and_reads_the_wal(tmp_path):
+    """A daemon killed -9 with its WAL not checkpointed, the -shm then removed: SQLite
+    would create a -shm beside the database (SPEC §4: read-only commands create nothing;
+    as root it left a root-owned file in the simagent user's directory)."""
+    state = tmp_path / "state"
+    pid = os.fork()
+    if pid == 0:
+        s = Store.open(state)
+        with s.transaction() as tx:
+            tx.put_binding(Binding("89860012345678901234", "490154203237518", "2026-01-01T00:00:00Z", "first-use"))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    (state / "state.db-shm").unlink()
+    before = sorted((p.name, p.stat().st_size) for p in state.iterdir())
+    s = Store.open_read_only(state)
+    assert [b.iccid for b in s.read().bindings()] == ["89860012345678901234"]  # the WAL's commit is read
+    s.close()
+    assert sorted((p.name, p.stat().st_size) for p in state.iterdir()) == before
