@@ -366,7 +366,15 @@ def device_key_child(state_dir: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _child(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # The daemon that asked is gone (killed, or the caller gave up): nobody to tell, and
+        # no traceback for its log. os._exit: a flush of stdout at exit would raise again.
+        os._exit(1)
+
+
+def _child(argv: list[str]) -> int:
     if argv == ["open-tokens"]:
         return open_tokens_child(json.load(sys.stdin), sys.stdout.buffer)
     if len(argv) == 2 and argv[0] == "device-key":
@@ -375,12 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m agent.service.offload export JOB | open-tokens | device-key STATE_DIR "
               "(the daemon runs this)", file=sys.stderr)
         return 2
-    try:
-        return export_child(json.loads(argv[1]), sys.stdout.buffer)
-    except BrokenPipeError:
-        # The daemon that asked is gone (killed, or the caller gave up): nobody to tell.
-        # os._exit: a flush of stdout at exit would raise the same error again.
-        os._exit(1)
+    return export_child(json.loads(argv[1]), sys.stdout.buffer)
 
 
 if __name__ == "__main__":

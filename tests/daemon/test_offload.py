@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -181,3 +183,17 @@ def test_a_token_check_never_waits_behind_heavy_work():
     opened = asyncio.run(scenario())
     assert opened[0].payload == claims and opened[0].refusal is None
     assert opened[1].refusal is not None and opened[1].refusal.code == "bad_signature"
+
+
+@pytest.mark.parametrize("job", ["open-tokens", "device-key"])
+def test_a_helper_whose_daemon_is_gone_ends_without_a_traceback(tmp_path, job):
+    """kill -9 of the daemon while a helper works: the helper's answer meets a closed pipe,
+    and its traceback landed in the daemon's log (the invariant run's teardown check)."""
+    read, write = os.pipe()
+    os.close(read)  # the daemon that would read the answer is gone
+    argv = ["open-tokens"] if job == "open-tokens" else ["device-key", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-P", "-m", "agent.service.offload", *argv],
+                          input=b'{"keys": [], "tokens": ["x"]}' if job == "open-tokens" else b"", stdout=write,
+                          stderr=subprocess.PIPE, timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    os.close(write)
+    assert done.returncode == 1 and b"Traceback" not in done.stderr, done.stderr.decode()[-500:]
