@@ -65,6 +65,9 @@ PORT_SETTLE_S = 2.0  # how long a found modem may take to create the AT port of 
 # A modem still enumerating when the agent starts is not "lost": it is reported missing
 # only once this long has passed since start.
 MODEM_BOOT_GRACE_S = 5.0
+# A file [mqtt] names that cannot be used at start (a password or certificate put in place
+# later, a mount not there yet): MQTT waits for it, tried this often; the gate does not.
+MQTT_FILES_RETRY_S = 5.0
 # Settings the daemon takes once, at start: the store it opened in state_dir, the topics
 # and tokens of the device id, the control socket it bound. A reload keeps their running
 # value and says they need a restart (applying them half would point status at an empty
@@ -83,6 +86,7 @@ class Daemon:
         self.device_pubkey: str | None = None
         self.enforcer: Enforcer | None = None
         self.reporter: Reporter | None = None
+        self._mqtt_files_problem: str | None = None  # why the reporter cannot be made now
         self.control: ControlServer | None = None
         self.telemetry_interval = config.telemetry.interval
         self._stopping = asyncio.Event()
@@ -449,6 +453,8 @@ class Daemon:
         return doc
 
     def _no_reporter_why(self) -> str:
+        if self._mqtt_files_problem is not None:
+            return f"MQTT not started: {self._mqtt_files_problem}"
         gave_up = self.supervisor.gave_up("reporting") if self.supervisor is not None else None
         if gave_up is not None:
             return f"reporting stopped after repeated failures ({gave_up}); SIGHUP starts it again"
@@ -460,7 +466,17 @@ class Daemon:
         processor = CommandProcessor(
             store=self.store, handlers=self._platform_handlers(), verify_token=self._verify_command_token,
         )
-        reporter = self.reporter = Reporter(self.config.mqtt, self.store, device_id=device_id, on_command=processor.handle)
+        while True:
+            try:
+                reporter = Reporter(self.config.mqtt, self.store, device_id=device_id, on_command=processor.handle)
+                break
+            except SettingsError as exc:  # not a crash to restart the daemon over: it would not help
+                if self._mqtt_files_problem != str(exc):
+                    log.error("MQTT not started: %s (tried again every %g s)", exc, MQTT_FILES_RETRY_S)
+                self._mqtt_files_problem = str(exc)
+                await asyncio.sleep(MQTT_FILES_RETRY_S)
+        self._mqtt_files_problem = None
+        self.reporter = reporter
         try:
             reporter.publish_state(self.state_document())
             await reporter.run()
@@ -793,7 +809,6 @@ def run_daemon(config_path: str | None) -> int:
     default), until SIGTERM; the exit code."""
     try:
         cfg = config_module.load(config_path)
-        check_mqtt_files(cfg)
     except ConfigError as exc:
         print(f"simagent: {exc}", file=sys.stderr)
         return exitcodes.CONFIG

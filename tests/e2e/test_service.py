@@ -158,12 +158,22 @@ def test_reload_with_unreadable_mqtt_password_file_keeps_the_running_session(hom
     assert "task reporting ended" not in agent.log
 
 
-def test_unreadable_mqtt_password_file_at_start_exits_78_naming_file_and_key(agent_process, mosquitto, tmp_path):
-    missing = tmp_path / "not-there"
-    agent = agent_process(str(tmp_path / "tty"), mosquitto, mqtt={"username": "dev", "password_file": str(missing)})
-    assert agent.wait_exit() == EX_CONFIG
-    assert str(agent.config_path) in agent.log and "[mqtt] password_file" in agent.log and str(missing) in agent.log
-    assert not agent.notify.messages  # never READY
+def test_an_mqtt_file_missing_at_start_holds_back_mqtt_not_the_gate(home_modem, agent_process, subscriber, mosquitto,
+                                                                     tmp_path):
+    """A password file put in place after the agent starts (enrolment, a late mount): the
+    daemon starts and gates the radio, status says why MQTT waits, and MQTT comes once the
+    file is there. (Refusing the start, exit 78, stopped the gate itself: systemd does
+    not restart a unit on 78.)"""
+    later = tmp_path / "password-later"
+    platform = subscriber(mosquitto, "simagent/#")
+    agent = agent_process(home_modem, mosquitto, mqtt={"username": "dev", "password_file": str(later)})
+    agent.wait_ready()
+    wait_modem(home_modem, lambda s: s["cfun"] == 1, "the home card decided and on")
+    mqtt = json.loads(agent.cli("status", "--json", check=True).stdout)["mqtt"]
+    assert not mqtt["connected"] and "MQTT not started" in mqtt["last_error"] and str(later) in mqtt["last_error"], mqtt
+    later.write_text("secret\n")
+    platform.wait_for(lambda sub: any(d["online"] for d in sub.documents("/status")), timeout=20, what="online")
+    assert "task reporting ended" not in agent.log
 
 
 def test_reload_of_state_dir_is_kept_until_a_restart(home_modem, agent_process, subscriber, mosquitto, tmp_path):
