@@ -30,15 +30,14 @@ def daemon_config(argv: list[str]) -> str | None:
     (or ``--config=FILE``) before or after it; None for no ``--config``. Raises _Unplain
     for anything else."""
     words = list(argv)
-    if words.count("run") != 1:
-        raise _Unplain
-    words.remove("run")
-    if not words:
+    if words == ["run"]:
         return None
-    if len(words) == 2 and words[0] == "--config":
+    if len(words) == 3 and words[0] == "run" and words[1] == "--config":
+        value = words[2]
+    elif len(words) == 3 and words[0] == "--config" and words[2] == "run":
         value = words[1]
-    elif len(words) == 1 and words[0].startswith("--config="):
-        value = words[0].removeprefix("--config=")
+    elif len(words) == 2 and "run" in words and (option := words[1 - words.index("run")]).startswith("--config="):
+        value = option.removeprefix("--config=")
     else:
         raise _Unplain
     if not value or value.startswith("-") or value == "run":

@@ -125,7 +125,9 @@ class Clock:
                 return (f"{format_utc(utc_epoch)} is {utc_epoch - (anchor_offset + mono):+.0f} s from the network time first "
                         f"taken this boot, carried forward ({allowed:.0f} s allowed)")
         self._network_offset = utc_epoch - mono
-        if self._network_anchor is None:
+        if self._network_anchor is None or self._kernel_synchronised():
+            # Checked against NTP just now: an anchor an earlier, wrong network time set
+            # (NTP has since corrected the trusted time) must not outlive NTP.
             self._network_anchor = (self._network_offset, mono)
         return None
 

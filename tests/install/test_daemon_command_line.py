@@ -39,6 +39,8 @@ NOT_PLAIN = [
     ["run", "--json"],
     ["run", "extra"],
     ["run", "--", "x"],
+    ["--config", "run", "x"],  # argparse: the file is "run", and "x" no command
+    ["--config", "a.toml", "run", "run"],
 ]
 
 

@@ -67,6 +67,20 @@ def test_a_monotonic_clock_that_drifts_over_months_still_takes_the_networks_time
     assert clock.offer_network_time(NOW + 60 * 86_400 + MAX_DRIFT * 3, None) is not None
 
 
+def test_a_wrong_first_network_time_that_ntp_corrected_is_not_held_against_right_ones(monkeypatch):
+    """The boot's first network time is an hour off (no NTP yet); NTP then syncs, network
+    time is taken against it; NTP is lost. Right network times must still be taken (held to
+    the wrong first one, each was refused for the rest of the process)."""
+    t, mono, ntp = 1_800_000_000.0, [1_000.0], [False]
+    monkeypatch.setattr(Clock, "monotonic", staticmethod(lambda: mono[0]))
+    clock = Clock(kernel_synchronised=lambda: ntp[0], wall=lambda: t + mono[0], build_epoch=t - 86_400)
+    assert clock.offer_network_time(t + mono[0] + 3600, None) is None  # the first of the boot, 1 h off
+    ntp[0], mono[0] = True, mono[0] + 600
+    assert clock.offer_network_time(t + mono[0], None) is None  # taken against NTP
+    ntp[0], mono[0] = False, mono[0] + 60
+    assert clock.offer_network_time(t + mono[0], None) is None
+
+
 def test_ntp_wins_and_agreement_makes_a_stamp_agreed():
     clock = Clock(kernel_synchronised=lambda: True)
     assert not clock.now().agreed  # one source
