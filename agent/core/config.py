@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from agent import exitcodes
 from agent.core import binding
 from agent.core.evidence import public_key_bytes  # the one key parser: tokens and evidence use it too
-from agent.core.files import KIB, MIB, read_bounded
+from agent.core.files import MIB, read_bounded, read_secret
 
 if TYPE_CHECKING:  # `simagent check-config`'s types; the daemon imports this module without argparse
     import argparse
@@ -38,7 +38,6 @@ DEFAULT_PATH = "/etc/simagent/agent.toml"
 ENV_VAR = "SIMAGENT_CONFIG"
 REDACTED = "<redacted>"
 MAX_CONFIG_BYTES = 1 * MIB  # a real configuration is a few KiB; a larger file is not one
-MAX_SECRET_BYTES = 64 * KIB  # a password file (its first line is the secret)
 
 
 class ConfigError(Exception):
@@ -396,8 +395,8 @@ class Config:
         return self.as_dict(redact=True)
 
     def read_secret(self, section: str, name: str) -> str | None:
-        """Contents of the file named by a secret key (trailing newline removed), or None
-        when the key is empty. Errors name the key and the path, never the contents."""
+        """The secret in the file a secret key names (its first line), or None when the key
+        is empty. Errors name the key and the path, never the contents."""
         key = _KEYS[(section, name)]
         if not key.secret:
             raise ValueError(f"{key.label} is not a secret key")
@@ -405,7 +404,7 @@ class Config:
         if not path:
             return None
         try:
-            return read_bounded(path, MAX_SECRET_BYTES).decode("utf-8").rstrip("\r\n")
+            return read_secret(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(self.source, key.label, f"cannot read {path}: {getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
 

@@ -11,6 +11,7 @@ import stat
 
 KIB = 1024
 MIB = 1024 * KIB
+SECRET_MAX_BYTES = 64 * KIB  # a password file
 
 
 class UnreadableFile(OSError):
@@ -41,6 +42,14 @@ def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
     if size > limit:
         raise UnreadableFile(path, f"larger than {_size(limit)}")
     return b"".join(chunks)
+
+
+def read_secret(path: str | os.PathLike) -> str:
+    """The first line of a secret file (a password; the newline is not part of it). Raises
+    OSError (UnreadableFile included) or UnicodeDecodeError; the caller names the setting,
+    never the content."""
+    lines = read_bounded(path, SECRET_MAX_BYTES).decode("utf-8").splitlines()
+    return lines[0] if lines else ""
 
 
 def _size(limit: int) -> str:

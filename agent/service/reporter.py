@@ -76,8 +76,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import __version__
 from agent.core.backoff import Backoff
-from agent.core.config import MAX_SECRET_BYTES, Endpoint, MqttConfig, TlsConfig
-from agent.core.files import read_bounded
+from agent.core.config import Endpoint, MqttConfig, TlsConfig
+from agent.core import files
 from agent.core.facts import STATE_SCHEMA
 from agent.core.store import Store, TELEMETRY_SCHEMA
 
@@ -148,10 +148,9 @@ class Topics:
 def read_secret(path: str, what: str) -> str:
     """The first line of a secret file. Errors name the file, never its content."""
     try:
-        lines = read_bounded(path, MAX_SECRET_BYTES).decode("utf-8").splitlines()
+        return files.read_secret(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError(f"cannot read {what} {path}: {getattr(exc, 'strerror', None) or type(exc).__name__}") from None
-    return lines[0] if lines else ""
 
 
 def build_tls_context(tls: TlsConfig) -> ssl.SSLContext:
